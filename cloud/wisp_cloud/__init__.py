@@ -1,0 +1,1 @@
+"""WISP cloud verifier service."""

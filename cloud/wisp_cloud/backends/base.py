@@ -1,0 +1,81 @@
+"""The backend interface: what the verifier needs from a model engine, and nothing more.
+
+A backend owns the target model and each sequence's KV cache. The server owns everything else (sessions,
+acceptance, scheduling). Sequences are identified by an opaque `seq_id` string.
+
+KV convention: the backend caches the first `cached_len(seq_id)` tokens of a sequence. A work item supplies the
+tokens that follow the cached part (`new_tokens`); after the forward pass those tokens are cached too, and the
+server calls `truncate` to drop a rejected draft tail. The logits a verify item needs are those predicting the
+token after each of the last `n_logits` new tokens (the last pending context token and every draft token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from wisp_sdk.protocol import SamplingParams
+
+
+@dataclass
+class WorkItem:
+    """One sequence's share of a batched forward pass (prefill chunk, verify, or decode)."""
+
+    seq_id: str
+    new_tokens: list[int]  # tokens after the cached prefix, in order
+    n_logits: int = 1  # how many trailing positions need an output distribution
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    # Full committed context (prompt + committed), so that a backend that lost the KV can rebuild it.
+    context: list[int] | None = None
+
+
+@dataclass
+class ItemResult:
+    """Per item: argmax at each of the `n_logits` positions, and processed target probabilities when sampling.
+
+    `probs` is a float32 array-like of shape [n_logits, vocab] after temperature/top-k/top-p (None when greedy).
+    """
+
+    seq_id: str
+    argmax: list[int]
+    probs: object | None = None
+
+
+@dataclass
+class BatchStats:
+    """What the estimator learns from: the shape of a batch that ran and how long its forward took."""
+
+    batch_size: int
+    new_tokens: int
+    context_tokens: int  # sum of cached prefix lengths
+    max_context: int
+    cache_misses: int  # items whose cached prefix had to be rebuilt
+    forward_s: float
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    vocab_size: int
+    eos_token_ids: list[int]
+    tokenizer_fingerprint: str
+
+    def forward(self, items: list[WorkItem]) -> tuple[list[ItemResult], BatchStats]:
+        """Run one batched forward over a ragged batch: each item its own cached length and new tokens."""
+        ...
+
+    def cached_len(self, seq_id: str) -> int:
+        """Tokens of `seq_id` held in the KV cache (0 when unknown or evicted)."""
+        ...
+
+    def truncate(self, seq_id: str, length: int) -> None:
+        """Drop cached tokens past `length` (a rejected draft tail)."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """Free everything held for `seq_id`."""
+        ...
+
+    def kv_bytes(self, seq_id: str | None = None) -> int:
+        """KV memory held by one sequence, or by all when `seq_id` is None."""
+        ...

@@ -1,0 +1,1 @@
+"""WISP model fetching and draft export."""

@@ -1,0 +1,55 @@
+"""The `wisp` command line: one dispatcher, subcommands contributed by each package.
+
+Each subcommand lives in a module with `add_parser(subparsers)`; that module must import only light things at
+top level so that `wisp --help` and the edge-only install (no torch) stay fast and working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from wisp_sdk.errors import WispError
+
+# name -> module providing add_parser(subparsers). Order is the order shown in --help.
+SUBCOMMANDS: dict[str, str] = {
+    "models": "wisp_export.cli_models",
+    "export": "wisp_export.cli_export",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wisp",
+        description="WISP: distributed speculative LLM serving (edge drafts, cloud verifies).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except WispError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

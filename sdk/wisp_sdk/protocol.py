@@ -1,0 +1,363 @@
+"""The WISP wire protocol, sans I/O: message models and their encoding, nothing that touches a socket.
+
+Control messages (hello, open, resume, close, errors, ...) are JSON text frames, validated by pydantic.
+The two hot messages, `Round` (edge -> cloud) and `Verdict` (cloud -> edge), are binary frames so that a
+round of k draft tokens costs ~26 + 4k bytes. Layout (little-endian):
+
+    header   B version, B kind, H flags                                      (4 bytes)
+    Round    16s session, I round, I committed_len, H n_draft,
+             n_draft * i token,
+             [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
+    Verdict  16s session, I round, I committed_len, H accepted, i next_token,
+             f queue_ms, f verify_ms, f wait_hint_ms
+
+A session's committed context is prompt + every committed token. `Opened` and each `Verdict` commit exactly
+one target token (`next_token`) after any accepted draft tokens, so the edge always drafts from a context whose
+last token came from the target.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from enum import Enum
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from wisp_sdk.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "wisp.v1"
+
+FLAG_SPARSE_Q = 1  # Round carries the draft's sparse sampling distribution per position
+FLAG_EOS = 1  # Verdict: the committed token ends the sequence (EOS or max_new_tokens reached)
+
+KIND_ROUND = 1
+KIND_VERDICT = 2
+
+_HEADER = struct.Struct("<BBH")
+_ROUND = struct.Struct("<16sIIH")
+_VERDICT = struct.Struct("<16sIIHifff")
+_NNZ = struct.Struct("<H")
+
+
+class ErrorCode(str, Enum):
+    bad_request = "bad_request"
+    unauthorized = "unauthorized"
+    too_large = "too_large"
+    unknown_session = "unknown_session"
+    tokenizer_mismatch = "tokenizer_mismatch"
+    overloaded = "overloaded"
+    internal = "internal"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingParams(_Msg):
+    """temperature 0 means greedy. top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SLO(_Msg):
+    """Latency targets the device asks for: time to first token and time per output token, in ms."""
+
+    ttft_ms: float = Field(2000.0, gt=0)
+    tpot_ms: float = Field(200.0, gt=0)
+
+
+class Limits(_Msg):
+    max_frame_bytes: int
+    max_draft_len: int
+    max_context_len: int
+    max_sessions_per_token: int
+
+
+# ---- client -> server (JSON) ----
+
+
+class Hello(_Msg):
+    type: Literal["hello"] = "hello"
+    protocol_version: int = PROTOCOL_VERSION
+    tokenizer_fingerprint: str
+    auth_token: str | None = None  # for clients that cannot set an Authorization header
+    client: str = "wisp-sdk"
+
+
+class Open(_Msg):
+    """Start a session: the server prefills prompt+committed and commits the target's next token.
+
+    `committed_ids` is non-empty only when the edge rebuilds a session the server lost.
+    """
+
+    type: Literal["open"] = "open"
+    prompt_ids: list[int] = Field(min_length=1)
+    committed_ids: list[int] = Field(default_factory=list)
+    max_new_tokens: int = Field(256, ge=1)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    slo: SLO = Field(default_factory=SLO)
+    mode: Literal["speculative", "centralized"] = "speculative"
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+
+class Resume(_Msg):
+    """Re-attach to a live session after a reconnect (same auth token as the one that opened it)."""
+
+    type: Literal["resume"] = "resume"
+    session_id: str
+
+
+class Close(_Msg):
+    type: Literal["close"] = "close"
+    session_id: str
+
+
+ClientMessage = Annotated[Hello | Open | Resume | Close, Field(discriminator="type")]
+
+# ---- server -> client (JSON) ----
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    protocol_version: int = PROTOCOL_VERSION
+    server: str = "wisp-cloud"
+    policy: str = "fifo"
+    limits: Limits
+
+
+class Opened(_Msg):
+    type: Literal["opened"] = "opened"
+    session_id: str
+    committed_len: int  # prompt + committed tokens, including next_token
+    next_token: int
+    done: bool = False
+    prefill_ms: float = 0.0
+    queue_ms: float = 0.0
+    wait_hint_ms: float = 0.0
+
+
+class Resumed(_Msg):
+    """State of a resumed session; `last_round` lets the client decide whether to re-send its round."""
+
+    type: Literal["resumed"] = "resumed"
+    session_id: str
+    committed_len: int
+    last_round: int
+
+
+class Tokens(_Msg):
+    """Centralized mode: target tokens streamed as the server decodes them."""
+
+    type: Literal["tokens"] = "tokens"
+    session_id: str
+    tokens: list[int]
+    committed_len: int
+    done: bool = False
+
+
+class Closed(_Msg):
+    type: Literal["closed"] = "closed"
+    session_id: str
+
+
+class Error(_Msg):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    session_id: str | None = None
+    round: int | None = None
+
+
+ServerMessage = Annotated[Welcome | Opened | Resumed | Tokens | Closed | Error, Field(discriminator="type")]
+
+_client_adapter: TypeAdapter = TypeAdapter(ClientMessage)
+_server_adapter: TypeAdapter = TypeAdapter(ServerMessage)
+
+# ---- binary hot-path messages ----
+
+
+class Round(_Msg):
+    """Draft tokens for one verification; `q_ids/q_probs[i]` is the draft's sampling distribution at i."""
+
+    session_id: str
+    round: int = Field(ge=0)
+    committed_len: int = Field(ge=1)
+    draft_ids: list[int]
+    q_ids: list[list[int]] | None = None
+    q_probs: list[list[float]] | None = None
+
+
+class Verdict(_Msg):
+    session_id: str
+    round: int
+    committed_len: int  # after this verdict: previous + accepted + 1
+    accepted: int
+    next_token: int
+    done: bool = False
+    queue_ms: float = 0.0
+    verify_ms: float = 0.0
+    wait_hint_ms: float = 0.0
+
+
+def new_session_id() -> str:
+    import secrets
+
+    return secrets.token_hex(16)
+
+
+def _sid_bytes(session_id: str) -> bytes:
+    try:
+        raw = bytes.fromhex(session_id)
+    except ValueError as exc:
+        raise ProtocolError(f"session id must be 32 hex chars, got {session_id!r}") from exc
+    if len(raw) != 16:
+        raise ProtocolError(f"session id must be 32 hex chars, got {session_id!r}")
+    return raw
+
+
+def encode_round(msg: Round) -> bytes:
+    sparse = msg.q_ids is not None
+    parts = [
+        _HEADER.pack(PROTOCOL_VERSION, KIND_ROUND, FLAG_SPARSE_Q if sparse else 0),
+        _ROUND.pack(_sid_bytes(msg.session_id), msg.round, msg.committed_len, len(msg.draft_ids)),
+        np.asarray(msg.draft_ids, dtype="<i4").tobytes(),
+    ]
+    if sparse:
+        if msg.q_probs is None or len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+            raise ProtocolError("q_ids and q_probs need one entry per draft token")
+        for ids, probs in zip(msg.q_ids, msg.q_probs, strict=True):
+            if len(ids) != len(probs):
+                raise ProtocolError("q_ids and q_probs lengths differ")
+            parts += [_NNZ.pack(len(ids)), np.asarray(ids, "<i4").tobytes(), np.asarray(probs, "<f4").tobytes()]
+    return b"".join(parts)
+
+
+def encode_verdict(msg: Verdict) -> bytes:
+    return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, FLAG_EOS if msg.done else 0) + _VERDICT.pack(
+        _sid_bytes(msg.session_id),
+        msg.round,
+        msg.committed_len,
+        msg.accepted,
+        msg.next_token,
+        msg.queue_ms,
+        msg.verify_ms,
+        msg.wait_hint_ms,
+    )
+
+
+def _read_header(data: bytes, want_kind: int) -> int:
+    if len(data) < _HEADER.size:
+        raise ProtocolError("binary frame shorter than its header")
+    version, kind, flags = _HEADER.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"binary frame of protocol version {version}, expected {PROTOCOL_VERSION}")
+    if kind != want_kind:
+        raise ProtocolError(f"unexpected binary frame kind {kind}")
+    return flags
+
+
+def decode_round(data: bytes) -> Round:
+    flags = _read_header(data, KIND_ROUND)
+    off = _HEADER.size
+    if len(data) < off + _ROUND.size:
+        raise ProtocolError("round frame truncated")
+    sid, rnd, committed, n = _ROUND.unpack_from(data, off)
+    off += _ROUND.size
+    end = off + 4 * n
+    if len(data) < end:
+        raise ProtocolError("round frame truncated in draft tokens")
+    draft = np.frombuffer(data, "<i4", n, off).tolist()
+    off = end
+    q_ids = q_probs = None
+    if flags & FLAG_SPARSE_Q:
+        q_ids, q_probs = [], []
+        for _ in range(n):
+            if len(data) < off + _NNZ.size:
+                raise ProtocolError("round frame truncated in draft distribution")
+            (nnz,) = _NNZ.unpack_from(data, off)
+            off += _NNZ.size
+            if len(data) < off + 8 * nnz:
+                raise ProtocolError("round frame truncated in draft distribution")
+            q_ids.append(np.frombuffer(data, "<i4", nnz, off).tolist())
+            q_probs.append(np.frombuffer(data, "<f4", nnz, off + 4 * nnz).tolist())
+            off += 8 * nnz
+    if off != len(data):
+        raise ProtocolError(f"round frame has {len(data) - off} trailing bytes")
+    return Round(
+        session_id=sid.hex(), round=rnd, committed_len=committed, draft_ids=draft, q_ids=q_ids, q_probs=q_probs
+    )
+
+
+def decode_verdict(data: bytes) -> Verdict:
+    flags = _read_header(data, KIND_VERDICT)
+    if len(data) != _HEADER.size + _VERDICT.size:
+        raise ProtocolError("verdict frame has the wrong size")
+    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms = _VERDICT.unpack_from(data, _HEADER.size)
+    return Verdict(
+        session_id=sid.hex(),
+        round=rnd,
+        committed_len=committed,
+        accepted=accepted,
+        next_token=nxt,
+        done=bool(flags & FLAG_EOS),
+        queue_ms=queue_ms,
+        verify_ms=verify_ms,
+        wait_hint_ms=wait_ms,
+    )
+
+
+def encode(msg: BaseModel) -> str | bytes:
+    """Encode any message: binary for Round/Verdict, JSON text for the rest."""
+    if isinstance(msg, Round):
+        return encode_round(msg)
+    if isinstance(msg, Verdict):
+        return encode_verdict(msg)
+    return msg.model_dump_json(exclude_none=True)
+
+
+def _decode_json(data: str | bytes, adapter: TypeAdapter):
+    try:
+        return adapter.validate_python(json.loads(data))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "frame"
+        raise ProtocolError(f"invalid message ({where}: {first['msg']})") from exc
+
+
+def decode_client(frame: str | bytes) -> Hello | Open | Resume | Close | Round:
+    """Decode a frame the server received. Raises ProtocolError on anything malformed."""
+    if isinstance(frame, bytes):
+        return decode_round(frame)
+    return _decode_json(frame, _client_adapter)
+
+
+def decode_server(frame: str | bytes) -> Welcome | Opened | Resumed | Tokens | Closed | Error | Verdict:
+    """Decode a frame the client received. Raises ProtocolError on anything malformed."""
+    if isinstance(frame, bytes):
+        return decode_verdict(frame)
+    return _decode_json(frame, _server_adapter)
+
+
+def json_schema() -> dict:
+    """JSON Schema of every message (binary ones described by their pydantic model), for docs and other SDKs."""
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "subprotocol": SUBPROTOCOL,
+        "client": _client_adapter.json_schema(),
+        "server": _server_adapter.json_schema(),
+        "round": Round.model_json_schema(),
+        "verdict": Verdict.model_json_schema(),
+    }
