@@ -27,6 +27,8 @@ class ParityReport(BaseModel):
     max_abs_logit_diff: float
     argmax_agreement: float
     prompt: str = ""
+    mean_abs_logit_diff: float | None = None
+    greedy_prefix: int | None = None  # leading compared positions (of steps + 1) whose argmaxes agree
 
 
 class Quantization(BaseModel):
