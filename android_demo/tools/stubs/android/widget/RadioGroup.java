@@ -1,0 +1,5 @@
+package android.widget;
+
+public class RadioGroup extends android.view.View {
+    public int getCheckedRadioButtonId() { throw new RuntimeException("stub"); }
+}

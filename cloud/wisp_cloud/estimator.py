@@ -1,0 +1,434 @@
+"""Verification-time estimator: predicts the wall time of one batched forward pass on the running backend.
+
+The scheduler asks it "how long would this batch take?" many times per batch it builds, and `wisp simulate`
+uses it as the GPU's clock, so prediction is pure Python over a handful of aggregates (no numpy, no torch).
+Fitting uses numpy, imported lazily.
+
+Model: a non-negative linear combination of batch features (docs/scheduling.md):
+
+    t(batch) = Σ_f  w_f · x_f(batch)        w_f ≥ 0
+
+with features computed from the batch's item shapes (new tokens n_i, cached context c_i, cache-miss flag):
+batch size B, Σn, Σc, max c, misses, the attention work Σ n_i·(c_i + n_i) and the padded area
+B·max(n)·max(n + c) that a padded ragged batch really computes. The fit minimises *relative* squared error
+(weights 1/t), which is what MAPE measures, and drops features whose weight would go negative (active set).
+
+Online refinement: `observe()` feeds every batch the server actually ran. A multiplicative correction (an
+exponentially weighted mean of log(observed/predicted)) reacts at once; every `refit_every` observations the
+weights are refit on the profile data plus a window of recent batches (weighted up), and the correction resets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "wisp.estimator.v1"
+
+
+@dataclass(frozen=True)
+class ItemShape:
+    """One work item's shape. `context` is the cached prefix it attends to; a cache miss rebuilds it."""
+
+    new_tokens: int
+    context: int = 0
+    cache_miss: bool = False
+
+
+@dataclass(slots=True)
+class BatchShape:
+    """Aggregates of a batch that the features need; `plus` adds one item cheaply.
+
+    `items` keeps every item's effective (new, context), sorted, so that a backend that splits a batch into
+    padded groups (see `GroupRule`) can be modelled group by group; it is None for a shape rebuilt from
+    `BatchStats`, which carries sums only (then the batch is taken as one padded group of its mean shape).
+    Treat it as immutable: `plus` returns a new shape.
+    """
+
+    batch_size: int = 0
+    new_tokens: int = 0
+    context_tokens: int = 0
+    max_context: int = 0
+    cache_misses: int = 0
+    max_new: int = 0
+    max_total: int = 0  # max over items of context + new (the padded key length)
+    attn: int = 0  # Σ n_i·(c_i + n_i): query×key pairs of the attention
+    items: tuple[tuple[int, int], ...] | None = ()
+
+    def plus(self, item: ItemShape) -> BatchShape:
+        n, c = item.new_tokens, item.context
+        if item.cache_miss:  # the cached prefix is recomputed: it is new work, not cached context
+            n, c = n + c, 0
+        items = None
+        if self.items is not None:
+            lst = list(self.items)
+            bisect.insort(lst, (n, c))
+            items = tuple(lst)
+        return BatchShape(
+            batch_size=self.batch_size + 1,
+            new_tokens=self.new_tokens + n,
+            context_tokens=self.context_tokens + c,
+            max_context=max(self.max_context, c),
+            cache_misses=self.cache_misses + (1 if item.cache_miss else 0),
+            max_new=max(self.max_new, n),
+            max_total=max(self.max_total, n + c),
+            attn=self.attn + n * (c + n),
+            items=items,
+        )
+
+    @classmethod
+    def of(cls, items: Iterable[ItemShape]) -> BatchShape:
+        shape = cls()
+        for item in items:
+            shape = shape.plus(item)
+        return shape
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> BatchShape:
+        """Approximate shape from a `BatchStats` (which carries sums, not per-item shapes)."""
+        b = max(int(stats.batch_size), 1)
+        n, c = int(stats.new_tokens), int(stats.context_tokens)
+        mean_n = n / b
+        return cls(
+            batch_size=int(stats.batch_size),
+            new_tokens=n,
+            context_tokens=c,
+            max_context=int(stats.max_context),
+            cache_misses=int(stats.cache_misses),
+            max_new=math.ceil(mean_n),
+            max_total=int(stats.max_context) + math.ceil(mean_n),
+            attn=round(mean_n * c + n * mean_n),
+            items=None,
+        )
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """How a padded backend splits a batch (items ascending by new tokens; a group is cut when its padded rows
+    would exceed `pad_factor` × its real rows + `pad_slack`). Mirrors NativeBackend._groups."""
+
+    pad_factor: float = 1.5
+    pad_slack: int = 32
+
+    def groups(self, shape: BatchShape) -> list[tuple[int, int, int]]:
+        """[(items, max new, max context)] per padded group."""
+        if shape.items is None:
+            return [(shape.batch_size, shape.max_new, shape.max_context)] if shape.batch_size else []
+        out = []
+        cnt = real = gmax_c = 0
+        gmax_n = 0
+        for n, c in shape.items:
+            if cnt and (cnt + 1) * n > self.pad_factor * (real + n) + self.pad_slack:
+                out.append((cnt, gmax_n, gmax_c))
+                cnt = real = gmax_c = 0
+            cnt += 1
+            real += n
+            gmax_n = n
+            gmax_c = max(gmax_c, c)
+        if cnt:
+            out.append((cnt, gmax_n, gmax_c))
+        return out
+
+
+FEATURES = ("groups", "pad_rows", "pad_past", "pad_attn", "batch", "new", "ctx", "max_ctx", "miss", "attn")
+DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows", "pad_past", "pad_attn")
+
+
+def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
+    """Every feature of `FEATURES`, in that order (one pass; this is the scheduler's hot path)."""
+    if rule is None or shape.items is None:
+        groups = [(shape.batch_size, shape.max_new, shape.max_context)] if shape.batch_size else []
+    else:
+        groups = rule.groups(shape)
+    g = rows = past = area = 0
+    for b, n, c in groups:
+        g += 1
+        rows += b * n
+        past += b * c
+        area += b * n * (c + n)
+    return (
+        g,
+        rows,
+        past,
+        area,
+        shape.batch_size,
+        shape.new_tokens,
+        shape.context_tokens,
+        shape.max_context,
+        shape.cache_misses,
+        shape.attn,
+    )
+
+
+@dataclass
+class Observation:
+    shape: BatchShape
+    seconds: float
+
+
+def _as_observation(x: Any) -> Observation:
+    if isinstance(x, Observation):
+        return x
+    if isinstance(x, tuple) and len(x) == 2:
+        shape, secs = x
+        if not isinstance(shape, BatchShape):
+            shape = BatchShape.of(shape)
+        return Observation(shape, float(secs))
+    return Observation(BatchShape.from_stats(x), float(x.forward_s))
+
+
+def _fit_nonneg(rows: list[list[float]], ys: list[float], weights: list[float]) -> list[float]:
+    """Weighted least squares with w ≥ 0: drop the most negative weight and refit until none is negative."""
+    import numpy as np
+
+    x = np.asarray(rows, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    sw = np.sqrt(np.asarray(weights, dtype=np.float64))
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0
+    xs = x / scale * sw[:, None]
+    yw = y * sw
+    active = [j for j in range(x.shape[1]) if np.any(x[:, j] != 0)]
+    coef = np.zeros(x.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(xs[:, active], yw, rcond=None)
+        if np.all(sol >= 0):
+            coef[:] = 0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return (coef / scale).tolist()
+
+
+def mape(pred: Sequence[float], actual: Sequence[float]) -> float:
+    """Mean absolute percentage error, in percent."""
+    if not actual:
+        return float("nan")
+    return 100.0 * sum(abs(p - a) / a for p, a in zip(pred, actual, strict=True)) / len(actual)
+
+
+@dataclass
+class VerifyTimeEstimator:
+    """Predicts a batch's forward time in seconds. Fit from profiles, refined online, saved as JSON."""
+
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    coef: list[float] = field(default_factory=list)
+    group_rule: GroupRule | None = None  # the backend's padded grouping (None: one padded group)
+    meta: dict[str, Any] = field(default_factory=dict)
+    window: int = 512
+    refit_every: int = 64
+    online_weight: float = 4.0
+    ewma: float = 0.05
+    _base: list[Observation] = field(default_factory=list, repr=False)
+    _recent: deque = field(default_factory=deque, repr=False)
+    _log_corr: float = field(default=0.0, repr=False)
+    _since_refit: int = field(default=0, repr=False)
+    version: int = field(default=0, repr=False)  # bumped whenever the weights change (a cache key)
+    _corr: float = field(default=1.0, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"unknown estimator features {unknown}; known: {sorted(FEATURES)}")
+        self.features = tuple(self.features)
+        if not self.coef:
+            self.coef = [0.0] * len(self.features)
+        self._recent = deque(self._recent, maxlen=self.window)
+        self._index = [FEATURES.index(f) for f in self.features]
+        self._synced: list[float] | None = None
+
+    def _sync(self) -> list[float]:
+        """Coefficients aligned with `FEATURES` (zeros for unused ones), for the hot-path dot product."""
+        full = [0.0] * len(FEATURES)
+        for j, w in zip(self._index, self.coef, strict=True):
+            full[j] = float(w)
+        self._full = full
+        self._synced = self.coef
+        self.version += 1
+        return full
+
+    # ---- construction ----
+    @classmethod
+    def default(cls) -> VerifyTimeEstimator:
+        """A rough prior for when nothing was profiled yet: 5 ms per pass, 0.2 ms per token, attention 2 µs/pair."""
+        est = cls()
+        prior = {"groups": 5e-3, "batch": 2e-4, "new": 2e-4, "attn": 2e-6, "miss": 1e-3}
+        est.coef = [prior.get(f, 0.0) for f in est.features]
+        est.meta["source"] = "default prior"
+        return est
+
+    @classmethod
+    def fitted(
+        cls,
+        data: Iterable[Any],
+        features: Sequence[str] = DEFAULT_FEATURES,
+        group_rule: GroupRule | None = None,
+    ) -> VerifyTimeEstimator:
+        est = cls(features=tuple(features), group_rule=group_rule)
+        est.fit(data)
+        return est
+
+    # ---- features and prediction ----
+    def featurize(self, shape: BatchShape) -> list[float]:
+        x = all_features(shape, self.group_rule)
+        return [float(x[j]) for j in self._index]
+
+    @property
+    def correction(self) -> float:
+        return self._corr
+
+    def predict_raw(self, shape: BatchShape) -> float:
+        """Prediction of the fitted weights alone, without the online correction factor."""
+        if shape.batch_size == 0:
+            return 0.0
+        w = self._full if self._synced is self.coef else self._sync()
+        x = all_features(shape, self.group_rule)
+        return (
+            w[0] * x[0]
+            + w[1] * x[1]
+            + w[2] * x[2]
+            + w[3] * x[3]
+            + w[4] * x[4]
+            + w[5] * x[5]
+            + w[6] * x[6]
+            + w[7] * x[7]
+            + w[8] * x[8]
+            + w[9] * x[9]
+        )
+
+    def predict_shape(self, shape: BatchShape) -> float:
+        return self.predict_raw(shape) * self._corr
+
+    def predict(self, items: Iterable[ItemShape] | BatchShape) -> float:
+        """Predicted seconds for a batch of item shapes (0 for an empty batch)."""
+        shape = items if isinstance(items, BatchShape) else BatchShape.of(items)
+        return self.predict_shape(shape)
+
+    def predict_marginal(self, batch: Iterable[ItemShape] | BatchShape, item: ItemShape) -> float:
+        """Extra seconds that adding `item` to `batch` costs (its solo time when the batch is empty)."""
+        shape = batch if isinstance(batch, BatchShape) else BatchShape.of(batch)
+        return self.predict_shape(shape.plus(item)) - self.predict_shape(shape)
+
+    # ---- fitting ----
+    def fit(self, data: Iterable[Any]) -> VerifyTimeEstimator:
+        """Fit on profiled batches: `BatchStats`, `Observation`s, or `(items|BatchShape, seconds)` pairs."""
+        obs = [o for o in map(_as_observation, data) if o.seconds > 0 and o.shape.batch_size > 0]
+        if not obs:
+            raise ValueError("no observations to fit the estimator on")
+        self._base = obs
+        self._recent.clear()
+        self._refit()
+        return self
+
+    def _refit(self) -> None:
+        rows, ys, ws = [], [], []
+        for o in self._base:
+            rows.append(self.featurize(o.shape))
+            ys.append(o.seconds)
+            ws.append(1.0 / o.seconds**2)
+        for o in self._recent:
+            rows.append(self.featurize(o.shape))
+            ys.append(o.seconds)
+            ws.append(self.online_weight / o.seconds**2)
+        self.coef = _fit_nonneg(rows, ys, ws)
+        self._log_corr = 0.0
+        self._corr = 1.0
+        self._since_refit = 0
+
+    def observe(self, stats: Any, items: Iterable[ItemShape] | None = None) -> None:
+        """Refine online from a batch that ran: its `BatchStats` (and, better, its exact item shapes)."""
+        secs = float(stats.forward_s) if not isinstance(stats, (int, float)) else float(stats)
+        if secs <= 0:
+            return
+        shape = BatchShape.of(items) if items is not None else BatchShape.from_stats(stats)
+        if shape.batch_size == 0:
+            return
+        pred = self.predict_shape(shape)
+        if pred > 0:
+            err = math.log(secs / pred)
+            self._log_corr += self.ewma * max(-1.0, min(1.0, err))
+            self._corr = math.exp(self._log_corr)
+        self._recent.append(Observation(shape, secs))
+        self._since_refit += 1
+        if self._since_refit >= self.refit_every and len(self._base) + len(self._recent) >= 2 * len(
+            self.coef
+        ):
+            self._refit()
+
+    def evaluate(self, data: Iterable[Any]) -> float:
+        """MAPE (%) of this estimator on observations."""
+        obs = [_as_observation(o) for o in data]
+        return mape([self.predict_shape(o.shape) for o in obs], [o.seconds for o in obs])
+
+    # ---- persistence ----
+    def to_dict(self) -> dict[str, Any]:
+        def row(o: Observation) -> dict[str, Any]:
+            sh = o.shape
+            if sh.items is not None:
+                return {"items": [list(it) for it in sh.items], "miss": sh.cache_misses, "s": o.seconds}
+            agg = [sh.batch_size, sh.new_tokens, sh.context_tokens, sh.max_context, sh.cache_misses]
+            return {"agg": agg + [sh.max_new, sh.max_total, sh.attn], "s": o.seconds}
+
+        rule = self.group_rule
+        return {
+            "format": FORMAT,
+            "features": list(self.features),
+            "coef": list(self.coef),
+            "group_rule": None
+            if rule is None
+            else {"pad_factor": rule.pad_factor, "pad_slack": rule.pad_slack},
+            "meta": self.meta,
+            "profile": [row(o) for o in self._base],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifyTimeEstimator:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a WISP estimator file (format {d.get('format')!r}, expected {FORMAT!r})")
+        rule = d.get("group_rule")
+        est = cls(
+            features=tuple(d["features"]),
+            coef=[float(c) for c in d["coef"]],
+            group_rule=None if rule is None else GroupRule(float(rule["pad_factor"]), int(rule["pad_slack"])),
+            meta=dict(d.get("meta", {})),
+        )
+        if len(est.coef) != len(est.features):
+            raise ValueError("estimator file has a different number of coefficients and features")
+        base = []
+        for r in d.get("profile", []):
+            if "items" in r:
+                misses = int(r.get("miss", 0))
+                shape = BatchShape.of(ItemShape(int(n), int(c)) for n, c in r["items"])
+                shape = dataclasses.replace(shape, cache_misses=misses)
+            else:
+                shape = BatchShape(*map(int, r["agg"]), items=None)
+            base.append(Observation(shape, float(r["s"])))
+        est._base = base
+        return est
+
+    def save(self, path: str | Path) -> None:
+        self.meta.setdefault("saved_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VerifyTimeEstimator:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            from wisp_sdk.errors import WispError
+
+            raise WispError(f"cannot read estimator file {path}: {exc}") from exc
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            from wisp_sdk.errors import WispError
+
+            raise WispError(f"bad estimator file {path}: {exc}") from exc
