@@ -1,0 +1,236 @@
+"""The paged backend (the GPU verifier's engine) on CPU: exact against HF eager, paging, rollback, budget.
+
+The GPU path (Triton kernels, CUDA graphs) is checked on a GPU by bench/verify_step.py; here, when the triton
+package is installed, its kernels also run in Triton's CPU interpreter against the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from wisp_cloud.backends.base import Backend, WorkItem  # noqa: E402
+from wisp_cloud.backends.kv_pages import KVCacheFull, PageTable  # noqa: E402
+from wisp_cloud.backends.paged import PagedBackend  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    except TypeError:  # pragma: no cover - older transformers
+        model = AutoModelForCausalLM.from_pretrained(
+            path, torch_dtype=torch.float32, attn_implementation="eager"
+        )
+    return model.eval()
+
+
+@torch.no_grad()
+def _hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    return model(torch.tensor([tokens])).logits[0]
+
+
+def _check_against_hf(backend, hf, rng: random.Random, vocab: int, n_seqs: int = 5, rounds: int = 4) -> int:
+    """Random ragged batches (prefill chunks next to verifies), random rollbacks; argmax must equal HF's."""
+    seqs = {f"s{i}": [] for i in range(n_seqs)}
+    checked = 0
+    for _ in range(rounds):
+        items = []
+        for sid in seqs:
+            if rng.random() < 0.2:
+                continue  # not every sequence in every batch
+            n_new = rng.choice([1, 2, 4, 6, rng.randint(7, 40)])
+            new = [rng.randrange(vocab) for _ in range(n_new)]
+            items.append(WorkItem(sid, new, n_logits=rng.randint(1, n_new)))
+        if not items:
+            continue
+        results, stats = backend.forward(items)
+        assert stats.batch_size == len(items)
+        assert stats.new_tokens == sum(len(it.new_tokens) for it in items)
+        for it, res in zip(items, results, strict=True):
+            full = seqs[it.seq_id] + it.new_tokens
+            ref = _hf_logits(hf, full).argmax(-1)[len(full) - it.n_logits :].tolist()
+            assert res.seq_id == it.seq_id
+            assert res.argmax == ref, (it.seq_id, len(full))
+            assert res.probs is None
+            checked += it.n_logits
+            seqs[it.seq_id] = full
+            assert backend.cached_len(it.seq_id) == len(full)
+            # reject a random draft tail, as the server does after verification
+            keep = len(full) - rng.randint(0, min(len(it.new_tokens) - 1, 5))
+            backend.truncate(it.seq_id, keep)
+            seqs[it.seq_id] = full[:keep]
+            assert backend.cached_len(it.seq_id) == keep
+    return checked
+
+
+@pytest.mark.parametrize("fixture", ["tiny_target", "tiny_llama"])
+def test_ragged_batches_match_hf_eager(fixture, request):
+    path = request.getfixturevalue(fixture)
+    backend = PagedBackend(path, "cpu", kv_budget_tokens=2048, page_size=8)
+    assert isinstance(backend, Backend)
+    assert backend.kernels == "torch" and not backend.cuda_graphs
+    hf = _hf(path)
+    checked = _check_against_hf(backend, hf, random.Random(hash(fixture) % 1000), backend.vocab_size)
+    assert checked > 10
+
+
+def test_release_frees_pages_and_kv_bytes(tiny_target):
+    backend = PagedBackend(tiny_target, "cpu", kv_budget_tokens=256, page_size=16)
+    assert backend.kv_bytes() == 0
+    backend.forward([WorkItem("a", list(range(20)), n_logits=1), WorkItem("b", list(range(3)), n_logits=1)])
+    assert backend.kv_bytes("a") == 2 * 16 * backend.bytes_per_token  # 20 tokens -> 2 pages
+    assert backend.kv_bytes("b") == 16 * backend.bytes_per_token
+    assert backend.kv_bytes() == backend.kv_bytes("a") + backend.kv_bytes("b")
+    backend.truncate("a", 16)
+    assert backend.kv_bytes("a") == 16 * backend.bytes_per_token
+    backend.release("a")
+    backend.release("b")
+    assert backend.kv_bytes() == 0 and backend.cached_len("a") == 0
+    assert backend.free_tokens() == backend.kv_capacity_tokens == 256
+    backend.release("never-seen")  # no error
+
+
+def test_budget_exhaustion_is_a_clear_error_and_changes_nothing(tiny_target):
+    backend = PagedBackend(tiny_target, "cpu", kv_budget_tokens=64, page_size=16)
+    backend.forward([WorkItem("a", list(range(40)), n_logits=1)])  # 3 of 4 pages
+    free = backend.free_tokens()
+    with pytest.raises(KVCacheFull, match="KV cache full"):
+        backend.forward(
+            [WorkItem("a", list(range(10)), n_logits=1), WorkItem("b", list(range(20)), n_logits=1)]
+        )
+    assert backend.cached_len("a") == 40 and backend.cached_len("b") == 0
+    assert backend.free_tokens() == free
+    # after freeing, the same batch fits
+    backend.truncate("a", 8)
+    results, _ = backend.forward([WorkItem("a", list(range(10)), n_logits=2), WorkItem("b", list(range(20)))])
+    assert [len(r.argmax) for r in results] == [2, 1]
+
+
+def test_budget_from_bytes_and_bad_items(tiny_target):
+    probe = PagedBackend(tiny_target, "cpu", kv_budget_tokens=16)
+    backend = PagedBackend(tiny_target, "cpu", kv_budget_bytes=100 * probe.bytes_per_token, page_size=16)
+    assert backend.kv_capacity_tokens == 96
+    with pytest.raises(ValueError):
+        backend.forward([WorkItem("a", [], n_logits=0)])
+    with pytest.raises(ValueError):
+        backend.forward([WorkItem("a", [1, 2], n_logits=3)])
+    with pytest.raises(ValueError):
+        backend.forward([WorkItem("a", [1]), WorkItem("a", [2])])
+    assert backend.kv_bytes() == 0
+    with pytest.raises(ValueError):
+        PagedBackend(tiny_target, "cpu", kv_budget_tokens=4, page_size=16)
+
+
+def test_sampling_probs_are_processed_target_probs(tiny_target):
+    from wisp_cloud.acceptance import process_logits
+    from wisp_sdk.protocol import SamplingParams
+
+    backend = PagedBackend(tiny_target, "cpu", kv_budget_tokens=512)
+    hf = _hf(tiny_target)
+    sampling = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)
+    prompt = [5, 17, 33, 2, 9, 41]
+    (res,), _ = backend.forward([WorkItem("s", prompt, n_logits=3, sampling=sampling)])
+    assert res.probs is not None and tuple(res.probs.shape) == (3, backend.vocab_size)
+    ref = process_logits(_hf_logits(hf, prompt)[-3:], sampling)
+    torch.testing.assert_close(torch.as_tensor(res.probs), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_from_config_random_weights_and_metadata(tiny_target):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_target)
+    backend = PagedBackend(config, "cpu", kv_budget_tokens=128)
+    assert backend.vocab_size == config.vocab_size
+    assert backend.tokenizer_fingerprint == ""
+    (res,), stats = backend.forward([WorkItem("x", [1, 2, 3], n_logits=2)])
+    assert len(res.argmax) == 2 and stats.context_tokens == 0
+    from_dir = PagedBackend(tiny_target, "cpu", kv_budget_tokens=128)
+    assert from_dir.tokenizer_fingerprint.startswith("sha256:")
+    assert from_dir.eos_token_ids
+    # what the benchmark reads
+    assert from_dir.weight_bytes_per_step() > 0 and from_dir.matmul_params() > 0
+
+
+def test_cache_misses_counted(tiny_target):
+    backend = PagedBackend(tiny_target, "cpu", kv_budget_tokens=256)
+    _, stats = backend.forward([WorkItem("a", [1, 2, 3, 4], n_logits=1, context=[1, 2, 3, 4])])
+    assert stats.cache_misses == 1  # nothing was cached: a rebuild
+    _, stats = backend.forward([WorkItem("a", [5, 6], n_logits=2, context=[1, 2, 3, 4, 5])])
+    assert stats.cache_misses == 0 and stats.context_tokens == 4
+
+
+def test_page_table_bookkeeping():
+    pt = PageTable(num_pages=4, page_size=4)
+    pt.reserve({"a": 5, "b": 4})
+    assert pt.used_pages("a") == 2 and pt.used_pages("b") == 1 and pt.free_pages() == 1
+    pt.set_length("a", 5)
+    assert pt.slots("a", 3, 5) == [pt.pages["a"][0] * 4 + 3, pt.pages["a"][1] * 4]
+    with pytest.raises(KVCacheFull):
+        pt.reserve({"a": 9, "c": 4})
+    assert pt.used_pages("a") == 2 and "c" not in pt.pages  # all or nothing
+    pt.truncate("a", 4)
+    assert pt.used_pages("a") == 1 and pt.free_pages() == 2
+    pt.release("a")
+    pt.release("b")
+    assert pt.free_pages() == 4 and 0 not in pt._free  # page 0 is the scratch page, never handed out
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import random, sys
+    sys.path[:0] = [{cloud!r}, {sdk!r}]
+    import torch
+    from wisp_cloud.backends.paged import PagedBackend, WorkItem
+
+    ref = PagedBackend({path!r}, "cpu", kv_budget_tokens=1024)
+    tri = PagedBackend({path!r}, "cpu", kv_budget_tokens=1024, kernels="triton", cuda_graphs=False,
+                       prefill_tile_rows=32)
+    tri.n_sm = 8          # small GPU: exercises split-KV and the merge kernel
+    tri.pad_eager = True  # the CUDA-graph path's padded buckets
+    rng = random.Random(0)
+    seqs = {{f"s{{i}}": [] for i in range(3)}}
+    for step in range(3):
+        items = []
+        for sid in seqs:
+            n = rng.choice([rng.randint(20, 50), 1, 5])
+            items.append(WorkItem(sid, [rng.randrange(300) for _ in range(n)], n_logits=rng.randint(1, n)))
+        a, _ = ref.forward(items)
+        b, _ = tri.forward(items)
+        assert [r.argmax for r in a] == [r.argmax for r in b], step
+    p = ref.page_size  # page 0 is scratch: the padded path writes padding tokens there
+    err = (ref.kv[:, :, p:] - tri.kv[:, :, p:]).abs().max().item()
+    assert err < 1e-4, err
+    print("OK")
+    """
+)
+
+
+def test_triton_kernels_in_interpreter(tiny_target):
+    """The GPU kernels (attention with split-KV merge, rotary + KV write, add+RMSNorm, SiLU) on CPU."""
+    pytest.importorskip("triton")
+    if os.environ.get("WISP_SKIP_TRITON_INTERPRETER"):
+        pytest.skip("WISP_SKIP_TRITON_INTERPRETER set")
+    script = _INTERPRETER_SCRIPT.format(
+        cloud=str(ROOT / "cloud"), sdk=str(ROOT / "sdk"), path=str(tiny_target)
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0 and "only 0-dimensional arrays" in proc.stderr:
+        pytest.skip("this triton's interpreter does not run with this numpy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
