@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = p.add_subparsers(dest="models_command", metavar="ACTION")
     f = sub.add_parser("fetch", help="download, verify and convert a known model; print its HF folder")
-    f.add_argument("name", choices=sorted(KNOWN_MODELS), metavar="NAME", help=", ".join(sorted(KNOWN_MODELS)))
+    # No argparse `choices`: an unknown name gets wisp's one-line error listing the known ones.
+    f.add_argument("name", metavar="NAME", help="one of: " + ", ".join(sorted(KNOWN_MODELS)))
     f.add_argument("--keep-gguf", action="store_true", help="keep the verified GGUF after conversion")
     f.set_defaults(func=_fetch)
     ls = sub.add_parser("list", help="show the known models and which are cached")

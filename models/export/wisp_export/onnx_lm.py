@@ -19,12 +19,15 @@ _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class OnnxCausalLM:
     """Batch-1 greedy decoding over an ONNX graph, keeping the KV cache between calls."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: str | Path, threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            # ORT's workers busy-wait after each run; next to PyTorch in one process that starves torch's threads.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.has_position_ids = "position_ids" in inputs
@@ -33,7 +36,9 @@ class OnnxCausalLM:
             key=lambda t: (t[0], t[1] != "key"),
         )
         if not past:
-            raise ValueError(f"{model_path}: no past_key_values inputs; export with text-generation-with-past")
+            raise ValueError(
+                f"{model_path}: no past_key_values inputs; export with text-generation-with-past"
+            )
         self.past_names = [name for _, _, name in past]
         self.num_layers = past[-1][0] + 1
         first = inputs[self.past_names[0]]
@@ -63,7 +68,9 @@ class OnnxCausalLM:
         self.length += n
         return outs["logits"][0].astype(np.float32)
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None) -> list[int]:
+    def greedy(
+        self, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None
+    ) -> list[int]:
         """Greedy continuation of `prompt_ids` (the cache is reset first)."""
         self.reset()
         logits = self.forward(list(prompt_ids))[-1]

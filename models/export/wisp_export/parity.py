@@ -15,6 +15,7 @@ import numpy as np
 from wisp_sdk.bundle import ParityReport
 from wisp_sdk.errors import WispError
 
+from wisp_export.hf import quiet_transformers
 from wisp_export.onnx_lm import OnnxCausalLM
 from wisp_export.progress import bar
 
@@ -36,16 +37,32 @@ class ParityResult:
     reason: str = ""
 
 
-def measure(hf_dir: Path, onnx_path: Path, steps: int, quant: str, prompt: str = PARITY_PROMPT) -> ParityResult:
+def measure(
+    hf_dir: Path, onnx_path: Path, steps: int, quant: str, prompt: str = PARITY_PROMPT
+) -> ParityResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(hf_dir)
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise WispError("the parity prompt tokenizes to nothing; is the tokenizer broken?")
     pt = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ort_lm = OnnxCausalLM(onnx_path)
+    # One thread each: torch and ORT alternate in this process, and their idle workers busy-wait; with two
+    # threads each they fight over the cores (measured 3-4x slower per step on a loaded 2-core machine).
+    ort_lm = OnnxCausalLM(onnx_path, threads=1, spin=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compare(pt, ort_lm, ids, steps, quant, prompt)
+    finally:
+        torch.set_num_threads(threads)
+        del pt
+
+
+def _compare(pt, ort_lm: OnnxCausalLM, ids: list[int], steps: int, quant: str, prompt: str) -> ParityResult:
+    import torch
 
     diffs: list[float] = []
     means: list[float] = []
@@ -57,7 +74,9 @@ def measure(hf_dir: Path, onnx_path: Path, steps: int, quant: str, prompt: str =
         got = ort_lm.forward(ids)[-1]
         for step in range(steps + 1):
             if ref.shape != got.shape:
-                raise WispError(f"ONNX logits have shape {got.shape}, PyTorch {ref.shape}: the export is broken")
+                raise WispError(
+                    f"ONNX logits have shape {got.shape}, PyTorch {ref.shape}: the export is broken"
+                )
             delta = np.abs(ref - got)
             diffs.append(float(delta.max()))
             means.append(float(delta.mean()))
@@ -70,7 +89,6 @@ def measure(hf_dir: Path, onnx_path: Path, steps: int, quant: str, prompt: str =
             past = out.past_key_values
             ref = out.logits[0, -1].float().numpy()
             got = ort_lm.forward([nxt])[-1]
-    del pt
 
     prefix = next((i for i, ok in enumerate(agree) if not ok), len(agree))
     report = ParityReport(

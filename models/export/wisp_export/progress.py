@@ -15,7 +15,13 @@ def bar(total: int | None = None, desc: str = "", unit: str = "it", **kwargs) ->
     """A tqdm bar on stderr; bytes get scaled units."""
     scale = unit == "B"
     return tqdm(
-        total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000, file=sys.stderr, **kwargs
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=scale,
+        unit_divisor=1024 if scale else 1000,
+        file=sys.stderr,
+        **kwargs,
     )
 
 
@@ -42,6 +48,8 @@ def phase(desc: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        ticker.bar_format = "{desc}: " + ("done in " if ok else "failed after ") + f"{time.monotonic() - start:.1f} s"
-        ticker.refresh()
+        # close() draws the bar one last time, with the final duration.
+        ticker.bar_format = (
+            "{desc}: " + ("done in " if ok else "failed after ") + f"{time.monotonic() - start:.1f} s"
+        )
         ticker.close()

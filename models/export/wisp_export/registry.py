@@ -55,4 +55,6 @@ def get_known_model(name: str) -> KnownModel:
         return KNOWN_MODELS[name]
     except KeyError:
         known = ", ".join(sorted(KNOWN_MODELS))
-        raise WispError(f"unknown model {name!r}; known models: {known} (or give an HF model folder path)") from None
+        raise WispError(
+            f"unknown model {name!r}; known models: {known} (or give an HF model folder path)"
+        ) from None
