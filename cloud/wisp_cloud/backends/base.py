@@ -27,6 +27,9 @@ class WorkItem:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # Full committed context (prompt + committed), so that a backend that lost the KV can rebuild it.
     context: list[int] | None = None
+    # Absolute deadline (time.monotonic() seconds) of the job this item serves, None when it has none. A backend
+    # with its own queue (sglang: request priority) orders by it; the native backend ignores it.
+    deadline: float | None = None
 
 
 @dataclass

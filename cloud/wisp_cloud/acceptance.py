@@ -1,0 +1,132 @@
+"""Lossless acceptance of a draft against the target: greedy and speculative sampling, backend-independent.
+
+Greedy: accept the longest draft prefix equal to the target's argmax, then commit the target's own token.
+Sampling (Leviathan et al. / Chen et al.): accept draft token x with probability min(1, p(x)/q(x)); on the
+first rejection sample from norm(max(0, p - q)); if every token is accepted, sample a bonus token from p.
+The committed tokens are then distributed exactly as the target's own sampling, for any q.
+
+p is the target's distribution after Hugging Face's warpers in their generate() order: temperature, top-k,
+top-p (min_tokens_to_keep=1). `process_logits` reimplements them bit-for-bit so the server needs no
+transformers import on this path (and an SGLang backend can reuse it on returned logprobs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from wisp_sdk.protocol import SamplingParams
+
+# q's probabilities are float32 as the edge sampled them; a sum this far from 1 is a broken client, not rounding.
+Q_SUM_TOLERANCE = 1e-3
+
+
+class DraftError(ValueError):
+    """A draft distribution the verifier cannot use (the server answers `bad_request`)."""
+
+
+@dataclass
+class Decision:
+    accepted: int  # number of draft tokens accepted
+    next_token: int  # the correction (on rejection) or the bonus token (all accepted)
+
+
+def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Target probabilities [n, V] from logits [n, V]: HF TemperatureLogitsWarper -> TopK -> TopP -> softmax.
+
+    Mirrors transformers' warpers exactly, including which ones generate() adds (temperature only when != 1,
+    top-k only when > 0, top-p only when < 1) and their tie behaviour (top-k keeps every token equal to the
+    k-th score).
+    """
+    scores = logits.float()
+    if scores.dim() == 1:
+        scores = scores.unsqueeze(0)
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k > 0:
+        top_k = min(sampling.top_k, scores.size(-1))
+        kth = torch.topk(scores, top_k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if sampling.top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - sampling.top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+        scores = scores.masked_fill(remove, -math.inf)
+    return scores.softmax(dim=-1)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A per-session CPU generator; an unseeded session gets a fresh random seed."""
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def _sample(probs: torch.Tensor, gen: torch.Generator) -> int:
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=gen).item())
+
+
+def accept_greedy(draft: list[int], argmax: list[int]) -> Decision:
+    """`argmax[i]` is the target's token after context + draft[:i]; len(argmax) == len(draft) + 1."""
+    if len(argmax) != len(draft) + 1:
+        raise ValueError(f"need {len(draft) + 1} target positions, got {len(argmax)}")
+    n = 0
+    while n < len(draft) and draft[n] == argmax[n]:
+        n += 1
+    return Decision(n, int(argmax[n]))
+
+
+def dense_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> torch.Tensor:
+    """Validate one sparse draft distribution and return it dense [vocab], normalized as the edge sampled."""
+    if len(q_ids) != len(q_probs) or not q_ids:
+        raise DraftError("each draft position needs a non-empty q with one probability per id")
+    ids = torch.tensor(q_ids, dtype=torch.long)
+    probs = torch.tensor(q_probs, dtype=torch.float64)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise DraftError(f"q ids must lie in [0, {vocab})")
+    if ids.unique().numel() != ids.numel():
+        raise DraftError("q ids repeat")
+    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+        raise DraftError("q probabilities must be finite and >= 0")
+    total = float(probs.sum())
+    if abs(total - 1.0) > Q_SUM_TOLERANCE:
+        raise DraftError(f"q probabilities sum to {total:.6f}, not 1")
+    q = torch.zeros(vocab, dtype=torch.float64)
+    q[ids] = probs / total
+    if q[token] <= 0:
+        raise DraftError(f"draft token {token} has q = 0: it cannot have been sampled from q")
+    return q
+
+
+def accept_sampling(
+    draft: list[int],
+    q: list[torch.Tensor],
+    p: torch.Tensor,
+    gen: torch.Generator,
+) -> Decision:
+    """Speculative sampling. `q[i]` dense draft distribution at i, `p` [len(draft)+1, V] target probabilities."""
+    if p.shape[0] != len(draft) + 1 or len(q) != len(draft):
+        raise ValueError("need one q per draft token and len(draft)+1 target distributions")
+    p64 = p.to(torch.float64)
+    for i, x in enumerate(draft):
+        px, qx = float(p64[i, x]), float(q[i][x])
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if u * qx < px:  # u < p/q without dividing; always true when p >= q
+            continue
+        residual = (p64[i] - q[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:
+            # Only reachable through rounding when p == q on the support: then p is the exact residual.
+            residual = p64[i]
+        return Decision(i, _sample(residual, gen))
+    return Decision(len(draft), _sample(p64[len(draft)], gen))
+
+
+def sample_token(p: torch.Tensor, gen: torch.Generator) -> int:
+    """One token from a processed distribution (first token after prefill, centralized decode)."""
+    return _sample(p.to(torch.float64), gen)

@@ -1,0 +1,74 @@
+"""Server configuration: every knob `wisp serve` exposes, with defaults that suit a CPU or a single GPU."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wisp_sdk.errors import WispError
+
+AUTH_ENV = "WISP_AUTH_TOKENS"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    policy: str = "fifo"
+    max_batch: int = 64  # sessions per forward pass
+    prefill_chunk: int = 256  # context tokens a session may push through one forward pass
+    kv_budget_tokens: int = 262_144  # all sessions' cached tokens together
+    session_ttl_s: float = 600.0
+    auth_tokens: frozenset[str] = field(default_factory=frozenset)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    max_draft_len: int = 32
+    max_context_len: int = 8192
+    max_frame_bytes: int = 1 << 20
+    max_sessions: int = 4096
+    max_sessions_per_token: int = 256
+    # Debug only (hidden flag): a draft containing this token id fails inside the batch step, to exercise the
+    # `internal` error path end to end.
+    fault_token: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.tls_cert else "ws"
+
+
+def load_auth_tokens(path: str | None) -> frozenset[str]:
+    """Tokens from a file (one per line, # comments) and/or WISP_AUTH_TOKENS (comma-separated)."""
+    tokens: set[str] = set()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise WispError(f"--auth-tokens {path}: no such file")
+        for line in file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                tokens.add(line)
+        if not tokens:
+            raise WispError(f"--auth-tokens {path} holds no tokens")
+    env = os.environ.get(AUTH_ENV, "")
+    tokens.update(t.strip() for t in env.split(",") if t.strip())
+    return frozenset(tokens)
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    if host in ("", "0.0.0.0", "::"):
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)

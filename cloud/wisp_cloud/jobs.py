@@ -1,0 +1,55 @@
+"""Jobs: one session's pending model work (open, verify round, centralized decode step), as the scheduler sees it.
+
+A job can take several batches: a long context is prefilled a chunk per batch (so a prefill cannot stall
+everyone else's verification), and only the last batch carries the draft and asks for logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from wisp_cloud.sessions import Session
+
+
+class JobKind(str, Enum):
+    open = "open"  # prefill the context, commit the target's first token
+    round = "round"  # verify a draft
+    decode = "decode"  # centralized mode: one autoregressive step
+
+
+@dataclass(eq=False)
+class Job:
+    session: Session
+    kind: JobKind
+    round: int = 0
+    draft: list[int] = field(default_factory=list)
+    q: list[torch.Tensor] | None = None  # dense draft distributions (sampling rounds)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # when its first batch began (queue wait ends)
+    forward_s: float = 0.0  # model time spent on it so far, over all its batches
+    batches: int = 0
+    # Refreshed by the loop right before each `Policy.select`: tokens of this session in the backend's KV.
+    cached_len: int = 0
+    # Set by a policy in `select` to size this job's next piece (a prefill chunk); None = the server default.
+    max_tokens: int | None = None
+    # For SLO-aware policies (the scheduling issue): absolute monotonic deadline, and anything they cache.
+    deadline: float | None = None
+    annotations: dict = field(default_factory=dict)
+
+    @property
+    def context_tokens(self) -> int:
+        return self.session.committed_len
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens this job still has to push through the model (context not in the KV, plus the draft)."""
+        return self.session.committed_len - self.cached_len + len(self.draft)
+
+    @property
+    def cache_miss(self) -> bool:
+        """Its context is not (fully) cached: evicted, new, or mid-prefill. Costs a prefill before verifying."""
+        return self.session.committed_len - self.cached_len > 1

@@ -1,0 +1,79 @@
+"""Observability: Prometheus metrics (one registry per server, so tests can run several) and key=value logs."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter as TallyCounter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
+    """One structured line: `event k=v k=v` (values with spaces are quoted)."""
+    if not logger.isEnabledFor(level):
+        return
+    parts = [event]
+    for key, value in fields.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text!r}" if " " in text else f"{key}={text}")
+    logger.log(level, " ".join(parts))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sessions = Gauge("wisp_sessions", "Live sessions", registry=r)
+        self.sessions_opened = Counter("wisp_sessions_opened", "Sessions opened", ["mode"], registry=r)
+        self.sessions_evicted = Counter(
+            "wisp_sessions_evicted", "Session KV caches evicted for memory", registry=r
+        )
+        self.sessions_expired = Counter(
+            "wisp_sessions_expired", "Sessions dropped after the idle TTL", registry=r
+        )
+        self.rounds = Counter("wisp_rounds", "Verify rounds answered", registry=r)
+        self.draft_tokens = Counter("wisp_draft_tokens", "Draft tokens received for verification", registry=r)
+        self.accepted_tokens = Counter("wisp_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.committed_tokens = Counter(
+            "wisp_committed_tokens", "Tokens committed (accepted + target)", registry=r
+        )
+        self.batches = Counter("wisp_batches", "Forward passes run", registry=r)
+        self.batch_size = Histogram(
+            "wisp_verify_batch_size", "Sessions per forward pass", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "wisp_verify_batch_seconds", "Forward pass wall time", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "wisp_queue_wait_seconds",
+            "Time a job waited before its first batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_tokens = Gauge("wisp_kv_tokens", "Tokens held in KV caches", registry=r)
+        self.kv_bytes = Gauge("wisp_kv_bytes", "Bytes of KV cache held", registry=r)
+        self.queued = Gauge("wisp_queued_jobs", "Jobs waiting for a batch", registry=r)
+        self.errors = Counter("wisp_errors", "Error frames sent", ["code"], registry=r)
+        # Plain tallies for tests and the --json stats of the scheduling issue: batch size -> count.
+        self.batch_size_tally: TallyCounter[int] = TallyCounter()
+        self._http = None
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batches.inc()
+        self.batch_size.observe(size)
+        self.batch_latency.observe(seconds)
+        self.batch_size_tally[size] += 1
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
