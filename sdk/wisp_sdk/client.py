@@ -1,0 +1,606 @@
+"""EdgeClient / AsyncEdgeClient: draft on the device, verify in the cloud, over one websocket.
+
+The protocol state lives in `session.Session` (sans I/O); this module adds the socket, the timers, the draft
+model and the reconnect policy. Drafting runs in a worker thread (ONNX Runtime releases the GIL), so the event
+loop keeps answering pings and can notice a verdict while the device drafts ahead.
+
+Resume policy: any connection failure (closed socket, refused connect, a response that does not come within
+`response_timeout_s`) starts a resume clock. The client reconnects with exponential backoff, sends `Resume` and
+re-sends the round in flight (the server answers a repeated round from its cache, so it is never applied
+twice). If the server no longer knows the session, the client opens a new one with its committed tokens. If no
+resume succeeds before `resume_deadline_s`, it raises `WispError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wisp_sdk.bundle import load_manifest
+from wisp_sdk.controllers import Action, Controller, LinkState, make_controller
+from wisp_sdk.draft_runner import DraftRunner, DraftToken
+from wisp_sdk.errors import ProtocolError, ServerError, WispError
+from wisp_sdk.predictor import RejectionPredictor
+from wisp_sdk.protocol import (
+    SLO,
+    SUBPROTOCOL,
+    Closed,
+    Error,
+    ErrorCode,
+    Hello,
+    Opened,
+    Resumed,
+    SamplingParams,
+    Tokens,
+    Verdict,
+    Welcome,
+    decode_server,
+    encode,
+)
+from wisp_sdk.session import GenerationRequest, Session
+from wisp_sdk.stats import GenerationStats, RoundStats
+from wisp_sdk.tokenizer import DraftTokenizer
+
+log = logging.getLogger("wisp.client")
+
+Prompt = str | list[dict[str, Any]] | list[int]
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finish_reason: str
+
+    def to_dict(self, rounds: bool = True) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict(rounds=rounds)}
+
+
+class _SessionLost(Exception):
+    """The server answered unknown_session: rebuild from the committed context."""
+
+
+class _LinkDown(Exception):
+    """No usable connection (closed, refused, or a response timed out)."""
+
+
+def _ema(old: float, new: float, w: float = 0.3) -> float:
+    return (1 - w) * old + w * new
+
+
+class AsyncEdgeClient:
+    """Asyncio client. One generation at a time per client (the draft model's KV cache is per client)."""
+
+    def __init__(
+        self,
+        server: str,
+        draft: str | Path,
+        *,
+        token: str | None = None,
+        controller: str | Controller = "wisp",
+        mode: str = "speculative",
+        threads: int | None = None,
+        providers: list[Any] | None = None,
+        io_binding: bool = True,
+        slo: SLO | None = None,
+        resume_deadline_s: float = 30.0,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        response_timeout_s: float = 60.0,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        if mode not in ("speculative", "centralized"):
+            raise WispError(f"mode must be speculative or centralized, not {mode!r}")
+        self.server = server
+        self.bundle = Path(draft)
+        self.manifest = load_manifest(self.bundle)
+        self.tokenizer = DraftTokenizer(self.bundle)
+        self.token = token
+        self.mode = mode
+        self.controller_spec = controller
+        self.predictor = RejectionPredictor.from_dict(self.manifest.predictor)
+        self.slo = slo or SLO()
+        self.resume_deadline_s = resume_deadline_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.response_timeout_s = response_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        # The centralized baseline needs no draft model: don't pay for loading it.
+        self.runner = (
+            DraftRunner(
+                self.bundle,
+                threads=threads,
+                providers=providers,
+                io_binding=io_binding,
+                manifest=self.manifest,
+            )
+            if mode == "speculative"
+            else None
+        )
+        self.welcome: Welcome | None = None
+        self.last_result: GenerationResult | None = None
+        self._ws: Any = None
+        self._lock: asyncio.Lock | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-draft")
+        self._connect_rtt_ms = 20.0
+
+    # ---- public API ----
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        slo: SLO | None = None,
+        stop: list[str] | str | None = None,
+        controller: str | Controller | None = None,
+    ) -> GenerationResult:
+        """Generate a completion; returns text, token ids (EOS included if hit) and stats."""
+        async for _ in self.stream(
+            prompt, max_new_tokens, temperature, top_p, top_k, seed, slo, stop, controller
+        ):
+            pass
+        assert self.last_result is not None
+        return self.last_result
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        slo: SLO | None = None,
+        stop: list[str] | str | None = None,
+        controller: str | Controller | None = None,
+    ) -> AsyncIterator[str]:
+        """Yield text deltas as tokens are committed; the full result is then in `last_result`."""
+        request = GenerationRequest(
+            prompt_ids=self.encode_prompt(prompt),
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+            slo=slo or self.slo,
+            stop=[stop] if isinstance(stop, str) else list(stop or []),
+            mode=self.mode,
+        )
+        ctl = make_controller(controller or self.controller_spec, self.predictor)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            async for delta in self._run(request, ctl):
+                if delta:
+                    yield delta
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A string is tokenized as is; chat messages go through the bundle's template; ids pass through."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))  # type: ignore[arg-type]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+        else:
+            raise WispError("prompt must be a string, a list of chat messages, or a list of token ids")
+        if not ids:
+            raise WispError("the prompt is empty")
+        return ids
+
+    async def aclose(self) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+            self._ws = None
+        self._pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncEdgeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- connection ----
+
+    async def _connect(self) -> None:
+        from websockets.asyncio.client import connect
+
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+            self._ws = None
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        t0 = time.perf_counter()
+        try:
+            ws = await asyncio.wait_for(
+                connect(
+                    self.server,
+                    subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+                    additional_headers=headers,
+                    max_size=None,
+                    open_timeout=self.connect_timeout_s,
+                    ping_interval=10,
+                    ping_timeout=max(10.0, self.response_timeout_s),
+                    close_timeout=2.0,  # a dead peer must not hold up close()
+                ),
+                self.connect_timeout_s,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _LinkDown(f"cannot connect to {self.server}: {exc}") from exc
+        except Exception as exc:  # websockets' handshake errors (InvalidStatus on 401/403, ...)
+            if "401" in str(exc) or "403" in str(exc):
+                raise ServerError("unauthorized", f"the server refused the connection: {exc}") from exc
+            raise _LinkDown(f"websocket handshake with {self.server} failed: {exc}") from exc
+        self._ws = ws
+        await self._send(
+            Hello(tokenizer_fingerprint=self.manifest.tokenizer_fingerprint, auth_token=self.token)
+        )
+        msg, _ = await self._recv()
+        if not isinstance(msg, Welcome):
+            raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+        self._connect_rtt_ms = (time.perf_counter() - t0) * 1000.0 / 2  # connect + hello ~ two round trips
+        self.welcome = msg
+
+    async def _ensure_connected(self) -> None:
+        if self._ws is None:
+            await self._connect()
+
+    async def _send(self, msg: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self._ws is None:
+            raise _LinkDown("not connected")
+        try:
+            await self._ws.send(encode(msg))
+        except (ConnectionClosed, OSError) as exc:
+            raise _LinkDown(f"connection lost while sending: {exc}") from exc
+
+    async def _recv(self) -> tuple[Any, float]:
+        """The next server message and its arrival time; Error frames become exceptions."""
+        from websockets.exceptions import ConnectionClosed
+
+        if self._ws is None:
+            raise _LinkDown("not connected")
+        try:
+            frame = await asyncio.wait_for(self._ws.recv(), self.response_timeout_s)
+        except (ConnectionClosed, OSError) as exc:
+            raise _LinkDown(f"connection lost: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise _LinkDown(f"no answer from the server within {self.response_timeout_s:.0f}s") from exc
+        arrived = time.perf_counter()
+        msg = decode_server(frame)
+        if isinstance(msg, Error):
+            if msg.code == ErrorCode.unknown_session:
+                raise _SessionLost(msg.message)
+            raise ServerError(msg.code.value, msg.message)
+        return msg, arrived
+
+    async def _recv_expect(self, sess: Session, kind: type) -> tuple[Any, float]:
+        """Skip frames that are not for us now (e.g. a stale verdict) until a `kind` message arrives."""
+        while True:
+            msg, arrived = await self._recv()
+            if isinstance(msg, kind):
+                if isinstance(msg, Verdict) and (sess.inflight is None or msg.round != sess.inflight.round):
+                    continue
+                return msg, arrived
+            log.debug("ignoring %s while waiting for %s", type(msg).__name__, kind.__name__)
+
+    async def _recover(self, sess: Session, deadline: float, why: BaseException) -> str:
+        """Reconnect with backoff; returns 'resumed' or 'reopen'. Raises WispError after the deadline."""
+        self._drop_socket()
+        delay = self.backoff_initial_s
+        last: BaseException = why
+        while True:
+            if time.monotonic() > deadline:
+                if sess.session_id is None and not sess.generated:
+                    raise WispError(
+                        f"could not reach {self.server} within {self.resume_deadline_s:.0f}s ({last})"
+                    )
+                raise WispError(
+                    f"lost the connection to {self.server} and could not resume within "
+                    f"{self.resume_deadline_s:.0f}s (last error: {last})"
+                )
+            try:
+                await self._connect()
+                if sess.session_id is None:
+                    return "reopen"  # the session was never opened: nothing to resume
+                await self._send(sess.resume_message())
+                msg, _ = await self._recv_expect(sess, Resumed)
+                return "resumed" if sess.on_resumed(msg) is not False else "reopen"
+            except _SessionLost:
+                return "reopen"
+            except _LinkDown as exc:
+                last = exc
+                self._drop_socket()
+                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, self.backoff_max_s)
+
+    def _drop_socket(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            # Don't wait for a closing handshake on a dead link; let the transport go.
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+
+    # ---- the generation loop ----
+
+    async def _run(self, req: GenerationRequest, ctl: Controller) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        stats = GenerationStats(mode=req.mode, controller=ctl.name if req.mode == "speculative" else "")
+        stats.prompt_tokens = len(req.prompt_ids)
+        sess = Session(req, self.manifest.eos_token_ids, self.tokenizer)
+        rng = np.random.default_rng(req.sampling.seed)
+        t_start = time.perf_counter()
+        deadline: float | None = None  # resume clock, running only while the link is down
+        need_open, need_send = True, False
+        predrafted: list[DraftToken] = []
+        link = LinkState()
+        while True:
+            try:
+                if need_open:
+                    await self._ensure_connected()
+                    await self._send(sess.open_message())
+                    opened, _ = await self._recv_expect(sess, Opened)
+                    delta = sess.on_opened(opened)
+                    need_open, need_send, predrafted = False, False, []
+                    if not stats.ttft_ms:
+                        stats.ttft_ms = (time.perf_counter() - t_start) * 1000.0
+                    link.rtt_ms = self._connect_rtt_ms
+                    link.wait_hint_ms = opened.wait_hint_ms
+                    if self.welcome is not None:
+                        link.max_draft = self.welcome.limits.max_draft_len
+                    deadline = None
+                    yield delta
+                    continue
+                if sess.done:
+                    break
+                if req.mode == "centralized":
+                    msg, _ = await self._recv_expect(sess, Tokens)
+                    deadline = None
+                    yield sess.on_tokens(msg)
+                    continue
+                rs: RoundStats | None = None
+                if sess.inflight is None:
+                    ctl.start_round(link)
+                    t0 = time.perf_counter()
+                    kept, dropped = await loop.run_in_executor(
+                        self._pool, self._draft_round, sess, ctl, predrafted, link, rng
+                    )
+                    draft_ms = (time.perf_counter() - t0) * 1000.0
+                    predrafted = []
+                    sess.make_round(kept)
+                    rs = RoundStats(
+                        round=sess.round_no, drafted=len(kept), accepted=0, committed=0, dropped=len(dropped)
+                    )
+                    rs.draft_ms = draft_ms
+                    need_send = True
+                    kept_all = kept + dropped
+                else:
+                    kept_all = list(sess.inflight_tokens)
+                    rs = RoundStats(
+                        round=sess.round_no, drafted=len(kept_all), accepted=0, committed=0, resent=True
+                    )
+                if need_send:
+                    await self._send(sess.inflight)
+                    need_send = False
+                t_sent = time.perf_counter()
+                verdict, arrived, ahead, ahead_ms = await self._await_verdict(sess, ctl, rng)
+                sent_tokens = list(sess.inflight_tokens)
+                before = len(sess.generated)
+                applied = sess.on_verdict(verdict)
+                if applied is None:
+                    continue
+                accepted, delta = applied
+                deadline = None
+                ctl.observe(sent_tokens, accepted)
+                # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
+                if (
+                    ahead
+                    and accepted == len(sent_tokens)
+                    and verdict.next_token == ahead[0].token
+                    and not sess.done
+                ):
+                    predrafted = ahead[1:]
+                    rs.ahead_used = len(ahead)
+                rs.ahead = len(ahead)
+                rs.accepted = accepted
+                rs.committed = len(sess.generated) - before
+                rs.wait_ms = (arrived - t_sent) * 1000.0
+                rs.idle_ms = max(0.0, rs.wait_ms - ahead_ms)
+                rs.queue_ms, rs.verify_ms, rs.wait_hint_ms = (
+                    verdict.queue_ms,
+                    verdict.verify_ms,
+                    verdict.wait_hint_ms,
+                )
+                wasted_draft = sum(t.ms for i, t in enumerate(kept_all) if i >= max(accepted, 1))
+                rs.wasted_ms = wasted_draft + rs.idle_ms + (0.0 if rs.ahead_used else ahead_ms)
+                stats.rounds.append(rs)
+                self._update_link(link, rs, kept_all)
+                yield delta
+            except _SessionLost:
+                sess.lost()
+                stats.reopened += 1
+                need_open, predrafted = True, []
+            except _LinkDown as exc:
+                log.info("connection lost (%s); resuming", exc)
+                if deadline is None:
+                    deadline = time.monotonic() + self.resume_deadline_s
+                stats.reconnects += 1
+                outcome = await self._recover(sess, deadline, exc)
+                predrafted = []
+                if outcome == "reopen":
+                    if sess.session_id is not None:
+                        stats.reopened += 1
+                    sess.lost()
+                    need_open = True
+                else:
+                    need_send = sess.inflight is not None
+        stats.new_tokens = len(sess.generated)
+        stats.total_ms = (time.perf_counter() - t_start) * 1000.0
+        # Tell the server we're done (it frees the KV now instead of at the TTL); never fail the result over it.
+        close = sess.close_message()
+        if close is not None and self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._send(close)
+                await asyncio.wait_for(self._recv_expect(sess, Closed), 2.0)
+        stats.finish_reason = sess.finish_reason
+        self.last_result = GenerationResult(
+            text=sess.text, token_ids=list(sess.generated), stats=stats, finish_reason=sess.finish_reason
+        )
+
+    def _update_link(self, link: LinkState, rs: RoundStats, tokens: list[DraftToken]) -> None:
+        server_ms = rs.queue_ms + rs.verify_ms
+        if not rs.ahead:  # with drafting ahead, arrival is only noticed between draft steps
+            link.rtt_ms = _ema(link.rtt_ms, max(0.0, rs.wait_ms - server_ms))
+        link.verify_ms = _ema(link.verify_ms, rs.verify_ms)
+        link.wait_hint_ms = rs.wait_hint_ms
+        per_token = [t.ms for t in tokens[1:] if t.ms > 0]
+        if per_token:
+            link.draft_ms = _ema(link.draft_ms, float(np.mean(per_token)))
+
+    def _draft_round(
+        self,
+        sess: Session,
+        ctl: Controller,
+        predrafted: list[DraftToken],
+        link: LinkState,
+        rng: np.random.Generator,
+    ) -> tuple[list[DraftToken], list[DraftToken]]:
+        """Draft one round under the controller; returns (tokens to send, tokens withheld). Worker thread."""
+        assert self.runner is not None
+        ctx = sess.context
+        remaining = sess.request.max_new_tokens - len(sess.generated)
+        # The verdict always adds one token, so never draft what max_new_tokens would cut anyway.
+        limit = max(0, min(remaining - 1, link.max_draft, ctl.max_draft))
+        eos = set(self.manifest.eos_token_ids)
+        kept: list[DraftToken] = []
+        while len(kept) < limit:
+            if len(kept) < len(predrafted):
+                tok = predrafted[len(kept)]
+            else:
+                ms = self.runner.sync(ctx + [t.token for t in kept])
+                tok = self.runner.propose(sess.request.sampling, rng)
+                tok.ms = ms
+            action = ctl.step([*kept, tok])
+            if action is Action.DROP:
+                return kept, [tok]
+            kept.append(tok)
+            if action is Action.SEND or tok.token in eos:  # nothing follows an EOS
+                break
+        return kept, []
+
+    async def _await_verdict(
+        self, sess: Session, ctl: Controller, rng: np.random.Generator
+    ) -> tuple[Verdict, float, list[DraftToken], float]:
+        """Wait for the verdict, drafting ahead meanwhile if the controller asks for it."""
+        budget = ctl.ahead_budget() if self.runner is not None else 0
+        if not budget or sess.inflight is None or not sess.inflight.draft_ids:
+            verdict, arrived = await self._recv_expect(sess, Verdict)
+            return verdict, arrived, [], 0.0
+        loop = asyncio.get_running_loop()
+        recv = asyncio.create_task(self._recv_expect(sess, Verdict))
+        base = sess.context + list(sess.inflight.draft_ids)
+        ahead: list[DraftToken] = []
+        ahead_ms = 0.0
+        try:
+            while not recv.done() and len(ahead) < budget:
+                t0 = time.perf_counter()
+                tok = await loop.run_in_executor(
+                    self._pool, self._ahead_step, base, ahead, sess.request.sampling, rng
+                )
+                ahead_ms += (time.perf_counter() - t0) * 1000.0
+                ahead.append(tok)
+                if tok.token in set(self.manifest.eos_token_ids):
+                    break
+            verdict, arrived = await recv
+        finally:
+            if not recv.done():
+                recv.cancel()
+        return verdict, arrived, ahead, ahead_ms
+
+    def _ahead_step(
+        self, base: list[int], ahead: list[DraftToken], sampling: SamplingParams, rng: np.random.Generator
+    ) -> DraftToken:
+        assert self.runner is not None
+        ms = self.runner.sync(base + [t.token for t in ahead])
+        tok = self.runner.propose(sampling, rng)
+        tok.ms = ms
+        return tok
+
+
+class EdgeClient:
+    """Synchronous front: the same client, running its own event loop in a background thread."""
+
+    def __init__(self, server: str, draft: str | Path, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="wisp-client-loop", daemon=True)
+        self._thread.start()
+        self._client = AsyncEdgeClient(server, draft, **kwargs)
+
+    @property
+    def tokenizer(self) -> DraftTokenizer:
+        return self._client.tokenizer
+
+    @property
+    def last_result(self) -> GenerationResult | None:
+        return self._client.last_result
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """The token ids a prompt (string, chat messages or ids) is sent as."""
+        return self._client.encode_prompt(prompt)
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 256, **kwargs: Any) -> GenerationResult:
+        """Same arguments as AsyncEdgeClient.generate."""
+        fut = asyncio.run_coroutine_threadsafe(
+            self._client.generate(prompt, max_new_tokens, **kwargs), self._loop
+        )
+        return fut.result()
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 256, **kwargs: Any) -> Iterator[str]:
+        """Yield text deltas as they commit; `last_result` holds the full result afterwards."""
+        q: queue.Queue = queue.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for delta in self._client.stream(prompt, max_new_tokens, **kwargs):
+                    q.put(delta)
+            except BaseException as exc:  # hand every failure to the consuming thread
+                q.put(exc)
+            finally:
+                q.put(done)
+
+        asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

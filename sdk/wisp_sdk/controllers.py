@@ -1,0 +1,183 @@
+"""Speculation controllers: how many tokens to draft each round, one interface for all.
+
+The client drives a round like this:
+
+    ctl.start_round(link)
+    loop: token = runner.propose(); action = ctl.step(tokens_so_far + [token])
+          CONTINUE -> keep the token, feed it to the draft, propose the next one
+          SEND     -> keep the token and send the round
+          DROP     -> do not send this token; send the round without it
+    ... verdict ... ctl.observe(sent_tokens, accepted)
+
+Cost model behind `Wisp` (why it looks the way it does). Feeding a kept token to the draft costs `c` ms; that
+forward is wasted only if the token is rejected, since an accepted token's KV is reused next round. A round
+costs T = drafting + RTT + the server's hinted wait + verify, and commits in expectation
+E = 1 + sum_i S_i tokens, where S_i is the probability that the first i drafts all survive. Drafting one more
+token is worth it iff it raises the rate E/T:  (E + S*a_next) / (T + c) > E / T  <=>  S * a_next * T > c * E.
+A long hinted wait or a slow link (large T) therefore buys more drafting; a fast link buys less. A token whose
+own predicted acceptance is low is not fed further (stop just before the predicted rejection), and is not even
+sent when it is below `min_send`.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from wisp_sdk.draft_runner import DraftToken
+from wisp_sdk.predictor import RejectionPredictor, features
+
+
+class Action(enum.Enum):
+    CONTINUE = "continue"
+    SEND = "send"
+    DROP = "drop"
+
+
+@dataclass
+class LinkState:
+    """What the client knows about the link and the server, in ms (EMAs of measurements, plus the last hint)."""
+
+    rtt_ms: float = 20.0  # network round trip: observed wait minus the server's queue and verify time
+    wait_hint_ms: float = 0.0  # the server's predicted queueing wait for our next round
+    verify_ms: float = 5.0  # server verify time per round
+    draft_ms: float = 5.0  # draft forward time per token on this device
+    max_draft: int = 16  # the server's per-round limit
+
+
+class Controller(ABC):
+    name: str = "controller"
+    max_draft: int = 16
+
+    def start_round(self, link: LinkState) -> None:
+        self.link = link
+
+    @abstractmethod
+    def step(self, tokens: list[DraftToken]) -> Action:
+        """Decide about the last of `tokens` (just proposed; the others are kept)."""
+
+    def observe(self, sent: list[DraftToken], accepted: int) -> None:  # noqa: B027 - optional hook
+        """Learn from a verdict: `accepted` of `sent` survived."""
+
+    def ahead_budget(self) -> int:
+        """How many tokens to draft ahead while the verdict is in flight (0: wait idle)."""
+        return 0
+
+
+class FixedK(Controller):
+    """The SLED baseline: always draft k tokens, then wait idle for the verdict."""
+
+    def __init__(self, k: int = 4) -> None:
+        if k < 0:
+            raise ValueError("k must be >= 0")
+        self.k = k
+        self.name = f"fixed:{k}"
+        self.max_draft = k
+
+    def step(self, tokens: list[DraftToken]) -> Action:
+        if self.k == 0:
+            return Action.DROP
+        return Action.SEND if len(tokens) >= min(self.k, self.link.max_draft) else Action.CONTINUE
+
+
+class Wisp(Controller):
+    """Predictor-driven drafting: stop before a predicted rejection, draft as long as it pays for itself."""
+
+    def __init__(
+        self,
+        predictor: RejectionPredictor | None = None,
+        max_draft: int = 16,
+        min_send: float = 0.25,
+        draft_ahead: int = 0,
+        rate0: float = 0.6,
+        rate_ema: float = 0.9,
+        online_lr: float = 0.05,
+    ) -> None:
+        # A private copy: it keeps learning from this session's verdicts (online_lr), and those are not the
+        # next session's business.
+        self.predictor = copy.deepcopy(predictor) if predictor is not None else RejectionPredictor()
+        self.online_lr = online_lr
+        self.max_draft = max_draft
+        self.min_send = min_send
+        self.draft_ahead = draft_ahead
+        self.rate = rate0
+        self.rate_ema = rate_ema
+        self.name = "wisp"
+        self.link = LinkState()
+        self._survive: list[float] = []  # S_i for the tokens of the current round
+        self._feats: list[np.ndarray] = []  # predictor features of the kept tokens, for online learning
+        self._ended_confident = False
+
+    def start_round(self, link: LinkState) -> None:
+        super().start_round(link)
+        self._survive = []
+        self._feats = []
+        self._ended_confident = False
+
+    def p_accept(self, token: DraftToken, position: int) -> float:
+        return self.predictor.p_accept(token.top1, token.entropy, position, self.rate)
+
+    def step(self, tokens: list[DraftToken]) -> Action:
+        pos = len(tokens) - 1
+        tok = tokens[-1]
+        a = self.p_accept(tok, pos)
+        s_prev = self._survive[pos - 1] if pos > 0 and len(self._survive) >= pos else 1.0
+        s = s_prev * a
+        # The first token is free (its logits come from feeding the committed context, which the next round
+        # needs anyway) and sending it is what keeps the predictor learning, so only later ones are withheld.
+        if a < self.min_send and pos > 0:
+            return Action.DROP
+        del self._survive[pos:]
+        del self._feats[pos:]
+        self._survive.append(s)
+        self._feats.append(features(tok.top1, tok.entropy, pos, self.rate))
+        if len(tokens) >= min(self.max_draft, self.link.max_draft):
+            self._ended_confident = a >= 0.5  # cut by the cap while still confident: worth drafting ahead
+            return Action.SEND
+        link = self.link
+        c = max(link.draft_ms, 1e-3)
+        expected = 1.0 + sum(self._survive)
+        round_ms = len(tokens) * c + link.rtt_ms + link.wait_hint_ms + link.verify_ms
+        # The next token's acceptance, before we see it: the session's running rate is the honest prior. A
+        # predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
+        # long hinted wait) makes even a doubtful extra token worth its draft time.
+        if s * self.rate * round_ms > c * expected:
+            return Action.CONTINUE
+        self._ended_confident = a >= 0.5 and s >= 0.5
+        return Action.SEND
+
+    def observe(self, sent: list[DraftToken], accepted: int) -> None:
+        # Every accepted token is a 1; the first rejected one a 0; tokens after it were never judged.
+        for i in range(min(len(sent), accepted + 1)):
+            ok = 1.0 if i < accepted else 0.0
+            self.rate = self.rate_ema * self.rate + (1 - self.rate_ema) * ok
+            if self.online_lr and i < len(self._feats):
+                self.predictor.update(self._feats[i], ok, self.online_lr)
+
+    def ahead_budget(self) -> int:
+        if not self.draft_ahead or not self._ended_confident:
+            return 0
+        # Only as many tokens as fit in the expected wait: beyond that they would delay the next round.
+        expected_wait = self.link.rtt_ms + self.link.wait_hint_ms + self.link.verify_ms
+        return max(0, min(self.draft_ahead, int(expected_wait / max(self.link.draft_ms, 1e-3))))
+
+
+def make_controller(spec: str | Controller | None, predictor: RejectionPredictor | None = None) -> Controller:
+    """'wisp', 'wisp+ahead', 'fixed:K' (or a Controller, returned as is)."""
+    if isinstance(spec, Controller):
+        return spec
+    spec = (spec or "wisp").strip().lower()
+    if spec == "wisp":
+        return Wisp(predictor)
+    if spec in ("wisp+ahead", "wisp-ahead"):
+        return Wisp(predictor, draft_ahead=8)
+    if spec.startswith("fixed:"):
+        try:
+            return FixedK(int(spec.split(":", 1)[1]))
+        except ValueError:
+            pass
+    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead or fixed:K")

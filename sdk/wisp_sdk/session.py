@@ -1,0 +1,215 @@
+"""The edge's side of one generation, sans I/O: protocol state, committed tokens, stop rules, resume decisions.
+
+The client fronts (client.py) own sockets, timers and the draft model; this class only turns server messages
+into state changes and says what to send. The committed token list here is the single source of truth: a
+token enters it exactly once (a verdict for a round that is not the one in flight is ignored; a rebuilt
+session starts from exactly these tokens), which is what makes resume lossless and duplicate-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from wisp_sdk.draft_runner import DraftToken
+from wisp_sdk.errors import ProtocolError
+from wisp_sdk.protocol import (
+    SLO,
+    Close,
+    Open,
+    Opened,
+    Resume,
+    Resumed,
+    Round,
+    SamplingParams,
+    Tokens,
+    Verdict,
+)
+from wisp_sdk.tokenizer import DraftTokenizer, TextStream
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    slo: SLO = field(default_factory=SLO)
+    stop: list[str] = field(default_factory=list)
+    mode: str = "speculative"
+
+
+class Session:
+    def __init__(
+        self, request: GenerationRequest, eos_token_ids: list[int], tokenizer: DraftTokenizer
+    ) -> None:
+        if request.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        self.request = request
+        self.eos = set(eos_token_ids)
+        self.session_id: str | None = None
+        self.generated: list[int] = []
+        self.round_no = 0  # last round number sent in this server session
+        self.inflight: Round | None = None
+        self.inflight_tokens: list[DraftToken] = []
+        self.done = False
+        self.finish_reason = ""
+        self._text = TextStream(tokenizer)
+        self._emitted = 0  # characters of text handed out as deltas
+        self._final_text: str | None = None
+
+    # ---- derived ----
+
+    @property
+    def context(self) -> list[int]:
+        return self.request.prompt_ids + self.generated
+
+    @property
+    def text(self) -> str:
+        return self._final_text if self._final_text is not None else self._text.text
+
+    # ---- messages to send ----
+
+    def open_message(self) -> Open:
+        """Open (or, with committed tokens, rebuild) the server session. `max_new_tokens` counts from the prompt."""
+        return Open(
+            prompt_ids=self.request.prompt_ids,
+            committed_ids=list(self.generated),
+            max_new_tokens=self.request.max_new_tokens,
+            sampling=self.request.sampling,
+            slo=self.request.slo,
+            mode=self.request.mode,  # type: ignore[arg-type]
+            stop_token_ids=sorted(self.eos),
+        )
+
+    def make_round(self, tokens: list[DraftToken]) -> Round:
+        if self.session_id is None or self.done:
+            raise RuntimeError("no open session to send a round in")
+        if self.inflight is not None:
+            raise RuntimeError("a round is already in flight")
+        sampling = not self.request.sampling.greedy
+        self.round_no += 1
+        self.inflight = Round(
+            session_id=self.session_id,
+            round=self.round_no,
+            committed_len=len(self.context),
+            draft_ids=[t.token for t in tokens],
+            q_ids=[t.q.ids.tolist() for t in tokens] if sampling else None,  # type: ignore[union-attr]
+            q_probs=[t.q.probs.tolist() for t in tokens] if sampling else None,  # type: ignore[union-attr]
+        )
+        self.inflight_tokens = list(tokens)
+        return self.inflight
+
+    def resume_message(self) -> Resume:
+        if self.session_id is None:
+            raise RuntimeError("no session to resume")
+        return Resume(session_id=self.session_id)
+
+    def close_message(self) -> Close | None:
+        return Close(session_id=self.session_id) if self.session_id else None
+
+    # ---- messages received ----
+
+    def on_opened(self, msg: Opened) -> str:
+        expected = len(self.context) + 1
+        if msg.committed_len != expected:
+            raise ProtocolError(f"opened with committed_len {msg.committed_len}, expected {expected}")
+        self.session_id = msg.session_id
+        self.round_no = 0
+        self.inflight = None
+        return self._commit([msg.next_token], server_done=msg.done)
+
+    def on_verdict(self, msg: Verdict) -> tuple[int, str] | None:
+        """Apply a verdict; returns (accepted, text delta), or None for a verdict that is not for our round."""
+        rnd = self.inflight
+        if rnd is None or msg.session_id != self.session_id or msg.round != rnd.round:
+            return None  # a duplicate answer to a re-sent round, or a stale one: never applied twice
+        if msg.accepted > len(rnd.draft_ids) or msg.committed_len != rnd.committed_len + msg.accepted + 1:
+            raise ProtocolError(
+                f"verdict for round {msg.round} is inconsistent: accepted {msg.accepted} of "
+                f"{len(rnd.draft_ids)}, committed_len {msg.committed_len} after {rnd.committed_len}"
+            )
+        self.inflight = None
+        self.inflight_tokens = []
+        delta = self._commit([*rnd.draft_ids[: msg.accepted], msg.next_token], server_done=msg.done)
+        return msg.accepted, delta
+
+    def on_tokens(self, msg: Tokens) -> str:
+        """Centralized mode: tokens stream in; positions we already hold (a re-sent frame) are skipped."""
+        first = msg.committed_len - len(msg.tokens)
+        have = len(self.context)
+        if first > have:
+            raise ProtocolError(f"tokens frame starts at {first}, but only {have} tokens are committed")
+        return self._commit(msg.tokens[have - first :], server_done=msg.done)
+
+    def on_resumed(self, msg: Resumed) -> Round | None | bool:
+        """After a reconnect: the round to re-send (None: nothing in flight), or False if states diverged."""
+        rnd = self.inflight
+        if self.request.mode == "centralized":
+            # The server re-sends every streamed token after a resume; on_tokens keeps only what we lack.
+            return None if msg.committed_len >= len(self.context) else False
+        if rnd is None:
+            return None if msg.committed_len == len(self.context) else False
+        if msg.last_round == rnd.round:
+            return rnd  # the server applied it: re-sending gets the cached verdict
+        if msg.last_round == rnd.round - 1 and msg.committed_len == rnd.committed_len:
+            return rnd  # it never arrived (or was never answered): send it again
+        return False
+
+    def lost(self) -> Open:
+        """The server no longer knows the session: forget it and rebuild from the committed tokens."""
+        self.session_id = None
+        self.inflight = None
+        self.inflight_tokens = []
+        self.round_no = 0
+        return self.open_message()
+
+    # ---- committing ----
+
+    def _commit(self, tokens: list[int], server_done: bool) -> str:
+        stops = self.request.stop
+        for tok in tokens:
+            if self.done:
+                break
+            self.generated.append(tok)
+            self._text.push([tok])
+            if stops:
+                cut = self._find_stop(self._text.text)
+                if cut is not None:
+                    self._final_text = self._text.text[:cut]
+                    self._finish("stop")
+                    break
+            if tok in self.eos:
+                self._finish("eos")
+            elif len(self.generated) >= self.request.max_new_tokens:
+                self._finish("length")
+        if server_done and not self.done:
+            self._finish("server")  # the server ended the sequence (e.g. its own stop token list)
+        return self._take_delta()
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        self.finish_reason = reason
+        if self._final_text is None:
+            # Flush: text held back for an unfinished UTF-8 character is final now, whatever it decodes to.
+            self._final_text = self._text.tokenizer.decode(self._text.ids)
+
+    def _find_stop(self, text: str) -> int | None:
+        # Only the tail can hold a new match: the longest stop string plus the newest token's text.
+        window = max(len(s) for s in self.request.stop) + 32
+        start = max(0, len(text) - window)
+        hits = [i for i in (text.find(s, start) for s in self.request.stop if s) if i >= 0]
+        return min(hits) if hits else None
+
+    def _take_delta(self) -> str:
+        text = self.text
+        safe = len(text)
+        if not self.done and self.request.stop:
+            # Hold back a tail that could still grow into a stop string, so it is never streamed.
+            for s in self.request.stop:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        safe = min(safe, len(text) - n)
+                        break
+        safe = max(safe, self._emitted)
+        delta = text[self._emitted : safe]
+        self._emitted = safe
+        return delta

@@ -1,0 +1,197 @@
+"""Controllers, the rejection predictor and the sans-I/O session core (no model, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from wisp_sdk.controllers import Action, FixedK, LinkState, Wisp, make_controller
+from wisp_sdk.draft_runner import DraftToken
+from wisp_sdk.errors import ProtocolError
+from wisp_sdk.predictor import FEATURES, RejectionPredictor, features, simulate_rounds
+from wisp_sdk.protocol import Opened, Resumed, Tokens, Verdict
+from wisp_sdk.session import GenerationRequest, Session
+
+
+def tok(token: int = 5, top1: float = 0.9, ent: float = 0.3) -> DraftToken:
+    return DraftToken(token=token, prob=top1, entropy=ent, top1=top1)
+
+
+def run_round(ctl, stream: list[DraftToken], link: LinkState | None = None) -> tuple[int, int]:
+    """Drive a controller over a stream of proposals; returns (sent, dropped)."""
+    ctl.start_round(link or LinkState())
+    kept = []
+    for t in stream:
+        action = ctl.step([*kept, t])
+        if action is Action.DROP:
+            return len(kept), 1
+        kept.append(t)
+        if action is Action.SEND:
+            break
+    return len(kept), 0
+
+
+def test_fixed_k_drafts_exactly_k():
+    assert run_round(FixedK(4), [tok()] * 10) == (4, 0)
+    assert run_round(FixedK(4), [tok()] * 10, LinkState(max_draft=2)) == (2, 0)
+    assert run_round(FixedK(0), [tok()] * 10) == (0, 1)
+
+
+def test_wisp_stops_before_predicted_rejection():
+    ctl = Wisp(rate0=0.8)
+    stream = [tok(top1=0.95, ent=0.2)] * 3 + [tok(top1=0.05, ent=4.5)] + [tok()] * 10
+    sent, dropped = run_round(ctl, stream, LinkState(rtt_ms=50, draft_ms=1))
+    assert (sent, dropped) == (3, 1)
+
+
+def test_wisp_drafts_more_when_a_long_wait_is_coming():
+    stream = [tok(top1=0.8, ent=0.8)] * 40
+    fast, _ = run_round(
+        Wisp(max_draft=32), stream, LinkState(rtt_ms=1, wait_hint_ms=0, verify_ms=1, draft_ms=2, max_draft=32)
+    )
+    slow, _ = run_round(
+        Wisp(max_draft=32),
+        stream,
+        LinkState(rtt_ms=80, wait_hint_ms=300, verify_ms=10, draft_ms=2, max_draft=32),
+    )
+    assert 1 <= fast < slow
+
+
+def test_wisp_running_rate_follows_verdicts():
+    ctl = Wisp(rate0=0.6)
+    for _ in range(20):
+        ctl.observe([tok()] * 4, 0)
+    low = ctl.rate
+    for _ in range(20):
+        ctl.observe([tok()] * 4, 4)
+    assert low < 0.2 and ctl.rate > 0.9
+
+
+def test_make_controller():
+    assert isinstance(make_controller("fixed:8"), FixedK) and make_controller("fixed:8").k == 8
+    assert isinstance(make_controller("wisp"), Wisp)
+    assert make_controller("wisp+ahead").draft_ahead > 0
+    with pytest.raises(ValueError):
+        make_controller("nope")
+
+
+def test_predictor_fit_recovers_a_known_model():
+    rng = np.random.default_rng(0)
+    n = 6000
+    x = np.column_stack(
+        [rng.uniform(0, 1, n), rng.uniform(0, 5, n), np.log1p(rng.integers(0, 8, n)), rng.uniform(0, 1, n)]
+    )
+    w_true, b_true = np.array([4.0, -0.8, -0.3, 1.5]), -1.0
+    y = (rng.uniform(0, 1, n) < 1 / (1 + np.exp(-(x @ w_true + b_true)))).astype(float)
+    pred = RejectionPredictor.fit(x, y, l2=0.0)
+    np.testing.assert_allclose(pred.weights, w_true, atol=0.35)
+    assert pred.bias == pytest.approx(b_true, abs=0.35)
+    again = RejectionPredictor.from_dict(json.loads(json.dumps(pred.to_dict())))
+    assert again.p_accept(0.9, 0.5, 2, 0.7) == pytest.approx(pred.p_accept(0.9, 0.5, 2, 0.7))
+    assert list(pred.to_dict()["features"]) == list(FEATURES)
+
+
+def test_default_predictor_is_sane():
+    p = RejectionPredictor()
+    assert p.p_accept(0.95, 0.2, 0, 0.7) > 0.8
+    assert p.p_accept(0.1, 4.0, 0, 0.7) < 0.3
+
+
+def test_simulate_rounds_labels_only_what_a_verifier_would_judge():
+    agree = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0], dtype=bool)
+    x, y = simulate_rounds(np.full(9, 0.5), np.ones(9), agree, max_k=3)
+    # round 1: pos 0,1 agree, pos 2 rejected -> correction at index 2; round 2 from 3: 3,4,5 all accepted
+    # (+ bonus at 6); round 3 from 7: rejected at once -> correction; round 4 from 8: rejected.
+    assert y.tolist() == [1, 1, 0, 1, 1, 1, 0, 0]
+    assert [round(float(np.expm1(v))) for v in x[:, 2]] == [0, 1, 2, 0, 1, 2, 0, 0]
+    np.testing.assert_allclose(x[0], features(0.5, 1.0, 0, 0.6))
+
+
+# ---- session core ----
+
+
+class _Tok:
+    """Stand-in tokenizer: token i decodes to chr(ord('a') + i % 26); 2 is EOS (decodes to nothing)."""
+
+    special_ids = {2}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("" if i == 2 else chr(ord("a") + i % 26) for i in ids)
+
+
+def make_session(**kw) -> Session:
+    req = GenerationRequest(prompt_ids=[10, 11, 12], **kw)
+    return Session(req, eos_token_ids=[2], tokenizer=_Tok())  # type: ignore[arg-type]
+
+
+SID = "ab" * 16
+
+
+def open_session(s: Session, first: int = 3) -> str:
+    return s.on_opened(Opened(session_id=SID, committed_len=4, next_token=first))
+
+
+def test_session_commits_verdicts_once():
+    s = make_session(max_new_tokens=50)
+    assert open_session(s) == "d"
+    rnd = s.make_round([tok(4), tok(5), tok(6)])
+    assert rnd.round == 1 and rnd.committed_len == 4 and rnd.draft_ids == [4, 5, 6] and rnd.q_ids is None
+    v = Verdict(session_id=SID, round=1, committed_len=7, accepted=2, next_token=9)
+    assert s.on_verdict(v) == (2, "efj")
+    assert s.on_verdict(v) is None  # the cached answer to a re-sent round changes nothing
+    assert s.generated == [3, 4, 5, 9]
+    s.make_round([tok(1)])
+    with pytest.raises(ProtocolError):
+        s.on_verdict(Verdict(session_id=SID, round=2, committed_len=99, accepted=1, next_token=1))
+
+
+def test_session_stops_at_eos_and_max_tokens():
+    s = make_session(max_new_tokens=50)
+    open_session(s)
+    s.make_round([tok(4), tok(2), tok(6)])
+    s.on_verdict(Verdict(session_id=SID, round=1, committed_len=7, accepted=2, next_token=9))
+    assert s.done and s.finish_reason == "eos" and s.generated == [3, 4, 2]
+    s = make_session(max_new_tokens=3)
+    open_session(s)
+    s.make_round([tok(4), tok(5), tok(6)])
+    s.on_verdict(Verdict(session_id=SID, round=1, committed_len=8, accepted=3, next_token=7))
+    assert s.done and s.finish_reason == "length" and s.generated == [3, 4, 5]
+
+
+def test_session_stop_strings_are_never_streamed():
+    s = make_session(max_new_tokens=50, stop=["fgh"])
+    deltas = [open_session(s)]  # "d"
+    s.make_round([tok(4), tok(5)])  # "e", "f"
+    deltas.append(
+        s.on_verdict(Verdict(session_id=SID, round=1, committed_len=7, accepted=2, next_token=6))[1]
+    )
+    assert "".join(deltas) == "de"  # "fg" is held back: it may become the stop string
+    s.make_round([tok(7), tok(8)])  # "h": stop string complete
+    deltas.append(
+        s.on_verdict(Verdict(session_id=SID, round=2, committed_len=10, accepted=2, next_token=9))[1]
+    )
+    assert s.done and s.finish_reason == "stop" and s.text == "de" and "".join(deltas) == "de"
+
+
+def test_session_resume_decisions():
+    s = make_session(max_new_tokens=50)
+    open_session(s)
+    rnd = s.make_round([tok(4)])
+    assert s.on_resumed(Resumed(session_id=SID, committed_len=4, last_round=0)) is rnd  # never arrived
+    assert (
+        s.on_resumed(Resumed(session_id=SID, committed_len=6, last_round=1)) is rnd
+    )  # applied: cached verdict
+    assert s.on_resumed(Resumed(session_id=SID, committed_len=9, last_round=5)) is False  # diverged
+    reopen = s.lost()
+    assert reopen.committed_ids == [3] and reopen.prompt_ids == [10, 11, 12] and s.inflight is None
+    assert s.on_opened(Opened(session_id="cd" * 16, committed_len=5, next_token=8)) == "i"
+    assert s.generated == [3, 8] and s.round_no == 0
+
+
+def test_session_centralized_tokens_skip_duplicates():
+    s = make_session(max_new_tokens=50, mode="centralized")
+    open_session(s)
+    s.on_tokens(Tokens(session_id=SID, tokens=[4], committed_len=5))
+    s.on_tokens(Tokens(session_id=SID, tokens=[3, 4, 5], committed_len=6))  # re-sent after a resume
+    assert s.generated == [3, 4, 5]
