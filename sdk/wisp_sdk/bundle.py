@@ -62,7 +62,9 @@ class DraftManifest(BaseModel):
 
 def tokenizer_fingerprint(tokenizer_json: str | Path | dict[str, Any]) -> str:
     """sha256 of the token->id map, merges and added tokens of a HF `tokenizer.json`."""
-    data = tokenizer_json if isinstance(tokenizer_json, dict) else json.loads(Path(tokenizer_json).read_text())
+    data = (
+        tokenizer_json if isinstance(tokenizer_json, dict) else json.loads(Path(tokenizer_json).read_text())
+    )
     model = data.get("model", {})
     vocab = model.get("vocab", {})
     items = sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict) else list(vocab)
@@ -75,7 +77,9 @@ def tokenizer_fingerprint(tokenizer_json: str | Path | dict[str, Any]) -> str:
 def load_manifest(bundle_dir: str | Path) -> DraftManifest:
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise WispError(f"{bundle_dir} is not a draft bundle (no {MANIFEST_NAME}); make one with `wisp export`")
+        raise WispError(
+            f"{bundle_dir} is not a draft bundle (no {MANIFEST_NAME}); make one with `wisp export`"
+        )
     manifest = DraftManifest.model_validate_json(path.read_text())
     if manifest.format_version > BUNDLE_FORMAT_VERSION:
         raise WispError(

@@ -234,12 +234,20 @@ def encode_round(msg: Round) -> bytes:
         np.asarray(msg.draft_ids, dtype="<i4").tobytes(),
     ]
     if sparse:
-        if msg.q_probs is None or len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+        if (
+            msg.q_probs is None
+            or len(msg.q_ids) != len(msg.draft_ids)
+            or len(msg.q_probs) != len(msg.draft_ids)
+        ):
             raise ProtocolError("q_ids and q_probs need one entry per draft token")
         for ids, probs in zip(msg.q_ids, msg.q_probs, strict=True):
             if len(ids) != len(probs):
                 raise ProtocolError("q_ids and q_probs lengths differ")
-            parts += [_NNZ.pack(len(ids)), np.asarray(ids, "<i4").tobytes(), np.asarray(probs, "<f4").tobytes()]
+            parts += [
+                _NNZ.pack(len(ids)),
+                np.asarray(ids, "<i4").tobytes(),
+                np.asarray(probs, "<f4").tobytes(),
+            ]
     return b"".join(parts)
 
 
@@ -295,7 +303,12 @@ def decode_round(data: bytes) -> Round:
     if off != len(data):
         raise ProtocolError(f"round frame has {len(data) - off} trailing bytes")
     return Round(
-        session_id=sid.hex(), round=rnd, committed_len=committed, draft_ids=draft, q_ids=q_ids, q_probs=q_probs
+        session_id=sid.hex(),
+        round=rnd,
+        committed_len=committed,
+        draft_ids=draft,
+        q_ids=q_ids,
+        q_probs=q_probs,
     )
 
 
@@ -303,7 +316,9 @@ def decode_verdict(data: bytes) -> Verdict:
     flags = _read_header(data, KIND_VERDICT)
     if len(data) != _HEADER.size + _VERDICT.size:
         raise ProtocolError("verdict frame has the wrong size")
-    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms = _VERDICT.unpack_from(data, _HEADER.size)
+    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms = _VERDICT.unpack_from(
+        data, _HEADER.size
+    )
     return Verdict(
         session_id=sid.hex(),
         round=rnd,
