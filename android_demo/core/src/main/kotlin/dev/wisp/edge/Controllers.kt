@@ -2,7 +2,7 @@ package dev.wisp.edge
 
 import org.json.JSONObject
 import kotlin.math.exp
-import kotlin.math.ln
+import kotlin.math.ln1p
 
 /**
  * Speculation controllers, a port of `sdk/wisp_sdk/controllers.py` and `predictor.py`.
@@ -19,7 +19,9 @@ import kotlin.math.ln
  * `Wisp`'s cost model: feeding a kept token costs c ms; a round costs T = drafting + RTT + the server's hinted
  * wait + verify and commits E = 1 + sum_i S_i tokens in expectation (S_i: the first i drafts all survive).
  * Drafting one more is worth it iff S * a_next * T > c * E, so a slow link or a long hinted wait buys more
- * drafting and a fast link less. A token whose predicted acceptance is below `minSend` is not sent.
+ * drafting and a fast link less. A token after the first whose predicted acceptance is below `minSend` is not
+ * sent (the first always is: it is free, and its verdict keeps the predictor learning). `Wisp` learns online: every
+ * judged token of a verdict is one logistic-regression step on its own copy of the predictor.
  */
 enum class Action { CONTINUE, SEND, DROP }
 
@@ -34,24 +36,50 @@ data class LinkState(
 
 /** P(the verifier accepts the next draft token): logistic regression over top1, entropy, log1p(position), rate. */
 class RejectionPredictor(
-    val weights: DoubleArray = DEFAULT_WEIGHTS.copyOf(),
-    val bias: Double = DEFAULT_BIAS,
+    weights: DoubleArray = DEFAULT_WEIGHTS.copyOf(),
+    bias: Double = DEFAULT_BIAS,
 ) {
     init {
         require(weights.size == FEATURES.size) { "predictor needs ${FEATURES.size} weights" }
     }
 
-    fun pAccept(top1: Double, entropy: Double, position: Int, rate: Double): Double {
-        val x = doubleArrayOf(top1, entropy, ln(1.0 + position), rate)
-        var z = bias
-        for (i in x.indices) z += weights[i] * x[i]
-        return 1.0 / (1.0 + exp(-z.coerceIn(-30.0, 30.0)))
+    /** The weights; [update] replaces the array (as numpy does), so a copy handed out earlier stays as it was. */
+    var weights: DoubleArray = weights.copyOf()
+        private set
+    var bias: Double = bias
+        private set
+
+    /** w . x + bias, summed the way numpy's BLAS dot does it here (a sequential fused multiply-add chain). */
+    private fun logit(x: DoubleArray): Double {
+        var d = weights[0] * x[0]
+        for (i in 1 until x.size) d = Math.fma(weights[i], x[i], d)
+        return d + bias
     }
+
+    fun pAccept(top1: Double, entropy: Double, position: Int, rate: Double): Double =
+        1.0 / (1.0 + exp(-logit(features(top1, entropy, position, rate)).coerceIn(-30.0, 30.0)))
+
+    /** P(accept) for one feature row (see [features]). */
+    fun predict(x: DoubleArray): Double = 1.0 / (1.0 + exp(-logit(x).coerceIn(-30.0, 30.0)))
+
+    /** One online logistic-regression step on one judged token (adapts a prior to the running pair). */
+    fun update(x: DoubleArray, y: Double, lr: Double) {
+        val err = y - predict(x)
+        val g = lr * err
+        weights = DoubleArray(weights.size) { weights[it] + g * x[it] }
+        bias += lr * err
+    }
+
+    /** An independent copy (a controller learns online on its own copy). */
+    fun copy(): RejectionPredictor = RejectionPredictor(weights, bias)
 
     companion object {
         val FEATURES = listOf("top1", "entropy", "log1p_position", "rate")
         val DEFAULT_WEIGHTS = doubleArrayOf(4.5, -0.25, -0.1, 1.5)
         const val DEFAULT_BIAS = -2.0
+
+        fun features(top1: Double, entropy: Double, position: Int, rate: Double): DoubleArray =
+            doubleArrayOf(top1, entropy, ln1p(position.toDouble()), rate)
 
         /** From the bundle manifest's `predictor` object (written by `wisp calibrate`); null gives the default. */
         fun fromJson(o: JSONObject?): RejectionPredictor {
@@ -81,13 +109,17 @@ abstract class Controller {
     /** Learn from a verdict: [accepted] of [sent] survived. */
     open fun observe(sent: List<DraftToken>, accepted: Int) {}
 
+    /** How many tokens to draft ahead while the verdict is in flight (0: wait idle). */
+    open fun aheadBudget(): Int = 0
+
     companion object {
-        /** "wisp" or "fixed:K". */
+        /** "wisp", "wisp+ahead" or "fixed:K". */
         fun make(spec: String?, predictor: RejectionPredictor? = null): Controller {
             val s = (spec ?: "wisp").trim().lowercase()
             if (s == "wisp") return Wisp(predictor ?: RejectionPredictor())
+            if (s == "wisp+ahead" || s == "wisp-ahead") return Wisp(predictor ?: RejectionPredictor(), draftAhead = 8)
             if (s.startsWith("fixed:")) s.substringAfter(':').toIntOrNull()?.let { return FixedK(it) }
-            throw IllegalArgumentException("unknown controller '$spec': use wisp or fixed:K")
+            throw IllegalArgumentException("unknown controller '$spec': use wisp, wisp+ahead or fixed:K")
         }
     }
 }
@@ -107,24 +139,37 @@ class FixedK(val k: Int = 4) : Controller() {
     }
 }
 
-/** Predictor-driven drafting: stop before a predicted rejection, draft as long as it pays for itself. */
+/**
+ * Predictor-driven drafting: stop before a predicted rejection, draft as long as it pays for itself.
+ *
+ * It works on a private copy of [predictor], which keeps learning from this session's verdicts ([onlineLr]).
+ */
 class Wisp(
-    val predictor: RejectionPredictor = RejectionPredictor(),
+    predictor: RejectionPredictor = RejectionPredictor(),
     override val maxDraft: Int = 16,
     val minSend: Double = 0.25,
+    val draftAhead: Int = 0,
     rate0: Double = 0.6,
     val rateEma: Double = 0.9,
+    val onlineLr: Double = 0.05,
 ) : Controller() {
     override val name = "wisp"
+
+    /** This session's predictor (a copy of the one given; it learns online from each verdict). */
+    val predictor: RejectionPredictor = predictor.copy()
 
     /** The session's running acceptance rate. */
     var rate: Double = rate0
         private set
-    private val survive = ArrayList<Double>()
+    private val survive = ArrayList<Double>() // S_i for the tokens of the current round
+    private val feats = ArrayList<DoubleArray>() // predictor features of the kept tokens, for online learning
+    private var endedConfident = false
 
     override fun startRound(link: LinkState) {
         super.startRound(link)
         survive.clear()
+        feats.clear()
+        endedConfident = false
     }
 
     fun pAccept(token: DraftToken, position: Int): Double =
@@ -132,18 +177,32 @@ class Wisp(
 
     override fun step(tokens: List<DraftToken>): Action {
         val pos = tokens.size - 1
-        val a = pAccept(tokens[pos], pos)
+        val tok = tokens[pos]
+        val a = pAccept(tok, pos)
         val sPrev = if (pos > 0 && survive.size >= pos) survive[pos - 1] else 1.0
         val s = sPrev * a
-        if (a < minSend) return Action.DROP
+        // The first token is free (its logits come from feeding the committed context, which the next round
+        // needs anyway) and sending it is what keeps the predictor learning, so only later ones are withheld.
+        if (a < minSend && pos > 0) return Action.DROP
         while (survive.size > pos) survive.removeAt(survive.size - 1)
+        while (feats.size > pos) feats.removeAt(feats.size - 1)
         survive.add(s)
-        if (tokens.size >= minOf(maxDraft, link.maxDraft)) return Action.SEND
+        feats.add(RejectionPredictor.features(tok.top1, tok.entropy, pos, rate))
+        if (tokens.size >= minOf(maxDraft, link.maxDraft)) {
+            endedConfident = a >= 0.5 // cut by the cap while still confident: worth drafting ahead
+            return Action.SEND
+        }
         val c = maxOf(link.draftMs, 1e-3)
-        val expected = 1.0 + survive.sum()
+        var sum = 0.0
+        for (v in survive) sum += v
+        val expected = 1.0 + sum
         val roundMs = tokens.size * c + link.rttMs + link.waitHintMs + link.verifyMs
-        // The next token's acceptance, before we see it: the session's running rate is the honest prior.
-        return if (a >= 0.5 && s * rate * roundMs > c * expected) Action.CONTINUE else Action.SEND
+        // The next token's acceptance, before we see it: the session's running rate is the honest prior. A
+        // predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
+        // long hinted wait) makes even a doubtful extra token worth its draft time.
+        if (s * rate * roundMs > c * expected) return Action.CONTINUE
+        endedConfident = a >= 0.5 && s >= 0.5
+        return Action.SEND
     }
 
     override fun observe(sent: List<DraftToken>, accepted: Int) {
@@ -151,6 +210,14 @@ class Wisp(
         for (i in 0 until minOf(sent.size, accepted + 1)) {
             val ok = if (i < accepted) 1.0 else 0.0
             rate = rateEma * rate + (1 - rateEma) * ok
+            if (onlineLr != 0.0 && i < feats.size) predictor.update(feats[i], ok, onlineLr)
         }
+    }
+
+    override fun aheadBudget(): Int {
+        if (draftAhead == 0 || !endedConfident) return 0
+        // Only as many tokens as fit in the expected wait: beyond that they would delay the next round.
+        val expectedWait = link.rttMs + link.waitHintMs + link.verifyMs
+        return maxOf(0, minOf(draftAhead, (expectedWait / maxOf(link.draftMs, 1e-3)).toInt()))
     }
 }
