@@ -31,13 +31,49 @@ def add_parser(subparsers) -> None:
         help="model engine (sglang: its own environment, docs/sglang.md)",
     )
     p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "paged", "hf"],
+        help="native backend's engine: paged (paged KV, ragged batches, CUDA graphs) or hf (transformers "
+        "dynamic cache); auto = paged on CUDA, hf on CPU",
+    )
+    p.add_argument(
         "--sglang-sampling",
         default="exact",
         choices=["exact", "refuse"],
         help="sglang backend: exact sampling (full-vocabulary logprobs) or refuse sampling sessions",
     )
     p.add_argument("--sglang-tp", type=int, default=1, help="sglang backend: tensor-parallel GPUs")
-    p.add_argument("--policy", default="fifo", help="batch policy (fifo)")
+    p.add_argument(
+        "--sglang-max-total-tokens",
+        type=int,
+        help="sglang backend: KV pool size in tokens (default: SGLang sizes it from memory; 262144 on CPU)",
+    )
+    p.add_argument(
+        "--policy",
+        default="fifo",
+        choices=["fifo", "wisp", "sled", "centralized"],
+        help="batch policy: wisp (SLO-aware, admission control), sled (static batching), centralized "
+        "(continuous batching of server-side decoding), fifo (docs/scheduling.md)",
+    )
+    p.add_argument(
+        "--estimator",
+        metavar="FILE",
+        help="verify-time estimator from `wisp profile` (default: a built-in prior, refined online)",
+    )
+    p.add_argument(
+        "--profile-on-start",
+        action="store_true",
+        help="without --estimator: fit the estimator by a quick profile of the backend before serving",
+    )
+    p.add_argument("--save-estimator", metavar="FILE", help="write the online-refined estimator here on exit")
+    p.add_argument(
+        "--admission-target",
+        type=float,
+        default=0.9,
+        help="--policy wisp: refuse sessions (overloaded) when predicted SLO attainment falls below this "
+        "(0 disables admission control)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="sessions per forward pass")
     p.add_argument(
         "--prefill-chunk", type=int, default=256, help="context tokens per session per forward pass"
@@ -100,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
         max_frame_bytes=args.max_frame_bytes,
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
+        admission_target=args.admission_target,
         fault_token=args.debug_fault_token,
     )
+    if not 0.0 <= cfg.admission_target <= 1.0:
+        raise WispError("--admission-target must be in [0, 1]")
+    if args.estimator and not Path(args.estimator).is_file():
+        raise WispError(f"--estimator {args.estimator}: no such file")
     for name in ("max_batch", "prefill_chunk", "kv_budget_tokens", "max_draft_len", "max_context_len"):
         if getattr(cfg, name) < 1:
             raise WispError(f"--{name.replace('_', '-')} must be >= 1")
@@ -117,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from wisp_cloud.backends.native import NativeBackend
+    from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.server import WispServer
 
     if args.threads:
@@ -133,14 +174,43 @@ def run(args: argparse.Namespace) -> int:
                 dtype=args.dtype,
                 sampling=args.sglang_sampling,
                 tp_size=args.sglang_tp,
+                max_total_tokens=args.sglang_max_total_tokens,
+                estimator_path=args.estimator,  # the plugin's in-SGLang ordering starts from the profiled weights
             )
         else:
-            backend = NativeBackend(target, device=args.device, dtype=args.dtype)
+            backend = _native_backend(args, target, cfg.kv_budget_tokens)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 
+    import logging
+
+    from wisp_cloud.metrics import log_event
+
+    log_event(
+        logging.getLogger("wisp.serve"),
+        "engine",
+        backend=getattr(backend, "name", type(backend).__name__),
+        device=args.device,
+        policy=cfg.policy,
+    )
+    if args.estimator:
+        try:
+            estimator = VerifyTimeEstimator.load(args.estimator)
+        except (OSError, ValueError, KeyError) as exc:
+            raise WispError(f"--estimator {args.estimator}: {exc}") from exc
+    elif args.profile_on_start:
+        from wisp_cloud.cli_profile import profile_backend
+
+        estimator, report = profile_backend(backend, "quick", reps=2)
+        print(
+            f"profiled the backend in {report['profile_s']}s: held-out MAPE {report['heldout_mape_pct']}%",
+            flush=True,
+        )
+    else:
+        estimator = VerifyTimeEstimator.default()
+
     async def main() -> None:
-        server = WispServer(backend, cfg)
+        server = WispServer(backend, cfg, estimator=estimator)
         await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -154,8 +224,24 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+        if args.save_estimator:
+            estimator.save(args.save_estimator)
     finally:
         shutdown = getattr(backend, "shutdown", None)
         if shutdown is not None:
             shutdown()
     return 0
+
+
+def _native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int):
+    """`--backend native`: the paged engine on CUDA (or with --engine paged), the HF engine otherwise."""
+    engine = args.engine
+    if engine == "auto":
+        engine = "paged" if args.device.startswith("cuda") else "hf"
+    if engine == "paged":
+        from wisp_cloud.backends.paged import PagedBackend
+
+        return PagedBackend(target, device=args.device, dtype=args.dtype, kv_budget_tokens=kv_budget_tokens)
+    from wisp_cloud.backends.native import NativeBackend
+
+    return NativeBackend(target, device=args.device, dtype=args.dtype)

@@ -32,6 +32,9 @@ class ServerConfig:
     max_frame_bytes: int = 1 << 20
     max_sessions: int = 4096
     max_sessions_per_token: int = 256
+    # `--policy wisp` only: refuse a new session (`overloaded`) when the estimator predicts the admitted
+    # sessions' SLO attainment would fall below this; 0 disables admission control.
+    admission_target: float = 0.9
     # Debug only (hidden flag): a draft containing this token id fails inside the batch step, to exercise the
     # `internal` error path end to end.
     fault_token: int | None = None

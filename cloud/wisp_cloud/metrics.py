@@ -10,6 +10,25 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+_SLO_GAUGES = {
+    "sessions": "Sessions judged (finished, and live ones on what they did so far)",
+    "refused": "Sessions refused by admission control (overloaded)",
+    "attained": "Sessions meeting their TTFT and TPOT SLO",
+    "attainment": "Fraction of judged sessions meeting their SLO",
+    "goodput_tok_s": "Tokens per second from sessions that met their SLO",
+    "throughput_tok_s": "Tokens per second from all judged sessions",
+    "ttft_p50_ms": "Time to first token, median (server side)",
+    "ttft_p99_ms": "Time to first token, p99 (server side)",
+    "tpot_p50_ms": "Time per output token, median",
+    "tpot_p99_ms": "Time per output token, p99",
+    "verify_p50_ms": "Round latency (queue + forward), median",
+    "verify_p99_ms": "Round latency (queue + forward), p99",
+    "inflation_mean": "Round latency / predicted solo forward time (interference), mean",
+    "inflation_p99": "Round latency / predicted solo forward time (interference), p99",
+    "round_misses": "Rounds answered after their deadline",
+    "wasted_ms": "Drafting time clients reported as wasted (not carried by wisp.v1 yet: 0)",
+}
+
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
     """One structured line: `event k=v k=v` (values with spaces are quoted)."""
@@ -56,6 +75,10 @@ class Metrics:
         self.kv_bytes = Gauge("wisp_kv_bytes", "Bytes of KV cache held", registry=r)
         self.queued = Gauge("wisp_queued_jobs", "Jobs waiting for a batch", registry=r)
         self.errors = Counter("wisp_errors", "Error frames sent", ["code"], registry=r)
+        # SLO accounting (slo_metrics.SLOMetrics.summary), refreshed every housekeeping tick and on stats().
+        self.slo = {
+            key: Gauge(f"wisp_slo_{key}", help_text, registry=r) for key, help_text in _SLO_GAUGES.items()
+        }
         # Plain tallies for tests and the --json stats of the scheduling issue: batch size -> count.
         self.batch_size_tally: TallyCounter[int] = TallyCounter()
         self._http = None
@@ -65,6 +88,11 @@ class Metrics:
         self.batch_size.observe(size)
         self.batch_latency.observe(seconds)
         self.batch_size_tally[size] += 1
+
+    def set_slo(self, summary: dict[str, float]) -> None:
+        for key, gauge in self.slo.items():
+            if key in summary:
+                gauge.set(summary[key])
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""

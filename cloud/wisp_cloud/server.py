@@ -46,14 +46,18 @@ from wisp_sdk.protocol import (
 from wisp_cloud.acceptance import DraftError, accept_greedy, accept_sampling, dense_q, sample_token
 from wisp_cloud.backends.base import Backend, BatchStats, ItemResult, WorkItem
 from wisp_cloud.config import ServerConfig, is_loopback
+from wisp_cloud.deadlines import SessionDeadlines
+from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.metrics import Metrics, log_event
 from wisp_cloud.policy import Policy, make_policy
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore, owner_key
+from wisp_cloud.slo_metrics import SLOMetrics
 
 log = logging.getLogger("wisp.server")
 
 _HOUSEKEEPING_S = 1.0
+_MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
 
 
 class Refusal(Exception):
@@ -106,10 +110,26 @@ class _Outcome:
 
 
 class WispServer:
-    def __init__(self, backend: Backend, config: ServerConfig, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ServerConfig,
+        policy: Policy | None = None,
+        estimator: VerifyTimeEstimator | None = None,
+    ) -> None:
         self.backend = backend
         self.cfg = config
-        self.policy = policy or make_policy(config.policy)
+        # Verify-time estimator: refined online from every batch that runs (exact item shapes); shared with an
+        # SLO-aware policy, and the solo-time reference of the interference metric.
+        self.estimator = estimator or getattr(policy, "est", None) or VerifyTimeEstimator.default()
+        self.policy = policy or make_policy(
+            config.policy,
+            self.estimator,
+            max_batch=config.max_batch,
+            prefill_chunk=config.prefill_chunk,
+            admission_target=config.admission_target,
+        )
+        self.slo = SLOMetrics(started=time.monotonic())
         self.metrics = Metrics()
         limit = min(config.max_context_len, config.kv_budget_tokens)
         max_pos = getattr(backend, "max_positions", None)
@@ -212,14 +232,24 @@ class WispServer:
 
     def stats(self) -> dict:
         """A snapshot for tests and the CLI's --json output."""
+        slo = self._slo_summary(time.monotonic())
         return {
+            "policy": self.policy.name,
             "sessions": len(self.store),
             "queued": len(self._waiting),
             "batch_sizes": dict(self.metrics.batch_size_tally),
             "evictions": self.store.evictions,
             "expired": self.store.expired,
             "kv_tokens": self.store.kv_tokens(),
+            "slo": slo,
+            "estimator_correction": self.estimator.correction,
+            "policy_counters": dict(getattr(self.policy, "counters", {}) or {}),
         }
+
+    def _slo_summary(self, now: float) -> dict[str, float]:
+        summary = self.slo.summary(now, include_live=True)
+        self.metrics.set_slo(summary)
+        return summary
 
     # ---- connections ----
 
@@ -358,8 +388,15 @@ class WispServer:
         self._check_ids(msg.committed_ids, "committed_ids")
         if len(msg.committed_ids) >= msg.max_new_tokens:
             raise Refusal(ErrorCode.bad_request, "committed_ids already reach max_new_tokens")
+        now = time.monotonic()
+        reason = None
         if not self.policy.admit(len(self.store), len(self._waiting)):
-            raise Refusal(ErrorCode.overloaded, "server is at capacity for its latency targets; retry later")
+            reason = "server is at capacity for its latency targets"
+        elif (admit_open := getattr(self.policy, "admit_open", None)) is not None:
+            reason = admit_open(msg, list(self.store), now)
+        if reason is not None:
+            self.slo.refuse()
+            raise Refusal(ErrorCode.overloaded, f"{reason}; retry later")
         try:
             session = self.store.create(
                 owner=conn.owner or "anon",
@@ -374,6 +411,10 @@ class WispServer:
         except SessionLimitError as exc:
             raise Refusal(ErrorCode.overloaded, str(exc)) from exc
         session.conn = conn
+        session.deadlines = SessionDeadlines.from_slo(
+            msg.slo, now, max_new_tokens=msg.max_new_tokens - len(msg.committed_ids)
+        )
+        self.slo.open(session.id, msg.slo.ttft_ms, msg.slo.tpot_ms, now)
         self.metrics.sessions_opened.labels(msg.mode).inc()
         self.metrics.sessions.set(len(self.store))
         log_event(
@@ -422,6 +463,7 @@ class WispServer:
             self._waiting.remove(session.pending)
         session.pending = None
         self.store.remove(session.id, release=False)
+        self._session_ended(session)
         self._to_release.append(session.id)
         self._wake.set()
         self.metrics.sessions.set(len(self.store))
@@ -476,6 +518,12 @@ class WispServer:
         self._enqueue(Job(session, JobKind.round, round=rnd, draft=list(msg.draft_ids), q=q))
 
     def _enqueue(self, job: Job) -> None:
+        d = job.session.deadlines
+        if d is not None:  # when the answer must reach the device (docs/scheduling.md, "Deadlines")
+            if job.kind == JobKind.open:
+                job.deadline = d.prefill_deadline()
+            else:
+                job.deadline = d.round_deadline(len(job.draft), job.enqueued_at)
         job.session.pending = job
         self._waiting.append(job)
         self.metrics.queued.set(len(self._waiting))
@@ -503,17 +551,26 @@ class WispServer:
                 jobs = self.policy.select(list(self._waiting), self.cfg.max_batch, now)
                 plan = self._fit_budget([self._plan(job) for job in jobs])
                 jobs = [p.job for p in plan]
-                if not plan:  # the policy chose to wait (e.g. to fill a batch): until an arrival or a tick
+                if not plan:
+                    # The policy chose to wait (e.g. SLED filling a batch): until its wakeup or an arrival.
+                    wakeup = getattr(self.policy, "wakeup", None)
+                    at = wakeup(now) if wakeup is not None else now + 0.005  # no wakeup hook: poll
+                    timeout = (
+                        _HOUSEKEEPING_S if at is None else min(max(at - now, _MIN_SLEEP_S), _HOUSEKEEPING_S)
+                    )
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=0.005)
+                        await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                     continue
                 self._make_room(plan)
                 for p in plan:
                     if p.job.started_at is None:
                         p.job.started_at = now
                         self.metrics.queue_wait.observe(now - p.job.enqueued_at)
+                shapes = [self._shape(p) for p in plan]
                 outcomes, stats = await loop.run_in_executor(self._executor, self._run_isolated, plan)
+                if stats.forward_s > 0:
+                    self.estimator.observe(stats, shapes)
                 self.policy.observe(stats, jobs)
                 self.metrics.observe_batch(stats.batch_size, stats.forward_s)
                 for outcome in outcomes:
@@ -561,6 +618,17 @@ class WispServer:
             deadline=job.deadline,
         )
         return _Planned(job, item, final=True, cached_before=cached)
+
+    @staticmethod
+    def _shape(p: _Planned) -> ItemShape:
+        """The estimator's view of a planned item (also left on the job as annotations["ran_shape"])."""
+        job = p.job
+        # A round whose KV was lost (evicted) rebuilds its whole context first: a cache miss.
+        miss = job.kind != JobKind.open and p.cached_before == 0 and job.batches == 0 and job.cache_miss
+        shape = ItemShape(len(p.item.new_tokens), p.cached_before, miss)
+        job.annotations["ran_shape"] = shape
+        job.annotations["final"] = p.final
+        return shape
 
     def _fit_budget(self, plan: list[_Planned]) -> list[_Planned]:
         """The longest prefix of the plan whose sessions' KV fits the budget together (at least one job)."""
@@ -654,6 +722,7 @@ class WispServer:
         if self.store.get(session.id) is not session:
             self.backend.release(session.id)  # closed while in the batch: the forward stored KV again
             return
+        sent_at = time.monotonic()
         if session.pending is not job:
             return
         if out.error is not None:
@@ -707,6 +776,7 @@ class WispServer:
             )
             if conn is not None:
                 conn.send(verdict)
+            self._answered(job, take, accepted, sent_at, done)
             return
         if job.kind == JobKind.open:
             session.opened = True
@@ -728,10 +798,45 @@ class WispServer:
                     session_id=session.id, tokens=[next_token], committed_len=session.committed_len, done=done
                 )
             )
+        self._answered(job, take, accepted, sent_at, done)
         if session.mode == "centralized" and not done:
             self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
         elif before and done:
             log_event(log, "session_done", session=session.id[:8], generated=session.generated)
+
+    def _answered(self, job: Job, take: int, accepted: int, sent_at: float, done: bool) -> None:
+        """An Opened / Verdict / Tokens frame went out: deadlines, SLO metrics, and the policy's hook."""
+        session = job.session
+        drafted = len(job.draft) if job.kind == JobKind.round else 0
+        d = session.deadlines
+        if d is not None:
+            if job.kind == JobKind.open:
+                d.on_first_token(sent_at)
+            else:
+                d.on_round(drafted, accepted, sent_at)
+        self.slo.tokens(session.id, take, sent_at)
+        if job.kind != JobKind.open:
+            req = job.annotations.get("req")
+            if req is not None:
+                solo_shape = ItemShape(req.new_tokens, req.context_len, req.cache_miss)
+            else:
+                solo_shape = ItemShape(max(1, len(job.draft) + 1), session.committed_len - take)
+            solo = self.estimator.predict([solo_shape])
+            met = job.deadline is None or sent_at <= job.deadline + 1e-9
+            self.slo.round(session.id, sent_at - job.enqueued_at, solo, met)
+        hook = getattr(self.policy, "answered", None)
+        if hook is not None:
+            hook(job, drafted, accepted, sent_at)
+        if done:
+            self._session_ended(session, sent_at)
+
+    def _session_ended(self, session: Session, now: float | None = None) -> None:
+        """Judge the session's SLO once (done, closed or expired) and let the policy forget it."""
+        if self.slo.close(session.id, time.monotonic() if now is None else now) is None:
+            return
+        hook = getattr(self.policy, "closed", None)
+        if hook is not None:
+            hook(session)
 
     def _cut(self, session: Session, proposed: list[int]) -> tuple[int, bool]:
         """How many of the proposed tokens to commit, and whether the session ends with them.
@@ -750,12 +855,14 @@ class WispServer:
     def _housekeeping(self, now: float) -> None:
         self._last_housekeeping = now
         for session in self.store.expire(now):
+            self._session_ended(session, now)
             self.metrics.sessions_expired.inc()
             log_event(log, "session_expire", session=session.id[:8], committed_len=session.committed_len)
         kv_tokens = self.store.kv_tokens()
         self.metrics.sessions.set(len(self.store))
         self.metrics.kv_tokens.set(kv_tokens)
         self.metrics.kv_bytes.set(self.backend.kv_bytes())
+        self._slo_summary(now)
 
 
 def _empty_stats(plan: list[_Planned]) -> BatchStats:

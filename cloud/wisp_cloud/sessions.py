@@ -49,6 +49,7 @@ class Session:
     pending: Any = None  # the Job in the queue or in a batch, if any
     conn: Any = None  # the connection replies go to (the latest one that spoke for this session)
     evictions: int = 0
+    deadlines: Any = None  # deadlines.SessionDeadlines: when each of its answers is due (set at open)
 
     @property
     def committed_len(self) -> int:
