@@ -81,3 +81,16 @@ def tiny_bundle(tiny_dir, tiny_draft) -> Path:
         ),
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def real_q8_bundle(tmp_path_factory):
+    """The real 0.5B draft, fetched and exported q8 once per test session (real-model tests share it)."""
+    from wisp_export.export import export_bundle
+    from wisp_export.fetch import fetch_model
+
+    name = "qwen2.5-coder-0.5b-instruct"
+    src = fetch_model(name)
+    result = export_bundle(name, tmp_path_factory.mktemp("real") / "bundle", quant="q8", check_steps=32)
+    print(result.parity_table)
+    return src, result

@@ -23,14 +23,8 @@ MUST_MATCH = 16
 
 
 @pytest.fixture(scope="module")
-def real_bundle(tmp_path_factory):
-    from wisp_export.export import export_bundle
-    from wisp_export.fetch import fetch_model
-
-    src = fetch_model(MODEL)
-    result = export_bundle(MODEL, tmp_path_factory.mktemp("real") / "bundle", quant="q8", check_steps=32)
-    print(result.parity_table)
-    return src, result
+def real_bundle(real_q8_bundle):
+    return real_q8_bundle
 
 
 def test_fetched_folder_is_complete(real_bundle):

@@ -293,16 +293,13 @@ def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_m
 
 @pytest.mark.real
 @pytest.mark.skipif(os.environ.get("WISP_REAL") != "1", reason="real pair: set WISP_REAL=1")
-def test_real_pair_wisp_wastes_less_than_fixed8(tmp_path_factory):
+def test_real_pair_wisp_wastes_less_than_fixed8(request):
     """Qwen2.5-Coder 1.5B target on CPU, 0.5B draft bundle: equal greedy output, less wasted drafting."""
-    from wisp_export.export import export_bundle
     from wisp_export.fetch import resolve_model
 
     target = resolve_model(os.environ.get("WISP_REAL_TARGET", "qwen2.5-coder-1.5b-instruct"))
-    bundle = os.environ.get("WISP_REAL_BUNDLE")
-    if not bundle:
-        bundle = tmp_path_factory.mktemp("real") / "draft"
-        export_bundle(os.environ.get("WISP_REAL_DRAFT", "qwen2.5-coder-0.5b-instruct"), bundle, quant="q8")
+    # The q8 0.5B bundle is exported once per test session and shared with the export tests.
+    bundle = os.environ.get("WISP_REAL_BUNDLE") or request.getfixturevalue("real_q8_bundle")[1].bundle
     srv = ServerProcess(target, 0, timeout=900)
     try:
         with EdgeClient(srv.url, bundle) as c:
