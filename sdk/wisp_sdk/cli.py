@@ -17,6 +17,10 @@ from wisp_sdk.errors import WispError
 SUBCOMMANDS: dict[str, str] = {
     "models": "wisp_export.cli_models",
     "export": "wisp_export.cli_export",
+    "serve": "wisp_cloud.cli_serve",
+    "profile": "wisp_cloud.cli_profile",
+    "generate": "wisp_sdk.cli_generate",
+    "calibrate": "wisp_sdk.cli_calibrate",
 }
 
 
