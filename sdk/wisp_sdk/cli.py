@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, str] = {
     "profile": "wisp_cloud.cli_profile",
     "generate": "wisp_sdk.cli_generate",
     "calibrate": "wisp_sdk.cli_calibrate",
+    "bench": "wisp_cloud.fleet.cli_bench",
+    "simulate": "wisp_cloud.fleet.cli_simulate",
 }
 
 

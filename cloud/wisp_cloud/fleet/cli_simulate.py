@@ -1,0 +1,54 @@
+"""`wisp simulate`: discrete-event simulation of edge fleets and GPUs around the real scheduler code.
+
+    wisp simulate --estimator EST.json --trace TRACE.json --devices 100000 --gpus 8 --gap 300
+    wisp simulate --estimator EST.json --trace TRACE.json --sweep rtt,draft,accept --out runs/sim
+    wisp simulate --estimator EST.json --validate runs/bench/bench.json
+
+Only argparse at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from wisp_sdk.errors import WispError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="discrete-event simulation (10^5 devices, several GPUs) over the real scheduler and controllers",
+        description="Simulate devices, links and GPUs; the scheduler, estimator, deadlines and controllers are "
+        "the real ones. GPU time comes from a `wisp profile` estimator file.",
+    )
+    p.add_argument("--estimator", help="estimator JSON from `wisp profile` (default: the built-in prior)")
+    p.add_argument("--trace", default="bench/traces/qwen-coder.json", help="acceptance trace")
+    p.add_argument("--prompts", default="bench/prompts/code10.jsonl", help="prompt set (output lengths)")
+    p.add_argument("--policies", default="centralized,sled,wisp")
+    p.add_argument("--sled-k", default="2,4,6", help="FixedK values for sled (best reported)")
+    p.add_argument("--devices", type=int, default=100_000, help="devices in total")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gap", type=float, default=300.0, help="mean think time between a device's sessions (s)")
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--drain", type=float, help="default: TTFT SLO + longest output × TPOT SLO + 1 s")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=60.0)
+    p.add_argument("--device-profile", default="jetson")
+    p.add_argument("--link", default="wifi-metro")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--noise", type=float, default=0.0, help="relative noise on simulated batch times")
+    p.add_argument("--procs", type=int, default=2, help="worker processes (GPUs are simulated in parallel)")
+    p.add_argument("--sweep", default="", help="capacity sweeps on one GPU: any of rtt,draft,accept")
+    p.add_argument("--validate", help="a bench.json: re-simulate its points and report the error")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/sim")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from wisp_cloud.fleet.sim_driver import run_cli
+
+    if args.devices < 1 or args.gpus < 1:
+        raise WispError("--devices and --gpus must be >= 1")
+    return run_cli(args)

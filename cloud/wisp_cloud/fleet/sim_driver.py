@@ -1,0 +1,252 @@
+"""Drivers behind `wisp simulate`: one large run, capacity sweeps, and validation against a bench result."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile, get_device, get_link
+from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
+from wisp_cloud.fleet.trace import load_trace
+from wisp_cloud.fleet.workload import load_prompts
+
+
+def _variants(policy: str, sled_k: list[int]) -> list[str]:
+    if policy == "centralized":
+        return [""]
+    if policy == "sled":
+        return [f"fixed:{k}" for k in sled_k]
+    return ["wisp"]
+
+
+def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
+    seqs = trace["sequences"]
+    prompts = load_prompts(args.prompts)
+    ptoks = over.pop("prompt_tokens", None) or [
+        seqs[i % len(seqs)].get("prompt_tokens", 64) for i in range(len(prompts))
+    ]
+    lengths = over.pop("lengths", None) or [int(p["max_new_tokens"]) for p in prompts]
+    cfg = SimConfig(
+        policy=policy,
+        controller=controller,
+        devices=args.devices,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        gap_s=args.gap,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        prompt_tokens=ptoks,
+        lengths=lengths,
+        trace=seqs,
+        device=get_device(args.device_profile),
+        link=get_link(args.link),
+        estimator=est,
+        max_batch=args.max_batch,
+        noise=args.noise,
+        seed=args.seed,
+        drain_s=args.drain
+        if args.drain is not None
+        else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
+    )
+    return replace(cfg, **over)
+
+
+def resample_acceptance(seqs: list[dict], alpha: float, seed: int = 0) -> list[dict]:
+    """The trace with its acceptance moved to `alpha`: accepted positions dropped (or rejected ones flipped)
+    at random, confidences kept. A what-if, labelled as such in the output."""
+    rng = random.Random(seed)
+    flat = [a for s in seqs for a in s["accepted"]]
+    a0 = sum(flat) / max(len(flat), 1)
+    out = []
+    for s in seqs:
+        acc = []
+        for a in s["accepted"]:
+            if alpha <= a0:
+                acc.append(int(a and rng.random() < alpha / max(a0, 1e-9)))
+            else:
+                acc.append(int(a or rng.random() < (alpha - a0) / max(1 - a0, 1e-9)))
+        out.append({**s, "accepted": acc})
+    return out
+
+
+def run_cli(args: Any) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    est = estimator_or_default(args.estimator)
+    trace = load_trace(args.trace)
+    sled_k = [int(k) for k in args.sled_k.split(",") if k.strip()]
+    policies = [p for p in args.policies.split(",") if p.strip()]
+    if args.validate:
+        return validate(args, est, trace, out)
+    if args.sweep:
+        return sweeps(args, est, trace, policies, sled_k, out)
+    pool = ProcessPoolExecutor(args.procs) if args.procs > 1 else None
+    result: dict[str, Any] = {"kind": "wisp-simulate", "devices": args.devices, "gpus": args.gpus, "runs": []}
+    t_all = time.perf_counter()
+    try:
+        for policy in policies:
+            for ctl in _variants(policy, sled_k):
+                cfg = _cfg(args, policy, ctl, trace, est)
+                s = run_point(cfg, gpus=args.gpus, procs=args.procs, pool=pool)
+                s.pop("tpot_ms", None)
+                s.pop("ttft_ms", None)
+                s.update(policy=policy, controller=ctl)
+                result["runs"].append(s)
+                print(
+                    f"[sim] {policy:<12}{ctl:<9} {args.devices} devices / {args.gpus} GPUs: "
+                    f"{s['sessions']} sessions, attainment {s['attainment']:.3f}, "
+                    f"goodput {s['goodput_tok_s']:.0f} tok/s, tpot p50 {s['tpot_p50_ms']:.0f} ms "
+                    f"({s['wall_s']:.0f}s wall)",
+                    flush=True,
+                )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    result["wall_s"] = round(time.perf_counter() - t_all, 1)
+    (out / "simulate.json").write_text(json.dumps(result, indent=1))
+    print(f"[sim] total wall {result['wall_s']}s; wrote {out / 'simulate.json'}")
+    return 0
+
+
+SWEEPS = {
+    "rtt": [5.0, 60.0, 250.0],
+    "draft": [5.0, 18.5, 60.0],
+    "accept": [0.5, 0.7, 0.9],
+}
+
+
+def sweeps(args: Any, est: dict, trace: dict, policies: list[str], sled_k: list[int], out: Path) -> int:
+    from wisp_cloud.fleet.plots import plot_sweeps
+
+    res: dict[str, list[dict]] = {}
+    base_dev, base_link = get_device(args.device_profile), get_link(args.link)
+    for param in [p.strip() for p in args.sweep.split(",") if p.strip()]:
+        if param not in SWEEPS:
+            from wisp_sdk.errors import WispError
+
+            raise WispError(f"unknown sweep {param!r} (have: {', '.join(SWEEPS)})")
+        rows = []
+        for value in SWEEPS[param]:
+            over: dict[str, Any] = {}
+            if param == "rtt":
+                over["link"] = replace(base_link, rtt_ms=value, name=f"rtt{value:g}")
+            elif param == "draft":
+                over["device"] = replace(
+                    base_dev,
+                    decode_ms=value,
+                    prefill_ms_per_token=base_dev.prefill_ms_per_token
+                    * value
+                    / max(base_dev.decode_ms, 1e-9),
+                )
+            for policy in policies:
+                best = (0, 0.0, "")
+                for ctl in _variants(policy, sled_k):
+                    tr = trace
+                    if param == "accept":
+                        tr = {**trace, "sequences": resample_acceptance(trace["sequences"], value, args.seed)}
+                    cfg = _cfg(args, policy, ctl, tr, est, **over)
+                    t = time.perf_counter()
+                    cap, gp = find_capacity(cfg)
+                    print(
+                        f"[sim] {param}={value:<6g} {policy:<12}{ctl:<9} capacity {cap:>5} "
+                        f"goodput {gp:8.0f} tok/s ({time.perf_counter() - t:.0f}s)",
+                        flush=True,
+                    )
+                    if (cap, gp) > best[:2]:
+                        best = (cap, gp, ctl)
+                rows.append(
+                    {
+                        "param": param,
+                        "value": value,
+                        "policy": policy,
+                        "capacity": best[0],
+                        "goodput": best[1],
+                        "controller": best[2],
+                    }
+                )
+        res[param] = rows
+        (out / "sweeps.json").write_text(
+            json.dumps({"kind": "wisp-simulate-sweeps", "sweeps": res}, indent=1)
+        )
+    files = plot_sweeps(res, out)
+    print(f"[sim] wrote {out / 'sweeps.json'} and {', '.join(files)}")
+    return 0
+
+
+def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
+    """Re-simulate every point of a bench.json with its own config; report goodput/attainment error."""
+    bench = json.loads(Path(args.validate).read_text())
+    c = bench["config"]
+    dev = DeviceProfile(**c["device_profile"])
+    link = LinkProfile(**c["link_profile"])
+    rows = []
+    for p in bench["points"]:
+        cfg = _cfg(
+            args,
+            p["policy"],
+            p["controller"] or "",
+            trace,
+            est,
+            prompt_tokens=c["prompt_tokens"],
+            lengths=c["lengths"],
+        )
+        cfg = replace(
+            cfg,
+            devices=p["n"],
+            duration_s=c["duration_s"],
+            warmup_s=c["warmup_s"],
+            drain_s=c["drain_s"],
+            gap_s=c["mean_gap_s"],
+            slo_ttft_ms=c["slo"]["ttft_ms"],
+            slo_tpot_ms=c["slo"]["tpot_ms"],
+            device=dev,
+            link=link,
+        )
+        sims = [run_point(replace(cfg, seed=s)) for s in range(3)]
+        g = sum(s["goodput_tok_s"] for s in sims) / len(sims)
+        a = sum(s["attainment"] for s in sims) / len(sims)
+        tp = sum(s["tpot_p50_ms"] for s in sims) / len(sims)
+        err = (g - p["goodput_tok_s"]) / p["goodput_tok_s"] if p["goodput_tok_s"] else None
+        rows.append(
+            {
+                "policy": p["policy"],
+                "controller": p["controller"],
+                "n": p["n"],
+                "bench_goodput": p["goodput_tok_s"],
+                "sim_goodput": g,
+                "goodput_err": err,
+                "bench_attainment": p["attainment"],
+                "sim_attainment": a,
+                "bench_tpot_p50_ms": p["tpot_p50_ms"],
+                "sim_tpot_p50_ms": tp,
+            }
+        )
+        print(
+            f"[validate] {p['policy']:<12}{(p['controller'] or ''):<9} N={p['n']:<5} goodput bench "
+            f"{p['goodput_tok_s']:8.1f} sim {g:8.1f} ({'n/a' if err is None else f'{100 * err:+.0f}%'})  "
+            f"attain {p['attainment']:.2f}/{a:.2f}  tpot50 {p['tpot_p50_ms']:.0f}/{tp:.0f} ms",
+            flush=True,
+        )
+    errs = [abs(r["goodput_err"]) for r in rows if r["goodput_err"] is not None]
+    summary = {
+        "points": len(rows),
+        "goodput_mape": sum(errs) / len(errs) if errs else None,
+        "goodput_max_err": max(errs) if errs else None,
+        "within_10pct": sum(e <= 0.10 for e in errs),
+    }
+    (out / "validate.json").write_text(
+        json.dumps(
+            {"kind": "wisp-simulate-validate", "bench": args.validate, "summary": summary, "rows": rows},
+            indent=1,
+        )
+    )
+    print(
+        f"[validate] goodput mean |error| {summary['goodput_mape']}, within 10%: "
+        f"{summary['within_10pct']}/{len(errs)}"
+    )
+    return 0

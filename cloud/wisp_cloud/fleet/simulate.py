@@ -1,0 +1,410 @@
+"""`wisp simulate`: a discrete-event model of devices, links and GPUs around the real scheduling code.
+
+What is real (imported, not re-implemented): `scheduler.make_policy` / `Scheduler` (the batch policies, queue,
+chunked prefill and wait hints), `VerifyTimeEstimator` (loaded from a `wisp profile` file; it is both the
+policy's estimator and the simulated GPU's clock: a batch takes `estimator.predict(batch)` seconds, optionally
+with multiplicative noise), `deadlines.SessionDeadlines` (each request's deadline, as the server sets it) and
+the SDK's controllers (`Wisp`, `FixedK`: every drafted token goes through `controller.step`, every verdict
+through `controller.observe`, and the link state is updated as `AsyncEdgeClient._update_link` does).
+
+What is simulated: time (an event heap), the network (link profile: RTT/2 + jitter + size/bandwidth each
+way), the draft model (device profile's time per token; acceptance replayed from the measured trace, as the
+emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
+perfect Python loop, which is the main source of error against `wisp bench`).
+
+Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
+shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
+then Exp(gap) think time, as in `wisp bench`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from wisp_cloud.deadlines import SessionDeadlines
+from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
+from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
+from wisp_cloud.scheduler import Request, Scheduler, make_policy
+
+_OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
+
+
+@dataclass
+class SimConfig:
+    policy: str  # wisp | sled | centralized | fifo
+    controller: str  # "wisp", "fixed:K", or "" (centralized)
+    devices: int  # devices on this GPU
+    duration_s: float
+    warmup_s: float
+    gap_s: float
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    prompt_tokens: list[int]
+    lengths: list[int]
+    trace: list[dict]  # trace sequences (accepted, top1, entropy)
+    device: DeviceProfile
+    link: LinkProfile
+    estimator: dict  # VerifyTimeEstimator.to_dict()
+    max_batch: int = 64
+    max_draft: int = 32
+    noise: float = 0.0  # relative std-dev of simulated batch times around the estimator
+    seed: int = 0
+    policy_kw: dict | None = None
+    drain_s: float = 10.0
+
+
+class _Trace:
+    __slots__ = ("acc", "ent", "n", "top1")
+
+    def __init__(self, seq: dict) -> None:
+        self.acc = [bool(a) for a in seq["accepted"]]
+        self.top1 = [float(x) for x in seq["top1"]]
+        self.ent = [float(x) for x in seq["entropy"]]
+        self.n = len(self.acc)
+
+
+class _Sess:
+    __slots__ = (
+        "ctl",
+        "dev",
+        "dl",
+        "first_dev",
+        "gen",
+        "idx",
+        "last_dev",
+        "link",
+        "max_new",
+        "plen",
+        "round_sent",
+        "sent",
+        "start",
+        "trace",
+        "kept",
+        "n_drafted",
+        "n_accepted",
+    )
+
+
+def _ema(old: float, new: float, w: float = 0.3) -> float:
+    return (1 - w) * old + w * new
+
+
+def simulate_gpu(cfg: SimConfig) -> list[dict]:
+    """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
+    from wisp_sdk.controllers import Action, LinkState, make_controller
+    from wisp_sdk.draft_runner import DraftToken
+
+    rng = random.Random(cfg.seed)
+    est = VerifyTimeEstimator.from_dict(cfg.estimator)
+    gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
+    policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
+    sched = Scheduler(policy, est, learn=False)
+    traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
+    dev_prof, link = cfg.device, cfg.link
+    centralized = cfg.policy == "centralized" or not cfg.controller
+    seq = itertools.count()
+    heap: list[tuple[float, int, str, Any]] = []
+    records: list[dict] = []
+    active: dict[int, _Sess] = {}
+    end = cfg.duration_s + cfg.drain_s
+
+    def push(t: float, kind: str, obj: Any) -> None:
+        heapq.heappush(heap, (t, next(seq), kind, obj))
+
+    def up(nbytes: int) -> float:
+        return link.one_way_s(rng, nbytes, True)
+
+    def down(nbytes: int) -> float:
+        return link.one_way_s(rng, nbytes, False)
+
+    # ---- devices ----
+    for d in range(cfg.devices):
+        push(rng.uniform(0, cfg.gap_s), "start", d)
+
+    def start_session(d: int, now: float) -> None:
+        if now > cfg.duration_s:
+            return
+        s = _Sess()
+        s.dev = d
+        s.idx = rng.randrange(len(cfg.prompt_tokens))
+        s.plen = cfg.prompt_tokens[s.idx]
+        s.max_new = cfg.lengths[s.idx]
+        s.trace = traces[s.idx % len(traces)]
+        s.start = now
+        s.gen = 0
+        s.first_dev = None
+        s.last_dev = None
+        s.ctl = None if centralized else make_controller(cfg.controller)
+        s.link = LinkState(max_draft=cfg.max_draft)
+        s.sent = 0
+        s.kept = []
+        s.n_drafted = s.n_accepted = 0
+        active[id(s)] = s
+        t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
+        s.dl = SessionDeadlines(
+            cfg.slo_ttft_ms / 1000,
+            cfg.slo_tpot_ms / 1000,
+            t_srv,
+            max_new_tokens=s.max_new,
+            uplink_s=t_srv - now,
+        )
+        req = Request(
+            str(id(s)), "prefill", s.plen, 0, deadline=s.dl.prefill_deadline(), arrival=t_srv, payload=s
+        )
+        push(t_srv, "submit", req)
+
+    def record(s: _Sess, finished: bool) -> None:
+        ttft = (s.first_dev - s.start) * 1000 if s.first_dev is not None else None
+        tpot = (s.last_dev - s.first_dev) * 1000 / (s.gen - 1) if s.gen >= 2 else 0.0
+        met = finished and ttft is not None and ttft <= cfg.slo_ttft_ms and tpot <= cfg.slo_tpot_ms
+        records.append(
+            {
+                "device": s.dev,
+                "start_s": s.start,
+                "ttft_ms": ttft,
+                "tpot_ms": tpot,
+                "new_tokens": s.gen,
+                "met": bool(met),
+                "refused": False,
+                "error": None if finished else "unfinished",
+                "rounds": s.sent,
+                "drafted": s.n_drafted,
+                "accepted": s.n_accepted,
+                "wasted_ms": 0.0,
+            }
+        )
+
+    def finish_session(s: _Sess, now: float) -> None:
+        active.pop(id(s), None)
+        record(s, True)
+        push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
+
+    def draft_round(s: _Sess, now: float) -> None:
+        """The client's _draft_round with the real controller; submits the round after drafting + uplink."""
+        ctl = s.ctl
+        ctl.start_round(s.link)
+        remaining = s.max_new - s.gen
+        limit = max(0, min(remaining - 1, s.link.max_draft, ctl.max_draft))
+        kept: list[Any] = []
+        t = 0.0
+        correct = True
+        first = s.sent == 0
+        while len(kept) < limit:
+            n_feed = (s.plen + 1) if (first and not kept) else 1
+            ms = dev_prof.step_s(rng, n_feed) * 1000
+            t += ms / 1000
+            j = (s.gen + len(kept)) % s.trace.n
+            ok, top1, ent = s.trace.acc[j], s.trace.top1[j], s.trace.ent[j]
+            correct = correct and ok
+            tok = DraftToken(token=1 if correct else 0, prob=top1, entropy=ent, top1=top1, ms=ms)
+            action = ctl.step([*kept, tok])
+            if action is Action.DROP:
+                break
+            kept.append(tok)
+            if action is Action.SEND:
+                break
+        s.kept = kept
+        s.sent += 1
+        t_dev_send = now + t
+        t_srv = t_dev_send + up(_ROUND_BYTES + 4 * len(kept))
+        s.round_sent = t_dev_send
+        k = len(kept)
+        req = Request(
+            str(id(s)),
+            "verify",
+            k + 1,
+            s.plen + s.gen - 1,
+            deadline=s.dl.round_deadline(k, t_srv),
+            arrival=t_srv,
+            expected_tokens=s.dl.expected_tokens(k),
+            payload=s,
+        )
+        push(t_srv, "submit", req)
+        if k > 1:  # as the client: the mean of the per-token times after the first
+            s.link.draft_ms = _ema(s.link.draft_ms, sum(x.ms for x in kept[1:]) / (k - 1))
+
+    def on_answer(s: _Sess, req: Request, finish: float, batch_s: float) -> None:
+        """A request's last piece ran at `finish`: commit, answer the device, queue what follows."""
+        if req.kind == "prefill":
+            s.gen = 1
+            s.dl.on_first_token(finish)
+            arrive = finish + down(_VERDICT_BYTES)
+            s.first_dev = s.last_dev = arrive
+            if s.gen >= s.max_new:
+                push(arrive, "done", s)
+            elif centralized:
+                submit_decode(s, finish)
+            else:
+                push(arrive, "draft", s)
+            return
+        if req.kind == "decode":
+            s.gen += 1
+            s.dl.on_round(0, 0, finish)
+            s.last_dev = finish + down(_TOKENS_BYTES)
+            if s.gen >= s.max_new:
+                push(s.last_dev, "done", s)
+            else:
+                submit_decode(s, finish)
+            return
+        kept = s.kept
+        accepted = 0
+        for tok in kept:
+            if tok.token != 1:
+                break
+            accepted += 1
+        room = s.max_new - s.gen
+        commit = min(accepted + 1, room)
+        s.gen += commit
+        s.n_drafted += len(kept)
+        s.n_accepted += accepted
+        s.dl.on_round(len(kept), accepted, finish)
+        arrive = finish + down(_VERDICT_BYTES)
+        s.last_dev = arrive
+        s.ctl.observe(kept, accepted)
+        queue_ms = ((req.first_scheduled or req.arrival) - req.arrival) * 1000
+        verify_ms = batch_s * 1000
+        wait_ms = (arrive - s.round_sent) * 1000
+        s.link.rtt_ms = _ema(s.link.rtt_ms, max(0.0, wait_ms - queue_ms - verify_ms))
+        s.link.verify_ms = _ema(s.link.verify_ms, verify_ms)
+        s.link.wait_hint_ms = 1000 * sched.wait_hint(ItemShape(len(kept) + 1, s.plen + s.gen), finish)
+        if s.gen >= s.max_new:
+            push(arrive, "done", s)
+        else:
+            push(arrive, "draft", s)
+
+    def submit_decode(s: _Sess, now: float) -> None:
+        req = Request(
+            str(id(s)),
+            "decode",
+            1,
+            s.plen + s.gen - 1,
+            deadline=s.dl.round_deadline(0, now),
+            arrival=now,
+            payload=s,
+        )
+        sched.submit(req)
+
+    # ---- the GPU ----
+    busy_until = 0.0
+    wake_at: float | None = None
+
+    def try_run(now: float) -> None:
+        nonlocal busy_until, wake_at
+        if now < busy_until - 1e-12:
+            return
+        batch = sched.next_batch(now)
+        if batch is None:
+            w = sched.wakeup(now)
+            if w is not None and (wake_at is None or w < wake_at - 1e-12 or wake_at <= now):
+                wake_at = max(w, now + 1e-6)
+                push(wake_at, "wake", None)
+            return
+        dur = gpu_est.predict(batch.shapes)
+        if cfg.noise:
+            dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
+        busy_until = now + dur
+        push(busy_until, "batch", (batch, dur))
+
+    while heap:
+        now, _, kind, obj = heapq.heappop(heap)
+        if now > end:
+            break
+        if kind == "start":
+            start_session(obj, now)
+        elif kind == "submit":
+            sched.submit(obj)
+        elif kind == "draft":
+            draft_round(obj, now)
+        elif kind == "done":
+            finish_session(obj, now)
+        elif kind == "batch":
+            batch, dur = obj
+            for out in sched.complete(batch, dur, now):
+                on_answer(out.request.payload, out.request, now, dur)
+        # "wake" needs nothing but the try below
+        try_run(now)
+    for s in active.values():  # still running at the end of the drain: a miss, as in `wisp bench`
+        record(s, False)
+    return records
+
+
+# ---------------------------------------------------------------- drivers
+
+
+def _summ(records: list[dict], warmup: float, duration: float) -> dict[str, Any]:
+    from wisp_cloud.fleet.bench import summarize
+
+    for r in records:
+        r.setdefault("diverged_at", None)
+    return summarize(records, warmup, duration)
+
+
+def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolExecutor | None = None) -> dict:
+    """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed)."""
+    per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
+    cfgs = [
+        SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
+    ]
+    for c in cfgs:  # asdict turned the profiles into dicts
+        c.device, c.link = cfg.device, cfg.link
+    t = time.perf_counter()
+    if pool is not None and gpus > 1:
+        results = list(pool.map(simulate_gpu, cfgs))
+    else:
+        results = [simulate_gpu(c) for c in cfgs]
+    records = [r for rs in results for r in rs]
+    summ = _summ(records, cfg.warmup_s, cfg.duration_s)
+    summ["wall_s"] = round(time.perf_counter() - t, 2)
+    summ["n"] = cfg.devices
+    summ["gpus"] = gpus
+    return summ
+
+
+def find_capacity(
+    base: SimConfig, target: float = 0.9, lo: int = 1, hi: int = 4096, steps: int = 7
+) -> tuple[int, float]:
+    """Largest N (devices on one GPU) with attainment ≥ target, by doubling then bisection."""
+
+    def ok(n: int) -> tuple[bool, float]:
+        s = run_point(SimConfig(**{**asdict(base), "devices": n, "device": base.device, "link": base.link}))
+        return s["attainment"] >= target, s["goodput_tok_s"]
+
+    good, gp = 0, 0.0
+    n = max(lo, 8)
+    while n <= hi:
+        passed, g = ok(n)
+        if not passed:
+            break
+        good, gp = n, g
+        n *= 2
+    else:
+        return good, gp
+    low, high = good, n
+    for _ in range(steps):
+        if high - low <= max(1, low // 16):
+            break
+        mid = (low + high) // 2
+        passed, g = ok(mid)
+        if passed:
+            low, gp = mid, g
+        else:
+            high = mid
+    return low, gp
+
+
+def estimator_or_default(path: str | None) -> dict:
+    if path:
+        return VerifyTimeEstimator.load(path).to_dict()
+    return VerifyTimeEstimator.default().to_dict()
+
+
+def expected_rate(cfg: SimConfig) -> float:
+    """Rough sessions per second per device (for sizing printouts)."""
+    mean_len = sum(cfg.lengths) / len(cfg.lengths)
+    return 1.0 / (cfg.gap_s + mean_len * cfg.slo_tpot_ms / 1000)

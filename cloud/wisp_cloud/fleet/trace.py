@@ -1,0 +1,147 @@
+"""Acceptance traces from a real draft/target pair: `wisp bench trace`.
+
+For each prompt of a prompt set the target continues greedily (transformers, KV-cached); then the draft bundle
+(the ONNX model the edge runs, through `DraftRunner`) reads prompt + continuation teacher-forced in one pass.
+At every generated position j we record the draft's confidence there (top-1 probability and entropy of its
+softmax) and whether its greedy token equals the target's token j: exactly the greedy acceptance test of a
+draft token proposed after a correct prefix. Emulated devices (`emulated.py`) replay these records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wisp_cloud.fleet.workload import load_prompts
+
+
+def _confidence(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: argmax, top-1 probability, entropy (nats) of the softmax."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    ent = -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1)
+    return p.argmax(axis=-1), p.max(axis=-1), ent
+
+
+def make_trace(
+    bundle: str | Path,
+    target: str | Path,
+    prompts: str | Path,
+    out: str | Path,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    partial: bool = True,
+) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from wisp_sdk.draft_runner import DraftRunner
+    from wisp_sdk.tokenizer import DraftTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = DraftTokenizer(bundle)
+    runner = DraftRunner(bundle, threads=threads)
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
+    model.eval()
+    eos = set(runner.manifest.eos_token_ids)
+    items = load_prompts(prompts)[: limit or None]
+    seqs = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": item["prompt"]}]))
+        with torch.no_grad():
+            gen = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(eos),
+                pad_token_id=sorted(eos)[0],
+            )
+        cont = gen[0, len(ids) :].tolist()
+        logits = runner.teacher_forced_logits(ids + cont)  # row r predicts token r+1
+        rows = logits[len(ids) - 1 : len(ids) - 1 + len(cont)]
+        arg, top1, ent = _confidence(rows)
+        acc = [int(a == t) for a, t in zip(arg.tolist(), cont, strict=True)]
+        seqs.append(
+            {
+                "prompt_index": i,
+                "prompt_tokens": len(ids),
+                "target_tokens": cont,
+                "finish": "eos" if cont and cont[-1] in eos else "length",
+                "top1": [round(float(x), 5) for x in top1],
+                "entropy": [round(float(x), 5) for x in ent],
+                "accepted": acc,
+            }
+        )
+        if partial:  # keep what is done so far: a long CPU run can be stopped and still leaves a trace
+            _write(out, _doc(bundle, runner, target, prompts, max_new_tokens, seqs))
+        if progress:
+            print(
+                f"  trace {i + 1}/{len(items)}: {len(cont)} tokens, accept {np.mean(acc):.2f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
+    trace = _doc(bundle, runner, target, prompts, max_new_tokens, seqs)
+    _write(out, trace)
+    return trace
+
+
+def _write(out: str | Path, trace: dict[str, Any]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(out) + ".tmp")
+    tmp.write_text(json.dumps(trace) + "\n")
+    tmp.replace(out)
+
+
+def _doc(
+    bundle: Any, runner: Any, target: Any, prompts: Any, max_new_tokens: int, seqs: list
+) -> dict[str, Any]:
+    return {
+        "kind": "wisp-acceptance-trace",
+        "format": 1,
+        "draft": str(bundle),
+        "draft_quantization": runner.manifest.quantization.model_dump(),
+        "target": str(target),
+        "prompts": str(prompts),
+        "max_new_tokens": max_new_tokens,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sequences": seqs,
+        "summary": summarize(seqs),
+    }
+
+
+def summarize(seqs: list[dict[str, Any]]) -> dict[str, float]:
+    acc = [a for s in seqs for a in s["accepted"]]
+    # mean accepted run length of a k=4 round started at every position (the quantity FixedK cares about)
+    runs = []
+    for s in seqs:
+        a = s["accepted"]
+        for j in range(len(a)):
+            n = 0
+            while n < 4 and j + n < len(a) and a[j + n]:
+                n += 1
+            runs.append(n)
+    return {
+        "positions": float(len(acc)),
+        "alpha": float(np.mean(acc)) if acc else 0.0,
+        "mean_accepted_k4": float(np.mean(runs)) if runs else 0.0,
+    }
+
+
+def load_trace(path: str | Path) -> dict[str, Any]:
+    from wisp_sdk.errors import WispError
+
+    p = Path(path)
+    if not p.is_file():
+        raise WispError(f"no trace at {path}; make one with `wisp bench trace`")
+    data = json.loads(p.read_text())
+    if data.get("kind") != "wisp-acceptance-trace" or not data.get("sequences"):
+        raise WispError(f"{path} is not an acceptance trace")
+    return data

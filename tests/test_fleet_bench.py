@@ -1,0 +1,154 @@
+"""`wisp bench` end to end on CPU with the tiny models, and `wisp simulate` over the same inputs.
+
+The bench part is real: `wisp serve` subprocesses (one per policy), real websockets, the real client with
+emulated drafts replaying a trace made by `wisp bench trace` from the tiny draft/target pair. It asserts that
+all three policies complete and give well-formed results, not their numbers (CI machines are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+
+def _prompts(tmp: Path) -> Path:
+    p = tmp / "prompts.jsonl"
+    items = [
+        {"prompt": "Write a function that returns the sum of a list.", "max_new_tokens": 12},
+        {"prompt": "def fibonacci(n):", "max_new_tokens": 8},
+        {"prompt": "Explain binary search.", "max_new_tokens": 10},
+    ]
+    p.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tmp_path_factory, tiny_bundle, tiny_target) -> tuple[Path, Path]:
+    from wisp_cloud.fleet.trace import load_trace, make_trace
+
+    tmp = tmp_path_factory.mktemp("fleet")
+    prompts = _prompts(tmp)
+    out = tmp / "trace.json"
+    make_trace(tiny_bundle, tiny_target, prompts, out, max_new_tokens=12, threads=1, progress=False)
+    trace = load_trace(out)
+    seqs = trace["sequences"]
+    assert len(seqs) == 3
+    for s in seqs:
+        n = len(s["target_tokens"])
+        assert n > 0 and len(s["accepted"]) == len(s["top1"]) == len(s["entropy"]) == n
+        assert all(0.0 < t <= 1.0 for t in s["top1"])
+    assert 0.0 <= trace["summary"]["alpha"] <= 1.0
+    return out, prompts
+
+
+@pytest.mark.timeout(300)
+def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_trace):
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.fleet.bench import run_bench
+
+    trace, prompts = tiny_trace
+    est = tmp_path / "est.json"
+    VerifyTimeEstimator.default().save(est)
+    args = argparse.Namespace(
+        # The bench server: WispServer with the scheduler.py policies (wisp, sled, centralized) on the native
+        # backend, until `wisp serve` exposes them.
+        server_cmd=[sys.executable, "-m", "wisp_cloud.fleet.serve_bench"],
+        serve_args=[
+            "--target",
+            str(tiny_target),
+            "--backend",
+            "native",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--threads",
+            "1",
+            "--estimator",
+            str(est),
+            "--max-batch",
+            "16",
+        ],  # fmt: skip
+        bundle=str(tiny_bundle),
+        trace=str(trace),
+        prompts=str(prompts),
+        policies="centralized,sled,wisp",
+        n="1,2",
+        sled_k="2",
+        duration=2.0,
+        warmup=0.0,
+        drain=20.0,
+        gap=0.2,
+        slo_ttft_ms=5000.0,
+        slo_tpot_ms=1000.0,
+        target=0.9,
+        stop_below=0.0,
+        device_profile="instant",
+        link="lan",
+        length_scale=1.0,
+        procs=1,
+        seed=0,
+        server_policy={},
+        no_plots=False,
+        reuse_server=True,
+        out=str(tmp_path / "bench"),
+    )
+    result = run_bench(args)
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["ratios"] == result["ratios"]
+    pts = result["points"]
+    assert {p["policy"] for p in pts} == {"centralized", "sled", "wisp"}
+    assert len(pts) == 6
+    for p in pts:
+        assert p["sessions"] > 0, p
+        assert p["errors"] == 0, p
+        assert 0.0 <= p["attainment"] <= 1.0
+        assert p["goodput_tok_s"] >= 0.0 and p["throughput_tok_s"] > 0.0
+        assert p["tpot_ms"] == sorted(p["tpot_ms"])
+        if p["policy"] != "centralized":
+            assert p["acceptance"] is not None and 0.0 <= p["acceptance"] <= 1.0
+            # The emulated draft proposes the server's own continuation: no session may diverge from it.
+            assert p["diverged"] == 0, p
+    for policy in ("centralized", "sled", "wisp"):
+        d = result["policies"][policy]
+        assert d["capacity"] in (0, 1, 2) and d["peak_goodput"] >= 0.0
+    for f in result["plots"]:
+        assert Path(f).is_file() and Path(f).stat().st_size > 1000
+
+
+def test_simulate_small_point(tiny_trace):
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.fleet.profiles import get_device, get_link
+    from wisp_cloud.fleet.simulate import SimConfig, run_point
+    from wisp_cloud.fleet.trace import load_trace
+
+    trace, _ = tiny_trace
+    seqs = load_trace(trace)["sequences"]
+    for policy, ctl in (("centralized", ""), ("sled", "fixed:3"), ("wisp", "wisp")):
+        cfg = SimConfig(
+            policy=policy,
+            controller=ctl,
+            devices=40,
+            duration_s=10.0,
+            warmup_s=2.0,
+            gap_s=1.0,
+            slo_ttft_ms=2000.0,
+            slo_tpot_ms=80.0,
+            prompt_tokens=[30, 40, 50],
+            lengths=[64, 96, 128],
+            trace=seqs,
+            device=get_device("jetson"),
+            link=get_link("wifi-metro"),
+            estimator=VerifyTimeEstimator.default().to_dict(),
+        )
+        s = run_point(cfg, gpus=2)
+        assert s["sessions"] > 0 and 0.0 <= s["attainment"] <= 1.0, (policy, s)
+        if policy != "centralized":
+            assert s["acceptance"] is not None
