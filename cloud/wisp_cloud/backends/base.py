@@ -55,6 +55,23 @@ class BatchStats:
     cache_misses: int  # items whose cached prefix had to be rebuilt
     forward_s: float
 
+    @classmethod
+    def of(cls, items: list[WorkItem], cached: list[int], forward_s: float) -> BatchStats:
+        """Stats of a batch that ran, given each item's cached prefix length before the forward."""
+        return cls(
+            batch_size=len(items),
+            new_tokens=sum(len(it.new_tokens) for it in items),
+            context_tokens=sum(cached),
+            max_context=max(cached, default=0),
+            # Items (re)building context rather than verifying/decoding after a warm prefix: they pay a prefill.
+            cache_misses=sum(
+                1
+                for it, c in zip(items, cached, strict=True)
+                if it.context is not None and c < len(it.context) - 1
+            ),
+            forward_s=forward_s,
+        )
+
 
 @runtime_checkable
 class Backend(Protocol):

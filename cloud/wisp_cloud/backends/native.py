@@ -175,19 +175,7 @@ class NativeBackend:
                 group, self._forward_group([items[i] for i in group], [cached[i] for i in group]), strict=True
             ):
                 results[i] = res
-        stats = BatchStats(
-            batch_size=len(items),
-            new_tokens=sum(len(it.new_tokens) for it in items),
-            context_tokens=sum(cached),
-            max_context=max(cached, default=0),
-            # Items (re)building context rather than verifying/decoding after a warm prefix: they pay a prefill.
-            cache_misses=sum(
-                1
-                for it, c in zip(items, cached, strict=True)
-                if it.context is not None and c < len(it.context) - 1
-            ),
-            forward_s=time.perf_counter() - start,
-        )
+        stats = BatchStats.of(items, cached, time.perf_counter() - start)
         return results, stats  # type: ignore[return-value]
 
     def _forward_group(self, items: list[WorkItem], cached: list[int]) -> list[ItemResult]:

@@ -519,18 +519,7 @@ class PagedBackend:
 
                 probs = process_logits(logits[lo:hi].float(), sampling).cpu()
             results.append(ItemResult(it.seq_id, argmax[lo:hi], probs))
-        stats = BatchStats(
-            batch_size=len(items),
-            new_tokens=sum(len(it.new_tokens) for it in items),
-            context_tokens=sum(cached),
-            max_context=max(cached, default=0),
-            cache_misses=sum(
-                1
-                for it, c in zip(items, cached, strict=False)
-                if it.context is not None and c < len(it.context) - 1
-            ),
-            forward_s=time.perf_counter() - start,
-        )
+        stats = BatchStats.of(items, cached, time.perf_counter() - start)
         return results, stats
 
     # ------------------------------------------------------------------ batching
