@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,14 +56,10 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
     est = tmp_path / "est.json"
     VerifyTimeEstimator.default().save(est)
     args = argparse.Namespace(
-        # The bench server: WispServer with the scheduler.py policies (wisp, sled, centralized) on the native
-        # backend, until `wisp serve` exposes them.
-        server_cmd=[sys.executable, "-m", "wisp_cloud.fleet.serve_bench"],
+        server_cmd=None,  # `wisp serve --policy P`, one fresh server per policy
         serve_args=[
             "--target",
             str(tiny_target),
-            "--backend",
-            "native",
             "--device",
             "cpu",
             "--dtype",
@@ -97,7 +92,6 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         seed=0,
         server_policy={},
         no_plots=False,
-        reuse_server=True,
         out=str(tmp_path / "bench"),
     )
     result = run_bench(args)

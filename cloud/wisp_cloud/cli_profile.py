@@ -21,6 +21,7 @@ from typing import Any
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, Observation, VerifyTimeEstimator
+from wisp_cloud.random_model import add_random_model_args
 
 GRIDS = ("quick", "full")
 
@@ -214,32 +215,51 @@ def profile_backend(
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    target = Path(args.target)
-    if not target.is_dir():
-        raise WispError(f"--target {target} is not a model folder")
+    if bool(args.target) == bool(args.random_config):
+        raise WispError("give either --target MODEL or --random-config NAME (random weights)")
     if args.reps < 1:
         raise WispError("--reps must be at least 1")
-    try:
-        from wisp_cloud.backends.native import NativeBackend
-    except ImportError as exc:
-        raise WispError(
-            f"the native backend needs the cloud extras (pip install 'wisp[cloud]'): {exc}"
-        ) from exc
     clock = args.clock
     if clock == "auto":
         clock = "cpu" if args.device == "cpu" else "wall"
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise WispError(f"`wisp profile` needs the cloud extras (pip install 'wisp[cloud]'): {exc}") from exc
 
     if args.threads or clock == "cpu":
         torch.set_num_threads(args.threads or 1)
+    engine = args.engine
+    if engine == "auto":
+        engine = "paged" if args.device.startswith("cuda") or args.random_config else "hf"
+    target = args.target or args.random_config
     try:
-        backend = NativeBackend(target, device=args.device, dtype=args.dtype)
+        if args.random_config:
+            if engine != "paged":
+                raise WispError("--random-config runs on the paged engine (--engine paged)")
+            from wisp_cloud.random_model import random_paged_backend
+
+            backend = random_paged_backend(args, args.kv_budget_tokens)
+        else:
+            target = str(Path(args.target))
+            if not Path(target).is_dir():
+                raise WispError(f"--target {target} is not a model folder")
+            if engine == "paged":
+                from wisp_cloud.backends.paged import PagedBackend
+
+                backend = PagedBackend(
+                    target, args.device, args.dtype, kv_budget_tokens=args.kv_budget_tokens
+                )
+            else:
+                from wisp_cloud.backends.native import NativeBackend
+
+                backend = NativeBackend(target, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
     est, report = profile_backend(
         backend, args.grid, args.reps, args.seed, progress=not args.no_progress, clock=clock
     )
-    est.meta.update({"target": str(target), "device": args.device, "dtype": args.dtype})
+    est.meta.update({"target": str(target), "device": args.device, "dtype": args.dtype, "engine": engine})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     est.save(out)
@@ -262,7 +282,17 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--target", required=True, help="target model folder (transformers format)")
+    p.add_argument("--target", help="target model folder (transformers format)")
+    add_random_model_args(p)
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "paged", "hf"],
+        help="native engine to time (as `wisp serve --engine`); auto = paged on CUDA, hf on CPU",
+    )
+    p.add_argument(
+        "--kv-budget-tokens", type=int, default=None, help="paged engine: KV pool size (default: from memory)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument(
         "--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, bfloat16, float16"
@@ -274,7 +304,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--reps", type=int, default=5, help="timed passes over the grid; each shape's median is kept"
     )
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 with --clock cpu)"
     )

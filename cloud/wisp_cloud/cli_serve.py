@@ -10,6 +10,8 @@ from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.random_model import add_random_model_args, random_paged_backend
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -17,9 +19,8 @@ def add_parser(subparsers) -> None:
         help="serve a target model: verify edge drafts in shared batches",
         description="Serve a target model over websockets (wisp.v1). Prints `listening on ws://HOST:PORT` when ready.",
     )
-    p.add_argument(
-        "--target", required=True, help="HF model folder, or a known model name (see `wisp models`)"
-    )
+    p.add_argument("--target", help="HF model folder, or a known model name (see `wisp models`)")
+    add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
     p.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -154,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         raise WispError(
             f"refusing to serve on {cfg.host} without auth tokens; give --auth-tokens FILE or WISP_AUTH_TOKENS"
         )
-    target = _resolve_target(args.target)
+    if bool(args.target) == bool(args.random_config):
+        raise WispError("give either --target MODEL or --random-config NAME (random weights, for benchmarks)")
+    target = _resolve_target(args.target) if args.target else Path(args.random_config)
 
     import torch
 
@@ -237,7 +240,11 @@ def _native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: in
     """`--backend native`: the paged engine on CUDA (or with --engine paged), the HF engine otherwise."""
     engine = args.engine
     if engine == "auto":
-        engine = "paged" if args.device.startswith("cuda") else "hf"
+        engine = "paged" if args.device.startswith("cuda") or args.random_config else "hf"
+    if args.random_config:
+        if engine != "paged":
+            raise WispError("--random-config runs on the paged engine (--engine paged)")
+        return random_paged_backend(args, kv_budget_tokens)
     if engine == "paged":
         from wisp_cloud.backends.paged import PagedBackend
 

@@ -16,7 +16,6 @@ the judged window. Capacity = the largest N swept with attainment ≥ --target (
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -51,13 +50,9 @@ class ServerProc:
         log_path: Path,
         startup_s: float = 600.0,
         server_cmd: list[str] | None = None,
-        control: bool = False,
     ) -> None:
         prefix = server_cmd or [sys.executable, "-m", "wisp_sdk.cli", "serve"]
         self.cmd = [*prefix, *serve_args, "--policy", policy, "--port", "0"]
-        if control:
-            self.cmd.append("--control-stdin")
-        self.control = control
         self.lines: list[str] = []
         self.log_path = log_path
         self.startup_s = startup_s
@@ -69,7 +64,7 @@ class ServerProc:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             self.cmd,
-            stdin=subprocess.PIPE if self.control else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -100,23 +95,8 @@ class ServerProc:
         self.url = found[0]
         return self
 
-    def switch(self, policy: str, timeout_s: float = 30.0) -> None:
-        """Swap the running server's policy (serve_bench --control-stdin)."""
-        assert self.proc is not None and self.proc.stdin is not None
-        want = f"policy {policy} ok"
-        self.proc.stdin.write(f"policy {policy}\n")
-        self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout_s
-        while want not in self.lines:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise WispError(f"server did not switch to policy {policy}")
-            time.sleep(0.05)
-
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            if self.proc.stdin is not None:  # ends the control reader, so the server can exit cleanly
-                with contextlib.suppress(OSError):
-                    self.proc.stdin.close()
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
@@ -273,8 +253,14 @@ def run_bench(args: Any) -> dict[str, Any]:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     sled_ks = [int(k) for k in str(args.sled_k).split(",") if k.strip()]
     serve_args = list(args.serve_args)
-    if "--session-ttl" not in serve_args:
-        serve_args += ["--session-ttl", "10"]
+    # every device is one client of one server: no per-token session cap, short TTL for abandoned sessions
+    for flag, value in (
+        ("--session-ttl", "10"),
+        ("--max-sessions", "100000"),
+        ("--max-sessions-per-token", "100000"),
+    ):
+        if flag not in serve_args:
+            serve_args += [flag, value]
     result: dict[str, Any] = {
         "kind": "wisp-bench",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_begin)),
@@ -297,7 +283,6 @@ def run_bench(args: Any) -> dict[str, Any]:
             "device_profile": asdict(device),
             "link_profile": asdict(link),
             "procs": args.procs,
-            "reuse_server": bool(getattr(args, "reuse_server", False)),
             "seed": args.seed,
         },
         "points": [],
@@ -305,9 +290,6 @@ def run_bench(args: Any) -> dict[str, Any]:
     truth: dict[int, list[int]] | None = None
     fleet = Fleet(args.procs)
     log_dir = out / "logs"
-    reuse = bool(getattr(args, "reuse_server", False))
-    shared: ServerProc | None = None
-    stack = contextlib.ExitStack()
     try:
         for policy in policies:
             variants = (
@@ -318,21 +300,13 @@ def run_bench(args: Any) -> dict[str, Any]:
                 else [("", None)]
             )
             server_policy = args.server_policy.get(policy, policy) if args.server_policy else policy
-            if shared is not None:
-                shared.switch(server_policy)
-                ctx: Any = contextlib.nullcontext(shared)
-            else:
-                ctx = ServerProc(
-                    serve_args,
-                    server_policy,
-                    log_dir / f"serve-{policy}.log",
-                    server_cmd=getattr(args, "server_cmd", None),
-                    control=reuse,
-                )
-                if reuse:  # one server process for every policy: switched in place between them
-                    shared = stack.enter_context(ctx)
-                    ctx = contextlib.nullcontext(shared)
-            with ctx as server:
+            # one fresh server per policy: same command, model and estimator file, no state carried over
+            with ServerProc(
+                serve_args,
+                server_policy,
+                log_dir / f"serve-{policy}.log",
+                server_cmd=getattr(args, "server_cmd", None),
+            ) as server:
                 print(f"[bench] {policy}: server at {server.url}", flush=True)
                 if truth is None:
                     t = time.time()
@@ -399,7 +373,6 @@ def run_bench(args: Any) -> dict[str, Any]:
                             break
     finally:
         fleet.close()
-        stack.close()
     finalize(result, args.target)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))

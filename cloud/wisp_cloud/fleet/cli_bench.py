@@ -32,8 +32,8 @@ def add_parser(subparsers) -> None:
     r.add_argument(
         "--server-cmd",
         default="",
-        help='server command before its arguments (default: `wisp serve`), e.g. "python -m '
-        'wisp_cloud.fleet.serve_bench" for the scheduler policies on any backend',
+        help="server command before its arguments (default: `wisp serve`); it must take `--policy P --port 0` "
+        "and print `listening on ws://HOST:PORT`",
     )
     r.add_argument(
         "--bundle", required=True, help="draft bundle (its manifest and tokenizer; no ONNX needed)"
@@ -68,12 +68,6 @@ def add_parser(subparsers) -> None:
         default="",
         help=argparse.SUPPRESS,  # testing only: map a policy to another server policy, e.g. sled=fifo
     )
-    r.add_argument(
-        "--reuse-server",
-        action="store_true",
-        help="one server process for all policies, switched in place (needs a server with --control-stdin, "
-        "e.g. wisp_cloud.fleet.serve_bench): same model, KV pool and estimator, one start-up",
-    )
     r.add_argument("--no-plots", action="store_true")
     r.add_argument("--out", default="runs/bench", help="output folder (bench.json, PNGs, server logs)")
     r.set_defaults(func=_run)
@@ -95,8 +89,8 @@ def _run(args: argparse.Namespace) -> int:
 
     args.serve_args = shlex.split(args.serve)
     args.server_cmd = shlex.split(args.server_cmd) if args.server_cmd else None
-    if args.server_cmd is None and "--target" not in args.serve_args:
-        raise WispError("--serve must include --target")
+    if args.server_cmd is None and not {"--target", "--random-config"} & set(args.serve_args):
+        raise WispError("--serve must include --target or --random-config")
     args.server_policy = dict(kv.split("=", 1) for kv in args.server_policy.split(",") if "=" in kv)
     if args.duration <= args.warmup:
         raise WispError("--duration must be longer than --warmup")
