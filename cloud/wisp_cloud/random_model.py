@@ -133,7 +133,9 @@ def next_token_map(vocab: int, avoid: set[int], seed: int, allowed: int | None =
     return out
 
 
-def stabilize_argmax(model: Any, seed: int = 0, embed_scale: float = 1000.0, allowed: int | None = None) -> Any:
+def stabilize_argmax(
+    model: Any, seed: int = 0, embed_scale: float = 1000.0, allowed: int | None = None
+) -> Any:
     """Make `model`'s greedy next token a fixed function of the last token (see the module doc).
 
     `allowed`: next tokens are drawn from ids below it (a tokenizer smaller than the embedding table).
