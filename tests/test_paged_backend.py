@@ -188,6 +188,107 @@ def test_page_table_bookkeeping():
     assert pt.free_pages() == 4 and 0 not in pt._free  # page 0 is the scratch page, never handed out
 
 
+def _ref_pack(be, items, cached, graph_key):
+    """The packing as first written (one Python pass per item): the reference for the vectorised `_pack`."""
+    import numpy as np
+    from wisp_cloud.backends.paged import _Batch
+
+    q_lens = [len(it.new_tokens) for it in items]
+    t_real = sum(q_lens)
+    r_real = sum(it.n_logits for it in items)
+    pages_needed = max(len(be.pages.pages[it.seq_id]) for it in items)
+    if graph_key is not None:
+        T, B, tok, W, R, n_tiles = graph_key
+    else:
+        tok = be._tile_tokens(max(q_lens))
+        T, B, W, R = t_real, len(items), pages_needed, max(1, r_real)
+        n_tiles = sum(-(-q // tok) for q in q_lens)
+    batch = _Batch(np.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=np.int32), T, B, W, R, n_tiles, tok)
+    v, off = {}, 0
+    for name, n in batch.layout():
+        v[name] = batch.host[off : off + n]
+        off += n
+    n, ps = len(items), be.page_size
+    ql = np.asarray(q_lens, dtype=np.int64)
+    c = np.asarray(cached, dtype=np.int64)
+    nl = np.asarray([it.n_logits for it in items], dtype=np.int64)
+    start = np.cumsum(ql) - ql
+    bt = v["block_table"].reshape(B, W)
+    for b, it in enumerate(items):
+        pages = be.pages.pages[it.seq_id]
+        bt[b, : len(pages)] = pages
+    v["ids"][:t_real] = [t for it in items for t in it.new_tokens]
+    seq_of = np.repeat(np.arange(n), ql)
+    pos = np.arange(t_real) - np.repeat(start, ql) + np.repeat(c, ql)
+    v["pos"][:t_real] = pos
+    v["slots"][:t_real] = bt[seq_of, pos // ps].astype(np.int64) * ps + pos % ps
+    v["q_start"][:n] = start
+    v["q_len"][:n] = ql
+    v["kv_len"][:n] = c + ql
+    v["tile_seq"][:] = -1
+    if tok >= ql.max():
+        v["tile_seq"][:n] = np.arange(n)
+    else:
+        per = -(-ql // tok)
+        v["tile_seq"][: per.sum()] = np.repeat(np.arange(n), per)
+        v["tile_t0"][: per.sum()] = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * tok
+    r = int(nl.sum())
+    v["rows"][:r] = np.repeat(start + ql - nl, nl) + np.arange(r) - np.repeat(np.cumsum(nl) - nl, nl)
+    return batch.host
+
+
+def test_pack_matches_reference_under_random_paging(tiny_target):
+    """`_pack` (block tables from the mirrored rows, vectorised fields) writes exactly what the per-item
+    reference writes, eager and padded to the graph bucket, into fresh and reused buffers, while sequences
+    grow, roll back, are released and come back (mirror rows reused, grown in rows and columns)."""
+    import numpy as np
+    from wisp_cloud.backends.paged import _Batch
+
+    be = PagedBackend(tiny_target, "cpu", kv_budget_tokens=4096, page_size=4, prefill_tile_rows=8)
+    be.max_positions = 10**6  # positions are not computed here
+    rng = random.Random(5)
+    names = [f"q{i}" for i in range(90)]  # more than the mirror's first 64 rows
+    bufs: dict[tuple, tuple] = {}
+    for step in range(150):
+        live = [s for s in names if s in be.pages.pages]
+        for s in rng.sample(live, min(len(live), rng.randint(0, 3))):
+            if rng.random() < 0.4:
+                be.release(s)
+            else:
+                be.truncate(s, rng.randint(0, be.cached_len(s)))
+        batch_ids = rng.sample(names, rng.randint(1, 12))
+        items, cached = [], []
+        for s in batch_ids:
+            q = rng.choice([1, 2, 6, 10, rng.randint(11, 40)])
+            items.append(WorkItem(s, [rng.randrange(300) for _ in range(q)], n_logits=rng.randint(0, q)))
+            cached.append(be.cached_len(s))
+        totals = {it.seq_id: c + len(it.new_tokens) for it, c in zip(items, cached, strict=True)}
+        if step % 25 == 7:  # a long sequence: the mirror grows columns
+            totals[batch_ids[0]] += 300
+            cached[0] += 300
+        try:
+            be.pages.reserve(totals)
+        except KVCacheFull:
+            for s in list(be.pages.pages):
+                be.release(s)
+            continue
+        for s, n in totals.items():
+            be.pages.set_length(s, n)
+        for key in (None, be._graph_key(items, force=True)):
+            want = _ref_pack(be, items, cached, key)
+            got = be._pack(items, cached, key)
+            assert np.array_equal(got.host, want), (step, key)
+            if key is not None:  # into a reused (dirty) buffer through cached views, as on the graph path
+                if key not in bufs:
+                    T, B, tok, W, R, n_tiles = key
+                    buf = np.full_like(got.host, 7)
+                    bufs[key] = (buf, _Batch(buf, T, B, W, R, n_tiles, tok).host_views())
+                buf, views = bufs[key]
+                be._pack(items, cached, key, out=buf, views=views)
+                assert np.array_equal(buf, want), (step, key)
+    assert be._bt.shape[0] > 64 and be._bt.shape[1] > 64
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import random, sys

@@ -3,6 +3,10 @@
 Pure Python, no torch: the device tensors live in the backend; this class only says which page holds which
 token. Page 0 is reserved as a scratch page (padding tokens of a CUDA-graph bucket write their K/V there), so
 `num_pages` usable pages are numbered 1..num_pages.
+
+`changed` lets a consumer mirror the block tables (the paged backend keeps them as rows of one numpy array):
+every method that changes a sequence's page list records the lowest block index that may differ since the
+consumer last looked (the consumer pops the entry when it syncs); a sequence new to the table records 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class PageTable:
         self._free: list[int] = list(range(num_pages, 0, -1))
         self.pages: dict[str, list[int]] = {}
         self.lengths: dict[str, int] = {}
+        self.changed: dict[str, int] = {}  # seq_id -> lowest block index changed since the consumer synced
 
     # ---- queries ----
     def length(self, seq_id: str) -> int:
@@ -44,37 +49,55 @@ class PageTable:
 
         Raises KVCacheFull (and changes nothing) when the free pages don't cover every sequence's growth.
         """
+        ps = self.page_size
+        grow = []
         need = 0
         for seq_id, n in wants.items():
-            need += max(0, self.pages_for(n) - len(self.pages.get(seq_id, ())))
+            pages = self.pages.get(seq_id)
+            more = -(-n // ps) - (0 if pages is None else len(pages))
+            if more > 0 or pages is None:
+                grow.append((seq_id, pages, more))
+                if more > 0:
+                    need += more
         if need > len(self._free):
             raise KVCacheFull(
                 f"KV cache full: this batch needs {need} more pages of {self.page_size} tokens, "
                 f"{len(self._free)} of {self.num_pages} are free; release or truncate sequences, "
                 "or give the backend a larger kv budget"
             )
-        for seq_id, n in wants.items():
-            pages = self.pages.setdefault(seq_id, [])
-            self.lengths.setdefault(seq_id, 0)
-            while len(pages) < self.pages_for(n):
-                pages.append(self._free.pop())
+        free, changed = self._free, self.changed
+        for seq_id, pages, more in grow:
+            if pages is None:
+                pages = self.pages[seq_id] = []
+                self.lengths.setdefault(seq_id, 0)
+                changed[seq_id] = 0
+            if more > 0:
+                old = len(pages)
+                pages.extend(free[: -more - 1 : -1])  # popped from the end, one by one
+                del free[-more:]
+                if changed.get(seq_id, old) >= old:
+                    changed[seq_id] = old
 
     def set_length(self, seq_id: str, n_tokens: int) -> None:
         self.lengths[seq_id] = n_tokens
 
     def truncate(self, seq_id: str, n_tokens: int) -> None:
-        if seq_id not in self.pages:
+        pages = self.pages.get(seq_id)
+        if pages is None:
             return
         n_tokens = max(0, min(n_tokens, self.lengths.get(seq_id, 0)))
         self.lengths[seq_id] = n_tokens
-        pages = self.pages[seq_id]
-        keep = self.pages_for(n_tokens)
-        while len(pages) > keep:
-            self._free.append(pages.pop())
+        keep = -(-n_tokens // self.page_size)
+        if len(pages) > keep:
+            self._free.extend(pages[: keep - 1 if keep else None : -1])  # pushed from the end, one by one
+            del pages[keep:]
+            if self.changed.get(seq_id, keep) >= keep:
+                self.changed[seq_id] = keep
 
     def release(self, seq_id: str) -> None:
         pages = self.pages.pop(seq_id, None)
         self.lengths.pop(seq_id, None)
+        self.changed.pop(seq_id, None)
         if pages:
             self._free.extend(reversed(pages))
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -189,13 +191,21 @@ class _Batch:
     def size(T: int, B: int, W: int, R: int, n_tiles: int) -> int:
         return 3 * T + 2 * n_tiles + 3 * B + R + B * W
 
+    def host_views(self) -> dict[str, np.ndarray]:
+        """Views of `host` by field (block_table as [B, W])."""
+        return _views(self.host, self)
 
-def _views(buf: torch.Tensor, batch: _Batch) -> dict[str, torch.Tensor]:
+
+def _views(buf: Any, batch: _Batch) -> dict[str, Any]:
+    """Views of a packed buffer (torch tensor or numpy array) by field; block_table as [B, W]."""
     out, off = {}, 0
     for name, n in batch.layout():
         out[name] = buf[off : off + n]
         off += n
-    out["block_table"] = out["block_table"].view(batch.B, batch.W)
+    bt = out["block_table"]
+    out["block_table"] = (
+        bt.view(batch.B, batch.W) if isinstance(bt, torch.Tensor) else bt.reshape(batch.B, -1)
+    )
     return out
 
 
@@ -207,6 +217,7 @@ class _Graph:
     dev: torch.Tensor
     argmax: torch.Tensor
     logits: torch.Tensor
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # of host_np, by field (_pack fills them)
 
 
 class PagedBackend:
@@ -342,6 +353,12 @@ class PagedBackend:
         shape = (self.n_layers, 2, n_slots, self.n_kv_heads, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._graphs: dict[tuple, _Graph] = {}
+        # Block tables mirrored as rows of one int32 array (pages, then zeros), kept in sync with `self.pages`
+        # through its `changed` record, so that packing a batch's block table is one gather.
+        self._bt = np.zeros((64, 64), dtype=np.int32)
+        self._bt_row: dict[str, int] = {}  # seq_id -> row of self._bt
+        self._bt_len: list[int] = [0] * 64  # pages written into each row (zeros after them)
+        self._bt_free: list[int] = list(range(63, -1, -1))
         self.last_timing: dict[str, float] = {}
         self.pad_eager = False
         self._graph_pool = None
@@ -458,6 +475,9 @@ class PagedBackend:
 
     def release(self, seq_id: str) -> None:
         self.pages.release(seq_id)
+        row = self._bt_row.pop(seq_id, None)
+        if row is not None:
+            self._bt_free.append(row)  # its stale pages are rewritten or zeroed by its next user
 
     def kv_bytes(self, seq_id: str | None = None) -> int:
         """KV memory held (whole pages), by one sequence or by all."""
@@ -483,101 +503,159 @@ class PagedBackend:
         start = time.perf_counter()
         if not items:
             return [], BatchStats(0, 0, 0, 0, 0, 0.0)
-        if len({it.seq_id for it in items}) != len(items):
+        seq_ids = [it.seq_id for it in items]
+        if len(set(seq_ids)) != len(items):
             raise ValueError("a batch may hold each sequence once")
-        for it in items:
-            if not it.new_tokens:
-                raise ValueError(f"work item for {it.seq_id} has no new tokens")
-            if not 0 <= it.n_logits <= len(it.new_tokens):
-                raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
-        cached = [self.pages.length(it.seq_id) for it in items]
-        totals = [c + len(it.new_tokens) for c, it in zip(cached, items, strict=False)]
-        for it, n in zip(items, totals, strict=False):
-            if n > self.max_positions:
-                raise ValueError(f"{it.seq_id}: {n} tokens exceed the model's {self.max_positions} positions")
-        known = {it.seq_id for it in items if it.seq_id in self.pages.pages}
-        self.pages.reserve(
-            {it.seq_id: n for it, n in zip(items, totals, strict=False)}
-        )  # all or nothing: KVCacheFull
+        q_lens = [len(it.new_tokens) for it in items]
+        n_logits = [it.n_logits for it in items]
+        if not (min(q_lens) > 0 and min(n_logits) >= 0 and all(map(operator.le, n_logits, q_lens))):
+            for it, q, nl in zip(items, q_lens, n_logits, strict=True):
+                if not q:
+                    raise ValueError(f"work item for {it.seq_id} has no new tokens")
+                if not 0 <= nl <= q:
+                    raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
+        pages = self.pages
+        cached = [pages.lengths.get(s, 0) for s in seq_ids]
+        totals = list(map(operator.add, cached, q_lens))
+        if max(totals) > self.max_positions:
+            s, n = next((s, n) for s, n in zip(seq_ids, totals, strict=True) if n > self.max_positions)
+            raise ValueError(f"{s}: {n} tokens exceed the model's {self.max_positions} positions")
+        known = [s in pages.pages for s in seq_ids]
+        pages.reserve(dict(zip(seq_ids, totals, strict=True)))  # all or nothing: KVCacheFull
         try:
-            for it, n in zip(items, totals, strict=False):
-                self.pages.set_length(it.seq_id, n)
-            argmax, logits, rows = self._run(items, cached)
+            pages.lengths.update(zip(seq_ids, totals, strict=True))
+            r_real = sum(n_logits)
+            argmax_t, logits = self._launch(items, cached, seq_ids, q_lens, n_logits, r_real)
+            stats = BatchStats.of(items, cached, 0.0)  # host work while the GPU runs
+            t2 = time.perf_counter()
+            argmax = argmax_t[:r_real].tolist()  # waits for the GPU
+            self.last_timing["wait_s"] = time.perf_counter() - t2
         except BaseException:
-            for it, c in zip(items, cached, strict=False):
-                if it.seq_id in known:
-                    self.pages.truncate(it.seq_id, c)
+            for s, c, k in zip(seq_ids, cached, known, strict=True):
+                if k:
+                    pages.truncate(s, c)
                 else:
-                    self.pages.release(it.seq_id)
+                    self.release(s)
             raise
         results = []
-        for it, (lo, hi) in zip(items, rows, strict=False):
+        lo = 0
+        for it, nl in zip(items, n_logits, strict=True):
+            hi = lo + nl
             probs = None
             sampling = it.sampling
-            if hi > lo and sampling is not None and not sampling.greedy:
+            if nl and sampling is not None and not sampling.greedy:
                 from wisp_cloud.acceptance import process_logits
 
                 probs = process_logits(logits[lo:hi].float(), sampling).cpu()
             results.append(ItemResult(it.seq_id, argmax[lo:hi], probs))
-        stats = BatchStats.of(items, cached, time.perf_counter() - start)
+            lo = hi
+        stats.forward_s = time.perf_counter() - start
         return results, stats
 
     # ------------------------------------------------------------------ batching
 
+    def _block_rows(self, seq_ids: list[str], page_lists: list[list[int]], width: int) -> np.ndarray:
+        """Rows of the block-table mirror `self._bt` that hold these sequences' pages, after syncing each row
+        with the page table (only from the lowest block that changed since the last sync). `self._bt` gets at
+        least `width` columns."""
+        bt, rows, lens = self._bt, self._bt_row, self._bt_len
+        changed = self.pages.changed
+        need = max(width, max(map(len, page_lists)))
+        if need > bt.shape[1]:
+            wider = np.zeros((bt.shape[0], pk.next_pow2(need)), dtype=np.int32)
+            wider[:, : bt.shape[1]] = bt
+            bt = self._bt = wider
+        out = []
+        for s, pages in zip(seq_ids, page_lists, strict=True):
+            r = rows.get(s)
+            if r is None:  # first time seen (or reused after release): rewrite the whole row
+                if not self._bt_free:
+                    n_rows = bt.shape[0]
+                    taller = np.zeros((2 * n_rows, bt.shape[1]), dtype=np.int32)
+                    taller[:n_rows] = bt
+                    bt = self._bt = taller
+                    lens.extend([0] * n_rows)
+                    self._bt_free.extend(range(2 * n_rows - 1, n_rows - 1, -1))
+                r = rows[s] = self._bt_free.pop()
+                changed.pop(s, None)
+                d = 0
+            else:
+                d = changed.pop(s, None)
+                if d is None:  # unchanged since the last sync
+                    out.append(r)
+                    continue
+            n, m = len(pages), lens[r]
+            if d < n:
+                bt[r, d:n] = pages[d:]
+            if n < m:
+                bt[r, n:m] = 0
+            lens[r] = n
+            out.append(r)
+        return np.array(out, dtype=np.intp)
+
     def _pack(
-        self, items: list[WorkItem], cached: list[int], graph_key: tuple | None, out: np.ndarray | None = None
+        self,
+        items: list[WorkItem],
+        cached: list[int],
+        graph_key: tuple | None,
+        out: np.ndarray | None = None,
+        views: dict[str, np.ndarray] | None = None,
+        lists: tuple | None = None,
     ) -> _Batch:
         """Fill the int32 metadata for one forward; with `graph_key`, padded to that bucket (into `out`, the
-        graph's pinned input buffer, when given)."""
-        q_lens = [len(it.new_tokens) for it in items]
+        graph's pinned input buffer, and its field `views`, when given). `lists`: (seq_ids, q_lens, n_logits,
+        page_lists) of the items, when the caller has them."""
+        if lists is None:
+            seq_ids = [it.seq_id for it in items]
+            q_lens = [len(it.new_tokens) for it in items]
+            n_logits = [it.n_logits for it in items]
+            page_lists = [self.pages.pages[s] for s in seq_ids]
+        else:
+            seq_ids, q_lens, n_logits, page_lists = lists
+        n = len(items)
         t_real = sum(q_lens)
-        r_real = sum(it.n_logits for it in items)
-        pages_needed = max(len(self.pages.pages[it.seq_id]) for it in items)
+        max_q = max(q_lens)
         if graph_key is not None:
             T, B, tok, W, R, n_tiles = graph_key
         else:
-            tok = self._tile_tokens(max(q_lens))
-            T, B, W, R = t_real, len(items), pages_needed, max(1, r_real)
+            tok = self._tile_tokens(max_q)
+            T, B, W, R = t_real, n, max(map(len, page_lists)), max(1, sum(n_logits))
             n_tiles = sum(-(-q // tok) for q in q_lens)
         if out is None:
             out = np.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=np.int32)
+            views = None
         else:
             out.fill(0)
         batch = _Batch(out, T, B, W, R, n_tiles, tok)
-        v = {}
-        off = 0
-        for name, n in batch.layout():
-            v[name] = batch.host[off : off + n]
-            off += n
-        n = len(items)
+        v = views or batch.host_views()
         ps = self.page_size
-        ql = np.asarray(q_lens, dtype=np.int64)
-        c = np.asarray(cached, dtype=np.int64)
-        nl = np.fromiter((it.n_logits for it in items), dtype=np.int64, count=n)
-        start = np.cumsum(ql) - ql
-        bt = v["block_table"].reshape(B, W)
-        page_lists = [self.pages.pages[it.seq_id] for it in items]
-        for b, pages in enumerate(page_lists):
-            bt[b, : len(pages)] = pages
-        v["ids"][:t_real] = np.fromiter(
-            (tok_id for it in items for tok_id in it.new_tokens), dtype=np.int64, count=t_real
-        )
+        ql = np.array(q_lens, dtype=np.int64)
+        c = np.array(cached, dtype=np.int64)
+        end = np.cumsum(ql)
+        start = end - ql
+        rows_bt = self._block_rows(seq_ids, page_lists, W)  # may grow self._bt: look it up after
+        bt = v["block_table"]
+        bt[:n] = self._bt[rows_bt, :W]
+        v["ids"][:t_real] = np.fromiter(chain.from_iterable(it.new_tokens for it in items), np.int64, t_real)
         seq_of = np.repeat(np.arange(n), ql)
-        pos = np.arange(t_real) - np.repeat(start, ql) + np.repeat(c, ql)
+        pos = np.arange(t_real) + np.repeat(c - start, ql)
         v["pos"][:t_real] = pos
         v["slots"][:t_real] = bt[seq_of, pos // ps].astype(np.int64) * ps + pos % ps
         v["q_start"][:n] = start
         v["q_len"][:n] = ql
         v["kv_len"][:n] = c + ql
-        v["tile_seq"][:] = -1
-        if tok >= ql.max():  # verifies and decodes: one tile per sequence
-            v["tile_seq"][:n] = np.arange(n)
+        tile_seq = v["tile_seq"]
+        tile_seq.fill(-1)
+        if tok >= max_q:  # verifies and decodes: one tile per sequence
+            tile_seq[:n] = np.arange(n)
         else:
             per = -(-ql // tok)
-            v["tile_seq"][: per.sum()] = np.repeat(np.arange(n), per)
-            v["tile_t0"][: per.sum()] = (np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)) * tok
+            n_real = int(per.sum())
+            tile_seq[:n_real] = np.repeat(np.arange(n), per)
+            v["tile_t0"][:n_real] = (np.arange(n_real) - np.repeat(np.cumsum(per) - per, per)) * tok
+        nl = np.array(n_logits, dtype=np.int64)
         r = int(nl.sum())
-        v["rows"][:r] = np.repeat(start + ql - nl, nl) + np.arange(r) - np.repeat(np.cumsum(nl) - nl, nl)
+        v["rows"][:r] = np.arange(r) + np.repeat(end - np.cumsum(nl), nl)  # the last n_logits rows of each
         if self.kernels != "triton":
             for b, pages in enumerate(page_lists):
                 allp = np.arange(c[b] + ql[b], dtype=np.int64)
@@ -598,57 +676,67 @@ class PagedBackend:
 
     def _graph_key(self, items: list[WorkItem], force: bool = False) -> tuple | None:
         """(T, B, tok, W, R, n_tiles) of the CUDA graph that can run this batch, or None (run eagerly)."""
-        if not (self.cuda_graphs or force) or len(items) > self.max_graph_batch:
-            return None
         q_lens = [len(it.new_tokens) for it in items]
+        n_logits = [it.n_logits for it in items]
+        return self._key_of(q_lens, n_logits, [self.pages.pages[it.seq_id] for it in items], force)
+
+    def _key_of(
+        self, q_lens: list[int], n_logits: list[int], page_lists: list[list[int]], force: bool = False
+    ) -> tuple | None:
+        if not (self.cuda_graphs or force) or len(q_lens) > self.max_graph_batch:
+            return None
         max_q = max(q_lens)
         t = sum(q_lens)
         if t > self.max_graph_tokens:
             return None
         T = self._bucket(t)
-        B = pk.next_pow2(len(items))
-        W = max(4, pk.next_pow2(max(len(self.pages.pages[it.seq_id]) for it in items)))
+        B = pk.next_pow2(len(q_lens))
+        W = max(4, pk.next_pow2(max(map(len, page_lists))))
         if max_q <= self.max_graph_q:  # verify / decode: one tile per sequence, every row may want logits
             return (T, B, max_q, W, T, B)
         tok = self._tile_tokens(max_q)  # prefill chunks: tiles of `tok` tokens, few logit rows
-        R = self._bucket(sum(it.n_logits for it in items))
+        R = self._bucket(sum(n_logits))
         return (T, B, tok, W, R, -(-T // tok) + B)
 
-    def _run(
-        self, items: list[WorkItem], cached: list[int]
-    ) -> tuple[list[int], torch.Tensor, list[tuple[int, int]]]:
+    def _launch(
+        self,
+        items: list[WorkItem],
+        cached: list[int],
+        seq_ids: list[str],
+        q_lens: list[int],
+        n_logits: list[int],
+        r_real: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack and start the batch (graph replay, or the eager launches); returns (argmax, logits) on the
+        device, the first `r_real` rows being the items' logit rows in order (not waited for)."""
         t0 = time.perf_counter()
-        key = self._graph_key(items)
-        r_real = sum(it.n_logits for it in items)
+        page_lists = [self.pages.pages[s] for s in seq_ids]
+        lists = (seq_ids, q_lens, n_logits, page_lists)
+        key = self._key_of(q_lens, n_logits, page_lists) if self.cuda_graphs else None
         if key is not None:
             gr = self._graphs.get(key)
             if gr is None and len(self._graphs) >= self.max_graphs:
                 key = None  # enough graphs held: run this shape eagerly
             elif gr is None:
-                gr = self._capture(key, self._pack(items, cached, key))
+                gr = self._capture(key, self._pack(items, cached, key, lists=lists))
                 self._graphs[key] = gr
         if key is not None:
-            self._pack(items, cached, key, out=gr.host_np)
+            self._pack(items, cached, key, out=gr.host_np, views=gr.views, lists=lists)
             t1 = time.perf_counter()
             gr.dev.copy_(gr.host, non_blocking=True)
             gr.graph.replay()
             argmax_t, logits = gr.argmax, gr.logits
         else:
             # pad_eager (tests): the graph path's padded buckets, run without a graph (CPU, Triton interpreter)
-            batch = self._pack(items, cached, self._graph_key(items, force=True) if self.pad_eager else None)
+            pad = self._key_of(q_lens, n_logits, page_lists, force=True) if self.pad_eager else None
+            batch = self._pack(items, cached, pad, lists=lists)
             t1 = time.perf_counter()
             buf = torch.from_numpy(batch.host)
             if self.device.type == "cuda":
                 buf = buf.pin_memory().to(self.device, non_blocking=True)
             argmax_t, logits = self._forward_tokens(_views(buf, batch), batch)
-        t2 = time.perf_counter()
-        argmax = argmax_t[:r_real].tolist()
-        self.last_timing = {"pack_s": t1 - t0, "launch_s": t2 - t1, "wait_s": time.perf_counter() - t2}
-        rows, lo = [], 0
-        for it in items:
-            rows.append((lo, lo + it.n_logits))
-            lo += it.n_logits
-        return argmax, logits[:r_real], rows
+        self.last_timing = {"pack_s": t1 - t0, "launch_s": time.perf_counter() - t1}
+        return argmax_t, logits[:r_real]
 
     def _capture(self, key: tuple, batch: _Batch) -> _Graph:
         """Capture the bucket's graph. The warm-up runs (Triton compiles, cuBLAS heuristics) see the real batch
@@ -668,7 +756,8 @@ class PagedBackend:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             argmax, logits = self._forward_tokens(views, batch)
         log.debug("captured CUDA graph for bucket (T, B, tok, W, R, tiles)=%s", key)
-        return _Graph(graph, host, host.numpy(), dev, argmax, logits)
+        host_np = host.numpy()
+        return _Graph(graph, host, host_np, dev, argmax, logits, _views(host_np, batch))
 
     # ------------------------------------------------------------------ the model
 
