@@ -200,6 +200,31 @@ def test_admission_refuses_past_capacity_and_is_monotone():
     assert max(0.03 + 1.5 * tb, g) <= 0.05 * e
 
 
+def test_admission_takes_an_unmeasured_session_like_the_median_measured_one():
+    """A new session borrows a measured session's (device time, draft length, α) as a whole.
+
+    The fleet drafts long rounds (k=10, 200 ms on the device, α=0.9: 6.9 tokens per round, 29 ms per token).
+    Mixing the fleet's device time with a short default draft length and the α prior (what admission did
+    before) predicts 200 ms per 2.8 tokens, a miss, and refused every newcomer to a fleet that meets its SLO.
+    """
+    est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.005, 0.0001])
+    adm = AdmissionController(est, target=0.9, max_batch=64)
+    fleet = [
+        SessionLoad(f"s{i}", tpot_s=0.06, draft_len=10, context_len=300, alpha=0.9, think_s=0.2)
+        for i in range(3)
+    ]
+    cand = SessionLoad("new", tpot_s=0.06, draft_len=4, context_len=300, ttft_s=2.0, prompt_len=100)
+    assert adm.predict_attainment(fleet) == 1.0
+    assert adm.admit(cand, fleet).admit
+    # and still refuses when the measured fleet itself misses
+    slow = [
+        SessionLoad(f"s{i}", tpot_s=0.06, draft_len=2, context_len=300, alpha=0.5, think_s=0.3)
+        for i in range(3)
+    ]
+    dec = adm.admit(cand, slow)
+    assert not dec.admit and "median device time per round 300 ms" in dec.reason
+
+
 def test_admission_checks_ttft_of_the_candidate():
     est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.01, 0.001])
     adm = AdmissionController(est)

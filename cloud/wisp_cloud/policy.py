@@ -124,6 +124,7 @@ class SchedPolicy:
         self._waiting: list[scheduler.Request] = []
         self._draft_len: dict[str, int] = {}  # session -> draft tokens of its last round
         self._think: dict[str, float] = {}  # session -> EWMA of device time between answer and next round
+        self._k_mean: dict[str, float] = {}  # session -> EWMA of its draft length
         self.refused = 0
         self.batches = 0
         self.select_s = 0.0
@@ -151,8 +152,14 @@ class SchedPolicy:
             kind = "verify" if kind_name == "round" else "decode"
         if kind_name == "round":
             k = len(job.draft)
+            first_round = s.id not in self._draft_len
             self._draft_len[s.id] = k
-            if d is not None and d.anchor is not None:  # device time since our last answer: draft + network
+            # admission pairs the mean draft length with the mean device time (a controller varies k per round)
+            old_k = self._k_mean.get(s.id)
+            self._k_mean[s.id] = float(k) if old_k is None else 0.8 * old_k + 0.2 * k
+            # device time since our last answer: draft + network. Not the first round's: it also holds the
+            # device's one-off prompt prefill, which would make the session look slow for many rounds.
+            if d is not None and d.anchor is not None and not first_round:
                 think = max(0.0, job.enqueued_at - d.anchor)
                 old = self._think.get(s.id)
                 self._think[s.id] = think if old is None else 0.8 * old + 0.2 * think
@@ -247,9 +254,10 @@ class SchedPolicy:
         return SessionLoad(
             s.id,
             tpot_s=s.slo.tpot_ms / 1000.0,
-            draft_len=0 if central else self._draft_len.get(s.id, DEFAULT_DRAFT_LEN),
+            draft_len=0 if central else round(self._k_mean.get(s.id, DEFAULT_DRAFT_LEN)),
             context_len=s.committed_len,
-            alpha=d.acceptance.alpha if d is not None else 0.7,
+            # None until the session has a verdict: admission fills in the other sessions' median
+            alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
             think_s=0.0 if central else self._think.get(s.id),
         )
 
@@ -259,6 +267,7 @@ class SchedPolicy:
     def closed(self, session: Session) -> None:
         self._draft_len.pop(session.id, None)
         self._think.pop(session.id, None)
+        self._k_mean.pop(session.id, None)
 
 
 POLICIES: dict[str, type] = {

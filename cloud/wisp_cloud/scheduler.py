@@ -23,7 +23,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 from wisp_cloud.deadlines import expected_committed
@@ -547,7 +547,7 @@ class SessionLoad:
     tpot_s: float
     draft_len: int = 4
     context_len: int = 256
-    alpha: float = 0.7
+    alpha: float | None = None  # per-token acceptance (None: like the others)
     think_s: float | None = None  # device time per round: draft + network (None: like the others)
     ttft_s: float = math.inf
     prompt_len: int = 0
@@ -575,11 +575,32 @@ class AdmissionController:
     target: float = 0.9
     max_batch: int = 64
     default_think_s: float = 0.05
+    default_alpha: float = 0.7
 
-    def _thinks(self, loads: Sequence[SessionLoad]) -> list[float]:
-        known = sorted(s.think_s for s in loads if s.think_s is not None)
-        fill = known[len(known) // 2] if known else self.default_think_s
-        return [s.think_s if s.think_s is not None else fill for s in loads]
+    def _profiles(self, loads: Sequence[SessionLoad]) -> list[SessionLoad]:
+        """Each load with its think time, draft length and α filled in.
+
+        A speculative session not measured yet (no round, or no verdict) is taken to behave like the median
+        measured one, as a whole: its draft length goes with its device time (mixing one session's draft length
+        with another's device time mispredicts both).
+        """
+        known = sorted(
+            (s for s in loads if s.think_s is not None and s.alpha is not None and s.draft_len > 0),
+            key=lambda s: s.think_s or 0.0,
+        )
+        rep = known[len(known) // 2] if known else None
+        out = []
+        for s in loads:
+            if s.think_s is not None and (s.alpha is not None or s.draft_len == 0):
+                out.append(replace(s, alpha=s.alpha if s.alpha is not None else self.default_alpha))
+            elif rep is not None and s.draft_len > 0:
+                out.append(replace(s, think_s=rep.think_s, draft_len=rep.draft_len, alpha=rep.alpha))
+            else:
+                think = s.think_s if s.think_s is not None else self.default_think_s
+                out.append(
+                    replace(s, think_s=think, alpha=s.alpha if s.alpha is not None else self.default_alpha)
+                )
+        return out
 
     def gpu_rotation(self, loads: Sequence[SessionLoad]) -> tuple[float, float]:
         """(G, T_b): GPU seconds to verify one round of every session, and the mean batch time."""
@@ -593,22 +614,29 @@ class AdmissionController:
     def predict_attainment(self, loads: Sequence[SessionLoad]) -> float:
         if not loads:
             return 1.0
+        loads = self._profiles(loads)
         g, tb = self.gpu_rotation(loads)
         ok = 0
-        for s, think in zip(loads, self._thinks(loads), strict=True):
-            cycle = max(think + 1.5 * tb, g)
-            ok += cycle <= s.tpot_s * expected_committed(s.draft_len, s.alpha)
+        for s in loads:
+            cycle = max((s.think_s or 0.0) + 1.5 * tb, g)
+            ok += cycle <= s.tpot_s * expected_committed(s.draft_len, s.alpha or 0.0)
         return ok / len(loads)
 
     def admit(self, candidate: SessionLoad, active: Sequence[SessionLoad]) -> AdmissionDecision:
         loads = [*active, candidate]
         att = self.predict_attainment(loads)
         if att < self.target:
+            profiles = self._profiles(loads)
+            g, _ = self.gpu_rotation(profiles)
+            thinks = sorted(s.think_s or 0.0 for s in profiles)
             return AdmissionDecision(
-                False, att, f"predicted SLO attainment {att:.0%} < target {self.target:.0%}"
+                False,
+                att,
+                f"predicted SLO attainment {att:.0%} < target {self.target:.0%} ({len(loads)} sessions, GPU "
+                f"rotation {g * 1000:.0f} ms, median device time per round {thinks[len(thinks) // 2] * 1000:.0f} ms)",
             )
         if candidate.prompt_len:
-            g, _ = self.gpu_rotation(active)
+            g, _ = self.gpu_rotation(self._profiles(active))
             prefill = self.estimator.predict([ItemShape(candidate.prompt_len, 0)])
             if g + prefill > candidate.ttft_s:
                 return AdmissionDecision(
