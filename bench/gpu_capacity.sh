@@ -1,27 +1,40 @@
 #!/usr/bin/env bash
-# The GPU capacity run of docs/benchmarks.md ("Capacity and goodput"): one `wisp bench run` on one GPU machine,
-# target = Qwen2.5-7B architecture with random bf16 weights on the paged backend, the emulated fleet on the
-# machine's CPU cores. Needs: .whl (websockets, pydantic, ...), .fleetdata/bundle (the draft bundle's manifest and
-# tokenizer: no ONNX), bench/traces/qwen-coder.json. OUT defaults to runs/gpu.
+# The GPU capacity run of docs/benchmarks.md ("Capacity and goodput"): one `wisp bench run`, one fresh
+# `wisp serve --policy P` per policy, all on one GPU; target = the Qwen2.5-7B architecture with random bf16
+# weights (--stable-argmax, so the emulated devices' precomputed continuations stay valid) on the paged engine;
+# the emulated fleet on the same machine's CPU cores.
+#
+# Needs: .whl (websockets, pydantic, ... for the GPU image), .fleetdata/bundle (the draft bundle's manifest and
+# tokenizer; no ONNX), bench/traces/qwen-coder.json. EST: an estimator from `wisp profile` on the same GPU
+# kind (made here first if missing). CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N=2,4 bash bench/gpu_capacity.sh
 set -euo pipefail
-OUT=${OUT:-runs/gpu}
-N=${N:-32,64,128,256}
+OUT=${OUT:-runs/gpu-capacity}
+CONFIG=${CONFIG:-qwen2.5-7b}
+DEVICE=${DEVICE:-cuda}
+N=${N:-64,128,192,256,384,512}
+EST=${EST:-$OUT/est.json}
+BUNDLE=${BUNDLE:-.fleetdata/bundle}
 mkdir -p "$OUT"
-WHL=${WHL:-.whl}
-if [ -d "$WHL" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl
+if [ -d .whl ] && ! python3 -c "import websockets, pydantic" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/cloud:$PWD/sdk:$PWD/models/export
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -m wisp_sdk.cli bench run \
-  --server-cmd "python3 -m wisp_cloud.fleet.serve_bench" \
-  --serve "--config qwen2.5-7b --random-weights --tokenizer-from .fleetdata/bundle --backend paged --device cuda \
-           --max-batch 256 --kv-budget-tokens 600000 --embed-scale 1000 ${SERVE_EXTRA:-} --estimator ${EST:-$OUT/est.json} --save-estimator $OUT/est-final.json" \
-  --reuse-server --bundle .fleetdata/bundle --trace bench/traces/qwen-coder.json \
-  --prompts bench/prompts/code10.jsonl --policies centralized,sled,wisp --sled-k ${SLED_K:-3,5} --n "$N" \
-  --duration ${DURATION:-10} --warmup 2 --drain ${DRAIN:-8} --gap 1 --slo-ttft-ms 2000 --slo-tpot-ms 60 \
-  --device-profile jetson --link wifi-metro --procs 12 --no-plots --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
-tar -C "$OUT/bench" -czf "$OUT/records.tgz" records 2>/dev/null || true
-rm -rf "$OUT/bench/records"
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+if [ ! -f "$EST" ]; then
+  $PY -m wisp_sdk.cli profile --random-config "$CONFIG" --device "$DEVICE" --grid quick --reps 2 \
+    --kv-budget-tokens 100000 --no-progress --out "$EST"
+fi
+$PY -m wisp_sdk.cli bench run \
+  --serve "--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device $DEVICE \
+           --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST ${SERVE_EXTRA:-}" \
+  --bundle "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
+  --policies "${POLICIES:-centralized,sled,wisp}" --sled-k "${SLED_K:-3,5}" --n "$N" \
+  --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
+  --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \
+  --device-profile "${DEVICE_PROFILE:-jetson}" --link "${LINK:-wifi-metro}" --procs "${PROCS:-12}" \
+  --no-plots --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+tar -C "$OUT/bench" -czf "$OUT/records.tgz" records logs 2>/dev/null || true
+rm -rf "$OUT/bench/records" "$OUT/bench/logs"
