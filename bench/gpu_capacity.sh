@@ -29,7 +29,7 @@ if [ ! -f "$EST" ]; then
 fi
 $PY -m wisp_sdk.cli bench run \
   --serve "--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device $DEVICE \
-           --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST ${SERVE_EXTRA:-}" \
+           --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST --save-estimator $OUT/est-online.json ${SERVE_EXTRA:-}" \
   --bundle "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
   --policies "${POLICIES:-centralized,sled,wisp}" --sled-k "${SLED_K:-3,5}" --n "$N" \
   --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \

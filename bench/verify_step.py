@@ -4,6 +4,8 @@
     python3 bench/verify_step.py --quick --out /tmp/vs            # the 8B shape at 6 points (~1 min)
     python3 bench/verify_step.py --attn-sweep --out /tmp/vs       # attention launch configs alone
     python3 bench/verify_step.py --device cpu --quick --out /tmp/vs  # dry run of the plumbing, tiny model
+    python3 bench/verify_step.py --models llama-3-8b:512,qwen2.5-7b:512/2048 --name part --out /tmp/vs
+    python3 bench/verify_step.py --fp32-only --fp32-check llama-3-8b --out /tmp/vs   # argmax check, fp32 vs bf16
 
 For each model shape (Qwen2.5-1.5B, Qwen2.5-7B, Llama-3-8B; configs hardcoded, random bf16 weights, no hub),
 batch size B, draft length k and context length, one verification step (B sequences x (k+1) new tokens, all
@@ -16,7 +18,14 @@ Also: HF transformers (eager PyTorch, its default SDPA attention, DynamicCache) 
 inputs, whether the paged path's argmax equals HF's (prefill chunks + a verify; bf16 near-ties can flip, so the
 rate and the logit gaps at disagreements are reported); chunked-prefill TTFT against one HF forward; and a
 torch.profiler kernel summary of the Llama-8B shape at B=1,k=1 and B=64,k=5 (the graph-less path, so kernels
-show up by name). Writes results.json (and verify_step.png if matplotlib is there) to --out.
+show up by name). The HF comparisons, the argmax check, TTFT and the profile run for models whose contexts
+include 512. Writes NAME.json (--name, default results; rewritten after every context, so a run cut short keeps
+what it measured) and NAME.png if matplotlib is there (unless --no-plot) to --out.
+
+--fp32-check MODELS: the argmax check on the same random weights in fp32 (IEEE fp32 dots in the Triton kernels,
+no TF32 in cuBLAS, HF in fp32) and then rounded to bf16, on the same inputs: whether the bf16 disagreements are
+rounding (fp32 should agree everywhere) or a kernel bug. Runs after the grid (default qwen2.5-1.5b on a full
+CUDA run), or alone with --fp32-only.
 
 Needs only torch, transformers and triton (no pydantic/websockets: the paged backend falls back to local
 dataclasses when wisp_sdk cannot be imported).
@@ -255,6 +264,7 @@ def agreement(be, WorkItem, model, gen, n_seqs: int, k: int, chunk: int) -> dict
     total = agree = 0
     gaps = []
     margins = []
+    match = []
     with torch.inference_mode():
         for i, s in enumerate(seqs):
             ids = torch.tensor([prompts[i] + drafts[i]], device=DEV)
@@ -265,6 +275,7 @@ def agreement(be, WorkItem, model, gen, n_seqs: int, k: int, chunk: int) -> dict
             margins += (top2[:, 0] - top2[:, 1]).tolist()
             for j, (a, b) in enumerate(zip(ours, ref, strict=False)):
                 total += 1
+                match.append(a == b)
                 if a == b:
                     agree += 1
                 else:
@@ -277,7 +288,47 @@ def agreement(be, WorkItem, model, gen, n_seqs: int, k: int, chunk: int) -> dict
         "hf_logit_gap_at_disagreements": gaps,
         "median_top2_margin_hf": statistics.median(margins),
         "p10_top2_margin_hf": sorted(margins)[len(margins) // 10],
+        "match": match,
     }
+
+
+def fp32_check(name: str, WorkItem, n_seqs: int, k: int = 5, chunk: int = 256) -> dict:
+    """The argmax check (paged vs HF eager) on one set of random weights in fp32, then rounded to bf16, on the
+    same inputs: fp32 should agree everywhere; bf16 flips are then rounding at near-ties."""
+    from wisp_cloud.backends.paged import PagedBackend
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    budget = n_seqs * (600 + k + 32) + 4096
+    model = None
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        t0 = time.time()
+        if model is None:
+            be = PagedBackend(make_config(name), DEV, dtype, kv_budget_tokens=budget)
+            model = be.model
+        else:
+            model = model.to(dtype)  # the fp32 weights, rounded
+            be = PagedBackend(model, DEV, dtype, kv_budget_tokens=budget)
+        gen = torch.Generator().manual_seed(4321)  # the same prompts and drafts for both dtypes
+        a = agreement(be, WorkItem, model, gen, n_seqs, k, chunk)
+        tag = str(dtype).removeprefix("torch.")
+        out[tag] = a
+        print(
+            f"{name:13s} {tag:8s} argmax vs HF {tag}: {a['agree']}/{a['positions']} agree "
+            f"(HF logit gap at disagreements <= {max(a['hf_logit_gap_at_disagreements'], default=0):.3f}; "
+            f"HF top-2 margin median {a['median_top2_margin_hf']:.3f}) in {time.time() - t0:.0f}s",
+            flush=True,
+        )
+        del be
+    both = list(zip(out["float32"]["match"], out["bfloat16"]["match"], strict=True))
+    out["bf16_only_flips"] = sum(1 for m32, m16 in both if m32 and not m16)
+    out["fp32_only_flips"] = sum(1 for m32, m16 in both if m16 and not m32)
+    del model
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def ttft(be, WorkItem, model, gen, n: int, chunks: list[int], iters: int) -> dict:
@@ -439,7 +490,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/verify_step")
     ap.add_argument("--quick", action="store_true", help="the 8B shape at a few points")
-    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of "
+        + ",".join(MODELS)
+        + "; NAME:CTX[/CTX...] picks that model's contexts",
+    )
+    ap.add_argument("--name", default="results", help="stem of the results file in --out (NAME.json)")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument(
+        "--fp32-check",
+        default=None,
+        help="models for the fp32-vs-bf16 argmax check after the grid (default: qwen2.5-1.5b on a full CUDA "
+        "run with HF; none: skip)",
+    )
+    ap.add_argument("--fp32-only", action="store_true", help="only the --fp32-check models' argmax check")
+    ap.add_argument("--fp32-seqs", type=int, default=12, help="sequences of the fp32 argmax check")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
@@ -493,9 +560,30 @@ def main() -> None:
             be.kv.normal_()
         print("configs (block_n, warps, stages, waves, split_tokens):", ATTN_CONFIGS, flush=True)
         sweep = attn_sweep(be, WorkItem, gen)
-        (out_dir / "attn_sweep.json").write_text(
+        (out_dir / f"{args.name}.json").write_text(
             json.dumps({"meta": meta, "configs": ATTN_CONFIGS, "rows": sweep})
         )
+        return
+    fp32_models = [m for m in (args.fp32_check or "").split(",") if m and m != "none"]
+    if args.fp32_check is None and not (args.quick or args.models or args.no_hf or args.fp32_only):
+        fp32_models = ["qwen2.5-1.5b"]
+    if DEV != "cuda":
+        fp32_models = ["tiny-qwen2"] if args.fp32_only else []
+
+    def save(rows, extras) -> None:
+        result = {"meta": meta, "rows": rows, "extras": extras, "elapsed_s": time.time() - t_start}
+        (out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+    if args.fp32_only:
+        extras = {}
+        for name in fp32_models:
+            try:
+                extras[f"fp32_check_{name}"] = fp32_check(name, WorkItem, args.fp32_seqs)
+            except Exception as e:
+                extras[f"fp32_check_{name}"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"fp32 check of {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            save([], extras)
+        print(f"total {time.time() - t_start:.0f}s")
         return
     if args.quick:
         models = ["llama-3-8b"]
@@ -507,15 +595,22 @@ def main() -> None:
         grid_b, grid_k, grid_ctx = [1, 8, 32, 64], [1, 5, 9], [512, 2048]
         hf_points = [(1, 1, 512), (1, 5, 512), (8, 5, 512), (32, 5, 512), (64, 5, 512)]
         iters = args.iters
+    ctx_of = {}
     if args.models:
-        models = args.models.split(",")
+        models = []
+        for spec in args.models.split(","):
+            name, _, ctxs = spec.partition(":")
+            models.append(name)
+            if ctxs:
+                ctx_of[name] = [int(c) for c in ctxs.split("/")]
     if DEV != "cuda":
         models, iters = ["tiny-qwen2"], 3
 
     rows, extras = [], {}
     for name in models:
         t_model = time.time()
-        max_ctx = max(grid_ctx)
+        model_ctx = ctx_of.get(name, grid_ctx)
+        max_ctx = max(model_ctx)
         budget = max(grid_b) * (max_ctx + 32) + 16 * 700 + 4096
         dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
         be = PagedBackend(make_config(name), DEV, dtype, kv_budget_tokens=budget)
@@ -526,7 +621,7 @@ def main() -> None:
             f"KV pool {be.kv.numel() * be.kv.element_size() / 1e9:.1f} GB, built in {time.time() - t_model:.0f}s",
             flush=True,
         )
-        for ctx in grid_ctx:
+        for ctx in model_ctx:
             for B in grid_b:
                 for k in grid_k:
                     r = time_paged(be, WorkItem, B, k, ctx, gen, iters)
@@ -550,8 +645,9 @@ def main() -> None:
                         flush=True,
                     )
             be.clear_graphs()
+            save(rows, extras)
         ex = {}
-        b0, k0, c0 = grid_b[0], grid_k[0], grid_ctx[0]
+        b0, k0, c0 = grid_b[0], grid_k[0], model_ctx[0]
         again = time_paged(be, WorkItem, b0, k0, c0, gen, iters)
         first = next(r for r in rows if (r["model"], r["B"], r["k"], r["ctx"]) == (name, b0, k0, c0))
         ex["repeat_first_point"] = {"B": b0, "k": k0, "ctx": c0, "first_wall_s": first["wall_s"], **again}
@@ -561,7 +657,10 @@ def main() -> None:
             flush=True,
         )
         be.clear_graphs()
-        if not args.no_hf:
+        extras[name] = ex
+        save(rows, extras)
+        at_512 = 512 in model_ctx or DEV != "cuda"  # the HF comparisons and the profile are at 512 context
+        if not args.no_hf and at_512:
             hf = []
             for B, k, ctx in hf_points:
                 t = time_hf(be.model, B, k, ctx, be.vocab_size, gen, max(5, iters // 2))
@@ -592,7 +691,7 @@ def main() -> None:
             except Exception as e:  # keep the timing grid even if a check breaks
                 ex["error"] = f"{type(e).__name__}: {e}"
                 print(f"{name:13s} agreement/TTFT failed: {ex['error'][:300]}", flush=True)
-        if not args.no_profile and (name == "llama-3-8b" or args.quick):
+        if not args.no_profile and at_512 and (name == "llama-3-8b" or args.quick):
             ex["profile"] = [
                 profile(be, WorkItem, gen, b, k, 512) for b, k in ((1, 1), (1, 5), (8, 5), (64, 5))
             ]
@@ -602,29 +701,21 @@ def main() -> None:
                 )
                 print(f"{name:13s} profile B={p['B']} k={p['k']}: {cats} (ms/step)", flush=True)
         ex["graph_buckets"] = [list(k) for k in be.graph_buckets()]
-        extras[name] = ex
         del be
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         print(f"## {name} done in {time.time() - t_model:.0f}s", flush=True)
-        result = {"meta": meta, "rows": rows, "extras": extras, "elapsed_s": time.time() - t_start}
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        save(rows, extras)
 
-    if DEV == "cuda" and not args.no_hf:
-        # The same check in fp32 (IEEE fp32 dots in the Triton kernels, no TF32 in cuBLAS): separates kernel bugs
-        # from bf16 rounding. Expect full agreement.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        be = PagedBackend(make_config("qwen2.5-1.5b"), DEV, torch.float32, kv_budget_tokens=16384)
+    for name in fp32_models:
         try:
-            a = agreement(be, WorkItem, be.model, gen, 8, 5, 256)
-            extras["fp32_agreement_qwen2.5-1.5b"] = a
-            print(f"fp32 qwen2.5-1.5b argmax vs HF fp32: {a['agree']}/{a['positions']} agree", flush=True)
+            extras[f"fp32_check_{name}"] = fp32_check(name, WorkItem, args.fp32_seqs)
         except Exception as e:
-            print(f"fp32 check failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-        del be
-        torch.cuda.empty_cache()
-    result = {"meta": meta, "rows": rows, "extras": extras, "elapsed_s": time.time() - t_start}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    plot(rows, out_dir)
+            print(f"fp32 check of {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        save(rows, extras)
+    save(rows, extras)
+    if not args.no_plot:
+        plot(rows, out_dir, args.name)
 
     print("\n| model | ctx | B | k | step ms | graph ms | bound ms | step/bound |")
     print("|---|---|---|---|---|---|---|---|")
@@ -636,7 +727,7 @@ def main() -> None:
     print(f"total {time.time() - t_start:.0f}s")
 
 
-def plot(rows: list[dict], out_dir: Path) -> None:
+def plot(rows: list[dict], out_dir: Path, name: str = "results") -> None:
     try:
         import matplotlib
 
@@ -662,7 +753,7 @@ def plot(rows: list[dict], out_dir: Path) -> None:
         ax.set_ylabel("step time / bound")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "verify_step.png", dpi=110)
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":
