@@ -545,6 +545,7 @@ class WispServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=_HOUSEKEEPING_S)
                 continue
+            t_iter = time.perf_counter()
             try:
                 for job in self._waiting:
                     job.cached_len = self.backend.cached_len(job.session.id)
@@ -569,12 +570,14 @@ class WispServer:
                         self.metrics.queue_wait.observe(now - p.job.enqueued_at)
                 shapes = [self._shape(p) for p in plan]
                 outcomes, stats = await loop.run_in_executor(self._executor, self._run_isolated, plan)
-                if stats.forward_s > 0:
-                    self.estimator.observe(stats, shapes)
                 self.policy.observe(stats, jobs)
                 self.metrics.observe_batch(stats.batch_size, stats.forward_s)
                 for outcome in outcomes:
                     self._apply(outcome, stats)
+                if stats.forward_s > 0:
+                    # The estimator learns how long the batch held the server (selection, forward, answers
+                    # sent): the next batch and every deadline wait on that, not on the forward alone.
+                    self.estimator.observe(time.perf_counter() - t_iter, shapes)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the loop die: fail what was selected, keep serving
