@@ -427,8 +427,9 @@ ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, waves, split_tokens); the f
 ]
 
 
-def attn_sweep(be, WorkItem, gen) -> list[dict]:
-    """Time one layer's paged attention alone under several launch configurations."""
+def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
+    """Time one layer's paged attention alone under several launch configurations (`save(rows)` after each
+    shape)."""
     from wisp_cloud.backends import paged_kernels as pk
     from wisp_cloud.backends.paged import _views
 
@@ -482,6 +483,8 @@ def attn_sweep(be, WorkItem, gen) -> list[dict]:
             flush=True,
         )
         out_rows.append(row)
+        if save is not None:
+            save(out_rows)
     be.attn_waves, be.attn_split_tokens = ATTN_CONFIGS[0][3], ATTN_CONFIGS[0][4]
     return out_rows
 
@@ -497,7 +500,9 @@ def main() -> None:
         + ",".join(MODELS)
         + "; NAME:CTX[/CTX...] picks that model's contexts",
     )
-    ap.add_argument("--name", default="results", help="stem of the results file in --out (NAME.json)")
+    ap.add_argument(
+        "--name", default=None, help="stem of the results file in --out: NAME.json (results; attn_sweep)"
+    )
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument(
         "--fp32-check",
@@ -515,6 +520,7 @@ def main() -> None:
     args = ap.parse_args()
     global DEV
     DEV = args.device
+    args.name = args.name or ("attn_sweep" if args.attn_sweep else "results")
 
     from wisp_cloud.backends.paged import PagedBackend, WorkItem
 
@@ -559,10 +565,13 @@ def main() -> None:
         with torch.inference_mode():
             be.kv.normal_()
         print("configs (block_n, warps, stages, waves, split_tokens):", ATTN_CONFIGS, flush=True)
-        sweep = attn_sweep(be, WorkItem, gen)
-        (out_dir / f"{args.name}.json").write_text(
-            json.dumps({"meta": meta, "configs": ATTN_CONFIGS, "rows": sweep})
-        )
+
+        def save_sweep(rows) -> None:
+            (out_dir / f"{args.name}.json").write_text(
+                json.dumps({"meta": meta, "configs": ATTN_CONFIGS, "rows": rows})
+            )
+
+        save_sweep(attn_sweep(be, WorkItem, gen, save_sweep))
         return
     fp32_models = [m for m in (args.fp32_check or "").split(",") if m and m != "none"]
     if args.fp32_check is None and not (args.quick or args.models or args.no_hf or args.fp32_only):
