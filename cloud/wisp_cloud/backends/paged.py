@@ -359,6 +359,7 @@ class PagedBackend:
         self._bt_row: dict[str, int] = {}  # seq_id -> row of self._bt
         self._bt_len: list[int] = [0] * 64  # pages written into each row (zeros after them)
         self._bt_free: list[int] = list(range(63, -1, -1))
+        self._ar = np.arange(4096)  # sliced for the aranges packing needs
         self.last_timing: dict[str, float] = {}
         self.pad_eager = False
         self._graph_pool = None
@@ -629,33 +630,42 @@ class PagedBackend:
         batch = _Batch(out, T, B, W, R, n_tiles, tok)
         v = views or batch.host_views()
         ps = self.page_size
-        ql = np.array(q_lens, dtype=np.int64)
-        c = np.array(cached, dtype=np.int64)
+        if len(self._ar) < max(t_real, n_tiles, R):
+            self._ar = np.arange(2 * max(t_real, n_tiles, R))
+        ar = self._ar
+        ql = np.array(q_lens)
+        c = np.array(cached)
         end = np.cumsum(ql)
         start = end - ql
         rows_bt = self._block_rows(seq_ids, page_lists, W)  # may grow self._bt: look it up after
         bt = v["block_table"]
         bt[:n] = self._bt[rows_bt, :W]
         v["ids"][:t_real] = np.fromiter(chain.from_iterable(it.new_tokens for it in items), np.int64, t_real)
-        seq_of = np.repeat(np.arange(n), ql)
-        pos = np.arange(t_real) + np.repeat(c - start, ql)
+        seq_of = np.repeat(ar[:n], ql)
+        pos = np.repeat(c - start, ql)
+        pos += ar[:t_real]
         v["pos"][:t_real] = pos
-        v["slots"][:t_real] = bt[seq_of, pos // ps].astype(np.int64) * ps + pos % ps
+        page, off = np.divmod(pos, ps)
+        v["slots"][:t_real] = bt[seq_of, page] * ps + off
         v["q_start"][:n] = start
         v["q_len"][:n] = ql
         v["kv_len"][:n] = c + ql
         tile_seq = v["tile_seq"]
-        tile_seq.fill(-1)
         if tok >= max_q:  # verifies and decodes: one tile per sequence
-            tile_seq[:n] = np.arange(n)
+            tile_seq[:n] = ar[:n]
+            tile_seq[n:] = -1
         else:
             per = -(-ql // tok)
             n_real = int(per.sum())
-            tile_seq[:n_real] = np.repeat(np.arange(n), per)
-            v["tile_t0"][:n_real] = (np.arange(n_real) - np.repeat(np.cumsum(per) - per, per)) * tok
-        nl = np.array(n_logits, dtype=np.int64)
-        r = int(nl.sum())
-        v["rows"][:r] = np.arange(r) + np.repeat(end - np.cumsum(nl), nl)  # the last n_logits rows of each
+            tile_seq[:n_real] = np.repeat(ar[:n], per)
+            tile_seq[n_real:] = -1
+            v["tile_t0"][:n_real] = (ar[:n_real] - np.repeat(np.cumsum(per) - per, per)) * tok
+        r = sum(n_logits)
+        if n_logits == q_lens:  # every row (verifies)
+            v["rows"][:r] = ar[:r]
+        else:  # the last n_logits rows of each item
+            nl = np.array(n_logits)
+            v["rows"][:r] = np.repeat(end - np.cumsum(nl), nl) + ar[:r]
         if self.kernels != "triton":
             for b, pages in enumerate(page_lists):
                 allp = np.arange(c[b] + ql[b], dtype=np.int64)
