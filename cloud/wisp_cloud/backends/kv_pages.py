@@ -89,8 +89,9 @@ class PageTable:
         self.lengths[seq_id] = n_tokens
         keep = -(-n_tokens // self.page_size)
         if len(pages) > keep:
-            self._free.extend(pages[: keep - 1 if keep else None : -1])  # pushed from the end, one by one
-            del pages[keep:]
+            free = self._free
+            while len(pages) > keep:
+                free.append(pages.pop())
             if self.changed.get(seq_id, keep) >= keep:
                 self.changed[seq_id] = keep
 

@@ -586,7 +586,9 @@ class PagedBackend:
                     out.append(r)
                     continue
             n, m = len(pages), lens[r]
-            if d < n:
+            if d == n - 1:  # one page more (the common change): a scalar store
+                bt[r, d] = pages[d]
+            elif d < n:
                 bt[r, d:n] = pages[d:]
             if n < m:
                 bt[r, n:m] = 0
