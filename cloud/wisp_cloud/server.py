@@ -157,6 +157,10 @@ class WispServer:
         self._server: Server | None = None
         self._loop_task: asyncio.Task | None = None
         self._last_housekeeping = 0.0
+        self._steps: list[
+            tuple[int, int, float, float]
+        ] = []  # (batch, tokens, forward_s, step_s) since last log
+        self._steps_logged = time.monotonic()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._eos = frozenset(backend.eos_token_ids)
@@ -574,10 +578,12 @@ class WispServer:
                 self.metrics.observe_batch(stats.batch_size, stats.forward_s)
                 for outcome in outcomes:
                     self._apply(outcome, stats)
+                step_s = time.perf_counter() - t_iter
                 if stats.forward_s > 0:
                     # The estimator learns how long the batch held the server (selection, forward, answers
                     # sent): the next batch and every deadline wait on that, not on the forward alone.
-                    self.estimator.observe(time.perf_counter() - t_iter, shapes)
+                    self.estimator.observe(step_s, shapes)
+                self._log_steps(stats, step_s)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the loop die: fail what was selected, keep serving
@@ -587,6 +593,36 @@ class WispServer:
                         self._fail(job, "batch failed")
             self.metrics.queued.set(len(self._waiting))
             await asyncio.sleep(0)  # let connection handlers enqueue before the next selection
+
+    def _log_steps(self, stats: BatchStats, step_s: float, every_s: float = 10.0) -> None:
+        """Every `every_s`: one `steps` line (batch sizes, forward and whole-step times, the graph cache)."""
+        self._steps.append((stats.batch_size, stats.new_tokens, stats.forward_s, step_s))
+        now = time.monotonic()
+        if now - self._steps_logged < every_s:
+            return
+        elapsed = now - self._steps_logged
+        steps, self._steps, self._steps_logged = self._steps, [], now
+
+        def pct(xs: list[float], q: float) -> float:
+            xs = sorted(xs)
+            return 1000.0 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+        fwd = [x[2] for x in steps]
+        whole = [x[3] for x in steps]
+        graphs = getattr(self.backend, "graph_stats", None)
+        log_event(
+            log,
+            "steps",
+            n=len(steps),
+            batch_mean=round(sum(x[0] for x in steps) / len(steps), 1),
+            tokens_mean=round(sum(x[1] for x in steps) / len(steps), 1),
+            forward_ms_p50=pct(fwd, 0.5),
+            forward_ms_p90=pct(fwd, 0.9),
+            step_ms_p50=pct(whole, 0.5),
+            step_ms_p90=pct(whole, 0.9),
+            busy=round(sum(whole) / elapsed, 2),  # fraction of the time the batch loop was working
+            **({"graphs": dict(graphs)} if graphs else {}),
+        )
 
     def _plan(self, job: Job) -> _Planned:
         session = job.session

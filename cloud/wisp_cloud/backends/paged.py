@@ -244,7 +244,8 @@ class PagedBackend:
         max_graph_q: int = 16,
         max_graph_batch: int = 256,
         max_graph_tokens: int = 2048,
-        max_graphs: int = 96,
+        max_graphs: int = 512,
+        capture_after: int = 2,
         prefill_tile_rows: int = 128,
         tokenizer_fingerprint: str | None = None,
     ) -> None:
@@ -353,6 +354,10 @@ class PagedBackend:
         shape = (self.n_layers, 2, n_slots, self.n_kv_heads, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._graphs: dict[tuple, _Graph] = {}
+        self._key_seen: dict[tuple, int] = {}
+        self.capture_after = capture_after
+        # what the graph cache did: replays, captures (and their seconds), eager runs (no graph for the shape)
+        self.graph_stats: dict[str, float] = {"replays": 0, "captures": 0, "capture_s": 0.0, "eager": 0}
         # Block tables mirrored as rows of one int32 array (pages, then zeros), kept in sync with `self.pages`
         # through its `changed` record, so that packing a batch's block table is one gather.
         self._bt = np.zeros((64, 64), dtype=np.int32)
@@ -705,7 +710,9 @@ class PagedBackend:
         B = pk.next_pow2(len(q_lens))
         W = max(4, pk.next_pow2(max(map(len, page_lists))))
         if max_q <= self.max_graph_q:  # verify / decode: one tile per sequence, every row may want logits
-            return (T, B, max_q, W, T, B)
+            # tile rows bucketed to a power of two: a fleet's ragged draft lengths would otherwise ask for a
+            # graph (and Triton specialisation) per longest draft; shorter items are masked in the tile anyway
+            return (T, B, pk.next_pow2(max_q), W, T, B)
         tok = self._tile_tokens(max_q)  # prefill chunks: tiles of `tok` tokens, few logit rows
         R = self._bucket(sum(n_logits))
         return (T, B, tok, W, R, -(-T // tok) + B)
@@ -727,18 +734,25 @@ class PagedBackend:
         key = self._key_of(q_lens, n_logits, page_lists) if self.cuda_graphs else None
         if key is not None:
             gr = self._graphs.get(key)
-            if gr is None and len(self._graphs) >= self.max_graphs:
-                key = None  # enough graphs held: run this shape eagerly
+            if gr is None:
+                seen = self._key_seen[key] = self._key_seen.get(key, 0) + 1
+            if gr is None and (len(self._graphs) >= self.max_graphs or seen < self.capture_after):
+                key = None  # a shape seen once (a capture costs ~3 forwards), or enough graphs held: eager
             elif gr is None:
+                tc = time.perf_counter()
                 gr = self._capture(key, self._pack(items, cached, key, lists=lists))
                 self._graphs[key] = gr
+                self.graph_stats["captures"] += 1
+                self.graph_stats["capture_s"] += time.perf_counter() - tc
         if key is not None:
+            self.graph_stats["replays"] += 1
             self._pack(items, cached, key, out=gr.host_np, views=gr.views, lists=lists)
             t1 = time.perf_counter()
             gr.dev.copy_(gr.host, non_blocking=True)
             gr.graph.replay()
             argmax_t, logits = gr.argmax, gr.logits
         else:
+            self.graph_stats["eager"] += 1
             # pad_eager (tests): the graph path's padded buckets, run without a graph (CPU, Triton interpreter)
             pad = self._key_of(q_lens, n_logits, page_lists, force=True) if self.pad_eager else None
             batch = self._pack(items, cached, pad, lists=lists)
