@@ -201,7 +201,8 @@ def _ref_pack(be, items, cached, graph_key):
         T, B, tok, W, R, n_tiles = graph_key
     else:
         tok = be._tile_tokens(max(q_lens))
-        T, B, W, R = t_real, len(items), pages_needed, max(1, r_real)
+        # the engine rounds the block-table width up to a multiple of 16 (one Triton specialisation)
+        T, B, W, R = t_real, len(items), max(16, -(-pages_needed // 16) * 16), max(1, r_real)
         n_tiles = sum(-(-q // tok) for q in q_lens)
     batch = _Batch(np.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=np.int32), T, B, W, R, n_tiles, tok)
     v, off = {}, 0

@@ -246,6 +246,7 @@ class PagedBackend:
         max_graph_tokens: int = 2048,
         max_graphs: int = 512,
         capture_after: int = 2,
+        warmup: bool = True,
         prefill_tile_rows: int = 128,
         tokenizer_fingerprint: str | None = None,
     ) -> None:
@@ -368,6 +369,8 @@ class PagedBackend:
         self.last_timing: dict[str, float] = {}
         self.pad_eager = False
         self._graph_pool = None
+        if warmup and self.kernels == "triton" and self.device.type == "cuda":
+            self.warmup_kernels()
         log.info(
             "backend=paged device=%s dtype=%s kernels=%s graphs=%s layers=%d heads=%d/%d head_dim=%d "
             "kv=%d pages x %d tokens (%.2f GiB)",
@@ -627,7 +630,9 @@ class PagedBackend:
             T, B, tok, W, R, n_tiles = graph_key
         else:
             tok = self._tile_tokens(max_q)
-            T, B, W, R = t_real, n, max(map(len, page_lists)), max(1, sum(n_logits))
+            # the block-table width is the kernel's row stride: a multiple of 16 keeps one Triton
+            # specialisation of it (Triton specialises integer arguments on divisibility by 16)
+            T, B, W, R = t_real, n, max(16, -(-max(map(len, page_lists)) // 16) * 16), max(1, sum(n_logits))
             n_tiles = sum(-(-q // tok) for q in q_lens)
         if out is None:
             out = np.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=np.int32)
@@ -708,7 +713,7 @@ class PagedBackend:
             return None
         T = self._bucket(t)
         B = pk.next_pow2(len(q_lens))
-        W = max(4, pk.next_pow2(max(map(len, page_lists))))
+        W = max(16, pk.next_pow2(max(map(len, page_lists))))  # >= 16: see _pack
         if max_q <= self.max_graph_q:  # verify / decode: one tile per sequence, every row may want logits
             # tile rows bucketed to a power of two: a fleet's ragged draft lengths would otherwise ask for a
             # graph (and Triton specialisation) per longest draft; shorter items are masked in the tile anyway
@@ -862,6 +867,49 @@ class PagedBackend:
         )
         return out.view(batch.T, -1)
 
+    def warmup_kernels(self) -> float:
+        """Compile the attention kernel for every tile size and split count serving can ask for, now.
+
+        Each (tile tokens, splits) pair is a Triton specialisation, compiled on first use in ~0.5 s while the
+        whole batch (and every session in it) waits; a fleet's ragged batches hit dozens of them. Compiled
+        kernels land in Triton's disk cache, so a second server on the machine starts fast. Returns seconds.
+        """
+        t0 = time.perf_counter()
+        dev, d, hq = self.device, self.head_dim, self.n_q_heads
+        i32 = {"dtype": torch.int32, "device": dev}
+        toks = sorted({pk.next_pow2(q) for q in range(1, self.max_graph_q + 1)} | {self._tile_tokens(10**6)})
+        kc, vc = self.kv[0, 0], self.kv[0, 1]
+        try:
+            for tok in toks:
+                q = torch.zeros((tok, hq, d), dtype=self.dtype, device=dev)
+                out = torch.empty_like(q)
+                for splits in (1, 2, 4, 8, 16, 32):
+                    pk.paged_attention(
+                        q,
+                        kc,
+                        vc,
+                        out,
+                        torch.full((1,), -1, **i32),  # a padding tile: compiles, computes nothing
+                        torch.zeros(1, **i32),
+                        torch.zeros(1, **i32),
+                        torch.ones(1, **i32),
+                        torch.ones(1, **i32),
+                        torch.zeros((1, 16), **i32),
+                        self.scaling,
+                        tok,
+                        self.page_size,
+                        splits,
+                        block_n=self.attn_block_n,
+                        num_warps=self.attn_warps,
+                        num_stages=self.attn_stages,
+                    )
+            torch.cuda.synchronize(dev)
+        except Exception as exc:  # an optimisation only: serve anyway, compiling on first use
+            log.warning("attention kernel warm-up failed (%s); kernels compile on first use", exc)
+        took = time.perf_counter() - t0
+        log.info("attention kernels warmed up for tiles %s x 6 split counts in %.1fs", toks, took)
+        return took
+
     def _attn_block_n(self, batch: _Batch) -> int:
         """Keys per inner step: 128 for long contexts when the query tile is small (faster at B=64, 2k
         context in the sweep), else `attn_block_n`."""
@@ -874,7 +922,8 @@ class PagedBackend:
         `attn_split_tokens` keys the block table can address (short contexts need few)."""
         cap = max(1, width * self.page_size // self.attn_split_tokens)
         want = math.ceil(self.attn_waves * self.n_sm / max(1, n_tiles * self.n_kv_heads))
-        return int(max(1, min(32, cap, want)))
+        # a power of two: the split count is a kernel constant, and every new one is a Triton compile
+        return 1 << (int(max(1, min(32, cap, want))).bit_length() - 1)
 
     def _attention_torch(self, li: int, q, k, vv, v: dict[str, torch.Tensor], batch: _Batch) -> torch.Tensor:
         """HF's eager attention, one sequence at a time over its own pages (the CPU reference path)."""
