@@ -205,10 +205,7 @@ def _ref_pack(be, items, cached, graph_key):
         T, B, W, R = t_real, len(items), max(16, -(-pages_needed // 16) * 16), max(1, r_real)
         n_tiles = sum(-(-q // tok) for q in q_lens)
     batch = _Batch(np.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=np.int32), T, B, W, R, n_tiles, tok)
-    v, off = {}, 0
-    for name, n in batch.layout():
-        v[name] = batch.host[off : off + n]
-        off += n
+    v = {name: batch.host[off : off + n] for name, off, n in batch.fields()}
     n, ps = len(items), be.page_size
     ql = np.asarray(q_lens, dtype=np.int64)
     c = np.asarray(cached, dtype=np.int64)
