@@ -238,11 +238,16 @@ class WispPolicy(_BasePolicy):
     prefill_margin: float = 0.1  # plan a prompt's first token this fraction of its TTFT budget early
     cheap_frac: float = 0.25  # an addition is cheap when its marginal time ≤ this × its solo time
     slip_frac: float = 0.2  # cheap additions may push a member this fraction of its budget past its due
+    # Hold a small batch up to this long after its oldest arrival while every request has slack to spare:
+    # each pass pays the full weight read, so back-to-back passes of a few rounds waste the GPU (and the
+    # server's per-pass work) under load. Prompts, urgent or forced work, or a full batch go at once. 0: never.
+    hold_s: float = 0.01
 
     def __post_init__(self) -> None:
         if self.estimator is None:
             self.estimator = VerifyTimeEstimator.default()
         self.counters: Counter[str] = Counter()
+        self._hold_until: float | None = None
 
     # -- per-request figures --
     def _rest_s(self, r: Request, after: int) -> float:
@@ -311,6 +316,18 @@ class WispPolicy(_BasePolicy):
         relaxed.sort(key=lambda c: (-c.density, c.slack, c.req.rid))
         order = forced + urgent + hopeless + relaxed
         n_protected = len(forced) + len(urgent)
+        self._hold_until = None
+        holdable = not forced and not urgent and not hopeless and len(cands) < self.max_batch
+        if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
+            # release before anyone's latest start comes within one full pass of now
+            until = min(
+                by_arrival[0].req.arrival + self.hold_s,
+                min(c.latest_start for c in relaxed) - horizon / self.urgency_factor,
+            )
+            if now < until:
+                self._hold_until = until
+                self.counters["hold"] += 1
+                return Batch([], now)
 
         # latest start of every feasible request from position i on: what a long batch must not push back
         suffix = [math.inf] * (len(order) + 1)
@@ -364,6 +381,9 @@ class WispPolicy(_BasePolicy):
             slots.append(Slot(c.req, c.req.done, c.n, best_effort=not c.feasible))
             shape = _EMPTY.plus(c.shape)
         return Batch(slots, now, est.predict_shape(shape))
+
+    def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
+        return self._hold_until if waiting else None
 
     def _sizes(self, c: _Cand) -> list[int]:
         if c.req.kind != "prefill" or not self.prefill_chunk:
