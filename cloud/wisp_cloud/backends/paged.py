@@ -707,7 +707,10 @@ class PagedBackend:
     def _tile_tokens(self, max_q: int) -> int:
         """Query tokens per attention tile: a whole verify in one tile, prefill chunks in ~128-row tiles."""
         g = self.n_q_heads // self.n_kv_heads
-        return max_q if max_q * g <= self.prefill_tile_rows else max(1, self.prefill_tile_rows // g)
+        # verifies: a power of two, as in the graph keys (the tile size is a kernel constant: every new one is
+        # a Triton compile, and a fleet's draft lengths take every value)
+        tok = pk.next_pow2(max_q) if max_q <= self.max_graph_q else max_q
+        return tok if tok * g <= self.prefill_tile_rows else max(1, self.prefill_tile_rows // g)
 
     @staticmethod
     def _bucket(t: int) -> int:
