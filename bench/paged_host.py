@@ -28,18 +28,11 @@ import torch  # noqa: E402
 
 
 def tiny_config(max_positions: int):
-    from transformers import Qwen2Config
+    from verify_step import make_config  # this folder: its CPU dry-run shape
 
-    return Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-    )
+    cfg = make_config("tiny-qwen2")
+    cfg.max_position_embeddings = max_positions
+    return cfg
 
 
 def fake_graph(be, key: tuple):
