@@ -103,3 +103,24 @@ def test_serve_random_config_speculative_equals_centralized(tmp_path, tiny_targe
         want.append(last)
     assert central == want
     assert spec == want
+
+
+@pytest.mark.parametrize("cmd", ["serve", "profile"])
+def test_cli_rejects_random_weight_options_without_random_config(tmp_path, tiny_target, cmd):
+    base = [sys.executable, "-m", "wisp_sdk.cli", cmd, "--target", str(tiny_target), "--stable-argmax"]
+    extra = ["--out", str(tmp_path / "e.json")] if cmd == "profile" else []
+    proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--stable-argmax goes with --random-config" in proc.stderr
+    both = [
+        sys.executable,
+        "-m",
+        "wisp_sdk.cli",
+        cmd,
+        "--target",
+        str(tiny_target),
+        "--random-config",
+        "qwen2.5-7b",
+    ]
+    proc = subprocess.run([*both, *extra], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "either --target" in proc.stderr

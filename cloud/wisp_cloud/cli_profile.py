@@ -21,7 +21,7 @@ from typing import Any
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, Observation, VerifyTimeEstimator
-from wisp_cloud.random_model import add_random_model_args
+from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 GRIDS = ("quick", "full")
 
@@ -227,8 +227,7 @@ def profile_backend(
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    if bool(args.target) == bool(args.random_config):
-        raise WispError("give either --target MODEL or --random-config NAME (random weights)")
+    check_model_args(args)
     if args.reps < 1:
         raise WispError("--reps must be at least 1")
     clock = args.clock

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.random_model import add_random_model_args, random_paged_backend
+from wisp_cloud.random_model import add_random_model_args, check_model_args, random_paged_backend
 
 
 def add_parser(subparsers) -> None:
@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
         raise WispError(
             f"refusing to serve on {cfg.host} without auth tokens; give --auth-tokens FILE or WISP_AUTH_TOKENS"
         )
-    if bool(args.target) == bool(args.random_config):
-        raise WispError("give either --target MODEL or --random-config NAME (random weights, for benchmarks)")
+    check_model_args(args)
     target = _resolve_target(args.target) if args.target else Path(args.random_config)
 
     import torch

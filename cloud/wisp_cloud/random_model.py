@@ -209,6 +209,21 @@ def add_random_model_args(p: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="--random-config: weight seed")
 
 
+def check_model_args(args: Any) -> None:
+    """Exactly one of --target / --random-config; the random-weight options only with --random-config."""
+    if bool(getattr(args, "target", None)) == bool(args.random_config):
+        raise WispError("give either --target MODEL or --random-config NAME (random weights, for benchmarks)")
+    if not args.random_config:
+        for flag, value in (
+            ("--stable-argmax", args.stable_argmax),
+            ("--tokenizer-from", args.tokenizer_from),
+        ):
+            if value:
+                raise WispError(
+                    f"{flag} goes with --random-config (a --target model has its own weights and tokenizer)"
+                )
+
+
 def _tokenizer_info(folder: str | None) -> tuple[str | None, int | None]:
     """(fingerprint, number of ordinary tokens) of the tokenizer.json in `folder`."""
     if not folder:
