@@ -5,7 +5,8 @@
 # the emulated fleet on the same machine's CPU cores.
 #
 # Needs: .whl (websockets, pydantic, ... for the GPU image), .fleetdata/bundle (the draft bundle's manifest and
-# tokenizer; no ONNX), bench/traces/qwen-coder.json. EST: an estimator from `wisp profile` on the same GPU
+# tokenizer; no ONNX: `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.txt BUNDLE/*.jinja .fleetdata/bundle/` from
+# an exported draft bundle), bench/traces/qwen-coder.json. EST: an estimator from `wisp profile` on the same GPU
 # kind (made here first if missing). CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N=2,4 bash bench/gpu_capacity.sh
 set -euo pipefail
 OUT=${OUT:-runs/gpu-capacity}
