@@ -240,33 +240,17 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads or clock == "cpu":
         torch.set_num_threads(args.threads or 1)
-    engine = args.engine
-    if engine == "auto":
-        engine = "paged" if args.device.startswith("cuda") or args.random_config else "hf"
-    target = args.target or args.random_config
-    try:
-        if args.random_config:
-            if engine != "paged":
-                raise WispError("--random-config runs on the paged engine (--engine paged)")
-            from wisp_cloud.random_model import random_paged_backend
+    from wisp_cloud.cli_serve import native_backend, native_engine
 
-            backend = random_paged_backend(args, args.kv_budget_tokens)
+    engine = native_engine(args)
+    target = args.target or args.random_config
+    if args.target and not Path(args.target).is_dir():
+        raise WispError(f"--target {target} is not a model folder")
+    try:
+        backend = native_backend(args, Path(target), args.kv_budget_tokens)
+        if args.random_config:
             with torch.inference_mode():
                 backend.kv.normal_()  # contexts are claimed uncomputed (below): never time attention on zeros
-        else:
-            target = str(Path(args.target))
-            if not Path(target).is_dir():
-                raise WispError(f"--target {target} is not a model folder")
-            if engine == "paged":
-                from wisp_cloud.backends.paged import PagedBackend
-
-                backend = PagedBackend(
-                    target, args.device, args.dtype, kv_budget_tokens=args.kv_budget_tokens
-                )
-            else:
-                from wisp_cloud.backends.native import NativeBackend
-
-                backend = NativeBackend(target, device=args.device, dtype=args.dtype)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
     est, report = profile_backend(

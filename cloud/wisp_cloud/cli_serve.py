@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 estimator_path=args.estimator,  # the plugin's in-SGLang ordering starts from the profiled weights
             )
         else:
-            backend = _native_backend(args, target, cfg.kv_budget_tokens)
+            backend = native_backend(args, target, cfg.kv_budget_tokens)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 
@@ -235,11 +235,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int):
-    """`--backend native`: the paged engine on CUDA (or with --engine paged), the HF engine otherwise."""
-    engine = args.engine
-    if engine == "auto":
-        engine = "paged" if args.device.startswith("cuda") or args.random_config else "hf"
+def native_engine(args: argparse.Namespace) -> str:
+    """`--engine auto`: paged on CUDA and for --random-config, the HF engine otherwise."""
+    if args.engine != "auto":
+        return args.engine
+    return "paged" if args.device.startswith("cuda") or args.random_config else "hf"
+
+
+def native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int | None):
+    """`--backend native` (`wisp serve`, `wisp profile`): the engine `native_engine` picks."""
+    engine = native_engine(args)
     if args.random_config:
         if engine != "paged":
             raise WispError("--random-config runs on the paged engine (--engine paged)")
