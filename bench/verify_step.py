@@ -7,7 +7,7 @@
     python3 bench/verify_step.py --models llama-3-8b:512,qwen2.5-7b:512/2048 --name part --out /tmp/vs
     python3 bench/verify_step.py --fp32-only --fp32-check llama-3-8b --out /tmp/vs   # argmax check, fp32 vs bf16
 
-For each model shape (Qwen2.5-1.5B, Qwen2.5-7B, Llama-3-8B; configs hardcoded, random bf16 weights, no hub),
+For each model shape (Qwen2.5-1.5B, Qwen2.5-7B, Llama-3-8B; configs from wisp_cloud.random_model, random bf16 weights, no hub),
 batch size B, draft length k and context length, one verification step (B sequences x (k+1) new tokens, all
 k+1 logits) is timed as the backend's whole `forward` call (host packing, copy in, CUDA-graph replay, argmax
 back to the host), median over repeats after warm-up, and also as the bare graph replay (CUDA events).
@@ -47,48 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "cloud"), str(ROOT / "sdk")]
 
 import torch  # noqa: E402
+from wisp_cloud.random_model import CONFIGS, load_config  # noqa: E402
 
-MODELS = {
-    "qwen2.5-1.5b": dict(
-        arch="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        arch="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "llama-3-8b": dict(
-        arch="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500_000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-}
+# the public architecture configs `wisp serve/profile --random-config` use (random bf16 weights, no hub)
+MODELS = {name: CONFIGS[name] for name in ("qwen2.5-1.5b", "qwen2.5-7b", "llama-3-8b")}
 # A tiny shape for `--device cpu` dry runs of this script's plumbing (no GPU numbers).
 MODELS_DRY = {
     "tiny-qwen2": dict(
@@ -112,7 +74,9 @@ DEV = "cuda"
 def make_config(name: str):
     from transformers import LlamaConfig, Qwen2Config
 
-    spec = dict({**MODELS, **MODELS_DRY}[name])
+    if name in MODELS:
+        return load_config(name)
+    spec = dict(MODELS_DRY[name])
     arch = spec.pop("arch")
     cls = Qwen2Config if arch == "qwen2" else LlamaConfig
     return cls(**spec)

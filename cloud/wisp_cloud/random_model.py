@@ -19,7 +19,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wisp_sdk.errors import WispError
+
+def _error(message: str) -> Exception:
+    # imported late: bench/verify_step.py reads CONFIGS on GPU images without the SDK's dependencies
+    from wisp_sdk.errors import WispError
+
+    return WispError(message)
+
 
 # Published config.json values of the architectures (no weights).
 _QWEN2 = {
@@ -95,14 +101,14 @@ def load_config(spec: str) -> Any:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise WispError(f"--random-config {spec}: not one of {', '.join(CONFIGS)}, nor a config.json")
+            raise _error(f"--random-config {spec}: not one of {', '.join(CONFIGS)}, nor a config.json")
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise WispError(f"--random-config {spec}: {exc}") from exc
+            raise _error(f"--random-config {spec}: {exc}") from exc
     model_type = raw.pop("model_type", None)
     if not model_type:
-        raise WispError(f"--random-config {spec}: no model_type")
+        raise _error(f"--random-config {spec}: no model_type")
     return AutoConfig.for_model(model_type, **raw)
 
 
@@ -146,7 +152,7 @@ def stabilize_argmax(
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if head is None:
-        raise WispError("stable argmax needs a model with an output embedding (lm_head)")
+        raise _error("stable argmax needs a model with an output embedding (lm_head)")
     cfg = (
         model.config.get_text_config(decoder=True)
         if hasattr(model.config, "get_text_config")
@@ -212,14 +218,14 @@ def add_random_model_args(p: Any) -> None:
 def check_model_args(args: Any) -> None:
     """Exactly one of --target / --random-config; the random-weight options only with --random-config."""
     if bool(getattr(args, "target", None)) == bool(args.random_config):
-        raise WispError("give either --target MODEL or --random-config NAME (random weights, for benchmarks)")
+        raise _error("give either --target MODEL or --random-config NAME (random weights, for benchmarks)")
     if not args.random_config:
         for flag, value in (
             ("--stable-argmax", args.stable_argmax),
             ("--tokenizer-from", args.tokenizer_from),
         ):
             if value:
-                raise WispError(
+                raise _error(
                     f"{flag} goes with --random-config (a --target model has its own weights and tokenizer)"
                 )
 
@@ -232,7 +238,7 @@ def _tokenizer_info(folder: str | None) -> tuple[str | None, int | None]:
 
     path = Path(folder).expanduser() / "tokenizer.json"
     if not path.is_file():
-        raise WispError(f"--tokenizer-from {folder}: no tokenizer.json there")
+        raise _error(f"--tokenizer-from {folder}: no tokenizer.json there")
     data = json.loads(path.read_text())
     vocab = data.get("model", {}).get("vocab") or {}
     return tokenizer_fingerprint(data), len(vocab) or None
