@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 REQ=scripts/sglang
 start=$(date +%s)
 
-want=$(cat scripts/setup_sglang.sh "$REQ"/*.txt | sha256sum | cut -c1-16)
+want=$(cat scripts/setup_sglang.sh "$REQ"/*.txt locks/sglang.txt | sha256sum | cut -c1-16)
 stamp="$VENV/.wisp-sglang-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && "$VENV/bin/python" -c "import sglang, torchvision, wisp_cloud.backends.sglang" 2>/dev/null \
@@ -36,8 +36,9 @@ extra=()
 [ -n "${WISP_TORCH_INDEX:-}" ] && extra=(--extra-index-url "$WISP_TORCH_INDEX")
 mkdir -p "$WHEELS"
 
-# 1. Resolved with dependencies (torch held to the CPU build).
-deps=(-c "$REQ/constraints-cpu.txt" -r "$REQ/requirements-cpu.txt")
+# 1. The locked set (locks/sglang.txt, made from $REQ/requirements-cpu.txt by scripts/lock.sh; torch held to the
+#    CPU build).
+deps=(-c "$REQ/constraints-cpu.txt" -r locks/sglang.txt)
 if ! "${pip[@]}" install -q --no-index --find-links "$WHEELS" "${deps[@]}" 2>/dev/null; then
     echo "setup_sglang: downloading wheels into $WHEELS"
     "${pip[@]}" download -q -d "$WHEELS" "${extra[@]}" "${deps[@]}"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Run ruff and the test suite. Real-model tests run when WISP_REAL=1 (CI sets it).
+# Run the lock check, ruff, mypy and the test suite. Real-model tests run when WISP_REAL=1 (CI sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/python scripts/check_locks.py
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
 rc=$?

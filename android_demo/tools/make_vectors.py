@@ -346,16 +346,60 @@ def render() -> str:
     return json.dumps(build(), indent=1, sort_keys=False) + "\n"
 
 
+# Floats computed by numpy/libm (predictor probabilities, sparse q, entropies) may move in the last bit between
+# numpy releases or across languages; integers, strings, bytes (hex) and wire frames must match exactly.
+REL_TOL = 1e-12
+
+
+def differences(expected: object, actual: object, where: str = "$", rel: float = REL_TOL) -> list[str]:
+    """Where two decoded vector files differ: exact for everything but floats, floats within `rel` (relative)."""
+    if (
+        isinstance(expected, bool)
+        or isinstance(actual, bool)
+        or not (isinstance(expected, float) or isinstance(actual, float))
+    ):
+        if isinstance(expected, dict) and isinstance(actual, dict):
+            if expected.keys() != actual.keys():
+                return [f"{where}: keys {sorted(expected)} != {sorted(actual)}"]
+            return [d for k in expected for d in differences(expected[k], actual[k], f"{where}.{k}", rel)]
+        if isinstance(expected, list) and isinstance(actual, list):
+            if len(expected) != len(actual):
+                return [f"{where}: length {len(expected)} != {len(actual)}"]
+            return [
+                d
+                for i, (a, b) in enumerate(zip(expected, actual))
+                for d in differences(a, b, f"{where}[{i}]", rel)
+            ]
+        return (
+            []
+            if expected == actual and type(expected) is type(actual)
+            else [f"{where}: {expected!r} != {actual!r}"]
+        )
+    if not isinstance(expected, int | float) or not isinstance(actual, int | float):
+        return [f"{where}: {expected!r} != {actual!r}"]
+    if abs(expected - actual) <= rel * max(1.0, abs(expected), abs(actual)):
+        return []
+    return [f"{where}: {expected!r} != {actual!r} (beyond {rel:g} relative)"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed file instead of writing")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     text = render()
+    diffs = (
+        differences(json.loads(args.out.read_text()), json.loads(text)) if args.out.is_file() else ["missing"]
+    )
     if args.check:
-        if not args.out.is_file() or args.out.read_text() != text:
-            print(f"{args.out} is stale: run {Path(__file__).relative_to(ROOT)}", file=sys.stderr)
+        if diffs:
+            print(
+                f"{args.out} is stale ({diffs[0]}): run {Path(__file__).relative_to(ROOT)}", file=sys.stderr
+            )
             return 1
+        print(f"{args.out.relative_to(ROOT)} is up to date (floats within {REL_TOL:g} relative)")
+        return 0
+    if not diffs:  # equal within tolerance: keep the committed bytes, so the file never churns
         print(f"{args.out.relative_to(ROOT)} is up to date")
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)

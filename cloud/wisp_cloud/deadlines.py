@@ -25,7 +25,7 @@ The rule (docs/scheduling.md, "Deadlines"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def expected_committed(k: int, alpha: float, cap: int | None = None) -> float:
@@ -75,11 +75,7 @@ class SessionDeadlines:
     t_first: float | None = None  # when the first token was sent
     anchor: float | None = None  # when the last answer (first token, verdict, decode token) was sent
     committed: int = 0  # tokens generated after the first one
-    acceptance: AcceptanceStats | None = None
-
-    def __post_init__(self) -> None:
-        if self.acceptance is None:
-            self.acceptance = AcceptanceStats()
+    acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
 
     @classmethod
     def from_slo(cls, slo, t_open: float, max_new_tokens: int | None = None, uplink_s: float = 0.0, **kw):

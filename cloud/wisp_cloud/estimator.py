@@ -409,7 +409,8 @@ class VerifyTimeEstimator:
                 shape = BatchShape.of(ItemShape(int(n), int(c)) for n, c in r["items"])
                 shape = dataclasses.replace(shape, cache_misses=misses)
             else:
-                shape = BatchShape(*map(int, r["agg"]), items=None)
+                b, n, c, mc, miss, mn, mt, attn = (int(x) for x in r["agg"])
+                shape = BatchShape(b, n, c, mc, miss, mn, mt, attn, items=None)
             base.append(Observation(shape, float(r["s"])))
         est._base = base
         return est

@@ -106,6 +106,7 @@ class Batch:
 class Policy(Protocol):
     name: str
     max_batch: int
+    estimator: VerifyTimeEstimator
 
     def select(self, waiting: Sequence[Request], now: float) -> Batch:
         """The next batch from `waiting` (not modified). An empty batch means: wait until `wakeup`."""
@@ -118,7 +119,7 @@ class Policy(Protocol):
 
 @dataclass
 class _BasePolicy:
-    estimator: VerifyTimeEstimator | None = None
+    estimator: VerifyTimeEstimator = field(default_factory=VerifyTimeEstimator.default)
     max_batch: int = 64
     max_batch_tokens: int | None = None  # cap on Σ new tokens of a batch (memory); None = no cap
     prefill_chunk: int | None = None  # prefill piece size; None = whole prompt in one pass
@@ -388,7 +389,8 @@ class WispPolicy(_BasePolicy):
     def _sizes(self, c: _Cand) -> list[int]:
         if c.req.kind != "prefill" or not self.prefill_chunk:
             return [c.n]
-        sizes, n = [], c.n
+        sizes: list[int] = []
+        n = c.n
         while n >= self.min_chunk or not sizes:
             sizes.append(n)
             n //= 2
@@ -410,7 +412,9 @@ def make_policy(name: str, estimator: VerifyTimeEstimator | None = None, **kw: A
         from wisp_sdk.errors import WispError
 
         raise WispError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
-    return cls(estimator=estimator, **kw)
+    if estimator is not None:
+        kw["estimator"] = estimator
+    return cls(**kw)
 
 
 # ---------------------------------------------------------------- the queue around a policy
@@ -458,9 +462,7 @@ class Scheduler:
         hint_ewma: float = 0.1,
     ) -> None:
         self.policy = policy
-        self.estimator = estimator or getattr(policy, "estimator", None) or VerifyTimeEstimator.default()
-        if getattr(policy, "estimator", "absent") is None:
-            policy.estimator = self.estimator
+        self.estimator = estimator or policy.estimator
         self.learn = learn
         self.waiting: list[Request] = []
         self.stats = SchedulerStats()

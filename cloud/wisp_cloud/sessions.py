@@ -11,12 +11,17 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from wisp_sdk.protocol import SLO, SamplingParams, Verdict, new_session_id
 
 from wisp_cloud.acceptance import make_generator
+from wisp_cloud.deadlines import SessionDeadlines
+
+if TYPE_CHECKING:
+    from wisp_cloud.jobs import Job
+    from wisp_cloud.server import Connection
 
 
 class SessionLimitError(Exception):
@@ -46,10 +51,12 @@ class Session:
     done: bool = False
     last_round: int = 0
     last_verdict: Verdict | None = None
-    pending: Any = None  # the Job in the queue or in a batch, if any
-    conn: Any = None  # the connection replies go to (the latest one that spoke for this session)
+    pending: Job | None = None  # the Job in the queue or in a batch, if any
+    conn: Connection | None = (
+        None  # the connection replies go to (the latest one that spoke for this session)
+    )
     evictions: int = 0
-    deadlines: Any = None  # deadlines.SessionDeadlines: when each of its answers is due (set at open)
+    deadlines: SessionDeadlines | None = None  # when each of its answers is due (set at open)
 
     @property
     def committed_len(self) -> int:

@@ -86,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
         for delta in client.stream(prompt, args.max_new_tokens, **kwargs):
             sys.stdout.write(delta)
             sys.stdout.flush()
-        result = client.last_result
-        assert result is not None
+        last = client.last_result
+        assert last is not None
         sys.stdout.write("\n")
-        print(result.stats.summary())
+        print(last.stats.summary())
         return 0
     finally:
         client.close()

@@ -42,6 +42,9 @@ _ROUND = struct.Struct("<16sIIH")
 _VERDICT = struct.Struct("<16sIIHifff")
 _NNZ = struct.Struct("<H")
 
+# How a session generates: edge drafts verified by the server, or the server decoding alone (the baseline).
+Mode = Literal["speculative", "centralized"]
+
 
 class ErrorCode(str, Enum):
     bad_request = "bad_request"
@@ -107,7 +110,7 @@ class Open(_Msg):
     max_new_tokens: int = Field(256, ge=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     slo: SLO = Field(default_factory=SLO)
-    mode: Literal["speculative", "centralized"] = "speculative"
+    mode: Mode = "speculative"
     stop_token_ids: list[int] = Field(default_factory=list)
 
 
@@ -235,7 +238,8 @@ def encode_round(msg: Round) -> bytes:
     ]
     if sparse:
         if (
-            msg.q_probs is None
+            msg.q_ids is None
+            or msg.q_probs is None
             or len(msg.q_ids) != len(msg.draft_ids)
             or len(msg.q_probs) != len(msg.draft_ids)
         ):

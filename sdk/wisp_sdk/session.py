@@ -15,6 +15,7 @@ from wisp_sdk.errors import ProtocolError
 from wisp_sdk.protocol import (
     SLO,
     Close,
+    Mode,
     Open,
     Opened,
     Resume,
@@ -34,7 +35,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     slo: SLO = field(default_factory=SLO)
     stop: list[str] = field(default_factory=list)
-    mode: str = "speculative"
+    mode: Mode = "speculative"
 
 
 class Session:
@@ -76,7 +77,7 @@ class Session:
             max_new_tokens=self.request.max_new_tokens,
             sampling=self.request.sampling,
             slo=self.request.slo,
-            mode=self.request.mode,  # type: ignore[arg-type]
+            mode=self.request.mode,
             stop_token_ids=sorted(self.eos),
         )
 

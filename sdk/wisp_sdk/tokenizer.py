@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wisp_sdk.errors import WispError
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -34,7 +37,7 @@ class DraftTokenizer:
         cfg_path = bundle / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.chat_template = self._load_template(bundle)
-        self._compiled = None
+        self._compiled: Template | None = None
         self.special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def _load_template(self, bundle: Path) -> str | None:
