@@ -19,7 +19,6 @@ import torch
 from transformers import AutoModelForCausalLM
 from wisp_cloud.backends.native import NativeBackend
 from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.policy import SchedPolicy, make_policy
 from wisp_sdk.protocol import SLO, Open
 from ws_client import Client, Drafter, generate, running_server
 
@@ -168,9 +167,9 @@ def test_wisp_admission_refuses_with_overloaded(backend, drafter):
         from wisp_cloud.config import ServerConfig
         from wisp_cloud.server import WispServer
 
-        policy = make_policy("wisp", est, max_batch=64, admission_target=0.9)
-        server = WispServer(backend, ServerConfig(port=0, metrics_port=0), policy=policy, estimator=est)
-        assert server.estimator is est and policy.est is est
+        cfg = ServerConfig(port=0, metrics_port=0, policy="wisp", max_batch=64, admission_target=0.9)
+        server = WispServer(backend, cfg, estimator=est)
+        assert server.estimator is est and server.policy.estimator is est
         await server.start()
         try:
             client = await _connect(server, backend)
@@ -204,16 +203,21 @@ def test_wisp_admission_refuses_with_overloaded(backend, drafter):
 
 
 def test_sled_and_centralized_do_no_admission(backend):
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.engine import Engine
+
     est = VerifyTimeEstimator.default()
     est.coef = [
         1.0 if f == "batch" else c for f, c in zip(est.features, est.coef, strict=True)
     ]  # 1 s an item
     for name in ("sled", "centralized", "fifo"):
-        policy = make_policy(name, est)
-        assert getattr(policy, "admission", None) is None
-    wisp = make_policy("wisp", est)
-    assert isinstance(wisp, SchedPolicy) and wisp.admission is not None
-    assert make_policy("wisp", est, admission_target=0).admission is None
+        engine = Engine(backend, ServerConfig(policy=name), est)
+        assert engine.admission is None and engine.policy.name == name
+        engine.close()
+    for target, has in ((0.9, True), (0.0, False)):
+        engine = Engine(backend, ServerConfig(policy="wisp", admission_target=target), est)
+        assert (engine.admission is not None) is has
+        engine.close()
 
 
 def test_cli_serves_wisp_with_an_estimator_on_the_paged_engine(tiny_target, drafter, reference, tmp_path):

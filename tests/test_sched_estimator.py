@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from wisp_cloud.deadlines import AcceptanceStats, SessionDeadlines, expected_committed
 from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, VerifyTimeEstimator, mape
-from wisp_cloud.scheduler import AdmissionController, SessionLoad
+from wisp_cloud.sched import AdmissionController, SessionLoad
 from wisp_cloud.slo_metrics import SLOMetrics
 
 TRUE = {"groups": 0.004, "batch": 0.0003, "new": 0.00005, "pad_past": 2e-6, "pad_attn": 3e-8}
@@ -132,7 +132,7 @@ def test_estimator_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, wisp_cloud.scheduler, wisp_cloud.deadlines, wisp_cloud.slo_metrics; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    code = "import sys, wisp_cloud.sched, wisp_cloud.deadlines, wisp_cloud.slo_metrics; print('torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "False"
 

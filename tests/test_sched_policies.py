@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from test_sched_sim import linear_estimator, prefill, simulate, verify
-from wisp_cloud.scheduler import (
+from wisp_cloud.sched import (
     CentralizedPolicy,
     FifoPolicy,
     Request,

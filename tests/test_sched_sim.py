@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.scheduler import Batch, Outcome, Policy, Request, Scheduler
+from wisp_cloud.sched import Batch, Outcome, Policy, Request, Scheduler
 
 
 def linear_estimator(
@@ -82,7 +82,7 @@ def prefill(sid: str, arrival: float, tokens: int, ttft: float = 3.0) -> Request
 
 
 def test_driver_runs_fifo_batches_back_to_back():
-    from wisp_cloud.scheduler import FifoPolicy
+    from wisp_cloud.sched import FifoPolicy
 
     gpu = linear_estimator()
     reqs = [verify(f"s{i}", 0.0, 1.0) for i in range(3)]

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch", "prefill_chunk", "kv_budget_tokens", "max_draft_len", "max_context_len"):
         if getattr(cfg, name) < 1:
             raise WispError(f"--{name.replace('_', '-')} must be >= 1")
-    from wisp_cloud.policy import POLICIES
+    from wisp_cloud.sched import POLICIES
 
     if cfg.policy not in POLICIES:
         raise WispError(f"--policy {cfg.policy}: unknown (have: {', '.join(POLICIES)})")

@@ -20,7 +20,6 @@ weights are refit on the profile data plus a window of recent batches (weighted 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import math
@@ -62,16 +61,27 @@ class BatchShape:
     max_total: int = 0  # max over items of context + new (the padded key length)
     attn: int = 0  # Σ n_i·(c_i + n_i): query×key pairs of the attention
     items: tuple[tuple[int, int], ...] | None = ()
+    # Items added by `plus` and not yet merged into `items`, as a shared linked list ((n, c), rest): `plus` stays
+    # O(1) (the scheduler grows a batch item by item), and only a padded-group rule ever needs them sorted.
+    added: tuple | None = field(default=None, repr=False, compare=False)
+
+    def sorted_items(self) -> tuple[tuple[int, int], ...] | None:
+        """Every item's effective (new, context), sorted; None for a shape that carries sums only."""
+        if self.items is None or self.added is None:
+            return self.items
+        more = []
+        node = self.added
+        while node is not None:
+            more.append(node[0])
+            node = node[1]
+        self.items, self.added = tuple(sorted([*self.items, *more])), None
+        return self.items
 
     def plus(self, item: ItemShape) -> BatchShape:
         n, c = item.new_tokens, item.context
         if item.cache_miss:  # the cached prefix is recomputed: it is new work, not cached context
             n, c = n + c, 0
-        items = None
-        if self.items is not None:
-            lst = list(self.items)
-            bisect.insort(lst, (n, c))
-            items = tuple(lst)
+        items = self.items
         return BatchShape(
             batch_size=self.batch_size + 1,
             new_tokens=self.new_tokens + n,
@@ -82,14 +92,29 @@ class BatchShape:
             max_total=max(self.max_total, n + c),
             attn=self.attn + n * (c + n),
             items=items,
+            added=None if items is None else ((n, c), self.added),
         )
 
     @classmethod
     def of(cls, items: Iterable[ItemShape]) -> BatchShape:
-        shape = cls()
+        """The shape of a whole batch at once (the same as adding its items one by one with `plus`)."""
+        b = new = ctx = max_ctx = misses = max_new = max_total = attn = 0
+        pairs = []
         for item in items:
-            shape = shape.plus(item)
-        return shape
+            n, c = item.new_tokens, item.context
+            if item.cache_miss:
+                n, c = n + c, 0
+                misses += 1
+            b += 1
+            new += n
+            ctx += c
+            max_ctx = max(max_ctx, c)
+            max_new = max(max_new, n)
+            max_total = max(max_total, n + c)
+            attn += n * (c + n)
+            pairs.append((n, c))
+        pairs.sort()
+        return cls(b, new, ctx, max_ctx, misses, max_new, max_total, attn, items=tuple(pairs))
 
     @classmethod
     def from_stats(cls, stats: Any) -> BatchShape:
@@ -120,12 +145,13 @@ class GroupRule:
 
     def groups(self, shape: BatchShape) -> list[tuple[int, int, int]]:
         """[(items, max new, max context)] per padded group."""
-        if shape.items is None:
+        items = shape.sorted_items()
+        if items is None:
             return [(shape.batch_size, shape.max_new, shape.max_context)] if shape.batch_size else []
         out = []
         cnt = real = gmax_c = 0
         gmax_n = 0
-        for n, c in shape.items:
+        for n, c in items:
             if cnt and (cnt + 1) * n > self.pad_factor * (real + n) + self.pad_slack:
                 out.append((cnt, gmax_n, gmax_c))
                 cnt = real = gmax_c = 0
@@ -144,16 +170,17 @@ DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows",
 
 def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
     """Every feature of `FEATURES`, in that order (one pass; this is the scheduler's hot path)."""
-    if rule is None or shape.items is None:
-        groups = [(shape.batch_size, shape.max_new, shape.max_context)] if shape.batch_size else []
-    else:
-        groups = rule.groups(shape)
     g = rows = past = area = 0
-    for b, n, c in groups:
-        g += 1
-        rows += b * n
-        past += b * c
-        area += b * n * (c + n)
+    if rule is None or shape.items is None:  # one padded group: no list to build
+        b, n, c = shape.batch_size, shape.max_new, shape.max_context
+        if b:
+            g, rows, past, area = 1, b * n, b * c, b * n * (c + n)
+    else:
+        for b, n, c in rule.groups(shape):
+            g += 1
+            rows += b * n
+            past += b * c
+            area += b * n * (c + n)
     return (
         g,
         rows,
@@ -372,8 +399,9 @@ class VerifyTimeEstimator:
     def to_dict(self) -> dict[str, Any]:
         def row(o: Observation) -> dict[str, Any]:
             sh = o.shape
-            if sh.items is not None:
-                return {"items": [list(it) for it in sh.items], "miss": sh.cache_misses, "s": o.seconds}
+            items = sh.sorted_items()
+            if items is not None:
+                return {"items": [list(it) for it in items], "miss": sh.cache_misses, "s": o.seconds}
             agg = [sh.batch_size, sh.new_tokens, sh.context_tokens, sh.max_context, sh.cache_misses]
             return {"agg": agg + [sh.max_new, sh.max_total, sh.attn], "s": o.seconds}
 

@@ -12,6 +12,8 @@ from enum import Enum
 
 import torch
 
+from wisp_cloud.estimator import ItemShape
+from wisp_cloud.sched.requests import Request
 from wisp_cloud.sessions import Session
 
 
@@ -34,11 +36,15 @@ class Job:
     batches: int = 0
     # Refreshed by the loop right before each `Policy.select`: tokens of this session in the backend's KV.
     cached_len: int = 0
-    # Set by a policy in `select` to size this job's next piece (a prefill chunk); None = the server default.
+    # Set from the scheduler's slot to size this job's next piece (a prefill chunk); None = the server default.
     max_tokens: int | None = None
-    # For SLO-aware policies (the scheduling issue): absolute monotonic deadline, and anything they cache.
+    # Absolute monotonic time the answer must reach the device by (deadlines.py); None without an SLO.
     deadline: float | None = None
-    annotations: dict = field(default_factory=dict)
+    # The scheduler's view of this job (kept across selections, so a chunked prefill keeps its pacing).
+    request: Request | None = None
+    # Of the batch it last ran in: the estimator's item shape, and whether that piece carried the draft.
+    ran_shape: ItemShape | None = None
+    final: bool = True
 
     @property
     def context_tokens(self) -> int:

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from wisp_sdk.protocol import SLO, SamplingParams, Verdict, new_session_id
+from wisp_sdk.protocol import SLO, SamplingParams, new_session_id
 
 from wisp_cloud.acceptance import make_generator
 from wisp_cloud.deadlines import SessionDeadlines
 
 if TYPE_CHECKING:
+    from wisp_cloud.gateway import Connection
     from wisp_cloud.jobs import Job
-    from wisp_cloud.server import Connection
 
 
 class SessionLimitError(Exception):
@@ -50,13 +50,22 @@ class Session:
     opened: bool = False  # Opened has been produced (first token committed)
     done: bool = False
     last_round: int = 0
-    last_verdict: Verdict | None = None
+    last_verdict: bytes | None = None  # the last Verdict frame, re-sent as is when its round comes again
     pending: Job | None = None  # the Job in the queue or in a batch, if any
     conn: Connection | None = (
         None  # the connection replies go to (the latest one that spoke for this session)
     )
     evictions: int = 0
     deadlines: SessionDeadlines | None = None  # when each of its answers is due (set at open)
+    # Scheduling statistics of its rounds (admission and wait hints): the last draft length, its EWMA, and the EWMA
+    # of device time (draft + network) between an answer and the next round. None until measured.
+    draft_len: int | None = None
+    k_mean: float | None = None
+    think_s: float | None = None
+    sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it
+
+    def __post_init__(self) -> None:
+        self.sid_raw = bytes.fromhex(self.id)
 
     @property
     def committed_len(self) -> int:

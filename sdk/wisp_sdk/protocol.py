@@ -256,15 +256,33 @@ def encode_round(msg: Round) -> bytes:
 
 
 def encode_verdict(msg: Verdict) -> bytes:
-    return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, FLAG_EOS if msg.done else 0) + _VERDICT.pack(
+    return pack_verdict(
         _sid_bytes(msg.session_id),
         msg.round,
         msg.committed_len,
         msg.accepted,
         msg.next_token,
+        msg.done,
         msg.queue_ms,
         msg.verify_ms,
         msg.wait_hint_ms,
+    )
+
+
+def pack_verdict(
+    sid: bytes,
+    round: int,
+    committed_len: int,
+    accepted: int,
+    next_token: int,
+    done: bool,
+    queue_ms: float,
+    verify_ms: float,
+    wait_hint_ms: float,
+) -> bytes:
+    """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
+    return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, FLAG_EOS if done else 0) + _VERDICT.pack(
+        sid, round, committed_len, accepted, next_token, queue_ms, verify_ms, wait_hint_ms
     )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
-from wisp_cloud.scheduler import Request, Scheduler, make_policy
+from wisp_cloud.sched import Request, Scheduler, make_policy
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 

@@ -1,0 +1,758 @@
+"""The verify engine: the queue, the policy, the backend and acceptance. It never touches a socket.
+
+The gateway hands it work (`open`, `round`, `resume`, `close`, each validated against the session and answered
+with a `Refusal` when wrong) and gets replies back: immediate ones as return values, and the answers of every
+batch step through `deliver` (a list of `Reply`), which the gateway turns into frames.
+
+One step (`run`): schedule → run → postprocess.
+  schedule     refresh each waiting job's request (KV lengths), `Scheduler.next_batch`, plan work items, fit
+               the KV budget;
+  run          `backend.forward` on a worker thread, then acceptance for every final item (same thread);
+  postprocess  commit tokens, build verdicts (bytes), wait hints, SLO bookkeeping; hand the replies over.
+While the forward of step n runs on the worker thread, the event loop plans step n+1 (`_prepare`) from the jobs
+that are not in flight, so the device waits only for what cannot overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from wisp_sdk.protocol import (
+    ErrorCode,
+    Limits,
+    Open,
+    Opened,
+    Resumed,
+    Round,
+    Tokens,
+    pack_verdict,
+)
+
+from wisp_cloud.acceptance import DraftError, accept_greedy, accept_sampling, dense_q, sample_token
+from wisp_cloud.backends.base import Backend, BatchStats
+from wisp_cloud.config import ServerConfig
+from wisp_cloud.deadlines import SessionDeadlines
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.jobs import Job, JobKind
+from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.planner import Outcome, Planned, cut, fit_budget, plan, ran_shape
+from wisp_cloud.replies import Refusal, Reply
+from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, SessionLoad, make_policy
+from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
+from wisp_cloud.slo_metrics import SLOMetrics
+from wisp_cloud.step_stats import StepLog
+
+log = logging.getLogger("wisp.engine")
+
+_HOUSEKEEPING_S = 1.0
+_MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
+DEFAULT_DRAFT_LEN = 4  # what a session that has not sent a round yet is assumed to draft
+_EMPTY = BatchShape()
+
+
+@dataclass(slots=True)
+class _Ran:
+    """A step whose forward finished and whose answers are not yet applied."""
+
+    outcomes: list[Outcome]
+    stats: BatchStats
+    shapes: list[ItemShape]
+    t_launch: float
+    host_s: float  # the device waited this long for the host before this forward
+    serial: bool  # centralized decode work: postprocess before the next selection
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the debug fault hook (ServerConfig.fault_token)."""
+
+
+class Engine:
+    def __init__(
+        self, backend: Backend, config: ServerConfig, estimator: VerifyTimeEstimator | None = None
+    ) -> None:
+        self.backend = backend
+        self.cfg = config
+        # Verify-time estimator: refined online from every step that runs (exact item shapes), shared with the
+        # policy, the wait hints and admission, and the solo-time reference of the interference metric.
+        self.estimator = estimator or VerifyTimeEstimator.default()
+        # Every policy but SLED chunks long prompts (SLED is the static-batching baseline: whole prompts).
+        chunk = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
+        self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **chunk)
+        self.queue = Scheduler(self.policy, self.estimator, learn=False)
+        self.admission = (
+            AdmissionController(self.estimator, target=config.admission_target, max_batch=config.max_batch)
+            if config.policy == "wisp" and config.admission_target > 0
+            else None
+        )
+        self.slo = SLOMetrics(started=time.monotonic())
+        self.metrics = Metrics()
+        limit = min(config.max_context_len, config.kv_budget_tokens)
+        max_pos = getattr(backend, "max_positions", None)  # optional backend attribute, not a hook
+        self.max_context_len = min(limit, max_pos) if max_pos else limit
+        self.store = SessionStore(
+            kv_budget_tokens=config.kv_budget_tokens,
+            ttl_s=config.session_ttl_s,
+            max_sessions=config.max_sessions,
+            max_sessions_per_token=config.max_sessions_per_token,
+            cached_len=backend.cached_len,
+            release=backend.release,
+        )
+        self.limits = Limits(
+            max_frame_bytes=config.max_frame_bytes,
+            max_draft_len=config.max_draft_len,
+            max_context_len=self.max_context_len,
+            max_sessions_per_token=config.max_sessions_per_token,
+        )
+        # KV of sessions closed by the gateway: freed by the loop between forward passes, because the backend is
+        # only ever touched by the loop (a forward may be running on the worker thread right now).
+        self._to_release: list[str] = []
+        # KV changes from postprocess, applied before the next plan: (session, truncate length; None = release)
+        self._kv_ops: list[tuple[str, int | None]] = []
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-forward")
+        self._last_housekeeping = 0.0
+        self._eos = frozenset(backend.eos_token_ids)
+        self.steps = StepLog(log, graph_stats=lambda: getattr(backend, "graph_stats", None))
+        self.deliver: Callable[[list[Reply]], None] = lambda replies: None
+
+    @property
+    def totals(self):  # running step sums (bench/host_path.py)
+        return self.steps.totals
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.metrics.close()
+
+    # ---- work from the gateway (each validates against the session; a Refusal is the gateway's to send) ----
+
+    def open(self, owner: str, conn: object, msg: Open) -> None:
+        total = len(msg.prompt_ids) + len(msg.committed_ids)
+        if total >= self.max_context_len:
+            raise Refusal(
+                ErrorCode.too_large,
+                f"context of {total} tokens (limit {self.max_context_len - 1} to leave room)",
+            )
+        self._check_ids(msg.prompt_ids, "prompt_ids")
+        self._check_ids(msg.committed_ids, "committed_ids")
+        if len(msg.committed_ids) >= msg.max_new_tokens:
+            raise Refusal(ErrorCode.bad_request, "committed_ids already reach max_new_tokens")
+        now = time.monotonic()
+        reason = self._admit(msg)
+        if reason is not None:
+            self.slo.refuse()
+            raise Refusal(ErrorCode.overloaded, f"{reason}; retry later")
+        try:
+            session = self.store.create(
+                owner=owner,
+                prompt_ids=msg.prompt_ids,
+                committed_ids=msg.committed_ids,
+                max_new_tokens=msg.max_new_tokens,
+                sampling=msg.sampling,
+                slo=msg.slo,
+                mode=msg.mode,
+                stop_ids=msg.stop_token_ids,
+            )
+        except SessionLimitError as exc:
+            raise Refusal(ErrorCode.overloaded, str(exc)) from exc
+        session.conn = conn
+        session.deadlines = SessionDeadlines.from_slo(
+            msg.slo, now, max_new_tokens=msg.max_new_tokens - len(msg.committed_ids)
+        )
+        self.slo.open(session.id, msg.slo.ttft_ms, msg.slo.tpot_ms, now)
+        self.metrics.sessions_opened.labels(msg.mode).inc()
+        self.metrics.sessions.set(len(self.store))
+        log_event(
+            log,
+            "session_open",
+            session=session.id[:8],
+            owner=session.owner,
+            context=total,
+            mode=msg.mode,
+            greedy=msg.sampling.greedy,
+            rebuild=bool(msg.committed_ids),
+        )
+        self._enqueue(Job(session, JobKind.open))
+
+    def round(self, session: Session, conn: object, msg: Round, conn_open: bool) -> list[Reply]:
+        sid, rnd = msg.session_id, msg.round
+        if conn_open:  # a closed connection's late frame must not steal the session back
+            session.conn = conn
+        session.touch()
+
+        def bad(code: ErrorCode, text: str) -> Refusal:
+            return Refusal(code, text, session_id=sid, round=rnd)
+
+        if rnd == session.last_round and session.last_verdict is not None:
+            return [
+                Reply(conn, session.last_verdict)
+            ]  # idempotent re-send: the same verdict, nothing applied
+        pending = session.pending
+        if pending is not None and pending.kind == JobKind.round and pending.round == rnd:
+            return []  # already being verified: its verdict goes to this connection when ready
+        if session.mode != "speculative":
+            raise bad(ErrorCode.bad_request, "a centralized session takes no rounds")
+        if not session.opened or pending is not None:
+            raise bad(ErrorCode.bad_request, "wait for the previous answer before sending a round")
+        if session.done:
+            raise bad(ErrorCode.bad_request, "session is finished (EOS, stop token or max_new_tokens)")
+        if rnd != session.last_round + 1:
+            raise bad(ErrorCode.bad_request, f"round {rnd} out of order (last answered {session.last_round})")
+        if msg.committed_len != session.committed_len:
+            raise bad(
+                ErrorCode.bad_request,
+                f"stale committed_len {msg.committed_len} (server has {session.committed_len})",
+            )
+        if len(msg.draft_ids) > self.cfg.max_draft_len:
+            raise bad(
+                ErrorCode.too_large, f"draft of {len(msg.draft_ids)} tokens (limit {self.cfg.max_draft_len})"
+            )
+        if session.committed_len + len(msg.draft_ids) > self.max_context_len:
+            raise bad(ErrorCode.too_large, f"context + draft exceeds max_context_len {self.max_context_len}")
+        self._check_ids(msg.draft_ids, "draft_ids", sid, rnd)
+        q = None
+        if not session.sampling.greedy and msg.draft_ids:
+            if msg.q_ids is None or msg.q_probs is None:
+                raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
+            try:
+                q = [
+                    dense_q(ids, probs, self.backend.vocab_size, tok)
+                    for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
+                ]
+            except DraftError as exc:
+                raise bad(ErrorCode.bad_request, str(exc)) from exc
+        self._enqueue(Job(session, JobKind.round, round=rnd, draft=list(msg.draft_ids), q=q))
+        return []
+
+    def resume(self, session: Session, conn: object) -> list[Reply]:
+        in_flight = session.pending is not None and session.pending.kind == JobKind.round
+        # A round in flight is answered to whoever re-sends it (the client re-sends any round newer than
+        # last_round), so a resumed client never gets an unasked-for verdict on top of its re-send's answer.
+        session.conn = conn if not in_flight or session.conn is conn else None
+        session.touch()
+        replies = [
+            Reply(
+                conn,
+                Resumed(
+                    session_id=session.id, committed_len=session.committed_len, last_round=session.last_round
+                ),
+            )
+        ]
+        if session.mode == "centralized" and session.opened:
+            # Streamed tokens sent to the dead connection are lost; resend them all (committed_len lets the
+            # client keep only what it lacks).
+            tokens = Tokens(
+                session_id=session.id,
+                tokens=session.tokens[session.prompt_len :],
+                committed_len=session.committed_len,
+                done=session.done,
+            )
+            replies.append(Reply(conn, tokens))
+        log_event(log, "session_resume", session=session.id[:8], committed_len=session.committed_len)
+        return replies
+
+    def close_session(self, session: Session) -> None:
+        self.queue.cancel(session.id)
+        session.pending = None
+        self.store.remove(session.id, release=False)
+        self._session_ended(session)
+        self._to_release.append(session.id)
+        self._wake.set()
+        self.metrics.sessions.set(len(self.store))
+        log_event(log, "session_close", session=session.id[:8], generated=session.generated)
+
+    def detach(self, conn: object) -> None:
+        """A connection went away: its sessions live on until their TTL (the client may resume them)."""
+        for session in self.store:
+            if session.conn is conn:
+                session.conn = None
+
+    def _check_ids(
+        self, ids: list[int], what: str, session_id: str | None = None, round: int | None = None
+    ) -> None:
+        vocab = self.backend.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise Refusal(
+                ErrorCode.bad_request,
+                f"{what} has token ids outside [0, {vocab})",
+                session_id=session_id,
+                round=round,
+            )
+
+    def _admit(self, msg: Open) -> str | None:
+        """None to admit the session `msg` asks for, else why it is refused (`overloaded`)."""
+        if self.admission is None:
+            return None
+        active = [self._load(s) for s in self.store if not s.done]
+        known = sorted(load.draft_len for load in active if load.draft_len > 0)
+        central = msg.mode == "centralized"
+        context = len(msg.prompt_ids) + len(msg.committed_ids)
+        cand = SessionLoad(
+            "candidate",
+            tpot_s=msg.slo.tpot_ms / 1000.0,
+            draft_len=0 if central else known[len(known) // 2] if known else DEFAULT_DRAFT_LEN,
+            context_len=context,
+            think_s=0.0 if central else None,
+            ttft_s=msg.slo.ttft_ms / 1000.0,
+            prompt_len=context,
+        )
+        decision = self.admission.admit(cand, active)
+        return None if decision.admit else decision.reason
+
+    @staticmethod
+    def _load(s: Session) -> SessionLoad:
+        d = s.deadlines
+        central = s.mode == "centralized"
+        return SessionLoad(
+            s.id,
+            tpot_s=s.slo.tpot_ms / 1000.0,
+            draft_len=0 if central else round(s.k_mean if s.k_mean is not None else DEFAULT_DRAFT_LEN),
+            context_len=s.committed_len,
+            # None until the session has a verdict: admission fills in the other sessions' median
+            alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
+            think_s=0.0 if central else s.think_s,
+        )
+
+    def _enqueue(self, job: Job) -> None:
+        session = job.session
+        d = session.deadlines
+        if d is not None:  # when the answer must reach the device (docs/scheduling.md, "Deadlines")
+            if job.kind == JobKind.open:
+                job.deadline = d.prefill_deadline()
+            else:
+                job.deadline = d.round_deadline(len(job.draft), job.enqueued_at)
+        if job.kind == JobKind.round:
+            k = len(job.draft)
+            first_round = session.draft_len is None
+            session.draft_len = k
+            # admission pairs the mean draft length with the mean device time (a controller varies k per round)
+            session.k_mean = float(k) if session.k_mean is None else 0.8 * session.k_mean + 0.2 * k
+            # device time since our last answer: draft + network. Not the first round's: it also holds the
+            # device's one-off prompt prefill, which would make the session look slow for many rounds.
+            if d is not None and d.anchor is not None and not first_round:
+                think = max(0.0, job.enqueued_at - d.anchor)
+                session.think_s = think if session.think_s is None else 0.8 * session.think_s + 0.2 * think
+        job.cached_len = self.backend.cached_len(session.id)
+        job.request = self._request(job)
+        session.pending = job
+        self.queue.submit(job.request)
+        self._wake.set()
+
+    def _request(self, job: Job) -> Request:
+        """The scheduler's view of a job: its tokens still to push, context, deadline and expected commit."""
+        s = job.session
+        pending = max(1, job.pending_tokens)
+        ctx_pending = s.committed_len - job.cached_len
+        if job.kind == JobKind.open or ctx_pending > 1:
+            kind = "prefill"
+        else:
+            kind = "verify" if job.kind == JobKind.round else "decode"
+        d = s.deadlines
+        expected = 1.0
+        if job.kind == JobKind.round:
+            expected = d.expected_tokens(len(job.draft)) if d is not None else float(len(job.draft) + 1)
+        deadline = job.deadline if job.deadline is not None else job.enqueued_at + s.slo.tpot_ms / 1000.0
+        return Request(
+            s.id,
+            kind,  # type: ignore[arg-type]
+            new_tokens=pending,
+            context_len=job.cached_len,
+            deadline=deadline,
+            arrival=job.enqueued_at,
+            expected_tokens=expected,
+            cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
+            payload=job,
+        )
+
+    def wait_hint_ms(self, session: Session, now: float) -> float:
+        """Expected wait (queue + model time) for this session's next round."""
+        k = session.draft_len
+        if k is None:
+            k = DEFAULT_DRAFT_LEN if session.mode == "speculative" else 0
+        return 1000.0 * self.queue.hints.hint(ItemShape(k + 1, session.committed_len), now)
+
+    # ---- the loop: schedule -> run -> postprocess ----
+
+    async def run(self) -> None:
+        """schedule -> run -> postprocess, with the postprocess of step n overlapping the forward of step n+1.
+
+        Postprocess never touches the backend while a forward runs: its KV changes (truncate a rejected tail,
+        release a finished session) are queued and applied before the next plan. A step with centralized decode
+        work is postprocessed before the next selection instead (its sessions' next tokens join the very next
+        batch; overlapping would make them skip one).
+        """
+        loop = asyncio.get_running_loop()
+        prev: _Ran | None = None
+        t_free = time.perf_counter()  # when the device last became free with work waiting
+        while True:
+            now = time.monotonic()
+            self._apply_kv_ops()  # no forward runs here: the backend is the loop's
+            if now - self._last_housekeeping > _HOUSEKEEPING_S:
+                self._housekeeping(now)
+            if prev is not None and prev.serial:
+                self._finish(prev)
+                prev = None
+                self._apply_kv_ops()
+            planned: list[Planned] = []
+            fut = None
+            try:
+                if self.queue.waiting:
+                    planned = self._schedule(now)
+                if planned:
+                    shapes = [ran_shape(p) for p in planned]
+                    t_launch = time.perf_counter()
+                    fut = loop.run_in_executor(self._executor, self._run_isolated, planned)
+            except Exception:  # never let the loop die: fail what was selected, keep serving
+                log.exception("batch scheduling failed")
+                self._fail_all(planned)
+                planned = []
+            if prev is not None:
+                self._finish(prev)  # overlaps the forward just launched
+                prev = None
+                if fut is None:
+                    continue  # nothing ran: select again with what the answers changed before sleeping
+            if fut is None:
+                self.metrics.queued.set(len(self.queue))
+                if not self.queue.waiting:
+                    await self._sleep(_HOUSEKEEPING_S)
+                else:
+                    # The policy chose to wait (e.g. SLED filling a batch): until its wakeup or an arrival.
+                    at = self.queue.wakeup(now)
+                    await self._sleep(
+                        _HOUSEKEEPING_S if at is None else min(max(at - now, _MIN_SLEEP_S), _HOUSEKEEPING_S)
+                    )
+                t_free = time.perf_counter()
+                continue
+            try:
+                outcomes, stats = await fut
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch step failed")
+                self._fail_all(planned)
+                t_free = time.perf_counter()
+                continue
+            t_done = time.perf_counter()
+            self._requeue_chunks(outcomes)
+            host_s = t_launch - t_free  # the device waited this long for the host
+            prev = _Ran(
+                outcomes,
+                stats,
+                shapes,
+                t_launch,
+                host_s,
+                serial=any(p.job.kind == JobKind.decode for p in planned),
+            )
+            t_free = t_done
+            await asyncio.sleep(0)  # let the gateway hand over what arrived during the forward
+
+    def _finish(self, ran: _Ran) -> None:
+        """Postprocess a step: answers, estimator, step statistics."""
+        try:
+            replies = self._postprocess(ran.outcomes, ran.stats)
+        except Exception:
+            log.exception("postprocess failed")
+            self._fail_all([o.planned for o in ran.outcomes])
+            return
+        self.deliver(replies)
+        answered_s = time.perf_counter() - ran.t_launch + ran.host_s
+        if ran.stats.forward_s > 0:
+            # The estimator learns how long a step holds its rounds (host work before the forward, the forward,
+            # the answers): the next batch and every deadline wait on that, not on the forward alone.
+            self.estimator.observe(answered_s, ran.shapes)
+        self.steps.add(ran.stats, len(ran.outcomes), ran.host_s + ran.stats.forward_s)
+        self.metrics.queued.set(len(self.queue))
+
+    def _requeue_chunks(self, outcomes: list[Outcome]) -> None:
+        """A prefill chunk that ran goes straight back to the queue for its next piece (no wait for postprocess)."""
+        for out in outcomes:
+            job = out.planned.job
+            if (
+                not out.planned.final
+                and out.error is None
+                and job.session.pending is job
+                and job.request is not None
+                and self.store.get(job.session.id) is job.session
+            ):
+                self.queue.submit(job.request)
+
+    def _fail_all(self, planned: list[Planned]) -> None:
+        self.deliver(
+            [r for p in planned if p.job.session.pending is p.job for r in self._fail(p.job, "batch failed")]
+        )
+
+    def _apply_kv_ops(self) -> None:
+        """KV changes queued while a forward ran (the backend is only touched between forwards)."""
+        while self._to_release:
+            self.backend.release(self._to_release.pop())
+        ops, self._kv_ops = self._kv_ops, []
+        for sid, length in ops:
+            if length is None:
+                self.backend.release(sid)
+            else:
+                self.backend.truncate(sid, length)
+
+    async def _sleep(self, timeout: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _schedule(self, now: float) -> list[Planned]:
+        """The next batch, planned into work items that fit the KV budget (the rest go back to the queue)."""
+        fresh = []
+        for r in self.queue.waiting:
+            job: Job = r.payload
+            job.cached_len = self.backend.cached_len(job.session.id)
+            pending = max(1, job.pending_tokens)
+            if pending > r.new_tokens:  # its KV was evicted: a new, larger request
+                job.request = r = self._request(job)
+            else:
+                r.done = r.new_tokens - pending  # chunked prefill progress
+            fresh.append(r)
+        self.queue.waiting = fresh
+        batch: Batch | None = self.queue.next_batch(now)
+        if batch is None:
+            return []
+        planned = []
+        for slot in batch.slots:
+            job = slot.request.payload
+            job.max_tokens = slot.n_tokens
+            planned.append(plan(job, self.backend, self.cfg.prefill_chunk))
+        planned, later = fit_budget(planned, self.cfg.kv_budget_tokens)
+        for p in later:
+            assert p.job.request is not None
+            self.queue.submit(p.job.request)
+        self._make_room(planned)
+        for p in planned:
+            if p.job.started_at is None:
+                p.job.started_at = now
+                self.metrics.queue_wait.observe(now - p.job.enqueued_at)
+        return planned
+
+    def _make_room(self, planned: list[Planned]) -> None:
+        needed = sum(len(p.item.new_tokens) for p in planned)
+        for session in self.store.make_room(needed, protect={p.job.session.id for p in planned}):
+            self.metrics.sessions_evicted.inc()
+            log_event(log, "session_evict", session=session.id[:8], committed_len=session.committed_len)
+
+    def _run_isolated(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
+        """Worker thread: run the batch; if the forward fails, roll back and run each item alone to find the culprit."""
+        try:
+            return self._run(planned)
+        except Exception as exc:
+            if len(planned) == 1:
+                self.backend.truncate(planned[0].job.session.id, planned[0].cached_before)
+                log.exception("forward failed for session %s", planned[0].job.session.id[:8])
+                return [Outcome(planned[0], error=f"{type(exc).__name__}")], _empty_stats(planned)
+            log.exception("batched forward failed; retrying its %d items one by one", len(planned))
+        outcomes: list[Outcome] = []
+        total = _empty_stats(planned)
+        for p in planned:
+            self.backend.truncate(p.job.session.id, p.cached_before)
+        for p in planned:
+            out, stats = self._run_isolated([p])
+            outcomes += out
+            total.forward_s += stats.forward_s
+        return outcomes, total
+
+    def _run(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
+        """Worker thread: the forward pass and acceptance (per job: one job's failure is its own)."""
+        results, stats = self.backend.forward([p.item for p in planned])
+        outcomes = []
+        for p, res in zip(planned, results, strict=True):
+            out = Outcome(p, res)
+            if p.final:
+                try:
+                    out.accepted, out.next_token = self._decide(p.job, res)
+                except Exception as exc:
+                    log.exception("acceptance failed for session %s", p.job.session.id[:8])
+                    out.error = type(exc).__name__
+            outcomes.append(out)
+        return outcomes, stats
+
+    def _decide(self, job: Job, res) -> tuple[int, int]:
+        session = job.session
+        if self.cfg.fault_token is not None and self.cfg.fault_token in job.draft:
+            raise InjectedFault("debug fault token in draft")
+        if job.kind != JobKind.round or not job.draft:
+            if session.sampling.greedy:
+                return 0, res.argmax[0]
+            return 0, sample_token(torch.as_tensor(res.probs)[0], session.gen)
+        if session.sampling.greedy:
+            d = accept_greedy(job.draft, res.argmax)
+        else:
+            d = accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
+        return d.accepted, d.next_token
+
+    # ---- postprocess ----
+
+    def _postprocess(self, outcomes: list[Outcome], stats: BatchStats) -> list[Reply]:
+        now = time.monotonic()
+        self.metrics.observe_batch(stats.batch_size, stats.forward_s)
+        hints = self.queue.hints
+        hints.finished(
+            [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
+        )
+        replies: list[Reply] = []
+        tally = [0, 0, 0, 0]  # committed, rounds, drafted, accepted: counted once per step, not per job
+        for out in outcomes:
+            self._apply(out, stats, now, replies, tally)
+        m = self.metrics
+        m.committed_tokens.inc(tally[0])
+        m.rounds.inc(tally[1])
+        m.draft_tokens.inc(tally[2])
+        m.accepted_tokens.inc(tally[3])
+        return replies
+
+    def _apply(
+        self, out: Outcome, stats: BatchStats, sent_at: float, replies: list[Reply], tally: list[int]
+    ) -> None:
+        job = out.planned.job
+        session = job.session
+        job.forward_s += stats.forward_s
+        job.batches += 1
+        if self.store.get(session.id) is not session:
+            self._kv_ops.append((session.id, None))  # closed while in the batch: the forward stored KV again
+            return
+        if session.pending is not job:
+            return
+        if out.error is not None:
+            replies += self._fail(job, out.error)
+            return
+        if not out.planned.final:
+            return  # more prefill chunks to go: requeued as soon as the forward ended (`_requeue_chunks`)
+        session.pending = None
+        session.touch()
+        if job.kind != JobKind.open and job.started_at is not None:
+            self.queue.hints.queued(job.started_at - job.enqueued_at)
+        proposed = job.draft[: out.accepted] + [out.next_token]
+        before = session.committed_len
+        take, done = cut(session, proposed, self._eos, self.max_context_len)
+        session.tokens += proposed[:take]
+        accepted, next_token = take - 1, proposed[take - 1]
+        if done:
+            session.done = True
+            self._kv_ops.append(
+                (session.id, None)
+            )  # no more rounds: free the KV (re-sent rounds use the cache)
+        else:
+            self._kv_ops.append((session.id, session.committed_len - 1))
+        queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
+        hint = self.wait_hint_ms(session, sent_at)
+        tally[0] += take
+        conn = session.conn
+        if job.kind == JobKind.round:
+            verdict = pack_verdict(
+                session.sid_raw,
+                job.round,
+                session.committed_len,
+                accepted,
+                next_token,
+                done,
+                queue_ms,
+                1000.0 * job.forward_s,
+                hint,
+            )
+            session.last_round = job.round
+            session.last_verdict = verdict
+            tally[1] += 1
+            tally[2] += len(job.draft)
+            tally[3] += accepted
+            if conn is not None:
+                replies.append(Reply(conn, verdict))
+        elif job.kind == JobKind.open:
+            session.opened = True
+            if conn is not None:
+                opened = Opened(
+                    session_id=session.id,
+                    committed_len=session.committed_len,
+                    next_token=next_token,
+                    done=done,
+                    prefill_ms=1000.0 * job.forward_s,
+                    queue_ms=queue_ms,
+                    wait_hint_ms=hint,
+                )
+                replies.append(Reply(conn, opened))
+        elif conn is not None:  # centralized decode step
+            tokens = Tokens(
+                session_id=session.id, tokens=[next_token], committed_len=session.committed_len, done=done
+            )
+            replies.append(Reply(conn, tokens))
+        self._answered(job, take, accepted, sent_at, done)
+        if session.mode == "centralized" and not done:
+            self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
+        elif before and done:
+            log_event(log, "session_done", session=session.id[:8], generated=session.generated)
+
+    def _answered(self, job: Job, take: int, accepted: int, sent_at: float, done: bool) -> None:
+        """An Opened / Verdict / Tokens frame went out: deadlines and SLO metrics."""
+        session = job.session
+        drafted = len(job.draft) if job.kind == JobKind.round else 0
+        d = session.deadlines
+        if d is not None:
+            if job.kind == JobKind.open:
+                d.on_first_token(sent_at)
+            else:
+                d.on_round(drafted, accepted, sent_at)
+        self.slo.tokens(session.id, take, sent_at)
+        if job.kind != JobKind.open:
+            req = job.request
+            if req is not None and req.solo_s is not None:
+                solo = req.solo_s  # the policy priced it when it selected the request
+            else:
+                if req is not None:
+                    solo_shape = ItemShape(req.new_tokens, req.context_len, req.cache_miss)
+                else:
+                    solo_shape = ItemShape(max(1, drafted + 1), session.committed_len - take)
+                solo = self.estimator.predict_shape(_EMPTY.plus(solo_shape))
+            met = job.deadline is None or sent_at <= job.deadline + 1e-9
+            self.slo.round(session.id, sent_at - job.enqueued_at, solo, met)
+        job.request = None
+        if done:
+            self._session_ended(session, sent_at)
+
+    def _fail(self, job: Job, message: str) -> list[Reply]:
+        session = job.session
+        self.queue.cancel(session.id)
+        if session.pending is job:
+            session.pending = None
+        self._kv_ops.append((session.id, session.committed_len - 1))
+        if session.conn is None:
+            return []
+        rnd = job.round if job.kind == JobKind.round else None
+        ref = Refusal(
+            ErrorCode.internal, f"verification failed ({message}); resend", session_id=session.id, round=rnd
+        )
+        return [Reply(session.conn, ref)]  # the gateway turns a Refusal into an Error frame
+
+    def _session_ended(self, session: Session, now: float | None = None) -> None:
+        """Judge the session's SLO once (done, closed or expired)."""
+        self.slo.close(session.id, time.monotonic() if now is None else now)
+
+    def _housekeeping(self, now: float) -> None:
+        self._last_housekeeping = now
+        for session in self.store.expire(now):
+            self._session_ended(session, now)
+            self.metrics.sessions_expired.inc()
+            log_event(log, "session_expire", session=session.id[:8], committed_len=session.committed_len)
+        self.metrics.sessions.set(len(self.store))
+        self.metrics.kv_tokens.set(self.store.kv_tokens())
+        self.metrics.kv_bytes.set(self.backend.kv_bytes())
+        self.slo_summary(now)
+
+    def slo_summary(self, now: float) -> dict[str, float]:
+        summary = self.slo.summary(now, include_live=True)
+        self.metrics.set_slo(summary)
+        return summary
+
+
+def _empty_stats(planned: list[Planned]) -> BatchStats:
+    return BatchStats(
+        batch_size=len(planned), new_tokens=0, context_tokens=0, max_context=0, cache_misses=0, forward_s=0.0
+    )

@@ -1,0 +1,240 @@
+"""The websocket gateway: frames in, sessions and jobs to the engine, the engine's replies out as frames.
+
+It owns connections, frame limits, Hello (protocol version, auth token, tokenizer), session ownership and typed
+errors. It never touches the model: every session operation goes to the `Engine`, which answers with replies or a
+`Refusal`. One writer task per connection sends in order and never blocks the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+from wisp_sdk.errors import ProtocolError, WispError
+from wisp_sdk.protocol import (
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    Close,
+    Closed,
+    Error,
+    ErrorCode,
+    Hello,
+    Open,
+    Resume,
+    Round,
+    Welcome,
+    decode_client,
+    encode,
+)
+
+from wisp_cloud.config import ServerConfig, is_loopback
+from wisp_cloud.engine import Engine
+from wisp_cloud.metrics import log_event
+from wisp_cloud.replies import Refusal, Reply
+from wisp_cloud.sessions import Session, owner_key
+
+log = logging.getLogger("wisp.server")
+
+
+@dataclass(eq=False)
+class Connection:
+    ws: ServerConnection
+    header_token: str | None
+    owner: str | None = None  # set by a successful Hello
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def send(self, data: str | bytes) -> None:
+        """Queue a frame; the connection's writer task keeps order and never blocks the engine."""
+        self.outbox.put_nowait(data)
+
+
+class Gateway:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.cfg = config
+        self._server: Server | None = None
+        self.port: int | None = None
+        engine.deliver = self.deliver
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        if not cfg.auth_tokens:
+            if not is_loopback(cfg.host):
+                raise WispError(
+                    f"refusing to serve on {cfg.host} without auth tokens; "
+                    "give --auth-tokens FILE or WISP_AUTH_TOKENS, or bind 127.0.0.1"
+                )
+            log.warning(
+                "no auth tokens configured: development mode, loopback only, anyone local may connect"
+            )
+        ssl_ctx = None
+        if cfg.tls_cert or cfg.tls_key:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise WispError("TLS needs both --tls-cert and --tls-key")
+            ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise WispError(f"cannot load TLS certificate/key: {exc}") from exc
+        try:
+            self._server = await serve(
+                self._handle,
+                cfg.host,
+                cfg.port,
+                ssl=ssl_ctx,
+                # Hard cap well above our own limit, so a merely too-large frame still gets a too_large Error.
+                max_size=4 * cfg.max_frame_bytes,
+                compression=None,  # frames are already compact binary; deflate only adds latency
+                select_subprotocol=lambda _conn, offered: SUBPROTOCOL if SUBPROTOCOL in offered else None,
+                server_header="wisp-cloud",
+            )
+        except OSError as exc:
+            raise WispError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    # ---- replies from the engine ----
+
+    def deliver(self, replies: list[Reply]) -> None:
+        for r in replies:
+            conn: Connection = r.conn
+            msg = r.message
+            if isinstance(msg, bytes):
+                conn.send(msg)
+            elif isinstance(msg, Refusal):
+                self._refuse(conn, msg)
+            else:
+                conn.send(encode(msg))
+
+    def _refuse(self, conn: Connection, ref: Refusal) -> None:
+        self.engine.metrics.errors.labels(ref.code.value).inc()
+        log_event(
+            log, "error_frame", logging.INFO, code=ref.code.value, session=ref.session_id, message=ref.message
+        )
+        conn.send(
+            encode(Error(code=ref.code, message=ref.message, session_id=ref.session_id, round=ref.round))
+        )
+
+    # ---- connections ----
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        auth = ws.request.headers.get("Authorization") if ws.request else None
+        header_token = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else None
+        conn = Connection(ws, header_token)
+        writer = asyncio.create_task(self._writer(conn))
+        close_reason: str | None = None
+        try:
+            async for frame in ws:
+                conn.bytes_in += len(frame)
+                close_reason = self._on_frame(conn, frame)
+                if close_reason:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self.engine.detach(conn)
+            conn.outbox.put_nowait(None)
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, TimeoutError):
+                await asyncio.wait_for(
+                    writer, timeout=5
+                )  # flush what was queued (e.g. the fatal Error frame)
+            if close_reason:
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.close(1008, close_reason)  # 1008: policy violation
+
+    async def _writer(self, conn: Connection) -> None:
+        while True:
+            data = await conn.outbox.get()
+            if data is None:
+                return
+            try:
+                await conn.ws.send(data)
+                conn.bytes_out += len(data)
+            except ConnectionClosed:
+                return
+
+    def _on_frame(self, conn: Connection, frame: str | bytes) -> str | None:
+        """Handle one frame; returns a close reason when the connection must be closed."""
+        try:
+            if len(frame) > self.cfg.max_frame_bytes:
+                raise Refusal(
+                    ErrorCode.too_large, f"frame of {len(frame)} bytes (limit {self.cfg.max_frame_bytes})"
+                )
+            try:
+                msg = decode_client(frame)
+            except ProtocolError as exc:
+                raise Refusal(ErrorCode.bad_request, str(exc)) from exc
+            if isinstance(msg, Hello):
+                self._on_hello(conn, msg)
+            elif conn.owner is None:
+                raise Refusal(ErrorCode.bad_request, "send hello first")
+            elif isinstance(msg, Round):
+                session = self._owned(conn, msg.session_id, msg.round)
+                self.deliver(self.engine.round(session, conn, msg, conn.ws.state is State.OPEN))
+            elif isinstance(msg, Open):
+                self.engine.open(conn.owner, conn, msg)
+            elif isinstance(msg, Resume):
+                self.deliver(self.engine.resume(self._owned(conn, msg.session_id), conn))
+            elif isinstance(msg, Close):
+                session = self._owned(conn, msg.session_id)
+                self.engine.close_session(session)
+                conn.send(encode(Closed(session_id=session.id)))
+        except Refusal as ref:
+            self._refuse(conn, ref)
+            if ref.fatal:
+                return ref.code.value
+        except Exception as exc:  # a bug: answer it, log it, keep serving everyone else
+            log.exception("frame handling failed")
+            self._refuse(conn, Refusal(ErrorCode.internal, f"internal error: {type(exc).__name__}"))
+        return None
+
+    def _on_hello(self, conn: Connection, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            raise Refusal(
+                ErrorCode.bad_request,
+                f"protocol version {msg.protocol_version} not supported (server speaks {PROTOCOL_VERSION})",
+                fatal=True,
+            )
+        token = conn.header_token or msg.auth_token
+        if self.cfg.auth_tokens and token not in self.cfg.auth_tokens:
+            what = "no auth token given" if not token else "auth token not accepted"
+            raise Refusal(ErrorCode.unauthorized, what, fatal=True)
+        fingerprint = self.engine.backend.tokenizer_fingerprint
+        if msg.tokenizer_fingerprint != fingerprint:
+            raise Refusal(
+                ErrorCode.tokenizer_mismatch,
+                f"draft tokenizer {msg.tokenizer_fingerprint[:23]}... differs from the target's "
+                f"{fingerprint[:23]}...: draft and target must share one vocabulary",
+                fatal=True,
+            )
+        conn.owner = owner_key(token if self.cfg.auth_tokens else None)
+        conn.send(encode(Welcome(policy=self.engine.policy.name, limits=self.engine.limits)))
+        log_event(log, "hello", client=msg.client, owner=conn.owner)
+
+    def _owned(self, conn: Connection, session_id: str, round: int | None = None) -> Session:
+        session = self.engine.store.get(session_id)
+        if session is None:
+            raise Refusal(
+                ErrorCode.unknown_session,
+                "no such session (expired, closed or server restarted): open it again with committed_ids",
+                session_id=session_id,
+                round=round,
+            )
+        if session.owner != conn.owner:
+            raise Refusal(
+                ErrorCode.unauthorized, "session belongs to another token", session_id=session_id, round=round
+            )
+        return session

@@ -1,0 +1,335 @@
+"""Batch policies: which waiting requests go into the next forward pass.
+
+Policies (docs/scheduling.md):
+  fifo         arrival order up to max_batch (prefill in one piece), work-conserving.
+  sled         static batching: waits until max_batch requests are queued or the oldest waited max_wait_s,
+               then FIFO; no SLO awareness, no chunking.
+  centralized  continuous batching of decode steps (the server queues one decode item per active session per
+               step): FIFO over items, long prompts prefilled in chunks under a token budget.
+  wisp         SLO-aware: urgent requests (least slack) first, then late ones (best-effort), then the rest by
+               throughput density; a piece is added only while the predicted batch time keeps every member
+               (and every request left waiting) within its deadline; cheap pieces may push members by a small
+               tolerance; long prompts paced and in adaptive chunks; aging against starvation.
+
+Pure and clock-injected (no asyncio, no torch): the engine and `wisp simulate` drive the same classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.sched.requests import Batch, Request, Slot
+
+_EMPTY = BatchShape()
+_ONE = _EMPTY.plus(ItemShape(1))  # a running batch's stand-in when pricing a join
+
+
+@dataclass
+class Policy:
+    """Picks one batch from the waiting requests. The base class is FIFO-free: subclasses define `select`; every
+    other hook has a no-op default, so the engine and the simulator call them unconditionally.
+    """
+
+    estimator: VerifyTimeEstimator = field(default_factory=VerifyTimeEstimator.default)
+    max_batch: int = 64
+    max_batch_tokens: int | None = None  # cap on Σ new tokens of a batch (memory); None = no cap
+    prefill_chunk: int | None = None  # prefill piece size; None = whole prompt in one pass
+    name: str = "base"
+    counters: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        """The next batch from `waiting` (not modified). An empty batch means: wait until `wakeup`."""
+        raise NotImplementedError
+
+    def _piece(self, r: Request) -> int:
+        if r.kind == "prefill" and self.prefill_chunk:
+            return min(r.remaining, self.prefill_chunk)
+        return r.remaining
+
+    def _predict(self, shapes: Iterable[ItemShape]) -> float:
+        return self.estimator.predict(shapes)
+
+    def _fifo(self, ordered: Sequence[Request], now: float) -> Batch:
+        slots: list[Slot] = []
+        tokens = 0
+        for r in ordered:
+            if len(slots) >= self.max_batch:
+                break
+            n = self._piece(r)
+            if slots and self.max_batch_tokens is not None and tokens + n > self.max_batch_tokens:
+                if r.kind != "prefill":
+                    continue
+                n = self.max_batch_tokens - tokens
+                if n <= 0:
+                    continue
+            slots.append(Slot(r, r.done, n))
+            tokens += n
+        batch = Batch(slots, now)
+        batch.predicted_s = self._predict(batch.shapes)
+        return batch
+
+    def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
+        """When `select` may return something after returning an empty batch (None: on the next arrival)."""
+        return None
+
+
+@dataclass
+class FifoPolicy(Policy):
+    """Arrival order, as many as fit, whenever the GPU is free."""
+
+    name: str = "fifo"
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        return self._fifo(sorted(waiting, key=lambda r: (r.arrival, r.rid)), now)
+
+
+@dataclass
+class CentralizedPolicy(FifoPolicy):
+    """Continuous batching for the no-drafting baseline: FIFO over decode items and prefill chunks."""
+
+    name: str = "centralized"
+    prefill_chunk: int | None = 512
+    max_batch_tokens: int | None = 2048
+
+
+@dataclass
+class SledPolicy(Policy):
+    """SLED-style static batching: dispatch a FIFO batch once max_batch are waiting or the oldest waited
+    `max_wait_s` (0 makes it plain FIFO). No SLO awareness, no chunking."""
+
+    name: str = "sled"
+    max_wait_s: float = 0.01
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        if not waiting:
+            return Batch([], now)
+        ordered = sorted(waiting, key=lambda r: (r.arrival, r.rid))
+        if len(ordered) < self.max_batch and now < ordered[0].arrival + self.max_wait_s:
+            return Batch([], now)
+        return self._fifo(ordered, now)
+
+    def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
+        if not waiting:
+            return None
+        return min(r.arrival for r in waiting) + self.max_wait_s
+
+
+@dataclass
+class _Cand:
+    req: Request
+    n: int
+    shape: ItemShape
+    solo: float
+    due: float  # time this piece must finish by (deadline − downlink − rest of a chunked prefill)
+    slack: float
+    forced: bool
+    density: float = 0.0
+    urgency: float = 0.0
+    marginal: float = 0.0  # predicted extra time of joining a running batch  # slack used for ordering; a prefill's is against its pacing schedule
+
+    @property
+    def feasible(self) -> bool:
+        return self.slack >= 0.0
+
+    @property
+    def latest_start(self) -> float:
+        return self.due - self.solo
+
+
+@dataclass
+class WispPolicy(Policy):
+    """The WISP scheduler: urgency first, then throughput density, deadline-safe greedy batch growth.
+
+    Order: forced (waited ≥ `starve_s`: nothing starves) → urgent (slack < `urgency_factor` × predicted time of
+    a full FIFO batch, least slack first) → hopeless (oldest first, best-effort) → relaxed (by density).
+    A piece joins only if the batch still ends by its own due and by every feasible member's due; a cheap
+    piece (marginal ≤ `cheap_frac` × solo) may exceed members' dues by `slip_frac` × their budget. Prompts are
+    planned `prefill_margin` of their TTFT early and paced. Growth stops after `max_rejects` refusals in a row.
+    `counters` tallies refusals by reason and kind. docs/scheduling.md has the exact rules.
+    """
+
+    name: str = "wisp"
+    prefill_chunk: int | None = 256
+    min_chunk: int = 16
+    urgency_factor: float = 2.0
+    starve_s: float = 2.0
+    max_rejects: int = 64  # stop growing after this many candidates in a row did not fit
+    prefill_margin: float = 0.1  # plan a prompt's first token this fraction of its TTFT budget early
+    cheap_frac: float = 0.25  # an addition is cheap when its marginal time ≤ this × its solo time
+    slip_frac: float = 0.2  # cheap additions may push a member this fraction of its budget past its due
+    # Hold a small batch up to this long after its oldest arrival while every request has slack to spare:
+    # each pass pays the full weight read, so back-to-back passes of a few rounds waste the GPU (and the
+    # server's per-pass work) under load. Prompts, urgent or forced work, or a full batch go at once. 0: never.
+    hold_s: float = 0.01
+
+    def __post_init__(self) -> None:
+        self._hold_until: float | None = None
+
+    # -- per-request figures --
+    def _rest_s(self, r: Request, after: int) -> float:
+        """Solo time of the prefill pieces still needed after `after` more tokens are done."""
+        left = r.remaining - after
+        ctx = r.context_len + r.done + after
+        total = 0.0
+        step = self.prefill_chunk or left
+        while left > 0:
+            n = min(step, left)
+            total += self.estimator.predict_shape(_EMPTY.plus(ItemShape(n, ctx)))
+            left -= n
+            ctx += n
+        return total
+
+    def _cand(self, r: Request, n: int, now: float) -> _Cand:
+        est = self.estimator
+        key = (r.done, n, est.version)
+        memo = r.wisp_memo
+        if memo is None or memo[0] != key:  # raw (uncorrected) times only change with the piece or a refit
+            shape = r.shape(n)
+            raw_solo = est.predict_raw(_EMPTY.plus(shape))
+            raw_rest = self._rest_s(r, n) / est.correction if n < r.remaining else 0.0
+            # raw marginal time of joining a running batch (a one-token item stands for it): density's divisor
+            raw_marginal = est.predict_raw(_ONE.plus(shape)) - est.predict_raw(_ONE)  # (no refit between)
+            memo = (key, shape, raw_solo, raw_rest, raw_marginal)
+            r.wisp_memo = memo
+        _, shape, raw_solo, raw_rest, raw_marginal = memo
+        corr = est.correction
+        solo = raw_solo * corr
+        due = r.deadline - r.downlink_s - raw_rest * corr
+        slack = due - now - solo
+        urgency = slack
+        if r.kind == "prefill":
+            # Plan the first token a margin early (TTFT has slack, estimates have errors), and pace the prompt:
+            # piece j of its tokens is *ordered* as if due at the same fraction of the TTFT window, so a long
+            # prompt advances steadily instead of being crammed in (and shrunk) at the last moment.
+            budget = max(0.0, r.deadline - r.downlink_s - r.arrival)
+            due -= self.prefill_margin * budget
+            slack = due - now - solo
+            pace = r.arrival + (1.0 - self.prefill_margin) * budget * (r.done + n) / max(r.new_tokens, 1)
+            urgency = min(slack, pace - now - solo)
+        forced = now - r.arrival >= self.starve_s
+        r.solo_s, r.marginal_s = solo, raw_marginal * corr
+        return _Cand(r, n, shape, solo, due, slack, forced, urgency=urgency, marginal=raw_marginal * corr)
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        if not waiting:
+            return Batch([], now)
+        est = self.estimator
+        cands = [self._cand(r, self._piece(r), now) for r in waiting]
+        by_arrival = sorted(cands, key=lambda c: (c.req.arrival, c.req.rid))
+        horizon = self.urgency_factor * est.predict([c.shape for c in by_arrival[: self.max_batch]])
+
+        forced = [c for c in by_arrival if c.forced]
+        rest = [c for c in cands if not c.forced]
+        urgent = sorted(
+            (c for c in rest if c.feasible and c.urgency < horizon), key=lambda c: (c.urgency, c.req.rid)
+        )
+        relaxed = [c for c in rest if c.feasible and c.urgency >= horizon]
+        hopeless = sorted((c for c in rest if not c.feasible), key=lambda c: (c.req.arrival, c.req.rid))
+        for c in relaxed:
+            c.density = c.req.expected_tokens / max(c.marginal, 1e-9) if c.n == c.req.remaining else 0.0
+        relaxed.sort(key=lambda c: (-c.density, c.slack, c.req.rid))
+        order = forced + urgent + hopeless + relaxed
+        n_protected = len(forced) + len(urgent)
+        self._hold_until = None
+        holdable = not forced and not urgent and not hopeless and len(cands) < self.max_batch
+        if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
+            # release before anyone's latest start comes within one full pass of now
+            until = min(
+                by_arrival[0].req.arrival + self.hold_s,
+                min(c.latest_start for c in relaxed) - horizon / self.urgency_factor,
+            )
+            if now < until:
+                self._hold_until = until
+                self.counters["hold"] += 1
+                return Batch([], now)
+
+        # latest start of every feasible request from position i on: what a long batch must not push back
+        suffix = [math.inf] * (len(order) + 1)
+        for i in range(len(order) - 1, -1, -1):
+            c = order[i]
+            suffix[i] = min(suffix[i + 1], c.latest_start if c.feasible and not c.forced else math.inf)
+
+        shape = _EMPTY
+        shape_end = now  # when the batch grown so far would finish
+        slots: list[Slot] = []
+        tokens = 0
+        member_due = math.inf  # earliest finish deadline among feasible members
+        soft_due = math.inf  # earliest (due + tolerance) among them: the limit for cheap additions
+        rejects = 0
+        for i, c in enumerate(order):
+            if len(slots) >= self.max_batch or rejects >= self.max_rejects:
+                break
+            rejects += 1
+            for n in self._sizes(c):
+                if slots and self.max_batch_tokens is not None and tokens + n > self.max_batch_tokens:
+                    continue
+                cc = c if n == c.n else self._cand(c.req, n, now)
+                new_shape = shape.plus(cc.shape)
+                end = now + est.predict_shape(new_shape)
+                if not cc.forced:
+                    if cc.feasible and end > cc.due:
+                        self.counters["reject_own_" + c.req.kind] += 1
+                        continue
+                    # A cheap addition (it mostly shares the pass's fixed cost) may push members up to their
+                    # tolerance past their due: deferring it would cost it a whole extra pass and the GPU
+                    # throughput. An expensive one (prefill chunk, cache miss, long context) must keep every
+                    # member on time: that is the interference WISP prevents.
+                    cheap = end - shape_end <= self.cheap_frac * cc.solo
+                    if end > (soft_due if cheap else member_due):
+                        self.counters["reject_member_" + c.req.kind] += 1
+                        continue
+                    if i >= n_protected and end > suffix[i + 1]:
+                        self.counters["reject_suffix"] += 1
+                        continue
+                slots.append(Slot(c.req, c.req.done, n, best_effort=not cc.feasible))
+                shape, shape_end = new_shape, end
+                tokens += n
+                rejects = 0
+                if cc.feasible and not cc.forced:
+                    member_due = min(member_due, cc.due)
+                    tol = self.slip_frac * max(0.0, c.req.deadline - c.req.arrival)
+                    soft_due = min(soft_due, cc.due + tol)
+                break
+        if not slots:  # nothing fits its own deadline: serve the head of the order best-effort
+            c = order[0]
+            slots.append(Slot(c.req, c.req.done, c.n, best_effort=not c.feasible))
+            shape = _EMPTY.plus(c.shape)
+        return Batch(slots, now, est.predict_shape(shape))
+
+    def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
+        return self._hold_until if waiting else None
+
+    def _sizes(self, c: _Cand) -> list[int]:
+        if c.req.kind != "prefill" or not self.prefill_chunk:
+            return [c.n]
+        sizes: list[int] = []
+        n = c.n
+        while n >= self.min_chunk or not sizes:
+            sizes.append(n)
+            n //= 2
+        return sizes
+
+
+POLICIES: dict[str, type] = {
+    "fifo": FifoPolicy,
+    "sled": SledPolicy,
+    "centralized": CentralizedPolicy,
+    "wisp": WispPolicy,
+}
+
+
+def make_policy(name: str, estimator: VerifyTimeEstimator | None = None, **kw: Any) -> Policy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        from wisp_sdk.errors import WispError
+
+        raise WispError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    if estimator is not None:
+        kw["estimator"] = estimator
+    return cls(**kw)

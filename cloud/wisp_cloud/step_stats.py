@@ -1,0 +1,73 @@
+"""Per-step statistics of the engine: running totals (for benchmarks) and the periodic `steps` log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wisp_cloud.backends.base import BatchStats
+from wisp_cloud.metrics import log_event
+
+
+@dataclass
+class StepTotals:
+    """Running sums over every batch step since start: what the host-path benchmark reads (bench/host_path.py)."""
+
+    steps: int = 0
+    items: int = 0  # work items over all steps (a session counts once per step it is in)
+    forward_s: float = 0.0  # time inside backend.forward
+    step_s: float = 0.0  # whole step: selection, planning, forward, acceptance, answers
+
+    def add(self, items: int, forward_s: float, step_s: float) -> None:
+        self.steps += 1
+        self.items += items
+        self.forward_s += forward_s
+        self.step_s += step_s
+
+
+class StepLog:
+    """Every `every_s`: one `steps` line (batch sizes, forward and whole-step times, busy share, graph cache)."""
+
+    def __init__(
+        self, log: logging.Logger, graph_stats: Callable[[], object] | None = None, every_s: float = 10.0
+    ) -> None:
+        self.log = log
+        self.graph_stats = graph_stats
+        self.every_s = every_s
+        self.totals = StepTotals()
+        self._window: list[tuple[int, int, float, float]] = []  # (batch, tokens, forward_s, step_s)
+        self._since = time.monotonic()
+
+    def add(self, stats: BatchStats, items: int, step_s: float) -> None:
+        self.totals.add(items, stats.forward_s, step_s)
+        self._window.append((stats.batch_size, stats.new_tokens, stats.forward_s, step_s))
+        now = time.monotonic()
+        if now - self._since >= self.every_s:
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        elapsed = now - self._since
+        steps, self._window, self._since = self._window, [], now
+
+        def pct(xs: list[float], q: float) -> float:
+            xs = sorted(xs)
+            return 1000.0 * xs[min(len(xs) - 1, int(q * len(xs)))]
+
+        fwd = [x[2] for x in steps]
+        whole = [x[3] for x in steps]
+        graphs = self.graph_stats() if self.graph_stats is not None else None
+        log_event(
+            self.log,
+            "steps",
+            n=len(steps),
+            batch_mean=round(sum(x[0] for x in steps) / len(steps), 1),
+            tokens_mean=round(sum(x[1] for x in steps) / len(steps), 1),
+            forward_ms_p50=pct(fwd, 0.5),
+            forward_ms_p90=pct(fwd, 0.9),
+            step_ms_p50=pct(whole, 0.5),
+            step_ms_p90=pct(whole, 0.9),
+            busy=round(sum(whole) / elapsed, 2),  # fraction of the time the batch loop was working
+            **({"graphs": dict(graphs)} if graphs else {}),  # type: ignore[call-overload]
+        )
