@@ -5,12 +5,13 @@ with a `Refusal` when wrong) and gets replies back: immediate ones as return val
 batch step through `deliver` (a list of `Reply`), which the gateway turns into frames.
 
 One step (`run`): schedule → run → postprocess.
-  schedule     refresh each waiting job's request (KV lengths), `Scheduler.next_batch`, plan work items, fit
-               the KV budget;
-  run          `backend.forward` on a worker thread, then acceptance for every final item (same thread);
-  postprocess  commit tokens, build verdicts (bytes), wait hints, SLO bookkeeping; hand the replies over.
-While the forward of step n runs on the worker thread, the event loop plans step n+1 (`_prepare`) from the jobs
-that are not in flight, so the device waits only for what cannot overlap.
+  schedule     refresh each waiting job's request (KV lengths), `Scheduler.next_batch`, plan work items
+               (`planner`), fit the KV budget;
+  run          `Runner.run`: the forward and acceptance for every final item, on a worker thread;
+  postprocess  `Committer.postprocess`: commit tokens, verdicts as bytes, wait hints, SLO bookkeeping; the
+               replies go to `deliver`.
+The postprocess of step n runs on the event loop while the forward of step n+1 runs on the worker thread, so the
+device waits only for scheduling and planning (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -23,27 +24,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 from wisp_sdk.protocol import (
     ErrorCode,
     Limits,
     Open,
-    Opened,
     Resumed,
     Round,
     Tokens,
-    pack_verdict,
 )
 
-from wisp_cloud.acceptance import DraftError, accept_greedy, accept_sampling, dense_q, sample_token
+from wisp_cloud.acceptance import DraftError, dense_q
 from wisp_cloud.backends.base import Backend, BatchStats
+from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.metrics import Metrics, log_event
-from wisp_cloud.planner import Outcome, Planned, cut, fit_budget, plan, ran_shape
-from wisp_cloud.replies import Refusal, Reply
+from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
+from wisp_cloud.replies import Peer, Refusal, Reply
+from wisp_cloud.runner import Runner
 from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, SessionLoad, make_policy
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
@@ -53,7 +53,6 @@ log = logging.getLogger("wisp.engine")
 
 _HOUSEKEEPING_S = 1.0
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
-DEFAULT_DRAFT_LEN = 4  # what a session that has not sent a round yet is assumed to draft
 _EMPTY = BatchShape()
 
 
@@ -67,10 +66,6 @@ class _Ran:
     t_launch: float
     host_s: float  # the device waited this long for the host before this forward
     serial: bool  # centralized decode work: postprocess before the next selection
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the debug fault hook (ServerConfig.fault_token)."""
 
 
 class Engine:
@@ -113,14 +108,23 @@ class Engine:
         # KV of sessions closed by the gateway: freed by the loop between forward passes, because the backend is
         # only ever touched by the loop (a forward may be running on the worker thread right now).
         self._to_release: list[str] = []
-        # KV changes from postprocess, applied before the next plan: (session, truncate length; None = release)
-        self._kv_ops: list[tuple[str, int | None]] = []
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-forward")
         self._last_housekeeping = 0.0
         self._eos = frozenset(backend.eos_token_ids)
         self.steps = StepLog(log, graph_stats=lambda: getattr(backend, "graph_stats", None))
         self.deliver: Callable[[list[Reply]], None] = lambda replies: None
+        self.runner = Runner(backend, config.fault_token)
+        self.committer = Committer(
+            self.store,
+            self.queue,
+            self.estimator,
+            self.metrics,
+            self.slo,
+            self._eos,
+            self.max_context_len,
+            self._enqueue,
+        )
 
     @property
     def totals(self):  # running step sums (bench/host_path.py)
@@ -132,7 +136,7 @@ class Engine:
 
     # ---- work from the gateway (each validates against the session; a Refusal is the gateway's to send) ----
 
-    def open(self, owner: str, conn: object, msg: Open) -> None:
+    def open(self, owner: str, conn: Peer, msg: Open) -> None:
         total = len(msg.prompt_ids) + len(msg.committed_ids)
         if total >= self.max_context_len:
             raise Refusal(
@@ -180,7 +184,7 @@ class Engine:
         )
         self._enqueue(Job(session, JobKind.open))
 
-    def round(self, session: Session, conn: object, msg: Round, conn_open: bool) -> list[Reply]:
+    def round(self, session: Session, conn: Peer, msg: Round, conn_open: bool) -> list[Reply]:
         sid, rnd = msg.session_id, msg.round
         if conn_open:  # a closed connection's late frame must not steal the session back
             session.conn = conn
@@ -230,7 +234,7 @@ class Engine:
         self._enqueue(Job(session, JobKind.round, round=rnd, draft=list(msg.draft_ids), q=q))
         return []
 
-    def resume(self, session: Session, conn: object) -> list[Reply]:
+    def resume(self, session: Session, conn: Peer) -> list[Reply]:
         in_flight = session.pending is not None and session.pending.kind == JobKind.round
         # A round in flight is answered to whoever re-sends it (the client re-sends any round newer than
         # last_round), so a resumed client never gets an unasked-for verdict on top of its re-send's answer.
@@ -261,13 +265,13 @@ class Engine:
         self.queue.cancel(session.id)
         session.pending = None
         self.store.remove(session.id, release=False)
-        self._session_ended(session)
+        self.committer.session_ended(session)
         self._to_release.append(session.id)
         self._wake.set()
         self.metrics.sessions.set(len(self.store))
         log_event(log, "session_close", session=session.id[:8], generated=session.generated)
 
-    def detach(self, conn: object) -> None:
+    def detach(self, conn: Peer) -> None:
         """A connection went away: its sessions live on until their TTL (the client may resume them)."""
         for session in self.store:
             if session.conn is conn:
@@ -370,13 +374,6 @@ class Engine:
             payload=job,
         )
 
-    def wait_hint_ms(self, session: Session, now: float) -> float:
-        """Expected wait (queue + model time) for this session's next round."""
-        k = session.draft_len
-        if k is None:
-            k = DEFAULT_DRAFT_LEN if session.mode == "speculative" else 0
-        return 1000.0 * self.queue.hints.hint(ItemShape(k + 1, session.committed_len), now)
-
     # ---- the loop: schedule -> run -> postprocess ----
 
     async def run(self) -> None:
@@ -407,7 +404,7 @@ class Engine:
                 if planned:
                     shapes = [ran_shape(p) for p in planned]
                     t_launch = time.perf_counter()
-                    fut = loop.run_in_executor(self._executor, self._run_isolated, planned)
+                    fut = loop.run_in_executor(self._executor, self.runner.run, planned)
             except Exception:  # never let the loop die: fail what was selected, keep serving
                 log.exception("batch scheduling failed")
                 self._fail_all(planned)
@@ -455,7 +452,7 @@ class Engine:
     def _finish(self, ran: _Ran) -> None:
         """Postprocess a step: answers, estimator, step statistics."""
         try:
-            replies = self._postprocess(ran.outcomes, ran.stats)
+            replies = self.committer.postprocess(ran.outcomes, ran.stats)
         except Exception:
             log.exception("postprocess failed")
             self._fail_all([o.planned for o in ran.outcomes])
@@ -484,14 +481,19 @@ class Engine:
 
     def _fail_all(self, planned: list[Planned]) -> None:
         self.deliver(
-            [r for p in planned if p.job.session.pending is p.job for r in self._fail(p.job, "batch failed")]
+            [
+                r
+                for p in planned
+                if p.job.session.pending is p.job
+                for r in self.committer.fail(p.job, "batch failed")
+            ]
         )
 
     def _apply_kv_ops(self) -> None:
         """KV changes queued while a forward ran (the backend is only touched between forwards)."""
         while self._to_release:
             self.backend.release(self._to_release.pop())
-        ops, self._kv_ops = self._kv_ops, []
+        ops, self.committer.kv_ops = self.committer.kv_ops, []
         for sid, length in ops:
             if length is None:
                 self.backend.release(sid)
@@ -541,204 +543,10 @@ class Engine:
             self.metrics.sessions_evicted.inc()
             log_event(log, "session_evict", session=session.id[:8], committed_len=session.committed_len)
 
-    def _run_isolated(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
-        """Worker thread: run the batch; if the forward fails, roll back and run each item alone to find the culprit."""
-        try:
-            return self._run(planned)
-        except Exception as exc:
-            if len(planned) == 1:
-                self.backend.truncate(planned[0].job.session.id, planned[0].cached_before)
-                log.exception("forward failed for session %s", planned[0].job.session.id[:8])
-                return [Outcome(planned[0], error=f"{type(exc).__name__}")], _empty_stats(planned)
-            log.exception("batched forward failed; retrying its %d items one by one", len(planned))
-        outcomes: list[Outcome] = []
-        total = _empty_stats(planned)
-        for p in planned:
-            self.backend.truncate(p.job.session.id, p.cached_before)
-        for p in planned:
-            out, stats = self._run_isolated([p])
-            outcomes += out
-            total.forward_s += stats.forward_s
-        return outcomes, total
-
-    def _run(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
-        """Worker thread: the forward pass and acceptance (per job: one job's failure is its own)."""
-        results, stats = self.backend.forward([p.item for p in planned])
-        outcomes = []
-        for p, res in zip(planned, results, strict=True):
-            out = Outcome(p, res)
-            if p.final:
-                try:
-                    out.accepted, out.next_token = self._decide(p.job, res)
-                except Exception as exc:
-                    log.exception("acceptance failed for session %s", p.job.session.id[:8])
-                    out.error = type(exc).__name__
-            outcomes.append(out)
-        return outcomes, stats
-
-    def _decide(self, job: Job, res) -> tuple[int, int]:
-        session = job.session
-        if self.cfg.fault_token is not None and self.cfg.fault_token in job.draft:
-            raise InjectedFault("debug fault token in draft")
-        if job.kind != JobKind.round or not job.draft:
-            if session.sampling.greedy:
-                return 0, res.argmax[0]
-            return 0, sample_token(torch.as_tensor(res.probs)[0], session.gen)
-        if session.sampling.greedy:
-            d = accept_greedy(job.draft, res.argmax)
-        else:
-            d = accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
-        return d.accepted, d.next_token
-
-    # ---- postprocess ----
-
-    def _postprocess(self, outcomes: list[Outcome], stats: BatchStats) -> list[Reply]:
-        now = time.monotonic()
-        self.metrics.observe_batch(stats.batch_size, stats.forward_s)
-        hints = self.queue.hints
-        hints.finished(
-            [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
-        )
-        replies: list[Reply] = []
-        tally = [0, 0, 0, 0]  # committed, rounds, drafted, accepted: counted once per step, not per job
-        for out in outcomes:
-            self._apply(out, stats, now, replies, tally)
-        m = self.metrics
-        m.committed_tokens.inc(tally[0])
-        m.rounds.inc(tally[1])
-        m.draft_tokens.inc(tally[2])
-        m.accepted_tokens.inc(tally[3])
-        return replies
-
-    def _apply(
-        self, out: Outcome, stats: BatchStats, sent_at: float, replies: list[Reply], tally: list[int]
-    ) -> None:
-        job = out.planned.job
-        session = job.session
-        job.forward_s += stats.forward_s
-        job.batches += 1
-        if self.store.get(session.id) is not session:
-            self._kv_ops.append((session.id, None))  # closed while in the batch: the forward stored KV again
-            return
-        if session.pending is not job:
-            return
-        if out.error is not None:
-            replies += self._fail(job, out.error)
-            return
-        if not out.planned.final:
-            return  # more prefill chunks to go: requeued as soon as the forward ended (`_requeue_chunks`)
-        session.pending = None
-        session.touch()
-        if job.kind != JobKind.open and job.started_at is not None:
-            self.queue.hints.queued(job.started_at - job.enqueued_at)
-        proposed = job.draft[: out.accepted] + [out.next_token]
-        before = session.committed_len
-        take, done = cut(session, proposed, self._eos, self.max_context_len)
-        session.tokens += proposed[:take]
-        accepted, next_token = take - 1, proposed[take - 1]
-        if done:
-            session.done = True
-            self._kv_ops.append(
-                (session.id, None)
-            )  # no more rounds: free the KV (re-sent rounds use the cache)
-        else:
-            self._kv_ops.append((session.id, session.committed_len - 1))
-        queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
-        hint = self.wait_hint_ms(session, sent_at)
-        tally[0] += take
-        conn = session.conn
-        if job.kind == JobKind.round:
-            verdict = pack_verdict(
-                session.sid_raw,
-                job.round,
-                session.committed_len,
-                accepted,
-                next_token,
-                done,
-                queue_ms,
-                1000.0 * job.forward_s,
-                hint,
-            )
-            session.last_round = job.round
-            session.last_verdict = verdict
-            tally[1] += 1
-            tally[2] += len(job.draft)
-            tally[3] += accepted
-            if conn is not None:
-                replies.append(Reply(conn, verdict))
-        elif job.kind == JobKind.open:
-            session.opened = True
-            if conn is not None:
-                opened = Opened(
-                    session_id=session.id,
-                    committed_len=session.committed_len,
-                    next_token=next_token,
-                    done=done,
-                    prefill_ms=1000.0 * job.forward_s,
-                    queue_ms=queue_ms,
-                    wait_hint_ms=hint,
-                )
-                replies.append(Reply(conn, opened))
-        elif conn is not None:  # centralized decode step
-            tokens = Tokens(
-                session_id=session.id, tokens=[next_token], committed_len=session.committed_len, done=done
-            )
-            replies.append(Reply(conn, tokens))
-        self._answered(job, take, accepted, sent_at, done)
-        if session.mode == "centralized" and not done:
-            self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
-        elif before and done:
-            log_event(log, "session_done", session=session.id[:8], generated=session.generated)
-
-    def _answered(self, job: Job, take: int, accepted: int, sent_at: float, done: bool) -> None:
-        """An Opened / Verdict / Tokens frame went out: deadlines and SLO metrics."""
-        session = job.session
-        drafted = len(job.draft) if job.kind == JobKind.round else 0
-        d = session.deadlines
-        if d is not None:
-            if job.kind == JobKind.open:
-                d.on_first_token(sent_at)
-            else:
-                d.on_round(drafted, accepted, sent_at)
-        self.slo.tokens(session.id, take, sent_at)
-        if job.kind != JobKind.open:
-            req = job.request
-            if req is not None and req.solo_s is not None:
-                solo = req.solo_s  # the policy priced it when it selected the request
-            else:
-                if req is not None:
-                    solo_shape = ItemShape(req.new_tokens, req.context_len, req.cache_miss)
-                else:
-                    solo_shape = ItemShape(max(1, drafted + 1), session.committed_len - take)
-                solo = self.estimator.predict_shape(_EMPTY.plus(solo_shape))
-            met = job.deadline is None or sent_at <= job.deadline + 1e-9
-            self.slo.round(session.id, sent_at - job.enqueued_at, solo, met)
-        job.request = None
-        if done:
-            self._session_ended(session, sent_at)
-
-    def _fail(self, job: Job, message: str) -> list[Reply]:
-        session = job.session
-        self.queue.cancel(session.id)
-        if session.pending is job:
-            session.pending = None
-        self._kv_ops.append((session.id, session.committed_len - 1))
-        if session.conn is None:
-            return []
-        rnd = job.round if job.kind == JobKind.round else None
-        ref = Refusal(
-            ErrorCode.internal, f"verification failed ({message}); resend", session_id=session.id, round=rnd
-        )
-        return [Reply(session.conn, ref)]  # the gateway turns a Refusal into an Error frame
-
-    def _session_ended(self, session: Session, now: float | None = None) -> None:
-        """Judge the session's SLO once (done, closed or expired)."""
-        self.slo.close(session.id, time.monotonic() if now is None else now)
-
     def _housekeeping(self, now: float) -> None:
         self._last_housekeeping = now
         for session in self.store.expire(now):
-            self._session_ended(session, now)
+            self.committer.session_ended(session, now)
             self.metrics.sessions_expired.inc()
             log_event(log, "session_expire", session=session.id[:8], committed_len=session.committed_len)
         self.metrics.sessions.set(len(self.store))
@@ -750,9 +558,3 @@ class Engine:
         summary = self.slo.summary(now, include_live=True)
         self.metrics.set_slo(summary)
         return summary
-
-
-def _empty_stats(planned: list[Planned]) -> BatchStats:
-    return BatchStats(
-        batch_size=len(planned), new_tokens=0, context_tokens=0, max_context=0, cache_misses=0, forward_s=0.0
-    )

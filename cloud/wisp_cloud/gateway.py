@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 from wisp_sdk.errors import ProtocolError, WispError
 from wisp_sdk.protocol import (
     PROTOCOL_VERSION,
@@ -36,10 +37,11 @@ from wisp_sdk.protocol import (
 from wisp_cloud.config import ServerConfig, is_loopback
 from wisp_cloud.engine import Engine
 from wisp_cloud.metrics import log_event
-from wisp_cloud.replies import Refusal, Reply
+from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.sessions import Session, owner_key
 
 log = logging.getLogger("wisp.server")
+_SUBPROTOCOL = Subprotocol(SUBPROTOCOL)
 
 
 @dataclass(eq=False)
@@ -93,7 +95,7 @@ class Gateway:
                 # Hard cap well above our own limit, so a merely too-large frame still gets a too_large Error.
                 max_size=4 * cfg.max_frame_bytes,
                 compression=None,  # frames are already compact binary; deflate only adds latency
-                select_subprotocol=lambda _conn, offered: SUBPROTOCOL if SUBPROTOCOL in offered else None,
+                select_subprotocol=lambda _conn, offered: _SUBPROTOCOL if _SUBPROTOCOL in offered else None,
                 server_header="wisp-cloud",
             )
         except OSError as exc:
@@ -110,7 +112,7 @@ class Gateway:
 
     def deliver(self, replies: list[Reply]) -> None:
         for r in replies:
-            conn: Connection = r.conn
+            conn = r.conn
             msg = r.message
             if isinstance(msg, bytes):
                 conn.send(msg)
@@ -119,7 +121,7 @@ class Gateway:
             else:
                 conn.send(encode(msg))
 
-    def _refuse(self, conn: Connection, ref: Refusal) -> None:
+    def _refuse(self, conn: Peer, ref: Refusal) -> None:
         self.engine.metrics.errors.labels(ref.code.value).inc()
         log_event(
             log, "error_frame", logging.INFO, code=ref.code.value, session=ref.session_id, message=ref.message

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from pydantic import BaseModel
 from wisp_sdk.protocol import ErrorCode
+
+
+class Peer(Protocol):
+    """The gateway's handle on one connection. The engine only carries it (on the session, in replies)."""
+
+    def send(self, data: str | bytes) -> None: ...
 
 
 class Refusal(Exception):
@@ -38,5 +44,5 @@ class Reply:
     carries it (it never touches a socket).
     """
 
-    conn: Any
+    conn: Peer
     message: BaseModel | bytes | Refusal

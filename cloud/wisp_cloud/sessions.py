@@ -20,8 +20,8 @@ from wisp_cloud.acceptance import make_generator
 from wisp_cloud.deadlines import SessionDeadlines
 
 if TYPE_CHECKING:
-    from wisp_cloud.gateway import Connection
     from wisp_cloud.jobs import Job
+    from wisp_cloud.replies import Peer
 
 
 class SessionLimitError(Exception):
@@ -52,9 +52,7 @@ class Session:
     last_round: int = 0
     last_verdict: bytes | None = None  # the last Verdict frame, re-sent as is when its round comes again
     pending: Job | None = None  # the Job in the queue or in a batch, if any
-    conn: Connection | None = (
-        None  # the connection replies go to (the latest one that spoke for this session)
-    )
+    conn: Peer | None = None  # where replies go (the latest connection that spoke for this session)
     evictions: int = 0
     deadlines: SessionDeadlines | None = None  # when each of its answers is due (set at open)
     # Scheduling statistics of its rounds (admission and wait hints): the last draft length, its EWMA, and the EWMA
