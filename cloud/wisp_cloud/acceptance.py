@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from wisp_sdk.protocol import SamplingParams
 
+from wisp_cloud.backends.base import Sampling
+
 # q's probabilities are float32 as the edge sampled them; a sum this far from 1 is a broken client, not rounding.
 Q_SUM_TOLERANCE = 1e-3
 
@@ -32,7 +34,7 @@ class Decision:
     next_token: int  # the correction (on rejection) or the bonus token (all accepted)
 
 
-def process_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, sampling: Sampling | SamplingParams) -> torch.Tensor:
     """Target probabilities [n, V] from logits [n, V]: HF TemperatureLogitsWarper -> TopK -> TopP -> softmax.
 
     Mirrors transformers' warpers exactly, including which ones generate() adds (temperature only when != 1,

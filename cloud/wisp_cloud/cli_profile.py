@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads or clock == "cpu":
         torch.set_num_threads(args.threads or 1)
-    from wisp_cloud.cli_serve import native_backend, native_engine
+    from wisp_cloud.backends.factory import native_backend, native_engine
 
     engine = native_engine(args)
     target = args.target or args.random_config

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.random_model import add_random_model_args, check_model_args, random_paged_backend
+from wisp_cloud.backends.factory import native_backend
+from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
 def add_parser(subparsers) -> None:
@@ -233,26 +234,3 @@ def run(args: argparse.Namespace) -> int:
         if shutdown is not None:
             shutdown()
     return 0
-
-
-def native_engine(args: argparse.Namespace) -> str:
-    """`--engine auto`: paged on CUDA and for --random-config, the HF engine otherwise."""
-    if args.engine != "auto":
-        return args.engine
-    return "paged" if args.device.startswith("cuda") or args.random_config else "hf"
-
-
-def native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int | None):
-    """`--backend native` (`wisp serve`, `wisp profile`): the engine `native_engine` picks."""
-    engine = native_engine(args)
-    if args.random_config:
-        if engine != "paged":
-            raise WispError("--random-config runs on the paged engine (--engine paged)")
-        return random_paged_backend(args, kv_budget_tokens)
-    if engine == "paged":
-        from wisp_cloud.backends.paged import PagedBackend
-
-        return PagedBackend(target, device=args.device, dtype=args.dtype, kv_budget_tokens=kv_budget_tokens)
-    from wisp_cloud.backends.native import NativeBackend
-
-    return NativeBackend(target, device=args.device, dtype=args.dtype)

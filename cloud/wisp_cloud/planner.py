@@ -48,14 +48,19 @@ def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
         # Chunked prefill: push context only, keep at least the last context token for the final item.
         n = min(chunk, ctx_pending - 1)
         item = WorkItem(
-            sid, new[:n], n_logits=0, sampling=session.sampling, context=session.tokens, deadline=job.deadline
+            sid,
+            new[:n],
+            n_logits=0,
+            sampling=session.work_sampling,
+            context=session.tokens,
+            deadline=job.deadline,
         )
         return Planned(job, item, final=False, cached_before=cached)
     item = WorkItem(
         sid,
         new + job.draft,
         n_logits=len(job.draft) + 1,
-        sampling=session.sampling,
+        sampling=session.work_sampling,
         context=session.tokens,
         deadline=job.deadline,
     )

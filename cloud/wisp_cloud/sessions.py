@@ -17,6 +17,7 @@ import torch
 from wisp_sdk.protocol import SLO, SamplingParams, new_session_id
 
 from wisp_cloud.acceptance import make_generator
+from wisp_cloud.backends.base import Sampling
 from wisp_cloud.deadlines import SessionDeadlines
 
 if TYPE_CHECKING:
@@ -61,9 +62,11 @@ class Session:
     k_mean: float | None = None
     think_s: float | None = None
     sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it
+    work_sampling: Sampling = field(init=False, repr=False)  # the backend's plain copy of `sampling`
 
     def __post_init__(self) -> None:
         self.sid_raw = bytes.fromhex(self.id)
+        self.work_sampling = Sampling.of(self.sampling)
 
     @property
     def committed_len(self) -> int:

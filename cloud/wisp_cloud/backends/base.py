@@ -14,7 +14,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from wisp_sdk.protocol import SamplingParams
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How a sequence samples: temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    A plain dataclass (no pydantic), so backends import on a GPU image that has none; the wire's
+    `wisp_sdk.protocol.SamplingParams` has the same fields (`Sampling.of` copies one).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, params: object) -> Sampling:
+        """From anything with the four fields (e.g. `SamplingParams`)."""
+        return cls(
+            float(params.temperature),  # type: ignore[attr-defined]
+            float(params.top_p),  # type: ignore[attr-defined]
+            int(params.top_k),  # type: ignore[attr-defined]
+            params.seed,  # type: ignore[attr-defined]
+        )
 
 
 @dataclass
@@ -24,7 +50,7 @@ class WorkItem:
     seq_id: str
     new_tokens: list[int]  # tokens after the cached prefix, in order
     n_logits: int = 1  # how many trailing positions need an output distribution
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: Sampling = field(default_factory=Sampling)
     # Full committed context (prompt + committed), so that a backend that lost the KV can rebuild it.
     context: list[int] | None = None
     # Absolute deadline (time.monotonic() seconds) of the job this item serves, None when it has none. A backend

@@ -38,47 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from wisp_cloud.backends import paged_kernels as pk
+from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
 from wisp_cloud.backends.kv_pages import KVCacheFull, PageTable
-
-try:
-    from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
-except ImportError:  # pragma: no cover - the GPU image has no pydantic (wisp_sdk.protocol needs it)
-
-    @dataclass
-    class _Greedy:
-        temperature: float = 0.0
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = None
-
-        @property
-        def greedy(self) -> bool:
-            return self.temperature == 0.0
-
-    @dataclass
-    class WorkItem:  # type: ignore[no-redef]
-        seq_id: str
-        new_tokens: list[int]
-        n_logits: int = 1
-        sampling: Any = field(default_factory=_Greedy)
-        context: list[int] | None = None
-        deadline: float | None = None
-
-    @dataclass
-    class ItemResult:  # type: ignore[no-redef]
-        seq_id: str
-        argmax: list[int]
-        probs: object | None = None
-
-    @dataclass
-    class BatchStats:  # type: ignore[no-redef]
-        batch_size: int
-        new_tokens: int
-        context_tokens: int
-        max_context: int
-        cache_misses: int
-        forward_s: float
-
 
 __all__ = ["BatchStats", "ItemResult", "KVCacheFull", "PagedBackend", "WorkItem"]
 

@@ -1,0 +1,34 @@
+"""Building a backend from the CLI's arguments: the one place `wisp serve`, `wisp profile` and the benchmarks choose
+the native engine (paged on CUDA and for --random-config, the HF engine otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wisp_sdk.errors import WispError
+
+from wisp_cloud.random_model import random_paged_backend
+
+
+def native_engine(args: argparse.Namespace) -> str:
+    """`--engine auto`: paged on CUDA and for --random-config, the HF engine otherwise."""
+    if args.engine != "auto":
+        return args.engine
+    return "paged" if args.device.startswith("cuda") or args.random_config else "hf"
+
+
+def native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int | None):
+    """`--backend native` (`wisp serve`, `wisp profile`): the engine `native_engine` picks."""
+    engine = native_engine(args)
+    if args.random_config:
+        if engine != "paged":
+            raise WispError("--random-config runs on the paged engine (--engine paged)")
+        return random_paged_backend(args, kv_budget_tokens)
+    if engine == "paged":
+        from wisp_cloud.backends.paged import PagedBackend
+
+        return PagedBackend(target, device=args.device, dtype=args.dtype, kv_budget_tokens=kv_budget_tokens)
+    from wisp_cloud.backends.native import NativeBackend
+
+    return NativeBackend(target, device=args.device, dtype=args.dtype)
