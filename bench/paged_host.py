@@ -36,7 +36,9 @@ def tiny_config(max_positions: int):
 
 
 def fake_graph(be, key: tuple):
-    from wisp_cloud.backends.paged import _Batch, _Graph, _views
+    from wisp_cloud.backends.paged.batch import Batch as _Batch
+    from wisp_cloud.backends.paged.batch import views as _views
+    from wisp_cloud.backends.paged.graphs import Graph as _Graph
 
     T, B, tok, W, R, n_tiles = key
     host = torch.zeros(_Batch.size(T, B, W, R, n_tiles), dtype=torch.int32)
@@ -54,7 +56,7 @@ def measure(be, WorkItem, B: int, k: int, ctx: int, iters: int) -> dict:
         be.reserve_uncomputed(s, ctx)
     rng = np.random.default_rng(0)
     items = [WorkItem(s, rng.integers(0, be.vocab_size, k + 1).tolist(), n_logits=k + 1) for s in seqs]
-    be._capture = lambda key, batch: fake_graph(be, key)  # the first step "captures" a stand-in
+    be.graphs.capture = lambda key, batch, forward_tokens: fake_graph(be, key)  # "captures" a stand-in
     fwd, cpu, pack, trunc = [], [], [], []
     for i in range(iters + 20):
         c0 = time.thread_time()
@@ -72,7 +74,7 @@ def measure(be, WorkItem, B: int, k: int, ctx: int, iters: int) -> dict:
             pack.append(be.last_timing.get("pack_s", 0.0))
     for s in seqs:
         be.release(s)
-    be._graphs.clear()
+    be.graphs.graphs.clear()
     return {
         "forward_us": statistics.median(fwd) * 1e6,
         "forward_cpu_us": statistics.median(cpu) * 1e6,
@@ -88,7 +90,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from wisp_cloud.backends.paged import PagedBackend, WorkItem
+    from wisp_cloud.backends.base import WorkItem
+    from wisp_cloud.backends.paged import PagedBackend
 
     be = PagedBackend(tiny_config(args.ctx + 64), "cpu", torch.float32, kv_budget_tokens=70 * (args.ctx + 64))
     be.cuda_graphs = True  # the graph path, with stand-in graphs

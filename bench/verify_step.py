@@ -176,7 +176,7 @@ def time_paged(be, WorkItem, B: int, k: int, ctx: int, gen, iters: int) -> dict:
     gpu = None
     new = [k for k in be.graph_buckets() if k not in before]
     if be.cuda_graphs and new:
-        graph = be._graphs[new[0]].graph
+        graph = be.graphs.graphs[new[0]].graph
         gpu = median_events(graph.replay, iters)
     for s in seqs:
         be.release(s)
@@ -395,8 +395,8 @@ ATTN_CONFIGS = [  # (block_n, num_warps, num_stages, waves, split_tokens); the f
 def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
     """Time one layer's paged attention alone under several launch configurations (`save(rows)` after each
     shape)."""
-    from wisp_cloud.backends import paged_kernels as pk
-    from wisp_cloud.backends.paged import _views
+    from wisp_cloud.backends.paged import kernels as pk
+    from wisp_cloud.backends.paged.batch import views as _views
 
     out_rows = []
     for B, k, ctx in ((1, 1, 512), (1, 9, 2048), (8, 5, 512), (8, 9, 512), (64, 5, 512), (64, 5, 2048)):
@@ -405,7 +405,7 @@ def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
             be.reserve_uncomputed(s, ctx + k + 1)
         items = [WorkItem(s, rand_tokens(gen, k + 1, be.vocab_size), n_logits=k + 1) for s in seqs]
         key = be._graph_key(items)
-        batch = be._pack(items, [ctx] * B, key)
+        batch = be.packer.pack(items, [ctx] * B, key)
         v = _views(torch.from_numpy(batch.host).to(DEV), batch)
         q = torch.randn(batch.T, be.n_q_heads, be.head_dim, dtype=be.dtype, device=DEV)
         out = torch.empty_like(q)
@@ -414,8 +414,8 @@ def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
         row = {"B": B, "k": k, "ctx": ctx, "kv_bytes_per_layer": kv_bytes, "us": {}}
         for cfg in ATTN_CONFIGS:
             bn, nw, ns, waves, st = cfg
-            be.attn_waves, be.attn_split_tokens = waves, st
-            splits = be._attn_splits(batch.n_tiles, batch.W)
+            be.attn.waves, be.attn.split_tokens = waves, st
+            splits = be.attn.splits(batch.n_tiles, batch.W)
 
             run = functools.partial(
                 pk.paged_attention,
@@ -450,7 +450,7 @@ def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
         out_rows.append(row)
         if save is not None:
             save(out_rows)
-    be.attn_waves, be.attn_split_tokens = ATTN_CONFIGS[0][3], ATTN_CONFIGS[0][4]
+    be.attn.waves, be.attn.split_tokens = ATTN_CONFIGS[0][3], ATTN_CONFIGS[0][4]
     return out_rows
 
 
@@ -487,7 +487,8 @@ def main() -> None:
     DEV = args.device
     args.name = args.name or ("attn_sweep" if args.attn_sweep else "results")
 
-    from wisp_cloud.backends.paged import PagedBackend, WorkItem
+    from wisp_cloud.backends.base import WorkItem
+    from wisp_cloud.backends.paged import PagedBackend
 
     assert DEV != "cuda" or torch.cuda.is_available(), "bench/verify_step.py needs a CUDA GPU"
     out_dir = Path(args.out)

@@ -191,7 +191,7 @@ def test_page_table_bookkeeping():
 def _ref_pack(be, items, cached, graph_key):
     """The packing as first written (one Python pass per item): the reference for the vectorised `_pack`."""
     import numpy as np
-    from wisp_cloud.backends.paged import _Batch
+    from wisp_cloud.backends.paged.batch import Batch as _Batch
 
     q_lens = [len(it.new_tokens) for it in items]
     t_real = sum(q_lens)
@@ -240,7 +240,7 @@ def test_pack_matches_reference_under_random_paging(tiny_target):
     reference writes, eager and padded to the graph bucket, into fresh and reused buffers, while sequences
     grow, roll back, are released and come back (mirror rows reused, grown in rows and columns)."""
     import numpy as np
-    from wisp_cloud.backends.paged import _Batch
+    from wisp_cloud.backends.paged.batch import Batch as _Batch
 
     be = PagedBackend(tiny_target, "cpu", kv_budget_tokens=4096, page_size=4, prefill_tile_rows=8)
     be.max_positions = 10**6  # positions are not computed here
@@ -274,7 +274,7 @@ def test_pack_matches_reference_under_random_paging(tiny_target):
             be.pages.set_length(s, n)
         for key in (None, be._graph_key(items, force=True)):
             want = _ref_pack(be, items, cached, key)
-            got = be._pack(items, cached, key)
+            got = be.packer.pack(items, cached, key)
             assert np.array_equal(got.host, want), (step, key)
             if key is not None:  # into a reused (dirty) buffer through cached views, as on the graph path
                 if key not in bufs:
@@ -282,9 +282,9 @@ def test_pack_matches_reference_under_random_paging(tiny_target):
                     buf = np.full_like(got.host, 7)
                     bufs[key] = (buf, _Batch(buf, T, B, W, R, n_tiles, tok).host_views())
                 buf, views = bufs[key]
-                be._pack(items, cached, key, out=buf, views=views)
+                be.packer.pack(items, cached, key, out=buf, views=views)
                 assert np.array_equal(buf, want), (step, key)
-    assert be._bt.shape[0] > 64 and be._bt.shape[1] > 64
+    assert be.packer.bt.shape[0] > 64 and be.packer.bt.shape[1] > 64
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent(
@@ -292,7 +292,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import random, sys
     sys.path[:0] = [{cloud!r}, {sdk!r}]
     import torch
-    from wisp_cloud.backends.paged import PagedBackend, WorkItem
+    from wisp_cloud.backends.base import WorkItem
+    from wisp_cloud.backends.paged import PagedBackend
 
     ref = PagedBackend({path!r}, "cpu", kv_budget_tokens=1024)
     tri = PagedBackend({path!r}, "cpu", kv_budget_tokens=1024, kernels="triton", cuda_graphs=False,

@@ -181,12 +181,12 @@ def build_random_model(
     """The architecture `spec` with random weights on `device` (eval mode, no grads)."""
     import torch
 
-    from wisp_cloud.backends.paged import _from_config, _resolve_dtype
+    from wisp_cloud.backends.paged.loader import from_config, resolve_dtype
 
     config = load_config(spec)
     dev = torch.device(device)
     torch.manual_seed(seed)
-    model = _from_config(config, _resolve_dtype(dtype, dev), dev)
+    model = from_config(config, resolve_dtype(dtype, dev), dev)
     model.eval()
     if stable_argmax:
         stabilize_argmax(model, seed, allowed=allowed)

@@ -26,18 +26,9 @@ import torch
 
 from wisp_cloud.acceptance import process_logits
 from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
+from wisp_cloud.backends.paged.loader import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
-    return _DTYPES[dtype]
 
 
 @dataclass
