@@ -8,6 +8,8 @@
 # tokenizer; no ONNX: `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.txt BUNDLE/*.jinja .fleetdata/bundle/` from
 # an exported draft bundle), bench/traces/qwen-coder.json. EST: an estimator from `wisp profile` on the same GPU
 # kind (made here first if missing). CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N=2,4 bash bench/gpu_capacity.sh
+# The server runs pinned to SERVER_CORES and the emulated fleet to FLEET_CORES (taskset), so the fleet's Python
+# never takes the server's cores; defaults: the first quarter of the machine's cores for the server (at least 2).
 set -euo pipefail
 OUT=${OUT:-runs/gpu-capacity}
 CONFIG=${CONFIG:-qwen2.5-7b}
@@ -15,20 +17,30 @@ DEVICE=${DEVICE:-cuda}
 N=${N:-64,128,192,256,384,512}
 EST=${EST:-$OUT/est.json}
 BUNDLE=${BUNDLE:-.fleetdata/bundle}
+PY=${PY:-python3}
 mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import websockets, pydantic" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -d .whl ] && ! $PY -c "import websockets, pydantic" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/cloud:$PWD/sdk:$PWD/models/export
 export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+NCPU=$(nproc)
+SQ=$(( NCPU / 4 > 2 ? NCPU / 4 : 2 ))
+SERVER_CORES=${SERVER_CORES:-0-$((SQ - 1))}
+FLEET_CORES=${FLEET_CORES:-$SQ-$((NCPU - 1))}
+PIN_SERVER=(); PIN_FLEET=()
+if command -v taskset >/dev/null && [ "$NCPU" -ge 4 ]; then
+  PIN_SERVER=(taskset -c "$SERVER_CORES"); PIN_FLEET=(taskset -c "$FLEET_CORES")
+  echo "gpu_capacity: server on cores $SERVER_CORES, fleet on cores $FLEET_CORES"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 if [ ! -f "$EST" ]; then
   $PY -m wisp_sdk.cli profile --random-config "$CONFIG" --device "$DEVICE" --grid quick --reps 2 \
     --kv-budget-tokens 100000 --no-progress --out "$EST"
 fi
-$PY -m wisp_sdk.cli bench run \
+"${PIN_FLEET[@]}" $PY -m wisp_sdk.cli bench run \
+  --server-cmd "${PIN_SERVER[*]} $PY -m wisp_sdk.cli serve" \
   --serve "--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device $DEVICE \
            --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST --save-estimator $OUT/est-online.json ${SERVE_EXTRA:-}" \
   --bundle "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \

@@ -68,6 +68,9 @@ class StepLog:
             forward_ms_p90=pct(fwd, 0.9),
             step_ms_p50=pct(whole, 0.5),
             step_ms_p90=pct(whole, 0.9),
+            # the device's wait for the host before each forward (whole step = host + forward)
+            host_ms_p50=pct([w - f for w, f in zip(whole, fwd, strict=True)], 0.5),
+            step_over_forward=round(sum(whole) / max(sum(fwd), 1e-9), 3),
             busy=round(sum(whole) / elapsed, 2),  # fraction of the time the batch loop was working
             **({"graphs": dict(graphs)} if graphs else {}),  # type: ignore[call-overload]
         )
