@@ -11,6 +11,7 @@ window the server's running step totals give:
 
     .venv/bin/python bench/host_path.py --sessions 64 128 256 512 1024 --out bench/results/host_path/dev_vm.json
 
+With `--policy centralized` the sessions are centralized ones (the server decodes; one Tokens frame per step).
 Writes JSON (and a PNG with --plot). A benchmark, not a test: it measures, it asserts nothing.
 """
 
@@ -41,15 +42,24 @@ def _client_proc(
     seconds: float,
     cores: list[int] | None,
     seed: int,
+    central: bool,
     out: mp.Queue,
 ) -> None:
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    out.put(asyncio.run(_clients(url, n_sessions, k, alpha, prompt_len, max_new, seconds, seed)))
+    out.put(asyncio.run(_clients(url, n_sessions, k, alpha, prompt_len, max_new, seconds, seed, central)))
 
 
 async def _clients(
-    url: str, n: int, k: int, alpha: float, prompt_len: int, max_new: int, seconds: float, seed: int
+    url: str,
+    n: int,
+    k: int,
+    alpha: float,
+    prompt_len: int,
+    max_new: int,
+    seconds: float,
+    seed: int,
+    central: bool,
 ) -> dict:
     from websockets.asyncio.client import connect
     from wisp_cloud.backends.fake import FAKE_FINGERPRINT, next_token
@@ -59,6 +69,7 @@ async def _clients(
         Open,
         Opened,
         Round,
+        Tokens,
         Verdict,
         decode_server,
         encode,
@@ -79,11 +90,22 @@ async def _clients(
             decode_server(await ws.recv())
             while time.monotonic() < stop_at:
                 prompt = [rng.randrange(FINGERPRINT_VOCAB) for _ in range(prompt_len)]
-                await ws.send(encode(Open(prompt_ids=prompt, max_new_tokens=max_new)))
+                mode = "centralized" if central else "speculative"
+                await ws.send(encode(Open(prompt_ids=prompt, max_new_tokens=max_new, mode=mode)))
                 msg = decode_server(await ws.recv())
                 if not isinstance(msg, Opened):
                     errors += 1
                     await asyncio.sleep(0.05)
+                    continue
+                if central:  # the server streams one Tokens frame per decode step until done
+                    done = msg.done
+                    while not done:
+                        t = decode_server(await ws.recv())
+                        if not isinstance(t, Tokens):
+                            errors += 1
+                            break
+                        rounds += 1
+                        done = t.done
                     continue
                 sid, tokens, rnd, done = msg.session_id, prompt + [msg.next_token], 0, msg.done
                 while not done and time.monotonic() < stop_at:
@@ -152,6 +174,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
                     total_s,
                     client_cores,
                     i,
+                    args.policy == "centralized",
                     out,
                 ),
             )

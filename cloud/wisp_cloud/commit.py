@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from wisp_sdk.protocol import ErrorCode, Opened, Tokens, pack_verdict
+from wisp_sdk.protocol import ErrorCode, Opened, pack_tokens, pack_verdict
 
 from wisp_cloud.backends.base import BatchStats
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
@@ -24,6 +25,18 @@ from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 
 log = logging.getLogger("wisp.engine")
+
+
+@dataclass(slots=True)
+class Committed:
+    """A job whose tokens were committed and whose answer was built (phase 1), for the SLO bookkeeping (phase 2)."""
+
+    job: Job
+    take: int  # tokens committed
+    accepted: int  # draft tokens among them
+    done: bool
+    at: float  # when: the answer goes out now
+
 
 DEFAULT_DRAFT_LEN = 4  # what a session that has not sent a round yet is assumed to draft
 _EMPTY = BatchShape()
@@ -47,6 +60,8 @@ class Committer:
         self._enqueue = enqueue  # a centralized session's next decode step goes straight back in the queue
         # KV changes for the engine to apply between forwards: (session, truncate length; None = release)
         self.kv_ops: list[tuple[str, int | None]] = []
+        self._solo_memo: dict[tuple[int, int, bool], float] = {}
+        self._solo_version = -1
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -55,47 +70,45 @@ class Committer:
             k = DEFAULT_DRAFT_LEN if session.mode == "speculative" else 0
         return 1000.0 * self.queue.hints.hint(ItemShape(k + 1, session.committed_len), now)
 
-    def postprocess(self, outcomes: list[Outcome], stats: BatchStats) -> list[Reply]:
+    def commit(self, outcomes: list[Outcome], stats: BatchStats) -> tuple[list[Committed], list[Reply]]:
+        """Phase 1, right after the forward and before the next selection: commit the tokens, queue the KV
+        changes, build every answer (a re-sent round must find its verdict), and put a centralized session's next
+        decode step straight back in the queue, so it joins the very next batch."""
         now = time.monotonic()
         self.metrics.observe_batch(stats.batch_size, stats.forward_s)
-        hints = self.queue.hints
-        hints.finished(
+        self.queue.hints.finished(
             [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
         )
+        records: list[Committed] = []
         replies: list[Reply] = []
-        tally = [0, 0, 0, 0]  # committed, rounds, drafted, accepted: counted once per step, not per job
         for out in outcomes:
-            self._apply(out, stats, now, replies, tally)
-        m = self.metrics
-        m.committed_tokens.inc(tally[0])
-        m.rounds.inc(tally[1])
-        m.draft_tokens.inc(tally[2])
-        m.accepted_tokens.inc(tally[3])
-        return replies
+            rec = self._commit_one(out, stats, now, replies)
+            if rec is not None:
+                records.append(rec)
+        return records, replies
 
-    def _apply(
-        self, out: Outcome, stats: BatchStats, sent_at: float, replies: list[Reply], tally: list[int]
-    ) -> None:
+    def _commit_one(
+        self, out: Outcome, stats: BatchStats, now: float, replies: list[Reply]
+    ) -> Committed | None:
         job = out.planned.job
         session = job.session
         job.forward_s += stats.forward_s
         job.batches += 1
         if self.store.get(session.id) is not session:
             self.kv_ops.append((session.id, None))  # closed while in the batch: the forward stored KV again
-            return
+            return None
         if session.pending is not job:
-            return
+            return None
         if out.error is not None:
             replies += self.fail(job, out.error)
-            return
+            return None
         if not out.planned.final:
-            return  # more prefill chunks to go: requeued as soon as the forward ended (`_requeue_chunks`)
+            return None  # more prefill chunks to go: requeued as soon as the forward ended
         session.pending = None
         session.touch()
         if job.kind != JobKind.open and job.started_at is not None:
             self.queue.hints.queued(job.started_at - job.enqueued_at)
         proposed = job.draft[: out.accepted] + [out.next_token]
-        before = session.committed_len
         take, done = cut(session, proposed, self._eos, self.max_context_len)
         session.tokens += proposed[:take]
         accepted, next_token = take - 1, proposed[take - 1]
@@ -106,11 +119,15 @@ class Committer:
             )  # no more rounds: free the KV (re-sent rounds use the cache)
         else:
             self.kv_ops.append((session.id, session.committed_len - 1))
-        queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
-        hint = self.wait_hint_ms(session, sent_at)
-        tally[0] += take
+        d = session.deadlines
+        if d is not None:  # the answer goes out now: the next deadline counts from here
+            if job.kind == JobKind.open:
+                d.on_first_token(now)
+            else:
+                d.on_round(len(job.draft), accepted, now)
         conn = session.conn
         if job.kind == JobKind.round:
+            queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
             verdict = pack_verdict(
                 session.sid_raw,
                 job.round,
@@ -120,13 +137,10 @@ class Committer:
                 done,
                 queue_ms,
                 1000.0 * job.forward_s,
-                hint,
+                self.wait_hint_ms(session, now),
             )
             session.last_round = job.round
             session.last_verdict = verdict
-            tally[1] += 1
-            tally[2] += len(job.draft)
-            tally[3] += accepted
             if conn is not None:
                 replies.append(Reply(conn, verdict))
         elif job.kind == JobKind.open:
@@ -138,47 +152,67 @@ class Committer:
                     next_token=next_token,
                     done=done,
                     prefill_ms=1000.0 * job.forward_s,
-                    queue_ms=queue_ms,
-                    wait_hint_ms=hint,
+                    queue_ms=1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at),
+                    wait_hint_ms=self.wait_hint_ms(session, now),
                 )
                 replies.append(Reply(conn, opened))
         elif conn is not None:  # centralized decode step
-            tokens = Tokens(
-                session_id=session.id, tokens=[next_token], committed_len=session.committed_len, done=done
-            )
-            replies.append(Reply(conn, tokens))
-        self._answered(job, take, accepted, sent_at, done)
+            replies.append(Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done)))
         if session.mode == "centralized" and not done:
             self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
-        elif before and done:
-            log_event(log, "session_done", session=session.id[:8], generated=session.generated)
+        return Committed(job, take, accepted, done, now)
 
-    def _answered(self, job: Job, take: int, accepted: int, sent_at: float, done: bool) -> None:
-        """An Opened / Verdict / Tokens frame went out: deadlines and SLO metrics."""
+    def finish(self, records: list[Committed]) -> None:
+        """Phase 2, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""
+        committed = rounds = drafted = accepted = 0
+        for rec in records:
+            job, session = rec.job, rec.job.session
+            committed += rec.take
+            if job.kind == JobKind.round:
+                rounds += 1
+                drafted += len(job.draft)
+                accepted += rec.accepted
+            self._answered(rec)
+            if rec.done and session.generated > 0:
+                log_event(log, "session_done", session=session.id[:8], generated=session.generated)
+        m = self.metrics
+        m.committed_tokens.inc(committed)
+        m.rounds.inc(rounds)
+        m.draft_tokens.inc(drafted)
+        m.accepted_tokens.inc(accepted)
+
+    def _answered(self, rec: Committed) -> None:
+        """An Opened / Verdict / Tokens frame went out: SLO metrics."""
+        job, sent_at = rec.job, rec.at
         session = job.session
-        drafted = len(job.draft) if job.kind == JobKind.round else 0
-        d = session.deadlines
-        if d is not None:
-            if job.kind == JobKind.open:
-                d.on_first_token(sent_at)
-            else:
-                d.on_round(drafted, accepted, sent_at)
-        self.slo.tokens(session.id, take, sent_at)
+        self.slo.tokens(session.id, rec.take, sent_at)
         if job.kind != JobKind.open:
             req = job.request
             if req is not None and req.solo_s is not None:
                 solo = req.solo_s  # the policy priced it when it selected the request
+            elif req is not None:
+                solo = self._solo(req.new_tokens, req.context_len, req.cache_miss)
             else:
-                if req is not None:
-                    solo_shape = ItemShape(req.new_tokens, req.context_len, req.cache_miss)
-                else:
-                    solo_shape = ItemShape(max(1, drafted + 1), session.committed_len - take)
-                solo = self.estimator.predict_shape(_EMPTY.plus(solo_shape))
+                drafted = len(job.draft) if job.kind == JobKind.round else 0
+                solo = self._solo(max(1, drafted + 1), session.committed_len - rec.take, False)
             met = job.deadline is None or sent_at <= job.deadline + 1e-9
             self.slo.round(session.id, sent_at - job.enqueued_at, solo, met)
         job.request = None
-        if done:
+        if rec.done:
             self.session_ended(session, sent_at)
+
+    def _solo(self, new: int, context: int, miss: bool) -> float:
+        """Predicted solo time of an item, for the interference metric: memoised by (new tokens, context to 32
+        tokens, miss) until the estimator changes, since centralized decode steps ask for it per session per step."""
+        est = self.estimator
+        if est.version != self._solo_version:  # raw times change only with a refit
+            self._solo_memo.clear()
+            self._solo_version = est.version
+        key = (new, context >> 5, miss)
+        raw = self._solo_memo.get(key)
+        if raw is None:
+            raw = self._solo_memo[key] = est.predict_raw(_EMPTY.plus(ItemShape(new, context, miss)))
+        return raw * est.correction
 
     def fail(self, job: Job, message: str) -> list[Reply]:
         session = job.session

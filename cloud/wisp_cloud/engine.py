@@ -35,7 +35,7 @@ from wisp_sdk.protocol import (
 
 from wisp_cloud.acceptance import DraftError, dense_q
 from wisp_cloud.backends.base import Backend, BatchStats
-from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committer
+from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
@@ -58,14 +58,14 @@ _EMPTY = BatchShape()
 
 @dataclass(slots=True)
 class _Ran:
-    """A step whose forward finished and whose answers are not yet applied."""
+    """A step whose tokens are committed and answered, its bookkeeping still to do."""
 
-    outcomes: list[Outcome]
+    records: list[Committed]
     stats: BatchStats
     shapes: list[ItemShape]
+    items: int
     t_launch: float
     host_s: float  # the device waited this long for the host before this forward
-    serial: bool  # centralized decode work: postprocess before the next selection
 
 
 class Engine:
@@ -377,12 +377,13 @@ class Engine:
     # ---- the loop: schedule -> run -> postprocess ----
 
     async def run(self) -> None:
-        """schedule -> run -> postprocess, with the postprocess of step n overlapping the forward of step n+1.
+        """schedule -> run -> postprocess, the postprocess split around the next forward.
 
-        Postprocess never touches the backend while a forward runs: its KV changes (truncate a rejected tail,
-        release a finished session) are queued and applied before the next plan. A step with centralized decode
-        work is postprocessed before the next selection instead (its sessions' next tokens join the very next
-        batch; overlapping would make them skip one).
+        Right after the forward of step n, `Committer.commit` commits the tokens and builds the answers (a
+        centralized session's next decode step goes straight back in the queue); then step n+1 is selected and
+        launched, and only then does `Committer.finish` (SLO bookkeeping, metrics) and the estimator's update run,
+        overlapping the forward of step n+1. Postprocess never touches the backend while a forward runs: its KV
+        changes are queued and applied before the next plan.
         """
         loop = asyncio.get_running_loop()
         prev: _Ran | None = None
@@ -392,10 +393,6 @@ class Engine:
             self._apply_kv_ops()  # no forward runs here: the backend is the loop's
             if now - self._last_housekeeping > _HOUSEKEEPING_S:
                 self._housekeeping(now)
-            if prev is not None and prev.serial:
-                self._finish(prev)
-                prev = None
-                self._apply_kv_ops()
             planned: list[Planned] = []
             fut = None
             try:
@@ -412,8 +409,6 @@ class Engine:
             if prev is not None:
                 self._finish(prev)  # overlaps the forward just launched
                 prev = None
-                if fut is None:
-                    continue  # nothing ran: select again with what the answers changed before sleeping
             if fut is None:
                 self.metrics.queued.set(len(self.queue))
                 if not self.queue.waiting:
@@ -437,33 +432,31 @@ class Engine:
                 continue
             t_done = time.perf_counter()
             self._requeue_chunks(outcomes)
-            host_s = t_launch - t_free  # the device waited this long for the host
-            prev = _Ran(
-                outcomes,
-                stats,
-                shapes,
-                t_launch,
-                host_s,
-                serial=any(p.job.kind == JobKind.decode for p in planned),
-            )
+            try:
+                records, replies = self.committer.commit(outcomes, stats)
+            except Exception:
+                log.exception("commit failed")
+                self._fail_all(planned)
+                t_free = time.perf_counter()
+                continue
+            self.deliver(replies)
+            prev = _Ran(records, stats, shapes, len(planned), t_launch, host_s=t_launch - t_free)
             t_free = t_done
-            await asyncio.sleep(0)  # let the gateway hand over what arrived during the forward
+            # no yield here: the next batch is selected and launched first (the gateway's writers send these
+            # answers, and its readers take new rounds, while that forward runs)
 
     def _finish(self, ran: _Ran) -> None:
-        """Postprocess a step: answers, estimator, step statistics."""
+        """Phase 2 of a step's postprocess: SLO bookkeeping, the estimator, step statistics."""
         try:
-            replies = self.committer.postprocess(ran.outcomes, ran.stats)
+            self.committer.finish(ran.records)
         except Exception:
-            log.exception("postprocess failed")
-            self._fail_all([o.planned for o in ran.outcomes])
-            return
-        self.deliver(replies)
+            log.exception("postprocess bookkeeping failed")
         answered_s = time.perf_counter() - ran.t_launch + ran.host_s
         if ran.stats.forward_s > 0:
             # The estimator learns how long a step holds its rounds (host work before the forward, the forward,
             # the answers): the next batch and every deadline wait on that, not on the forward alone.
             self.estimator.observe(answered_s, ran.shapes)
-        self.steps.add(ran.stats, len(ran.outcomes), ran.host_s + ran.stats.forward_s)
+        self.steps.add(ran.stats, ran.items, ran.host_s + ran.stats.forward_s)
         self.metrics.queued.set(len(self.queue))
 
     def _requeue_chunks(self, outcomes: list[Outcome]) -> None:

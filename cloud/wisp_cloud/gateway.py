@@ -114,7 +114,7 @@ class Gateway:
         for r in replies:
             conn = r.conn
             msg = r.message
-            if isinstance(msg, bytes):
+            if isinstance(msg, bytes | str):
                 conn.send(msg)
             elif isinstance(msg, Refusal):
                 self._refuse(conn, msg)

@@ -39,10 +39,11 @@ class Refusal(Exception):
 
 @dataclass(slots=True)
 class Reply:
-    """One frame for one connection: a message, bytes already encoded (a Verdict on the hot path), or a refusal
+    """One frame for one connection: a message, a frame already encoded (a Verdict's bytes, a Tokens JSON text:
+    the hot paths), or a refusal
     that the gateway answers with an Error frame. `conn` is the gateway's connection object; the engine only
     carries it (it never touches a socket).
     """
 
     conn: Peer
-    message: BaseModel | bytes | Refusal
+    message: BaseModel | bytes | str | Refusal
