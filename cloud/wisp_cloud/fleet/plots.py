@@ -28,10 +28,31 @@ def _best_points(result: dict[str, Any]) -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda p: p["n"]) for k, v in out.items()}
 
 
-def plot_bench(result: dict[str, Any], out: Path, prefix: str = "bench") -> list[str]:
+def bench_title(result: dict[str, Any], gpu: str = "") -> str:
+    """Model, GPU, SLO, fleet and date, so a plot can be read alone."""
+    cfg = result["config"]
+    serve = cfg.get("serve", [])
+    model = "?"
+    for flag in ("--random-config", "--target"):
+        if flag in serve:
+            model = serve[serve.index(flag) + 1] + (" (random weights)" if flag == "--random-config" else "")
+    slo = cfg["slo"]
+    date = str(result.get("started", ""))[:16].replace("T", " ")
+    gpu = gpu or ("cuda" if "cuda" in serve else "cpu")
+    dev, link = cfg.get("device_profile", "?"), cfg.get("link_profile", "?")
+    dev = dev.get("name", "?") if isinstance(dev, dict) else dev
+    link = link.get("name", "?") if isinstance(link, dict) else link
+    return (
+        f"{model} on {gpu}, {date} UTC\n"
+        f"SLO TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.0f} ms; {dev} devices, {link} link"
+    )
+
+
+def plot_bench(result: dict[str, Any], out: Path, prefix: str = "bench", gpu: str = "") -> list[str]:
     plt = _plt()
     pts = _best_points(result)
     target = result["config"].get("target_attainment", 0.9)
+    title = bench_title(result, gpu)
     files = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -40,7 +61,8 @@ def plot_bench(result: dict[str, Any], out: Path, prefix: str = "bench") -> list
         ax.plot(
             [p["n"] for p in ps], [p["attainment"] for p in ps], "o-", label=label, color=_COLORS.get(policy)
         )
-    ax.axhline(target, ls="--", color="gray", lw=1)
+    ax.axhline(target, ls="--", color="gray", lw=1, label=f"capacity threshold {target:.0%}")
+    ax.set_title("SLO attainment\n" + title, fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("edge devices N")
     ax.set_ylabel("SLO attainment")
@@ -65,6 +87,7 @@ def plot_bench(result: dict[str, Any], out: Path, prefix: str = "bench") -> list
     ax.set_xscale("log", base=2)
     ax.set_xlabel("edge devices N")
     ax.set_ylabel("goodput (tokens/s of SLO-meeting sessions)")
+    ax.set_title("goodput\n" + title, fontsize=7)
     ax.legend()
     ax.grid(alpha=0.3)
     f = out / f"{prefix}-goodput.png"
@@ -87,7 +110,8 @@ def plot_bench(result: dict[str, Any], out: Path, prefix: str = "bench") -> list
                 ls = "-" if n == ns[-1] else ":"
                 ax.step(xs, ys, ls, where="post", label=f"{policy} N={n}", color=_COLORS.get(policy))
         slo = result["config"]["slo"]["tpot_ms"]
-        ax.axvline(slo, ls="--", color="gray", lw=1)
+        ax.axvline(slo, ls="--", color="gray", lw=1, label=f"TPOT SLO {slo:.0f} ms")
+        ax.set_title("TPOT per session\n" + title, fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("TPOT per session (ms, client-measured)")
         ax.set_ylabel("CDF")
