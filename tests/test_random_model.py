@@ -124,3 +124,20 @@ def test_cli_rejects_random_weight_options_without_random_config(tmp_path, tiny_
     ]
     proc = subprocess.run([*both, *extra], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "either --target" in proc.stderr
+
+
+def test_profile_caps_contexts_to_the_kv_pool(tmp_path, tiny_target):
+    """A grid whose batches would not fit the KV pool profiles shorter contexts (said so), or says what to raise."""
+    base = [sys.executable, "-m", "wisp_sdk.cli", "profile", "--random-config", str(tiny_target)]
+    base += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--no-progress"]
+    out = tmp_path / "est.json"
+    proc = subprocess.run(
+        [*base, "--kv-budget-tokens", "8000", "--out", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "contexts capped at 228 tokens" in proc.stdout and "to fit the KV pool" in proc.stdout
+    small = subprocess.run(
+        [*base, "--kv-budget-tokens", "2000", "--out", str(out)], capture_output=True, text=True
+    )
+    assert small.returncode != 0 and "Traceback" not in small.stderr
+    assert "give a larger --kv-budget-tokens" in small.stderr

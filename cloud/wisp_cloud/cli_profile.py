@@ -171,6 +171,18 @@ def profile_backend(
 
     max_ctx = int(getattr(backend, "max_positions", None) or 2048)
     max_ctx = min(max_ctx, 2048 if grid == "quick" else 8192)
+    want_ctx = max_ctx
+    capacity = getattr(backend, "kv_capacity_tokens", None)  # a paged backend's KV pool, in tokens
+    if capacity:
+        # Every sequence of the largest batch keeps its context (plus a prompt chunk) in the pool at once: a
+        # full grid at 8k contexts needs ~270k tokens, more than a 32B model leaves on one GPU (KVCacheFull).
+        largest = max(len(b) for b in make_grid(grid, 64, seed)[0] + make_grid(grid, 64, seed)[1])
+        max_ctx = min(max_ctx, int(capacity) // largest - 272)
+        if max_ctx < 64:
+            raise WispError(
+                f"the KV pool holds {capacity} tokens: too few for the {grid} grid's batches of {largest} "
+                f"sequences; give a larger --kv-budget-tokens (at least {largest * (64 + 272)})"
+            )
     train, held = make_grid(grid, max_ctx, seed)
     runner = BatchRunner(backend, seed, uncomputed_context)
     t0 = time.perf_counter()
@@ -217,6 +229,8 @@ def profile_backend(
         "uncomputed_context": runner.uncomputed,
         "wall_heldout_mape_pct": round(wall_est.evaluate(wall_obs[len(train) :]), 2),
         "profile_s": round(time.perf_counter() - t0, 1),
+        "max_context": max_ctx,
+        "max_context_capped_from": want_ctx if max_ctx < want_ctx else None,
         "coefficients": dict(zip(est.features, est.coef, strict=True)),
     }
     est.meta.update({k: v for k, v in report.items() if k != "coefficients"})
@@ -274,6 +288,11 @@ def _run(args: argparse.Namespace) -> int:
             f"held-out MAPE {report['heldout_mape_pct']:.1f} % on {report['heldout_batches']} unseen shapes "
             f"({clock} clock; wall-clock fit: {report['wall_heldout_mape_pct']:.1f} %)"
         )
+        if report["max_context_capped_from"]:
+            print(
+                f"contexts capped at {report['max_context']} tokens (from {report['max_context_capped_from']}) "
+                "to fit the KV pool; a larger --kv-budget-tokens profiles longer ones"
+            )
         print(f"wrote {out}")
     return 0
 
