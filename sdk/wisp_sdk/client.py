@@ -14,12 +14,13 @@ resume succeeds before `resume_deadline_s`, it raises `WispError`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from wisp_sdk.predictor import RejectionPredictor
 from wisp_sdk.protocol import (
     SLO,
     SUBPROTOCOL,
+    Close,
     Closed,
     Error,
     ErrorCode,
@@ -75,6 +77,10 @@ class _SessionLost(Exception):
 
 class _LinkDown(Exception):
     """No usable connection (closed, refused, or a response timed out)."""
+
+
+def _noop() -> None:
+    return None
 
 
 def _ema(old: float, new: float, w: float = 0.3) -> float:
@@ -150,10 +156,15 @@ class AsyncEdgeClient:
         slo: SLO | None = None,
         stop: list[str] | str | None = None,
         controller: str | Controller | None = None,
+        timeout: float | None = None,
     ) -> GenerationResult:
-        """Generate a completion; returns text, token ids (EOS included if hit) and stats."""
+        """Generate a completion; returns text, token ids (EOS included if hit) and stats.
+
+        `timeout` (seconds) stops the generation and raises `TimeoutError`; a timeout, a cancelled task or an
+        exception closes the server session at once (its KV is freed; the next generation starts right away).
+        """
         async for _ in self.stream(
-            prompt, max_new_tokens, temperature, top_p, top_k, seed, slo, stop, controller
+            prompt, max_new_tokens, temperature, top_p, top_k, seed, slo, stop, controller, timeout
         ):
             pass
         assert self.last_result is not None
@@ -170,8 +181,15 @@ class AsyncEdgeClient:
         slo: SLO | None = None,
         stop: list[str] | str | None = None,
         controller: str | Controller | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[str]:
-        """Yield text deltas as tokens are committed; the full result is then in `last_result`."""
+        """Yield text deltas as tokens are committed; the full result is then in `last_result`.
+
+        Leaving the loop early (break, an exception, a cancelled task) or passing `timeout` (seconds, raising
+        `TimeoutError`) stops drafting and closes the server session at once.
+        """
+        if timeout is not None and timeout <= 0:
+            raise WispError(f"timeout must be > 0 seconds, not {timeout}")
         request = GenerationRequest(
             prompt_ids=self.encode_prompt(prompt),
             max_new_tokens=max_new_tokens,
@@ -183,10 +201,29 @@ class AsyncEdgeClient:
         ctl = make_controller(controller or self.controller_spec, self.predictor)
         if self._lock is None:
             self._lock = asyncio.Lock()
+        deadline = None if timeout is None else time.monotonic() + timeout
         async with self._lock:
-            async for delta in self._run(request, ctl):
-                if delta:
-                    yield delta
+            gen = self._run(request, ctl)
+            try:
+                while True:
+                    try:
+                        if deadline is None:
+                            delta = await gen.__anext__()
+                        else:
+                            # wait_for cancels the step on expiry; `_run` then closes the session itself
+                            delta = await asyncio.wait_for(
+                                gen.__anext__(), max(0.0, deadline - time.monotonic())
+                            )
+                    except StopAsyncIteration:
+                        return
+                    except TimeoutError:
+                        raise TimeoutError(f"generation timed out after {timeout} s") from None
+                    if delta:
+                        yield delta
+            finally:
+                # Runs `_run`'s cleanup now, under the lock (not later from the garbage collector), so the
+                # server session is closed before the next generation may start.
+                await gen.aclose()
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string is tokenized as is; chat messages go through the bundle's template; ids pass through."""
@@ -339,7 +376,7 @@ class AsyncEdgeClient:
 
     # ---- the generation loop ----
 
-    async def _run(self, req: GenerationRequest, ctl: Controller) -> AsyncIterator[str]:
+    async def _run(self, req: GenerationRequest, ctl: Controller) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         stats = GenerationStats(mode=req.mode, controller=ctl.name if req.mode == "speculative" else "")
         stats.prompt_tokens = len(req.prompt_ids)
@@ -350,118 +387,153 @@ class AsyncEdgeClient:
         need_open, need_send = True, False
         predrafted: list[DraftToken] = []
         link = LinkState()
-        while True:
-            try:
-                if need_open:
-                    await self._ensure_connected()
-                    await self._send(sess.open_message())
-                    opened, _ = await self._recv_expect(sess, Opened)
-                    delta = sess.on_opened(opened)
-                    need_open, need_send, predrafted = False, False, []
-                    if not stats.ttft_ms:
-                        stats.ttft_ms = (time.perf_counter() - t_start) * 1000.0
-                    link.rtt_ms = self._connect_rtt_ms
-                    link.wait_hint_ms = opened.wait_hint_ms
-                    if self.welcome is not None:
-                        link.max_draft = self.welcome.limits.max_draft_len
+        finished = False
+        try:
+            while True:
+                try:
+                    if need_open:
+                        await self._ensure_connected()
+                        await self._send(sess.open_message())
+                        opened, _ = await self._recv_expect(sess, Opened)
+                        delta = sess.on_opened(opened)
+                        need_open, need_send, predrafted = False, False, []
+                        if not stats.ttft_ms:
+                            stats.ttft_ms = (time.perf_counter() - t_start) * 1000.0
+                        link.rtt_ms = self._connect_rtt_ms
+                        link.wait_hint_ms = opened.wait_hint_ms
+                        if self.welcome is not None:
+                            link.max_draft = self.welcome.limits.max_draft_len
+                        deadline = None
+                        yield delta
+                        continue
+                    if sess.done:
+                        break
+                    if req.mode == "centralized":
+                        msg, _ = await self._recv_expect(sess, Tokens)
+                        deadline = None
+                        yield sess.on_tokens(msg)
+                        continue
+                    rs: RoundStats | None = None
+                    if sess.inflight is None:
+                        ctl.start_round(link)
+                        t0 = time.perf_counter()
+                        kept, dropped = await loop.run_in_executor(
+                            self._pool, self._draft_round, sess, ctl, predrafted, link, rng
+                        )
+                        draft_ms = (time.perf_counter() - t0) * 1000.0
+                        predrafted = []
+                        sess.make_round(kept)
+                        rs = RoundStats(
+                            round=sess.round_no,
+                            drafted=len(kept),
+                            accepted=0,
+                            committed=0,
+                            dropped=len(dropped),
+                        )
+                        rs.draft_ms = draft_ms
+                        need_send = True
+                        kept_all = kept + dropped
+                    else:
+                        kept_all = list(sess.inflight_tokens)
+                        rs = RoundStats(
+                            round=sess.round_no, drafted=len(kept_all), accepted=0, committed=0, resent=True
+                        )
+                    if need_send:
+                        await self._send(sess.inflight)
+                        need_send = False
+                    t_sent = time.perf_counter()
+                    verdict, arrived, ahead, ahead_ms = await self._await_verdict(sess, ctl, rng)
+                    sent_tokens = list(sess.inflight_tokens)
+                    before = len(sess.generated)
+                    applied = sess.on_verdict(verdict)
+                    if applied is None:
+                        continue
+                    accepted, delta = applied
                     deadline = None
+                    ctl.observe(sent_tokens, accepted)
+                    # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
+                    if (
+                        ahead
+                        and accepted == len(sent_tokens)
+                        and verdict.next_token == ahead[0].token
+                        and not sess.done
+                    ):
+                        predrafted = ahead[1:]
+                        rs.ahead_used = len(ahead)
+                    rs.ahead = len(ahead)
+                    rs.accepted = accepted
+                    rs.committed = len(sess.generated) - before
+                    rs.wait_ms = (arrived - t_sent) * 1000.0
+                    rs.idle_ms = max(0.0, rs.wait_ms - ahead_ms)
+                    rs.queue_ms, rs.verify_ms, rs.wait_hint_ms = (
+                        verdict.queue_ms,
+                        verdict.verify_ms,
+                        verdict.wait_hint_ms,
+                    )
+                    wasted_draft = sum(t.ms for i, t in enumerate(kept_all) if i >= max(accepted, 1))
+                    rs.wasted_ms = wasted_draft + rs.idle_ms + (0.0 if rs.ahead_used else ahead_ms)
+                    stats.rounds.append(rs)
+                    self._update_link(link, rs, kept_all)
                     yield delta
-                    continue
-                if sess.done:
-                    break
-                if req.mode == "centralized":
-                    msg, _ = await self._recv_expect(sess, Tokens)
-                    deadline = None
-                    yield sess.on_tokens(msg)
-                    continue
-                rs: RoundStats | None = None
-                if sess.inflight is None:
-                    ctl.start_round(link)
-                    t0 = time.perf_counter()
-                    kept, dropped = await loop.run_in_executor(
-                        self._pool, self._draft_round, sess, ctl, predrafted, link, rng
-                    )
-                    draft_ms = (time.perf_counter() - t0) * 1000.0
-                    predrafted = []
-                    sess.make_round(kept)
-                    rs = RoundStats(
-                        round=sess.round_no, drafted=len(kept), accepted=0, committed=0, dropped=len(dropped)
-                    )
-                    rs.draft_ms = draft_ms
-                    need_send = True
-                    kept_all = kept + dropped
-                else:
-                    kept_all = list(sess.inflight_tokens)
-                    rs = RoundStats(
-                        round=sess.round_no, drafted=len(kept_all), accepted=0, committed=0, resent=True
-                    )
-                if need_send:
-                    await self._send(sess.inflight)
-                    need_send = False
-                t_sent = time.perf_counter()
-                verdict, arrived, ahead, ahead_ms = await self._await_verdict(sess, ctl, rng)
-                sent_tokens = list(sess.inflight_tokens)
-                before = len(sess.generated)
-                applied = sess.on_verdict(verdict)
-                if applied is None:
-                    continue
-                accepted, delta = applied
-                deadline = None
-                ctl.observe(sent_tokens, accepted)
-                # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
-                if (
-                    ahead
-                    and accepted == len(sent_tokens)
-                    and verdict.next_token == ahead[0].token
-                    and not sess.done
-                ):
-                    predrafted = ahead[1:]
-                    rs.ahead_used = len(ahead)
-                rs.ahead = len(ahead)
-                rs.accepted = accepted
-                rs.committed = len(sess.generated) - before
-                rs.wait_ms = (arrived - t_sent) * 1000.0
-                rs.idle_ms = max(0.0, rs.wait_ms - ahead_ms)
-                rs.queue_ms, rs.verify_ms, rs.wait_hint_ms = (
-                    verdict.queue_ms,
-                    verdict.verify_ms,
-                    verdict.wait_hint_ms,
-                )
-                wasted_draft = sum(t.ms for i, t in enumerate(kept_all) if i >= max(accepted, 1))
-                rs.wasted_ms = wasted_draft + rs.idle_ms + (0.0 if rs.ahead_used else ahead_ms)
-                stats.rounds.append(rs)
-                self._update_link(link, rs, kept_all)
-                yield delta
-            except _SessionLost:
-                sess.lost()
-                stats.reopened += 1
-                need_open, predrafted = True, []
-            except _LinkDown as exc:
-                log.info("connection lost (%s); resuming", exc)
-                if deadline is None:
-                    deadline = time.monotonic() + self.resume_deadline_s
-                stats.reconnects += 1
-                outcome = await self._recover(sess, deadline, exc)
-                predrafted = []
-                if outcome == "reopen":
-                    if sess.session_id is not None:
-                        stats.reopened += 1
+                except _SessionLost:
                     sess.lost()
-                    need_open = True
-                else:
-                    need_send = sess.inflight is not None
-        stats.new_tokens = len(sess.generated)
-        stats.total_ms = (time.perf_counter() - t_start) * 1000.0
-        # Tell the server we're done (it frees the KV now instead of at the TTL); never fail the result over it.
+                    stats.reopened += 1
+                    need_open, predrafted = True, []
+                except _LinkDown as exc:
+                    log.info("connection lost (%s); resuming", exc)
+                    if deadline is None:
+                        deadline = time.monotonic() + self.resume_deadline_s
+                    stats.reconnects += 1
+                    outcome = await self._recover(sess, deadline, exc)
+                    predrafted = []
+                    if outcome == "reopen":
+                        if sess.session_id is not None:
+                            stats.reopened += 1
+                        sess.lost()
+                        need_open = True
+                    else:
+                        need_send = sess.inflight is not None
+            stats.new_tokens = len(sess.generated)
+            stats.total_ms = (time.perf_counter() - t_start) * 1000.0
+            # Tell the server we're done (it frees the KV now instead of at the TTL); never fail the result over it.
+            close = sess.close_message()
+            if close is not None and self._ws is not None:
+                with contextlib.suppress(Exception):
+                    await self._send(close)
+                    await asyncio.wait_for(self._recv_expect(sess, Closed), 2.0)
+            stats.finish_reason = sess.finish_reason
+            self.last_result = GenerationResult(
+                text=sess.text, token_ids=list(sess.generated), stats=stats, finish_reason=sess.finish_reason
+            )
+            finished = True
+        finally:
+            if not finished:  # the consumer left, the task was cancelled or timed out: free the server now
+                await self._abandon(sess)
+
+    async def _abandon(self, sess: Session) -> None:
+        """A generation stopped early: let the draft thread finish its step (the draft model's cache is shared by
+        the next generation), then close the server session so it frees the KV at once, and wait for `Closed`
+        so no late frame of it reaches the next generation. A link that does not answer within a second is
+        dropped instead (the server then frees the session at its TTL)."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(BaseException):
+            await loop.run_in_executor(self._pool, _noop)  # FIFO: runs after the drafting step in flight
         close = sess.close_message()
-        if close is not None and self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._send(close)
-                await asyncio.wait_for(self._recv_expect(sess, Closed), 2.0)
-        stats.finish_reason = sess.finish_reason
-        self.last_result = GenerationResult(
-            text=sess.text, token_ids=list(sess.generated), stats=stats, finish_reason=sess.finish_reason
-        )
+        if close is None or self._ws is None:
+            return
+        try:
+            await asyncio.wait_for(self._close_session(sess, close), 1.0)
+        except BaseException:
+            self._drop_socket()
+
+    async def _close_session(self, sess: Session, close: Close) -> None:
+        await self._send(close)
+        while True:
+            msg, _ = await self._recv()
+            if isinstance(msg, Closed) and msg.session_id == sess.session_id:
+                return
+            if isinstance(msg, Error) and msg.session_id == sess.session_id:
+                return  # already gone (expired, or closed by the server)
 
     def _update_link(self, link: LinkState, rs: RoundStats, tokens: list[DraftToken]) -> None:
         server_ms = rs.queue_ms + rs.verify_ms
@@ -585,14 +657,19 @@ class EdgeClient:
             finally:
                 q.put(done)
 
-        asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not fut.done():  # the consumer left early: stop the generation (it closes the server session)
+                fut.cancel()
+                concurrent.futures.wait([fut], timeout=5)
 
     def close(self) -> None:
         if self._loop.is_running():
