@@ -53,7 +53,7 @@ class ServerProcess:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append(line)
-                m = re.search(r"listening on (ws://\S+)", line)
+                m = re.search(r"listening on (wss?://\S+)", line)
                 if m and not found.is_set():
                     self.url = m.group(1)
                     found.set()

@@ -23,6 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--token", default=os.environ.get("WISP_TOKEN"), help="bearer token (default: $WISP_TOKEN)"
     )
     p.add_argument(
+        "--ca-file", help="CA certificate (PEM) to verify a wss:// server with (default: the system's)"
+    )
+    p.add_argument(
         "--json", action="store_true", help="print one JSON object {text, token_ids, stats} instead"
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.server,
         args.draft,
         token=args.token,
+        ca_file=args.ca_file,
         controller=args.controller,
         mode=args.mode,
         threads=args.threads,

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -107,9 +109,24 @@ class AsyncEdgeClient:
         backoff_max_s: float = 1.0,
         response_timeout_s: float = 60.0,
         connect_timeout_s: float = 10.0,
+        ca_file: str | Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if mode not in ("speculative", "centralized"):
             raise WispError(f"mode must be speculative or centralized, not {mode!r}")
+        url = urlparse(server)
+        if url.scheme not in ("ws", "wss") or not url.hostname:
+            raise WispError(f"server URL must look like ws://HOST:PORT or wss://HOST:PORT, not {server!r}")
+        if ca_file is not None and ssl_context is not None:
+            raise WispError("give ca_file or ssl_context, not both")
+        if ca_file is not None:
+            if url.scheme != "wss":
+                raise WispError("ca_file is for wss:// servers")
+            try:
+                ssl_context = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise WispError(f"cannot load CA file {ca_file}: {exc}") from exc
+        self.ssl_context = ssl_context
         self.server = server
         self.bundle = Path(draft)
         self.manifest = load_manifest(self.bundle)
@@ -262,6 +279,8 @@ class AsyncEdgeClient:
                 await self._ws.close()
             self._ws = None
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        # websockets makes a default TLS context for wss:// when none is given (and refuses ssl=None)
+        tls: dict[str, Any] = {"ssl": self.ssl_context} if self.ssl_context is not None else {}
         t0 = time.perf_counter()
         try:
             ws = await asyncio.wait_for(
@@ -271,17 +290,28 @@ class AsyncEdgeClient:
                     additional_headers=headers,
                     max_size=None,
                     open_timeout=self.connect_timeout_s,
+                    **tls,
                     ping_interval=10,
                     ping_timeout=max(10.0, self.response_timeout_s),
                     close_timeout=2.0,  # a dead peer must not hold up close()
                 ),
                 self.connect_timeout_s,
             )
+        except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
+            raise WispError(
+                f"TLS verification of {self.server} failed: {exc.verify_message or exc}; "
+                "give the server's CA (ca_file=, or --ca-file)"
+            ) from exc
         except (OSError, asyncio.TimeoutError) as exc:
             raise _LinkDown(f"cannot connect to {self.server}: {exc}") from exc
         except Exception as exc:  # websockets' handshake errors (InvalidStatus on 401/403, ...)
-            if "401" in str(exc) or "403" in str(exc):
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403) or "401" in str(exc) or "403" in str(exc):
                 raise ServerError("unauthorized", f"the server refused the connection: {exc}") from exc
+            if (
+                status is not None and 400 <= status < 500
+            ):  # a wrong path or not a WISP server: retrying won't help
+                raise WispError(f"{self.server} refused the websocket upgrade: {exc}") from exc
             raise _LinkDown(f"websocket handshake with {self.server} failed: {exc}") from exc
         self._ws = ws
         await self._send(
@@ -482,7 +512,10 @@ class AsyncEdgeClient:
                 except _LinkDown as exc:
                     log.info("connection lost (%s); resuming", exc)
                     if deadline is None:
-                        deadline = time.monotonic() + self.resume_deadline_s
+                        # A session that never opened has nothing to resume: a down server fails within the
+                        # connect timeout; a link that drops mid-generation gets the resume deadline.
+                        window = self.connect_timeout_s if sess.session_id is None else self.resume_deadline_s
+                        deadline = time.monotonic() + window
                     stats.reconnects += 1
                     outcome = await self._recover(sess, deadline, exc)
                     predrafted = []
