@@ -219,9 +219,15 @@ def test_cli_generate_json_and_stats_line(server, tiny_bundle):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    last = out.stdout.strip().splitlines()[-1]
+    # the stats line goes to stderr, so `> out.txt` captures the text alone
+    last = [ln for ln in out.stderr.strip().splitlines() if "tokens=" in ln][-1]
     for key in ("tokens=8", "mean_accepted=", "acceptance=", "ttft=", "tpot=", "wasted_draft="):
         assert key in last
+    assert "tokens=" not in out.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "wisp_sdk.cli", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("wisp ")
 
 
 def _target_joint(
@@ -316,3 +322,11 @@ def test_real_pair_wisp_wastes_less_than_fixed8(request):
         assert draft_a < draft_b
     finally:
         srv.stop()
+
+
+def test_context_limit_finishes_with_length(server, tiny_bundle):
+    """The server's context limit ends a generation with `length`, as HF and OpenAI call it."""
+    prompt = [5 + i % 300 for i in range(505)]  # the tiny target holds 512 positions
+    with EdgeClient(server.url, str(tiny_bundle), controller="fixed:3") as c:
+        res = c.generate(prompt, max_new_tokens=100)
+    assert res.finish_reason == "length" and 0 < len(res.token_ids) < 100

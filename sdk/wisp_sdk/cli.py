@@ -32,10 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="WISP: distributed speculative LLM serving (edge drafts, cloud verifies).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wisp")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         last = client.last_result
         assert last is not None
         sys.stdout.write("\n")
-        print(last.stats.summary())
+        print(last.stats.summary(), file=sys.stderr)  # stdout holds the text alone (`> out.txt`)
         return 0
     finally:
         client.close()

@@ -590,8 +590,12 @@ class AsyncEdgeClient:
         assert self.runner is not None
         ctx = sess.context
         remaining = sess.request.max_new_tokens - len(sess.generated)
-        # The verdict always adds one token, so never draft what max_new_tokens would cut anyway.
-        limit = max(0, min(remaining - 1, link.max_draft, ctl.max_draft))
+        # The verdict always adds one token, so never draft what max_new_tokens would cut anyway; and never past
+        # the server's context limit (context + draft may not exceed it: `too_large`).
+        room = remaining - 1
+        if self.welcome is not None:
+            room = min(room, self.welcome.limits.max_context_len - len(ctx))
+        limit = max(0, min(room, link.max_draft, ctl.max_draft))
         eos = set(self.manifest.eos_token_ids)
         kept: list[DraftToken] = []
         while len(kept) < limit:

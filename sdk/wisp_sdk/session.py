@@ -183,7 +183,9 @@ class Session:
             elif len(self.generated) >= self.request.max_new_tokens:
                 self._finish("length")
         if server_done and not self.done:
-            self._finish("server")  # the server ended the sequence (e.g. its own stop token list)
+            # The server ended the sequence for a reason we do not see here: its context limit (HF and OpenAI
+            # call that `length`), since EOS, our stop tokens and max_new_tokens are all checked above.
+            self._finish("length")
         return self._take_delta()
 
     def _finish(self, reason: str) -> None:
