@@ -219,7 +219,14 @@ class Committer:
         self.queue.cancel(session.id)
         if session.pending is job:
             session.pending = None
-        self.kv_ops.append((session.id, session.committed_len - 1))
+        if job.kind == JobKind.open:
+            # A failed open leaves nothing to resume: free its slot and KV now, not at the TTL.
+            self.store.remove(session.id, release=False)
+            self.session_ended(session)
+            self.kv_ops.append((session.id, None))
+            self.metrics.sessions.set(len(self.store))
+        else:
+            self.kv_ops.append((session.id, session.committed_len - 1))
         if session.conn is None:
             return []
         rnd = job.round if job.kind == JobKind.round else None

@@ -35,6 +35,14 @@ class ServerConfig:
     # `--policy wisp` only: refuse a new session (`overloaded`) when the estimator predicts the admitted
     # sessions' SLO attainment would fall below this; 0 disables admission control.
     admission_target: float = 0.9
+    # Bounded work per connection (docs/security.md): a connection must say Hello within `hello_timeout_s`; at
+    # most `max_connections` at once and `max_connections_per_ip` from one address; closed after
+    # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.
+    hello_timeout_s: float = 10.0
+    max_connections: int = 16384
+    max_connections_per_ip: int = 1024
+    max_bad_frames: int = 32
+    outbox_frames: int = 1024
     # Debug only (hidden flag): a draft containing this token id fails inside the batch step, to exercise the
     # `internal` error path end to end.
     fault_token: int | None = None

@@ -32,6 +32,7 @@ from wisp_sdk.protocol import (
     Round,
     Tokens,
 )
+from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
 from wisp_cloud.acceptance import DraftError, dense_q
 from wisp_cloud.backends.base import Backend, BatchStats
@@ -52,6 +53,7 @@ from wisp_cloud.step_stats import StepLog
 log = logging.getLogger("wisp.engine")
 
 _HOUSEKEEPING_S = 1.0
+MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is numerically undefined in float32
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
 _EMPTY = BatchShape()
 
@@ -147,6 +149,12 @@ class Engine:
         self._check_ids(msg.committed_ids, "committed_ids")
         if len(msg.committed_ids) >= msg.max_new_tokens:
             raise Refusal(ErrorCode.bad_request, "committed_ids already reach max_new_tokens")
+        t = msg.sampling.temperature
+        if 0.0 < t < MIN_TEMPERATURE:  # logits / t overflows: every probability would be NaN
+            raise Refusal(
+                ErrorCode.bad_request,
+                f"temperature {t:g} is too small to sample with (0 is greedy; else at least {MIN_TEMPERATURE:g})",
+            )
         now = time.monotonic()
         reason = self._admit(msg)
         if reason is not None:
@@ -224,6 +232,10 @@ class Engine:
         if not session.sampling.greedy and msg.draft_ids:
             if msg.q_ids is None or msg.q_probs is None:
                 raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
+            if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
+                raise bad(
+                    ErrorCode.bad_request, f"q has more than {MAX_Q_SUPPORT} entries for a draft position"
+                )
             try:
                 q = [
                     dense_q(ids, probs, self.backend.vocab_size, tok)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -44,18 +45,67 @@ log = logging.getLogger("wisp.server")
 _SUBPROTOCOL = Subprotocol(SUBPROTOCOL)
 
 
+# Client errors are logged as one INFO line each, at most this many a second (then one line saying how many more).
+_ERROR_LINES_PER_S = 20
+# Before Hello, only a text frame this small is decoded (a Hello is ~200 bytes).
+_PRE_HELLO_BYTES = 4096
+_TOO_MANY_BAD = "too many bad frames"
+
+
 @dataclass(eq=False)
 class Connection:
     ws: ServerConnection
     header_token: str | None
+    peer: str = ""
+    outbox_frames: int = 1024
     owner: str | None = None  # set by a successful Hello
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue = field(init=False)
+    # set while the outbox is at most half full: the reader waits on it (backpressure)
+    writable: asyncio.Event = field(default_factory=asyncio.Event)
     bytes_in: int = 0
     bytes_out: int = 0
+    bad_frames: int = 0
+    overflowed: bool = False
+
+    def __post_init__(self) -> None:
+        self.outbox = asyncio.Queue(maxsize=self.outbox_frames + 1)  # + 1: the writer's stop marker
+        self.writable.set()
 
     def send(self, data: str | bytes) -> None:
-        """Queue a frame; the connection's writer task keeps order and never blocks the engine."""
+        """Queue a frame; the connection's writer task keeps order and never blocks the engine. A client that
+        lets `outbox_frames` answers pile up is closed (it can resume on a new connection)."""
+        if self.overflowed:
+            return
+        if self.outbox.qsize() >= self.outbox_frames:
+            self.overflowed = True
+            self.writable.set()  # let the reader run into the closed connection and end
+            self.ws.transport.abort()  # it does not read: a closing handshake would wait on it too
+            return
         self.outbox.put_nowait(data)
+        if self.outbox.qsize() > self.outbox_frames // 2:
+            self.writable.clear()
+
+
+class ErrorLog:
+    """One line per client error, at most `per_s` a second; the rest are counted and reported in one line."""
+
+    def __init__(self, per_s: int = _ERROR_LINES_PER_S) -> None:
+        self.per_s = per_s
+        self._window = 0
+        self._lines = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        now = int(time.monotonic())
+        if now != self._window:
+            if self._suppressed:
+                log_event(log, "error_frames_suppressed", n=self._suppressed)
+            self._window, self._lines, self._suppressed = now, 0, 0
+        if self._lines < self.per_s:
+            self._lines += 1
+            return True
+        self._suppressed += 1
+        return False
 
 
 class Gateway:
@@ -64,6 +114,9 @@ class Gateway:
         self.cfg = config
         self._server: Server | None = None
         self.port: int | None = None
+        self._errors = ErrorLog()
+        self._per_ip: dict[str, int] = {}
+        self._open = 0
         engine.deliver = self.deliver
 
     async def start(self) -> None:
@@ -123,9 +176,15 @@ class Gateway:
 
     def _refuse(self, conn: Peer, ref: Refusal) -> None:
         self.engine.metrics.errors.labels(ref.code.value).inc()
-        log_event(
-            log, "error_frame", logging.INFO, code=ref.code.value, session=ref.session_id, message=ref.message
-        )
+        if self._errors.allow():
+            log_event(
+                log,
+                "error_frame",
+                logging.INFO,
+                code=ref.code.value,
+                session=ref.session_id,
+                message=ref.message,
+            )
         conn.send(
             encode(Error(code=ref.code, message=ref.message, session_id=ref.session_id, round=ref.round))
         )
@@ -133,10 +192,22 @@ class Gateway:
     # ---- connections ----
 
     async def _handle(self, ws: ServerConnection) -> None:
+        cfg = self.cfg
         auth = ws.request.headers.get("Authorization") if ws.request else None
         header_token = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else None
-        conn = Connection(ws, header_token)
+        peer = str(ws.remote_address[0]) if ws.remote_address else ""
+        if self._open >= cfg.max_connections or self._per_ip.get(peer, 0) >= cfg.max_connections_per_ip:
+            if self._errors.allow():
+                log_event(log, "connection_refused", peer=peer, open=self._open)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.close(1013, "too many connections; try again later")  # 1013: try again later
+            return
+        self._open += 1
+        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
+        conn = Connection(ws, header_token, peer, cfg.outbox_frames)
         writer = asyncio.create_task(self._writer(conn))
+        # A connection that never says Hello holds a file descriptor and nothing else: closed at the deadline.
+        hello_timer = asyncio.get_running_loop().call_later(cfg.hello_timeout_s, self._hello_expired, conn)
         close_reason: str | None = None
         try:
             async for frame in ws:
@@ -144,37 +215,65 @@ class Gateway:
                 close_reason = self._on_frame(conn, frame)
                 if close_reason:
                     break
+                # backpressure: read no more while the client does not read its answers
+                while not conn.writable.is_set() and ws.state is State.OPEN:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(conn.writable.wait(), 1.0)
         except ConnectionClosed:
             pass
         finally:
+            hello_timer.cancel()
+            self._open -= 1
+            left = self._per_ip.pop(peer, 1) - 1
+            if left:
+                self._per_ip[peer] = left
             self.engine.detach(conn)
-            conn.outbox.put_nowait(None)
+            with contextlib.suppress(asyncio.QueueFull):
+                conn.outbox.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, TimeoutError):
                 await asyncio.wait_for(
                     writer, timeout=5
                 )  # flush what was queued (e.g. the fatal Error frame)
-            if close_reason:
+            writer.cancel()
+            if close_reason == _TOO_MANY_BAD:
+                ws.transport.abort()  # a flood gets no closing handshake to wait on
+            elif close_reason:
                 with contextlib.suppress(ConnectionClosed):
                     await ws.close(1008, close_reason)  # 1008: policy violation
 
+    def _hello_expired(self, conn: Connection) -> None:
+        if conn.owner is None:
+            asyncio.get_running_loop().create_task(conn.ws.close(1008, "no hello within the deadline"))
+
     async def _writer(self, conn: Connection) -> None:
-        while True:
-            data = await conn.outbox.get()
-            if data is None:
-                return
-            try:
-                await conn.ws.send(data)
-                conn.bytes_out += len(data)
-            except ConnectionClosed:
-                return
+        try:
+            while True:
+                data = await conn.outbox.get()
+                if data is None:
+                    return
+                try:
+                    await conn.ws.send(data)
+                    conn.bytes_out += len(data)
+                except ConnectionClosed:
+                    return
+                if conn.outbox.qsize() <= conn.outbox_frames // 2:
+                    conn.writable.set()
+        finally:
+            conn.writable.set()  # a reader waiting for room must not wait for a writer that is gone
 
     def _on_frame(self, conn: Connection, frame: str | bytes) -> str | None:
         """Handle one frame; returns a close reason when the connection must be closed."""
         try:
-            if len(frame) > self.cfg.max_frame_bytes:
-                raise Refusal(
-                    ErrorCode.too_large, f"frame of {len(frame)} bytes (limit {self.cfg.max_frame_bytes})"
-                )
+            limit = self.cfg.max_frame_bytes
+            size = len(frame)
+            if (
+                isinstance(frame, str) and size * 4 > limit
+            ):  # a character is up to 4 bytes: count them exactly
+                size = len(frame.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise Refusal(ErrorCode.too_large, f"frame of {size} bytes (limit {limit})")
+            if conn.owner is None and (isinstance(frame, bytes) or size > _PRE_HELLO_BYTES):
+                raise Refusal(ErrorCode.bad_request, "send hello first")  # not decoded: no work before Hello
             try:
                 msg = decode_client(frame)
             except ProtocolError as exc:
@@ -198,8 +297,13 @@ class Gateway:
             self._refuse(conn, ref)
             if ref.fatal:
                 return ref.code.value
-        except Exception as exc:  # a bug: answer it, log it, keep serving everyone else
-            log.exception("frame handling failed")
+            if ref.code in (ErrorCode.bad_request, ErrorCode.too_large, ErrorCode.unauthorized):
+                conn.bad_frames += 1
+                if conn.bad_frames > self.cfg.max_bad_frames:
+                    return _TOO_MANY_BAD
+        except Exception as exc:  # a bug: answer it, log it (rate-limited), keep serving everyone else
+            if self._errors.allow():
+                log.exception("frame handling failed")
             self._refuse(conn, Refusal(ErrorCode.internal, f"internal error: {type(exc).__name__}"))
         return None
 

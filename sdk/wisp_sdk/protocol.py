@@ -335,14 +335,19 @@ def decode_round(data: bytes) -> Round:
             off += 8 * nnz
     if off != len(data):
         raise ProtocolError(f"round frame has {len(data) - off} trailing bytes")
-    return Round(
-        session_id=sid.hex(),
-        round=rnd,
-        committed_len=committed,
-        draft_ids=draft,
-        q_ids=q_ids,
-        q_probs=q_probs,
-    )
+    try:
+        return Round(
+            session_id=sid.hex(),
+            round=rnd,
+            committed_len=committed,
+            draft_ids=draft,
+            q_ids=q_ids,
+            q_probs=q_probs,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "frame"
+        raise ProtocolError(f"invalid round ({where}: {first['msg']})") from exc
 
 
 def decode_verdict(data: bytes) -> Verdict:
@@ -379,10 +384,14 @@ def _decode_json(data: str | bytes, adapter: TypeAdapter):
         return adapter.validate_python(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ProtocolError("frame is nested too deeply") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "frame"
         raise ProtocolError(f"invalid message ({where}: {first['msg']})") from exc
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
 
 
 def decode_client(frame: str | bytes) -> Hello | Open | Resume | Close | Round:

@@ -1,0 +1,247 @@
+"""Hostile networks: bounded work per connection before and after Hello, typed errors for every malformed frame,
+unforgeable logs, byte limits, and failed opens that free their slot. Real websockets over loopback against the
+real gateway and engine; the model is `FakeBackend` (nothing here is about the model)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend
+from wisp_cloud.config import ServerConfig
+from wisp_cloud.server import WispServer
+from wisp_sdk.protocol import (
+    SUBPROTOCOL,
+    Hello,
+    Open,
+    Round,
+    SamplingParams,
+    decode_server,
+    encode,
+    encode_round,
+)
+
+
+class Srv:
+    def __init__(self, **cfg) -> None:
+        self.server = WispServer(FakeBackend(1000), ServerConfig(port=0, **cfg))
+
+    async def __aenter__(self) -> WispServer:
+        await self.server.start()
+        return self.server
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop()
+
+
+async def _ws(server: WispServer):
+    return await connect(server.url, subprotocols=[SUBPROTOCOL], compression=None, max_size=None)
+
+
+async def _hello(ws, client: str = "test") -> None:
+    await ws.send(encode(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, client=client)))
+    assert decode_server(await ws.recv()).type == "welcome"
+
+
+async def _closed_within(ws, seconds: float) -> int | None:
+    """The close code if the server closed the connection within `seconds` (reading what it sent first)."""
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            await asyncio.wait_for(ws.recv(), max(0.01, end - time.monotonic()))
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else -1
+    except TimeoutError:
+        return None
+    return None
+
+
+def test_no_hello_is_closed_at_the_deadline():
+    async def main():
+        async with Srv(hello_timeout_s=0.3) as server:
+            ws = await _ws(server)
+            return await _closed_within(ws, 3.0)
+
+    assert asyncio.run(main()) == 1008
+
+
+def test_frames_before_hello_are_not_decoded_and_repeated_bad_frames_close():
+    async def main():
+        async with Srv(max_bad_frames=5) as server:
+            ws = await _ws(server)
+            await ws.send(b"\x01\x01\x00" + b"\x00" * 40)  # a binary frame before Hello
+            first = decode_server(await ws.recv())
+            for _ in range(10):
+                await ws.send(b"garbage!!!")  # answered with errors, then the connection is closed
+            return first, await _closed_within(ws, 3.0)
+
+    first, code = asyncio.run(main())
+    assert first.type == "error" and first.code.value == "bad_request" and "hello first" in first.message
+    assert code is not None  # cut (a flood gets no closing handshake: the connection is dropped)
+
+
+def test_a_pre_hello_flood_is_cut_and_neighbours_keep_their_latency():
+    """D1/D2: sockets that flood invalid frames before Hello (reconnecting when cut) cost the server a few frames
+    each, never a decode or a traceback; a normal client's rounds stay within 3x their baseline latency."""
+
+    async def round_trip_ms(server) -> float:
+        ws = await _ws(server)
+        await _hello(ws)
+        await ws.send(encode(Open(prompt_ids=[1, 2, 3], max_new_tokens=400)))
+        opened = decode_server(await ws.recv())
+        ctx = [1, 2, 3, opened.next_token]
+        t0 = time.perf_counter()
+        for rnd in range(1, 41):
+            msg = Round(session_id=opened.session_id, round=rnd, committed_len=len(ctx), draft_ids=[])
+            await ws.send(encode_round(msg))
+            ctx.append(decode_server(await ws.recv()).next_token)
+        took = (time.perf_counter() - t0) * 1000 / 40
+        await ws.close()
+        return took
+
+    async def flood(server, stop: asyncio.Event, counts: list[int]) -> None:
+        while not stop.is_set():
+            try:
+                ws = await _ws(server)
+                while not stop.is_set():
+                    await ws.send(b"\x00" * 10)
+                    counts[0] += 1
+                    if counts[0] % 8 == 0:
+                        await asyncio.sleep(0)
+            except ConnectionClosed:
+                counts[1] += 1  # cut by the server: reconnect and go on
+
+    async def main():
+        async with Srv() as server:
+            base = min([await round_trip_ms(server) for _ in range(3)])
+            stop = asyncio.Event()
+            counts = [0, 0]
+            tasks = [asyncio.create_task(flood(server, stop, counts)) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            loaded = min([await asyncio.wait_for(round_trip_ms(server), 30) for _ in range(3)])
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return base, loaded, counts
+
+    base, loaded, (frames, cuts) = asyncio.run(main())
+    assert cuts > 0 and frames > 100  # the flood ran, and the server kept cutting it
+    assert loaded <= max(3 * base, base + 5.0), (base, loaded)
+
+
+def test_connection_caps_per_address():
+    async def main():
+        async with Srv(max_connections_per_ip=3) as server:
+            socks = [await _ws(server) for _ in range(3)]
+            for ws in socks:
+                await _hello(ws)
+            extra = await _ws(server)
+            code = await _closed_within(extra, 3.0)
+            for ws in socks:
+                await ws.close()
+            await asyncio.sleep(0.1)
+            again = await _ws(server)
+            await _hello(again)  # a slot is free again
+            await again.close()
+            return code
+
+    assert asyncio.run(main()) == 1013
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "[" * 50000,  # deep nesting
+        '{"type":"open","prompt_ids":[' + "9" * 5000 + "]}",  # a huge integer
+        '{"type":"open","prompt_ids":[]}',  # a model constraint
+        '{"type":"open","prompt_ids":[1],"sampling":{"temperature":-1}}',
+    ],
+)
+def test_every_malformed_frame_is_bad_request_without_a_traceback(frame, caplog):
+    async def main():
+        async with Srv() as server:
+            ws = await _ws(server)
+            await _hello(ws)
+            await ws.send(frame)
+            err = decode_server(await ws.recv())
+            # a binary round whose committed_len is 0 (a model constraint inside the binary codec)
+            rnd = bytearray(
+                encode_round(Round(session_id="ab" * 16, round=1, committed_len=5, draft_ids=[1]))
+            )
+            struct.pack_into("<i", rnd, 3 + 16 + 4, 0)
+            await ws.send(bytes(rnd))
+            err2 = decode_server(await ws.recv())
+            await ws.close()
+            return err, err2
+
+    with caplog.at_level(logging.INFO):
+        err, err2 = asyncio.run(main())
+    assert err.code.value == "bad_request" and err2.code.value == "bad_request", (err, err2)
+    assert "Traceback" not in caplog.text and "internal" not in err.message
+
+
+def test_text_frame_limit_counts_bytes():
+    async def main():
+        async with Srv(max_frame_bytes=4000) as server:
+            ws = await _ws(server)
+            await _hello(ws)
+            await ws.send('{"type":"close","session_id":"' + "é" * 1500 + '"}')  # 1.5 k characters, 3 kB+
+            ok = decode_server(await ws.recv())
+            await ws.send('{"type":"close","session_id":"' + "€" * 1500 + '"}')  # 1.5 k characters, 4.5 kB
+            big = decode_server(await ws.recv())
+            await ws.close()
+            return ok, big
+
+    ok, big = asyncio.run(main())
+    assert ok.code.value != "too_large"
+    assert big.code.value == "too_large" and "bytes" in big.message
+
+
+def test_log_lines_cannot_be_forged(caplog):
+    async def main():
+        async with Srv() as server:
+            ws = await _ws(server)
+            await _hello(ws, client="evil\nINFO wisp.server: session_open session=forged")
+            await ws.close()
+
+    with caplog.at_level(logging.INFO, logger="wisp.server"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "wisp.server"]
+    assert not any(line.startswith("session_open") for line in lines)
+    assert all("\n" not in line for line in lines)
+
+
+def test_tiny_temperature_and_oversized_q_are_refused_and_leave_no_session():
+    async def main():
+        async with Srv() as server:
+            ws = await _ws(server)
+            await _hello(ws)
+            await ws.send(encode(Open(prompt_ids=[1, 2], sampling=SamplingParams(temperature=1e-40))))
+            err = decode_server(await ws.recv())
+            sessions_after = len(server.store)
+            await ws.send(encode(Open(prompt_ids=[1, 2], sampling=SamplingParams(temperature=0.8, seed=1))))
+            opened = decode_server(await ws.recv())
+            ctx = [1, 2, opened.next_token]
+            q_ids = [list(range(300))]
+            q_probs = [[1 / 300] * 300]
+            msg = Round(
+                session_id=opened.session_id,
+                round=1,
+                committed_len=len(ctx),
+                draft_ids=[0],
+                q_ids=q_ids,
+                q_probs=q_probs,
+            )
+            await ws.send(encode_round(msg))
+            err_q = decode_server(await ws.recv())
+            await ws.close()
+            return err, sessions_after, err_q
+
+    err, sessions_after, err_q = asyncio.run(main())
+    assert err.code.value == "bad_request" and "temperature" in err.message
+    assert sessions_after == 0
+    assert err_q.code.value == "bad_request" and "64 entries" in err_q.message
