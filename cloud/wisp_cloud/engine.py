@@ -88,7 +88,8 @@ class Engine:
             if config.policy == "wisp" and config.admission_target > 0
             else None
         )
-        self.slo = SLOMetrics(started=time.monotonic())
+        # bounded: percentiles over the last 20 k sessions and 100 k rounds (counts and goodput stay exact)
+        self.slo = SLOMetrics(started=time.monotonic(), max_finished=20_000)
         self.metrics = Metrics()
         limit = min(config.max_context_len, config.kv_budget_tokens)
         max_pos = getattr(backend, "max_positions", None)  # optional backend attribute, not a hook

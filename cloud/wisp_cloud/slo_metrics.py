@@ -16,10 +16,11 @@ Definitions (docs/scheduling.md, "Metrics"):
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float] | deque[float], q: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
@@ -58,16 +59,53 @@ class SessionRecord:
 
 
 @dataclass
+class _Totals:
+    """Running sums over every finished session (exact, however many were kept for percentiles)."""
+
+    sessions: int = 0
+    judged: int = 0
+    attained: int = 0
+    tokens: int = 0
+    tokens_attained: int = 0
+    misses: int = 0
+    wasted_ms: float = 0.0
+
+    def add(self, r: SessionRecord) -> None:
+        self.sessions += 1
+        self.misses += r.misses
+        self.wasted_ms += r.wasted_ms
+        if r.first_token is not None:
+            self.judged += 1
+            self.tokens += r.tokens
+            if r.attained:
+                self.attained += 1
+                self.tokens_attained += r.tokens
+
+
+@dataclass
 class SLOMetrics:
-    """Collects events; `summary(now)` gives the numbers for /metrics and --json stats."""
+    """Collects events; `summary(now)` gives the numbers for /metrics and --json stats.
+
+    Counts, attainment and goodput are exact over every session; the percentiles (TTFT, TPOT, verify latency,
+    inflation) are over the most recent `max_finished` sessions and `max_samples` rounds (rolling windows), so a
+    long-running server's bookkeeping and its per-second summary stay bounded. None keeps everything (the
+    benchmark and the simulator judge whole runs).
+    """
 
     started: float = 0.0
+    max_finished: int | None = None
+    max_samples: int | None = 100_000
     sessions: dict[str, SessionRecord] = field(default_factory=dict)
-    finished: list[SessionRecord] = field(default_factory=list)
     refused: int = 0
-    inflation: list[float] = field(default_factory=list)
-    verify_latency: list[float] = field(default_factory=list)
-    max_samples: int = 100_000
+    finished: deque[SessionRecord] = field(init=False)
+    inflation: deque[float] = field(init=False)
+    verify_latency: deque[float] = field(init=False)
+    totals: _Totals = field(default_factory=_Totals, init=False)
+
+    def __post_init__(self) -> None:
+        self.finished = deque(maxlen=self.max_finished)
+        self.inflation = deque(maxlen=self.max_samples)
+        self.verify_latency = deque(maxlen=self.max_samples)
 
     def open(self, session_id: str, ttft_ms: float, tpot_ms: float, now: float) -> SessionRecord:
         rec = SessionRecord(session_id, ttft_ms / 1000.0, tpot_ms / 1000.0, now)
@@ -94,10 +132,9 @@ class SLOMetrics:
         if rec is not None:
             rec.rounds += 1
             rec.misses += not met
-        if len(self.verify_latency) < self.max_samples:
-            self.verify_latency.append(latency_s)
-            if solo_s > 0:
-                self.inflation.append(latency_s / solo_s)
+        self.verify_latency.append(latency_s)  # rolling windows: the oldest samples make room
+        if solo_s > 0:
+            self.inflation.append(latency_s / solo_s)
 
     def wasted(self, session_id: str, ms: float) -> None:
         rec = self.sessions.get(session_id)
@@ -109,22 +146,28 @@ class SLOMetrics:
         if rec is not None:
             rec.closed = now
             self.finished.append(rec)
+            self.totals.add(rec)
         return rec
 
     def summary(self, now: float, include_live: bool = False) -> dict[str, float]:
-        recs = list(self.finished) + (list(self.sessions.values()) if include_live else [])
+        live = list(self.sessions.values()) if include_live else []
+        t = _Totals()
+        for r in live:
+            t.add(r)
+        done = self.totals
+        n_judged, n_ok = done.judged + t.judged, done.attained + t.attained
+        recs = [*self.finished, *live]  # the percentile window
         judged = [r for r in recs if r.first_token is not None]
-        ok = [r for r in judged if r.attained]
         window = max(now - self.started, 1e-9)
         ttfts = [r.ttft_s for r in judged if r.ttft_s is not None]
         tpots = [r.tpot_s for r in judged if r.tokens >= 2]
         return {
-            "sessions": float(len(recs)),
+            "sessions": float(done.sessions + t.sessions),
             "refused": float(self.refused),
-            "attained": float(len(ok)),
-            "attainment": len(ok) / len(judged) if judged else 1.0,
-            "goodput_tok_s": sum(r.tokens for r in ok) / window,
-            "throughput_tok_s": sum(r.tokens for r in judged) / window,
+            "attained": float(n_ok),
+            "attainment": n_ok / n_judged if n_judged else 1.0,
+            "goodput_tok_s": (done.tokens_attained + t.tokens_attained) / window,
+            "throughput_tok_s": (done.tokens + t.tokens) / window,
             "ttft_p50_ms": 1000 * _pct(ttfts, 50),
             "ttft_p99_ms": 1000 * _pct(ttfts, 99),
             "tpot_p50_ms": 1000 * _pct(tpots, 50),
@@ -133,6 +176,6 @@ class SLOMetrics:
             "verify_p99_ms": 1000 * _pct(self.verify_latency, 99),
             "inflation_mean": sum(self.inflation) / len(self.inflation) if self.inflation else 1.0,
             "inflation_p99": _pct(self.inflation, 99) if self.inflation else 1.0,
-            "round_misses": float(sum(r.misses for r in recs)),
-            "wasted_ms": sum(r.wasted_ms for r in recs),
+            "round_misses": float(done.misses + t.misses),
+            "wasted_ms": done.wasted_ms + t.wasted_ms,
         }
