@@ -8,7 +8,7 @@ from wisp_cloud.slo_metrics import SLOMetrics
 def _run(m: SLOMetrics, n: int) -> None:
     for i in range(n):
         sid = f"s{i}"
-        m.open(sid, ttft_ms=100, tpot_ms=10, now=i)
+        m.open(sid, ttft_ms=100, tpot_ms=100, now=i)
         m.tokens(sid, 1, i + (0.05 if i % 2 else 0.5))  # odd sessions meet the TTFT, even ones miss it
         m.tokens(sid, 9, i + 0.6)
         m.round(sid, 0.01, 0.005, met=True)
