@@ -76,6 +76,13 @@ def add_parser(subparsers) -> None:
         help="--policy wisp: refuse sessions (overloaded) when predicted SLO attainment falls below this "
         "(0 disables admission control)",
     )
+    p.add_argument(
+        "--drain-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: stop taking sessions and finish the rounds in flight for up to this many seconds, "
+        "then close connections with 1001 (default 30; 0: stop at once). SIGINT stops at once",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="sessions per forward pass")
     p.add_argument(
         "--prefill-chunk", type=int, default=256, help="context tokens per session per forward pass"
@@ -216,12 +223,15 @@ def run(args: argparse.Namespace) -> int:
         server = WispServer(backend, cfg, estimator=estimator)
         await server.start()
         stop = asyncio.Event()
+        drain = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, lambda: (drain.set(), stop.set()))
         print(f"listening on {cfg.scheme}://{cfg.host}:{server.port}", flush=True)
         try:
             await stop.wait()
+            if drain.is_set() and args.drain_s > 0:  # SIGTERM: finish the rounds in flight first
+                await server.drain(args.drain_s)
         finally:
             await server.stop()
 

@@ -284,6 +284,10 @@ class Engine:
         self.metrics.sessions.set(len(self.store))
         log_event(log, "session_close", session=session.id[:8], generated=session.generated)
 
+    def busy(self) -> bool:
+        """Work waiting or in flight."""
+        return bool(self.queue.waiting) or any(s.pending is not None for s in self.store)
+
     def detach(self, conn: Peer) -> None:
         """A connection went away: its sessions live on until their TTL (the client may resume them)."""
         for session in self.store:

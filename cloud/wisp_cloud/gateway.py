@@ -12,10 +12,13 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from wisp_sdk.errors import ProtocolError, WispError
@@ -115,6 +118,8 @@ class Gateway:
         self._server: Server | None = None
         self.port: int | None = None
         self._errors = ErrorLog()
+        self.draining = False
+        self.engine_alive: Callable[[], bool] = lambda: True  # set by WispServer
         self._per_ip: dict[str, int] = {}
         self._open = 0
         engine.deliver = self.deliver
@@ -149,11 +154,42 @@ class Gateway:
                 max_size=4 * cfg.max_frame_bytes,
                 compression=None,  # frames are already compact binary; deflate only adds latency
                 select_subprotocol=lambda _conn, offered: _SUBPROTOCOL if _SUBPROTOCOL in offered else None,
+                process_request=self._http,
                 server_header="wisp-cloud",
             )
         except OSError as exc:
             raise WispError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def _http(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Plain HTTP on the serve port, for load balancers and monitoring: `GET /health` (the process answers),
+        `GET /ready` (it takes sessions: 503 while draining or when the engine stopped) and `GET /metrics`
+        (Prometheus text). Anything else goes on to the websocket upgrade (plain HTTP gets 426)."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        path = request.path.split("?", 1)[0]
+        if path == "/health":
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        if path == "/ready":
+            if self.ready():
+                return conn.respond(HTTPStatus.OK, "ready\n")
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            resp = conn.respond(HTTPStatus.OK, generate_latest(self.engine.metrics.registry).decode())
+            resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return resp
+        return None
+
+    def start_draining(self) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.server.close()  # no new connections; the open ones go on (their rounds finish)
+
+    def ready(self) -> bool:
+        """Takes new sessions: listening, the engine loop alive, not draining."""
+        return self._server is not None and not self.draining and self.engine_alive()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -286,6 +322,10 @@ class Gateway:
                 session = self._owned(conn, msg.session_id, msg.round)
                 self.deliver(self.engine.round(session, conn, msg, conn.ws.state is State.OPEN))
             elif isinstance(msg, Open):
+                if self.draining:
+                    raise Refusal(
+                        ErrorCode.overloaded, "server is draining; open the session on another replica"
+                    )
                 self.engine.open(conn.owner, conn, msg)
             elif isinstance(msg, Resume):
                 self.deliver(self.engine.resume(self._owned(conn, msg.session_id), conn))

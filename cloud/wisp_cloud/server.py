@@ -35,6 +35,7 @@ class WispServer:
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
         self.gateway = Gateway(self.engine, config)
+        self.gateway.engine_alive = lambda: self._loop_task is not None and not self._loop_task.done()
         self._loop_task: asyncio.Task | None = None
         self.metrics_port: int | None = None
 
@@ -78,6 +79,16 @@ class WispServer:
             max_context_len=self.engine.max_context_len,
             metrics_port=self.metrics_port,
         )
+
+    async def drain(self, grace_s: float) -> None:
+        """Graceful stop, first half: stop accepting connections and new sessions (`/ready` says 503, an `Open`
+        gets `overloaded`), and let the rounds in flight finish for up to `grace_s`. `stop` then closes every
+        connection with 1001 (going away): clients resume on another replica."""
+        self.gateway.start_draining()
+        end = time.monotonic() + grace_s
+        while time.monotonic() < end and self.engine.busy():
+            await asyncio.sleep(0.05)
+        log_event(log, "drained", busy=self.engine.busy(), sessions=len(self.engine.store))
 
     async def stop(self) -> None:
         await self.gateway.stop()
