@@ -149,9 +149,11 @@ class EdgeClient(
             val kept = ArrayList<DraftToken>()
             link.maxDraft = limits?.maxDraftLen ?: link.maxDraft
             controller.startRound(link)
-            // The verdict always adds one token, so never draft what max_new_tokens would cut anyway.
+            // The verdict always adds one token, so never draft what max_new_tokens would cut anyway; and never
+            // past the server's context limit (context + draft may not exceed it: too_large).
             val remaining = opts.maxNewTokens - s.output.size
-            val limit = maxOf(0, minOf(remaining - 1, link.maxDraft, controller.maxDraft))
+            val room = minOf(remaining - 1, (limits?.maxContextLen ?: Int.MAX_VALUE) - s.committed.size)
+            val limit = maxOf(0, minOf(room, link.maxDraft, controller.maxDraft))
             var forwardMs = 0.0
             var forwards = 0
             while (kept.size < limit) {
