@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import subprocess
 import urllib.request
 
 import numpy as np
@@ -521,12 +520,9 @@ def test_resend_resume_and_rebuild_after_expiry(backend, drafter, reference):
 def test_tls(backend, drafter, reference, tmp_path):
     import ssl
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    from ws_client import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
     prompt = make_prompts(1, seed=13)[0]
 
     async def main():

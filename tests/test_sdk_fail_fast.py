@@ -4,7 +4,6 @@ timeout), TLS verification, and the CA option that fixes it."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 
 import pytest
@@ -36,12 +35,9 @@ def test_down_server_fails_within_the_connect_timeout(tiny_bundle):
 
 
 def test_tls_verification_fails_fast_and_a_ca_file_fixes_it(tiny_target, tiny_bundle, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    from ws_client import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
     server = ServerProcess(tiny_target, 0, "--threads", "1", "--tls-cert", str(cert), "--tls-key", str(key))
     try:
         url = server.url.replace("ws://", "wss://")

@@ -206,3 +206,17 @@ async def running_server(backend, **config):
         yield server
     finally:
         await server.stop()
+
+
+def self_signed_cert(folder) -> tuple:
+    """(cert, key) PEM files for 127.0.0.1, valid for a day (openssl), for the TLS tests."""
+    import subprocess
+    from pathlib import Path
+
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
