@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 BLOCKED = ("torch", "transformers", "optimum", "accelerate", "gguf", "wisp_cloud", "safetensors")
 
@@ -84,3 +85,39 @@ def test_export_cli_modules_are_light(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--quant" in proc.stdout
+
+
+def test_commands_that_need_an_extra_say_which_before_any_download(tmp_path, tiny_target):
+    """An edge install (no torch): `wisp models fetch` says which extra to install instead of downloading
+    491 MB first, and any command that meets a missing extra says so in one line, no traceback."""
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {set(BLOCKED) - {"wisp_cloud"}!r}:  # wisp_cloud ships; torch does not
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, Block())
+        from wisp_sdk.cli import main
+        sys.exit(main(sys.argv[1:]))
+        """
+    )
+    env = {**os.environ, "WISP_HOME": str(tmp_path)}
+    t0 = time.monotonic()
+    fetch = subprocess.run(
+        [sys.executable, "-c", script, "models", "fetch", "qwen2.5-coder-0.5b-instruct"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert fetch.returncode == 2 and "pip install 'wisp[export]'" in fetch.stderr, fetch.stderr[-2000:]
+    assert "Traceback" not in fetch.stderr and time.monotonic() - t0 < 60
+    assert not any(tmp_path.rglob("*.bin"))  # nothing was downloaded
+    serve = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--target", str(tiny_target)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert (
+        serve.returncode == 2 and "pip install 'wisp[" in serve.stderr and "Traceback" not in serve.stderr
+    ), serve.stderr[-2000:]

@@ -39,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The package a missing import comes from -> the extra that installs it (an edge install has none of these).
+_EXTRA_OF = {
+    "torch": "cloud",
+    "transformers": "cloud",
+    "prometheus_client": "cloud",
+    "safetensors": "cloud",
+    "gguf": "export",
+    "optimum": "export",
+    "onnx": "export",
+    "onnx_ir": "export",
+    "accelerate": "export",
+    "matplotlib": "dev",
+    "scipy": "dev",
+}
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -62,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except WispError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an extra this command needs is not installed
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"error: `wisp {args.command}` needs {exc.name!r}, which this install lacks: "
+            f"pip install 'wisp[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

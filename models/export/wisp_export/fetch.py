@@ -195,6 +195,21 @@ def fetch_model(model: str | KnownModel, keep_gguf: bool = False) -> Path:
     dest = model_dir(known.name)
     if is_cached(known.name):
         return dest
+    # The GGUF is converted with transformers (and torch, gguf): check before downloading hundreds of MB.
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in ("torch", "transformers", "gguf") if absent(m)]
+    if missing:
+        raise WispError(
+            f"fetching {known.name} converts its GGUF with {', '.join(missing)}, which this install lacks: "
+            "pip install 'wisp[export]'"
+        )
     workdir = download_dir(known.name)
     workdir.mkdir(parents=True, exist_ok=True)
     gguf = workdir / known.gguf_name
