@@ -40,7 +40,7 @@ class ServerConfig:
     # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.
     hello_timeout_s: float = 10.0
     max_connections: int = 16384
-    max_connections_per_ip: int = 1024
+    max_connections_per_ip: int = 4096  # a benchmark fleet on one machine opens thousands from one address
     max_bad_frames: int = 32
     outbox_frames: int = 1024
     # Debug only (hidden flag): a draft containing this token id fails inside the batch step, to exercise the
