@@ -4,6 +4,7 @@ timeout), TLS verification, and the CA option that fixes it."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import pytest
@@ -53,3 +54,24 @@ def test_tls_verification_fails_fast_and_a_ca_file_fixes_it(tiny_target, tiny_bu
             AsyncEdgeClient(url, str(tiny_bundle), ca_file=tmp_path / "missing.pem")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--temperature", "-1", "at least 0"),
+        ("--temperature", "1e-40", "at least 0.001"),
+        ("--top-p", "1.5", "at most 1"),
+        ("--max-new-tokens", "0", "at least 1"),
+        ("--top-k", "x", "not an integer"),
+    ],
+)
+def test_generate_flags_are_checked_at_parse_time(flag, value, says):
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "wisp_sdk.cli", "generate", "--server", "ws://127.0.0.1:1", "--draft", "/x", flag, value, "hi"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"argument {flag}: " in out.stderr and says in out.stderr

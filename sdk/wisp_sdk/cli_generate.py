@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from wisp_sdk.argtypes import number, temperature
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,10 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--json", action="store_true", help="print one JSON object {text, token_ids, stats} instead"
     )
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=number(int, min=1), default=256)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=number(float, above=0.0, max=1.0), default=1.0)
+    p.add_argument("--top-k", type=number(int, min=0), default=0)
     p.add_argument("--seed", type=int, default=None, help="seed for the server's and the draft's sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--controller", default="wisp", help="wisp | wisp+ahead | fixed:K (default: wisp)")
@@ -40,10 +42,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--raw", action="store_true", help="send the prompt as is, without the bundle's chat template"
     )
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the draft")
-    p.add_argument("--ttft-ms", type=float, default=None, help="SLO: time to first token")
-    p.add_argument("--tpot-ms", type=float, default=None, help="SLO: time per output token")
-    p.add_argument("--resume-deadline", type=float, default=30.0, help="seconds to keep trying to resume")
+    p.add_argument(
+        "--threads", type=number(int, min=1), default=None, help="ONNX Runtime threads for the draft"
+    )
+    p.add_argument("--ttft-ms", type=number(float, above=0.0), default=None, help="SLO: time to first token")
+    p.add_argument(
+        "--tpot-ms", type=number(float, above=0.0), default=None, help="SLO: time per output token"
+    )
+    p.add_argument(
+        "--resume-deadline",
+        type=number(float, above=0.0),
+        default=30.0,
+        help="seconds to keep trying to resume",
+    )
     p.set_defaults(func=run)
 
 
