@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -181,7 +182,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
             p.start()
             procs.append(p)
     await asyncio.sleep(args.warmup)
-    t0 = server.totals.__class__(**vars(server.totals))
+    t0 = dataclasses.replace(server.totals)  # a copy: the server keeps adding to its own
     await asyncio.sleep(args.seconds)
     t1 = server.totals
     results = [await asyncio.to_thread(out.get) for _ in procs]

@@ -176,7 +176,8 @@ def profile_backend(
     if capacity:
         # Every sequence of the largest batch keeps its context (plus a prompt chunk) in the pool at once: a
         # full grid at 8k contexts needs ~270k tokens, more than a 32B model leaves on one GPU (KVCacheFull).
-        largest = max(len(b) for b in make_grid(grid, 64, seed)[0] + make_grid(grid, 64, seed)[1])
+        small_train, small_held = make_grid(grid, 64, seed)  # batch sizes do not depend on the context length
+        largest = max(len(b) for b in small_train + small_held)
         max_ctx = min(max_ctx, int(capacity) // largest - 272)
         if max_ctx < 64:
             raise WispError(

@@ -39,7 +39,7 @@ from wisp_cloud.backends.base import Backend, BatchStats
 from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
-from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.metrics import Metrics, log_event
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
@@ -55,7 +55,6 @@ log = logging.getLogger("wisp.engine")
 _HOUSEKEEPING_S = 1.0
 MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is numerically undefined in float32
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
-_EMPTY = BatchShape()
 
 
 @dataclass(slots=True)
@@ -128,10 +127,6 @@ class Engine:
             self.max_context_len,
             self._enqueue,
         )
-
-    @property
-    def totals(self):  # running step sums (bench/host_path.py)
-        return self.steps.totals
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

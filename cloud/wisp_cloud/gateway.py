@@ -122,6 +122,7 @@ class Gateway:
         self.engine_alive: Callable[[], bool] = lambda: True  # set by WispServer
         self._per_ip: dict[str, int] = {}
         self._open = 0
+        self._closing: set[asyncio.Task] = set()
         engine.deliver = self.deliver
 
     async def start(self) -> None:
@@ -279,7 +280,9 @@ class Gateway:
 
     def _hello_expired(self, conn: Connection) -> None:
         if conn.owner is None:
-            asyncio.get_running_loop().create_task(conn.ws.close(1008, "no hello within the deadline"))
+            task = asyncio.get_running_loop().create_task(conn.ws.close(1008, "no hello within the deadline"))
+            self._closing.add(task)  # keep a reference until it is done (the loop holds only a weak one)
+            task.add_done_callback(self._closing.discard)
 
     async def _writer(self, conn: Connection) -> None:
         try:
