@@ -80,8 +80,14 @@ def test_breaking_out_of_an_async_stream_closes_the_session(server, tiny_bundle)
 def test_cancelled_task_and_timeout_close_the_session(server, tiny_bundle):
     async def main():
         async with AsyncEdgeClient(server.url, str(tiny_bundle), controller="fixed:3") as c:
-            task = asyncio.create_task(c.generate(PROMPT, max_new_tokens=LONG))
-            await asyncio.sleep(0.5)
+            started = asyncio.Event()
+
+            async def consume() -> None:
+                async for _ in c.stream(PROMPT, max_new_tokens=LONG):
+                    started.set()
+
+            task = asyncio.create_task(consume())
+            await started.wait()  # mid-generation: tokens flow, most of the LONG ones still to come
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
