@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from wisp_cloud.backends.base import WorkItem
 from wisp_cloud.backends.paged import PagedBackend
 from wisp_cloud.random_model import build_random_model
