@@ -197,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             backend = native_backend(args, target, cfg.kv_budget_tokens)
-            capture_startup_graphs(
-                backend, cfg.max_batch, cfg.max_draft_len + 1, cfg.max_context_len, args.graph_warmup_s
-            )
+            # an item is at most a prefill chunk plus a draft and its bonus token (planner.plan)
+            max_q = cfg.prefill_chunk + cfg.max_draft_len + 1
+            capture_startup_graphs(backend, cfg.max_batch, max_q, cfg.max_context_len, args.graph_warmup_s)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 

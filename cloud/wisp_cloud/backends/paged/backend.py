@@ -349,13 +349,17 @@ class PagedBackend:
         T = bucket(t)
         B = pk.next_pow2(n)
         W = width_bucket(pages)
-        if max_q <= self.max_graph_q:  # verify / decode: one tile per sequence, every row may want logits
-            # tile rows: 1 (decodes), 8 or max_graph_q (verifies): a fleet's ragged draft lengths would otherwise
-            # ask for a graph (and Triton specialisation) per longest draft; shorter items are masked in the tile
-            tok = 1 if max_q == 1 else 8 if max_q <= 8 else self.max_graph_q
-            return (T, B, tok, W, T, B)
-        tok = self._tile_tokens(max_q)  # prefill chunks: tiles of `tok` tokens, few logit rows
-        R = min(T, max(8, pk.next_pow2(n_logits)))
+        if max_q == 1:  # decodes: one query row per sequence
+            return (T, B, 1, W, T, B)
+        tok = self.max_graph_q
+        g = self.n_q_heads // self.n_kv_heads
+        if tok * g <= self.prefill_tile_rows:
+            # verifies and prefill chunks alike: tiles of `tok` query tokens (a verify fills one, a chunk
+            # several), room for every tile the T tokens can need, and logits for every row. So a fleet's
+            # mixed steps (new sessions' prompts riding with verifies) have as few keys as its verifies.
+            return (T, B, tok, W, T, -(-T // tok) + B)
+        tok = self._tile_tokens(max_q)  # wide GQA groups: the tile holds fewer tokens
+        R = T if max_q <= tok else min(T, max(8, pk.next_pow2(n_logits)))
         return (T, B, tok, W, R, -(-T // tok) + B)
 
     def _launch(
@@ -483,11 +487,9 @@ class PagedBackend:
         return self.weight_bytes_per_step() // self.dtype.itemsize
 
     def startup_keys(self, max_batch: int, max_q: int, max_context: int) -> list[tuple]:
-        """The graph keys a fleet's decodes and verifies can ask for, most likely first: narrow block tables
-        before wide ones, decodes, then verifies of up to 8 and of up to `max_graph_q` tokens per item.
-        Prefill chunks (more keys, rarer) are captured on second sight."""
+        """The graph keys a fleet's steps can ask for, most likely first: narrow block tables before wide ones,
+        decodes, then batches with items of up to `max_q` tokens (verifies, and prefill chunks of up to `max_q`)."""
         nb = min(max_batch, self.max_graph_batch)
-        qv = min(max_q, self.max_graph_q)
         widths = [64]
         while widths[-1] < -(-max_context // self.page_size):
             widths.append(widths[-1] * 4)
@@ -495,13 +497,12 @@ class PagedBackend:
         for w in widths:
             for n in range(1, nb + 1):
                 keys[self._key(n, n, 1, n, w)] = None
-            for q in sorted({min(qv, 8), qv} - {1}):
-                b = 1
-                while b // 2 + 1 <= nb:
-                    lo, hi = b // 2 + 1, min(b, nb)
-                    for t in buckets_between(lo + 1, min(hi * q, self.max_graph_tokens)):
-                        keys[self._key(t, hi, q, t, w)] = None
-                    b *= 2
+            b = 1
+            while b // 2 + 1 <= nb:  # batches of n in (b/2, b] items, some of them over one token
+                lo, hi = b // 2 + 1, min(b, nb)
+                for t in buckets_between(lo + 1, min(hi * max_q, self.max_graph_tokens)):
+                    keys[self._key(t, hi, min(max_q, t), t, w)] = None
+                b *= 2
         return list(keys)
 
     def capture_graphs(self, keys: list[tuple], budget_s: float = 120.0) -> int:
