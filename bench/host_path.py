@@ -138,7 +138,7 @@ async def _clients(
 async def _measure(args: argparse.Namespace, n: int) -> dict:
     from wisp_cloud.backends.fake import FakeBackend
     from wisp_cloud.config import ServerConfig
-    from wisp_cloud.server import WispServer
+    from wisp_cloud.server import WispServer, tune_gc
 
     backend = FakeBackend(FINGERPRINT_VOCAB, base_s=args.base_ms / 1e3, per_token_s=args.per_token_us / 1e6)
     cfg = ServerConfig(
@@ -152,6 +152,8 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     )
     server = WispServer(backend, cfg)
     await server.start()
+    if not args.no_tune_gc:
+        tune_gc()  # as `wisp serve` does
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cores, client_cores = (cpus[:1], cpus[1:]) if len(cpus) > 1 else (None, None)
     if server_cores:
@@ -258,6 +260,9 @@ def main() -> int:
     )
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument(
+        "--no-tune-gc", action="store_true", help="keep Python's default GC (wisp serve tunes it)"
+    )
     ap.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (default 5)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window (default 10)")

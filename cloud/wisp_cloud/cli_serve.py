@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from wisp_cloud.estimator import VerifyTimeEstimator
-    from wisp_cloud.server import WispServer
+    from wisp_cloud.server import WispServer, tune_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         server = WispServer(backend, cfg, estimator=estimator)
         await server.start()
+        tune_gc()
         stop = asyncio.Event()
         drain = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -115,3 +115,15 @@ class WispServer:
             "estimator_correction": e.estimator.correction,
             "policy_counters": dict(e.policy.counters),
         }
+
+
+def tune_gc() -> None:
+    """For a serving process, once its long-lived objects exist (model, graphs, server): move them out of the
+    cyclic collector's sight (`gc.freeze`) and collect the young generation less often. A full collection scans
+    every object, torch's included: on the dev VM it took 266 ms, eight times in 11 s of a 256-session run, each
+    a stall of every session; frozen, none ran (docs/benchmarks.md, "Host path"). vLLM and SGLang do the same."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
