@@ -77,6 +77,15 @@ def add_parser(subparsers) -> None:
         "(0 disables admission control)",
     )
     p.add_argument(
+        "--tenant-weight",
+        action="append",
+        default=[],
+        type=_tenant_weight,
+        metavar="TENANT=W",
+        help="weighted fair share of the verifier for a tenant (repeatable): TENANT is the id the server logs "
+        "at Hello (owner=...; 16 hex digits of the token's SHA-256) or 'anon'; W > 0; others weigh 1",
+    )
+    p.add_argument(
         "--drain-s",
         type=float,
         default=30.0,
@@ -104,6 +113,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _tenant_weight(text: str) -> tuple[str, float]:
+    """TENANT=W, W a positive finite number (argparse turns the error into one usage line, exit 2)."""
+    import math
+
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not sep or not name.strip() or not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TENANT=W with W a positive number")
+    return name.strip(), weight
 
 
 def _resolve_target(target: str) -> Path:
@@ -146,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
         admission_target=args.admission_target,
+        tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
     )
     if not 0.0 <= cfg.admission_target <= 1.0:

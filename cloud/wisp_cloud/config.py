@@ -35,6 +35,9 @@ class ServerConfig:
     # `--policy wisp` only: refuse a new session (`overloaded`) when the estimator predicts the admitted
     # sessions' SLO attainment would fall below this; 0 disables admission control.
     admission_target: float = 0.9
+    # Weighted fair sharing across tenants (sched/fairness.py): weight by tenant id (`sessions.owner_key` of the
+    # auth token, as logged at Hello; "anon" without auth). Tenants not named weigh 1.
+    tenant_weights: dict[str, float] = field(default_factory=dict)
     # Bounded work per connection (docs/security.md): a connection must say Hello within `hello_timeout_s`; at
     # most `max_connections` at once and `max_connections_per_ip` from one address; closed after
     # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.

@@ -81,7 +81,7 @@ class Engine:
         # Every policy but SLED chunks long prompts (SLED is the static-batching baseline: whole prompts).
         chunk = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
         self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **chunk)
-        self.queue = Scheduler(self.policy, self.estimator, learn=False)
+        self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (
             AdmissionController(self.estimator, target=config.admission_target, max_batch=config.max_batch)
             if config.policy == "wisp" and config.admission_target > 0
@@ -384,6 +384,7 @@ class Engine:
             expected_tokens=expected,
             cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
             payload=job,
+            tenant=s.owner,
         )
 
     # ---- the loop: schedule -> run -> postprocess ----
