@@ -34,7 +34,7 @@ from wisp_sdk.protocol import (
 )
 from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
-from wisp_cloud.acceptance import DraftError, dense_q
+from wisp_cloud.acceptance import DraftError, sparse_q
 from wisp_cloud.backends.base import Backend, BatchStats
 from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
 from wisp_cloud.config import ServerConfig
@@ -228,13 +228,15 @@ class Engine:
         if not session.sampling.greedy and msg.draft_ids:
             if msg.q_ids is None or msg.q_probs is None:
                 raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
+            if len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+                raise bad(ErrorCode.bad_request, "q_ids and q_probs need one entry per draft token")
             if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
                 raise bad(
                     ErrorCode.bad_request, f"q has more than {MAX_Q_SUPPORT} entries for a draft position"
                 )
             try:
                 q = [
-                    dense_q(ids, probs, self.backend.vocab_size, tok)
+                    sparse_q(ids, probs, self.backend.vocab_size, tok)
                     for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
                 ]
             except DraftError as exc:
