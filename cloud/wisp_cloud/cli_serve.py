@@ -111,6 +111,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="server log lines: text (`time LEVEL logger: event k=v`) or json (one object per line; "
+        "client-supplied values are JSON strings)",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -149,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from wisp_cloud.config import ServerConfig, is_loopback, load_auth_tokens
+    from wisp_cloud.logs import use_log_format
+
+    use_log_format(args.log_format)
 
     cfg = ServerConfig(
         host=args.host,
@@ -218,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
     import logging
 
-    from wisp_cloud.metrics import log_event
+    from wisp_cloud.logs import log_event
 
     log_event(
         logging.getLogger("wisp.serve"),

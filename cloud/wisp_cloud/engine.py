@@ -41,7 +41,8 @@ from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
-from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.logs import log_event
+from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
