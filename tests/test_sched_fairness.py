@@ -7,6 +7,7 @@ that the light tenant *does* suffer there, so the test fails if fair sharing is 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 
 import pytest
@@ -101,3 +102,79 @@ def test_simulate_assigns_tenants_by_device_share():
     cfg = SimConfig.__new__(SimConfig)
     cfg.devices, cfg.tenant_shares = 100, (0.95, 0.05)
     assert [cfg.tenant_of(d) for d in (0, 94, 95, 99)] == ["t0", "t0", "t1", "t1"]
+
+
+# ---- through the real gateway and engine: websockets over loopback, FakeBackend as the model ----
+
+
+async def _rounds_for(url: str, token: str, stop_at: float, k: int = 2) -> int:
+    """One session sending verify rounds back to back until `stop_at`; returns the rounds answered."""
+    import time
+
+    from websockets.asyncio.client import connect
+    from wisp_cloud.backends.fake import FAKE_FINGERPRINT, next_token
+    from wisp_sdk.protocol import (
+        SUBPROTOCOL,
+        Hello,
+        Open,
+        Round,
+        Verdict,
+        decode_server,
+        encode,
+        encode_round,
+    )
+
+    async with connect(url, subprotocols=[SUBPROTOCOL], compression=None) as ws:
+        await ws.send(encode(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, auth_token=token)))
+        assert decode_server(await ws.recv()).type == "welcome"
+        await ws.send(encode(Open(prompt_ids=[1, 2, 3], max_new_tokens=6000)))
+        opened = decode_server(await ws.recv())
+        tokens = [1, 2, 3, opened.next_token]
+        n = 0
+        while time.monotonic() < stop_at:
+            draft, prev = [], tokens[-1]
+            for j in range(k):
+                prev = next_token(prev, len(tokens) - 1 + j, 1000)
+                draft.append(prev)
+            msg = Round(session_id=opened.session_id, round=n + 1, committed_len=len(tokens), draft_ids=draft)
+            await ws.send(encode_round(msg))
+            v = decode_server(await ws.recv())
+            assert isinstance(v, Verdict), v
+            tokens += draft[: v.accepted] + [v.next_token]
+            n += 1
+        return n
+
+
+def _light_rounds(light_token: str) -> tuple[int, int]:
+    """96 sessions of token `heavy` and 2 of `light_token` for 1.5 s through a real server (batch 8, 20 ms per
+    forward); the light sessions' and the heavy ones' rounds."""
+    import time
+
+    from wisp_cloud.backends.fake import FakeBackend
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.server import WispServer
+
+    async def main() -> tuple[int, int]:
+        cfg = ServerConfig(port=0, max_batch=8, auth_tokens=frozenset({"heavy", "light"}))
+        server = WispServer(FakeBackend(1000, base_s=0.02), cfg)
+        await server.start()
+        try:
+            stop_at = time.monotonic() + 1.5
+            heavy = [_rounds_for(server.url, "heavy", stop_at) for _ in range(96)]
+            light = [_rounds_for(server.url, light_token, stop_at) for _ in range(2)]
+            counts = await asyncio.gather(*heavy, *light)
+        finally:
+            await server.stop()
+        return sum(counts[96:]), sum(counts[:96])
+
+    return asyncio.run(main())
+
+
+def test_engine_gives_a_light_token_its_share_over_websockets():
+    """The same 98 sessions; once the 2 light ones use their own token they get several times the rounds they
+    get as part of the heavy token's crowd (there a round waits about 12 batches; on their own token, it joins
+    the next batch it reaches: measured 56 against 8 rounds on the dev VM)."""
+    fair_light, fair_heavy = _light_rounds("light")
+    crowd_light, _ = _light_rounds("heavy")
+    assert fair_heavy > 0
+    assert fair_light >= 3 * crowd_light, (fair_light, crowd_light)
