@@ -72,6 +72,8 @@ async def _clients(url: str, first: int, n: int, args: dict, t_end: float) -> di
     from wisp_cloud.backends.fake import FAKE_FINGERPRINT, next_token
     from wisp_sdk.protocol import (
         SUBPROTOCOL,
+        Close,
+        Closed,
         Error,
         Hello,
         Open,
@@ -137,6 +139,9 @@ async def _clients(url: str, first: int, n: int, args: dict, t_end: float) -> di
             tally.rounds += 1
             tokens += draft[: v.accepted] + [v.next_token]
             done = v.done
+        await ws.send(encode(Close(session_id=opened.session_id)))  # as the SDK does: free the slot now
+        if not isinstance(decode_server(await ws.recv()), Closed):
+            error("close:unexpected")
         tally.generations += 1
         return True
 
@@ -203,7 +208,8 @@ def _rss_mb(pid: int) -> float:
 async def _run(args: argparse.Namespace) -> dict:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out_path.with_suffix(".server.log")
+    log_path = Path(args.server_log)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     server, url = _start_server(args, log_path)
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
@@ -303,8 +309,9 @@ def _plot(data: dict, path: Path) -> None:
     ax2.legend(fontsize=8)
     a = data["args"]
     fig.suptitle(
-        f"WISP soak: {a['sessions']} sessions × {a['duration']:.0f} s, half sampling, {a['abandon']:.0%} abandoned; "
-        f"errors {data['error_total']}\n{data['model']}, {a['policy']} policy; {data['machine']}, {data['date']}",
+        f"WISP soak: {a['sessions']} sessions × {a['duration']:.0f} s, half sampling, {a['abandon']:.0%} of "
+        f"generations abandoned; client errors {data['error_total']}\n"
+        f"{data['model']}, {a['policy']} policy\n{data['machine']}, {data['date']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -335,7 +342,14 @@ def main() -> int:
     ap.add_argument("--machine", default=f"{platform.node()} ({os.cpu_count()} cores)")
     ap.add_argument("--date", default=date.today().isoformat())
     ap.add_argument("--out", default="bench/results/soak/soak.json")
+    ap.add_argument(
+        "--server-log", default="runs/soak/server.log", help="the server's log (its size is measured)"
+    )
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
     args = ap.parse_args()
+    if args.replot:
+        _plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return 0
     if args.sessions < 1 or args.duration <= 0 or args.procs < 1 or not 0 <= args.abandon <= 1:
         ap.error("--sessions, --procs >= 1, --duration > 0, --abandon in [0, 1]")
     data = asyncio.run(_run(args))
