@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -223,6 +224,32 @@ def test_admission_takes_an_unmeasured_session_like_the_median_measured_one():
     ]
     dec = adm.admit(cand, slow)
     assert not dec.admit and "median device time per round 300 ms" in dec.reason
+
+
+def test_admission_uses_measured_tokens_per_round():
+    """An adaptive controller's rounds commit more than Σα^i of their mean draft length (it stops before likely
+    rejections). H200 run 11: sessions drafting ~5 tokens at α≈0.8 committed 4.7 tokens per round (the formula
+    says 3.7) and met a 60 ms TPOT at 34 ms, while admission, from the formula, predicted 6 % and refused 45 %."""
+    est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.02, 0.00002])
+    adm = AdmissionController(est, target=0.9, max_batch=256)
+    fleet = [
+        SessionLoad(f"s{i}", tpot_s=0.06, draft_len=5, context_len=300, alpha=0.8, think_s=0.18)
+        for i in range(100)
+    ]
+    # a cycle of 180 ms on the device + 1.5 x 32 ms at the GPU: 3.7 tokens by the formula (62 ms each, a miss),
+    # 4.7 measured (49 ms each)
+    assert adm.predict_attainment(fleet) == 0.0
+    measured = [replace(s, tokens_per_round=4.7) for s in fleet]
+    assert adm.predict_attainment(measured) == 1.0
+    cand = SessionLoad("new", tpot_s=0.06, draft_len=5, context_len=300, ttft_s=2.0, prompt_len=50)
+    assert not adm.admit(cand, fleet).admit
+    assert adm.admit(cand, measured).admit
+    # AcceptanceStats measures it
+    st = AcceptanceStats()
+    assert st.tokens_per_round is None
+    for drafted, accepted in ((6, 6), (4, 4), (5, 2), (0, 0)):
+        st.update(drafted, accepted)
+    assert st.tokens_per_round == pytest.approx((7 + 5 + 3 + 1) / 4, rel=0.03)
 
 
 def test_admission_checks_ttft_of_the_candidate():

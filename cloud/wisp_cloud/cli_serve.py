@@ -11,7 +11,7 @@ from pathlib import Path
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.base import Backend
-from wisp_cloud.backends.factory import native_backend
+from wisp_cloud.backends.factory import capture_startup_graphs, native_backend
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
@@ -116,6 +116,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
     p.add_argument("--max-draft-len", type=int, default=32, help="draft tokens per round")
     p.add_argument("--max-context-len", type=int, default=8192, help="prompt + generated tokens per session")
+    p.add_argument(
+        "--graph-warmup-s",
+        type=float,
+        default=180.0,
+        help="paged engine on CUDA: seconds to spend at start-up capturing the CUDA graphs of every decode and "
+        "verify bucket (--max-batch, --max-draft-len, --max-context-len), so serving never runs a shape eagerly "
+        "or compiles mid-serving; 0: capture on a shape's second sight only",
+    )
     p.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest accepted frame")
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
@@ -228,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             backend = native_backend(args, target, cfg.kv_budget_tokens)
+            # an item is at most a prefill chunk plus a draft and its bonus token (planner.plan)
+            max_q = cfg.prefill_chunk + cfg.max_draft_len + 1
+            capture_startup_graphs(backend, cfg.max_batch, max_q, cfg.max_context_len, args.graph_warmup_s)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 

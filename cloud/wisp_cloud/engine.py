@@ -335,6 +335,7 @@ class Engine:
             context_len=s.committed_len,
             # None until the session has a verdict: admission fills in the other sessions' median
             alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
+            tokens_per_round=None if d is None or central else d.acceptance.tokens_per_round,
             think_s=0.0 if central else s.think_s,
         )
 

@@ -32,3 +32,15 @@ def native_backend(args: argparse.Namespace, target: Path, kv_budget_tokens: int
     from wisp_cloud.backends.native import NativeBackend
 
     return NativeBackend(target, device=args.device, dtype=args.dtype)
+
+
+def capture_startup_graphs(
+    backend: object, max_batch: int, max_q: int, max_context: int, budget_s: float
+) -> int:
+    """`wisp serve`: capture the paged engine's CUDA graphs for every decode and verify bucket the server's
+    limits allow, before it takes sessions (no-op for other engines and on CPU). Returns graphs captured."""
+    from wisp_cloud.backends.paged import PagedBackend
+
+    if budget_s <= 0 or not isinstance(backend, PagedBackend) or not backend.cuda_graphs:
+        return 0
+    return backend.capture_graphs(backend.startup_keys(max_batch, max_q, max_context), budget_s)

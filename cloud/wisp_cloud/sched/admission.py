@@ -19,6 +19,9 @@ class SessionLoad:
     draft_len: int = 4
     context_len: int = 256
     alpha: float | None = None  # per-token acceptance (None: like the others)
+    tokens_per_round: float | None = (
+        None  # measured tokens committed per round (None: from draft_len and alpha)
+    )
     think_s: float | None = None  # device time per round: draft + network (None: like the others)
     ttft_s: float = math.inf
     prompt_len: int = 0
@@ -39,7 +42,8 @@ class AdmissionController:
     rounds in ceil(n / max_batch) batches taking G seconds in all (T_b each on average). Session i's cycle is
     max(think_i + 1.5·T_b, G) (its draft and network time, half a batch of queueing on average, its own batch;
     and never faster than the GPU can rotate through everyone). It meets its SLO when
-    cycle_i ≤ tpot_i · E(k_i, α_i). The candidate's first token must also fit: G + its prefill ≤ ttft.
+    cycle_i ≤ tpot_i · E_i, E_i its measured tokens per round (else E(k_i, α_i) = Σα^i). The candidate's first
+    token must also fit: G + its prefill ≤ ttft.
     """
 
     estimator: VerifyTimeEstimator
@@ -65,7 +69,15 @@ class AdmissionController:
             if s.think_s is not None and (s.alpha is not None or s.draft_len == 0):
                 out.append(replace(s, alpha=s.alpha if s.alpha is not None else self.default_alpha))
             elif rep is not None and s.draft_len > 0:
-                out.append(replace(s, think_s=rep.think_s, draft_len=rep.draft_len, alpha=rep.alpha))
+                out.append(
+                    replace(
+                        s,
+                        think_s=rep.think_s,
+                        draft_len=rep.draft_len,
+                        alpha=rep.alpha,
+                        tokens_per_round=rep.tokens_per_round,
+                    )
+                )
             else:
                 think = s.think_s if s.think_s is not None else self.default_think_s
                 out.append(
@@ -90,7 +102,8 @@ class AdmissionController:
         ok = 0
         for s in loads:
             cycle = max((s.think_s or 0.0) + 1.5 * tb, g)
-            ok += cycle <= s.tpot_s * expected_committed(s.draft_len, s.alpha or 0.0)
+            e = s.tokens_per_round or expected_committed(s.draft_len, s.alpha or 0.0)
+            ok += cycle <= s.tpot_s * e
         return ok / len(loads)
 
     def admit(self, candidate: SessionLoad, active: Sequence[SessionLoad]) -> AdmissionDecision:
