@@ -131,16 +131,18 @@ def accept_sampling(
     k = len(draft)
     if p.shape[0] != k + 1 or len(q) != k:
         raise ValueError("need one q per draft token and len(draft)+1 target distributions")
+    dev = p.device  # p may stay where the backend computed it: only q's few entries move, and one row back
     if k:
-        px = p[torch.arange(k), torch.tensor(draft, dtype=torch.long)].to(torch.float64).tolist()
+        rows, cols = torch.arange(k, device=dev), torch.tensor(draft, dtype=torch.long, device=dev)
+        px = p[rows, cols].to(torch.float64).tolist()  # the round's test ratios in one gather (one sync)
     for i in range(k):
         qx = q[i].drafted
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         if u * qx < px[i]:  # u < p/q without dividing; always true when p >= q
             continue
         residual = p[i].to(torch.float64, copy=True)
-        ids = q[i].ids
-        residual[ids] = (residual[ids] - q[i].probs).clamp_min(0.0)
+        ids = q[i].ids.to(dev)
+        residual[ids] = (residual[ids] - q[i].probs.to(dev)).clamp_min(0.0)
         if float(residual.sum()) <= 0.0:
             # Only reachable through rounding when p == q on the support: then p is the exact residual.
             residual = p[i].to(torch.float64)
