@@ -185,10 +185,10 @@ def test_wisp_simulate_models_tenants():
     crowd's on an overloaded GPU, and share the crowd's TPOT when they are part of it."""
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link
-    from wisp_cloud.fleet.simulate import simulate_gpu
+    from wisp_cloud.fleet.simulate import run_point, simulate_gpu
 
-    def light_and_heavy_tpot(shares: tuple[float, ...]) -> tuple[float, float]:
-        cfg = SimConfig(
+    def config(shares: tuple[float, ...]) -> SimConfig:
+        return SimConfig(
             policy="fifo",
             controller="fixed:4",
             devices=120,
@@ -206,7 +206,9 @@ def test_wisp_simulate_models_tenants():
             max_batch=8,
             tenant_shares=shares,
         )
-        recs = [r for r in simulate_gpu(cfg) if r["new_tokens"] > 1]
+
+    def light_and_heavy_tpot(shares: tuple[float, ...]) -> tuple[float, float]:
+        recs = [r for r in simulate_gpu(config(shares)) if r["new_tokens"] > 1]
         light = statistics.median(r["tpot_ms"] for r in recs if r["device"] >= 114)
         return light, statistics.median(r["tpot_ms"] for r in recs if r["device"] < 114)
 
@@ -214,3 +216,19 @@ def test_wisp_simulate_models_tenants():
     crowd_light, crowd_heavy = light_and_heavy_tpot(())
     assert fair_light < 0.6 * fair_heavy  # measured 30 against 68 ms
     assert crowd_light > 0.8 * crowd_heavy
+    summary = run_point(config((0.95, 0.05)))  # `wisp simulate --tenants 0.95,0.05` reports each tenant
+    assert set(summary["tenants"]) == {"t0", "t1"} and summary["tenants"]["t1"]["sessions"] > 0
+
+
+def test_wisp_simulate_tenant_flags_are_checked():
+    import subprocess
+    import sys
+
+    for flags, needle in (
+        (["--tenants", "0.5,0.4"], "sum to 1"),
+        (["--tenants", "a,b"], "comma-separated shares"),
+        (["--tenant-weight", "t1"], "TENANT=W"),
+    ):
+        cmd = [sys.executable, "-m", "wisp_sdk.cli", "simulate", *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

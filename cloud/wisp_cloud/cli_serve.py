@@ -12,7 +12,7 @@ from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, native_backend
-from wisp_cloud.config import ServerConfig
+from wisp_cloud.config import ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
@@ -89,7 +89,7 @@ def add_parser(subparsers) -> None:
         "--tenant-weight",
         action="append",
         default=[],
-        type=_tenant_weight,
+        type=parse_tenant_weight,
         metavar="TENANT=W",
         help="weighted fair share of the verifier for a tenant (repeatable): TENANT is the id the server logs "
         "at Hello (owner=...; 16 hex digits of the token's SHA-256) or 'anon'; W > 0; others weigh 1",
@@ -137,20 +137,6 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-
-
-def _tenant_weight(text: str) -> tuple[str, float]:
-    """TENANT=W, W a positive finite number (argparse turns the error into one usage line, exit 2)."""
-    import math
-
-    name, sep, value = text.partition("=")
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = math.nan
-    if not sep or not name.strip() or not math.isfinite(weight) or weight <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected TENANT=W with W a positive number")
-    return name.strip(), weight
 
 
 def _resolve_target(target: str) -> Path:

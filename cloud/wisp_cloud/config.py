@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -53,6 +55,18 @@ class ServerConfig:
     @property
     def scheme(self) -> str:
         return "wss" if self.tls_cert else "ws"
+
+
+def parse_tenant_weight(text: str) -> tuple[str, float]:
+    """`TENANT=W`, W a positive finite number (an argparse type: a bad one is one usage line, exit 2)."""
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not sep or not name.strip() or not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TENANT=W with W a positive number")
+    return name.strip(), weight
 
 
 def load_auth_tokens(path: str | None) -> frozenset[str]:

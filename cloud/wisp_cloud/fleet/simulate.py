@@ -382,6 +382,14 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
         results = [simulate_gpu(c) for c in cfgs]
     records = [r for rs in results for r in rs]
     summ = _summ(records, cfg.warmup_s, cfg.duration_s)
+    if cfg.tenant_shares:  # the same summary per tenant (fair sharing)
+        names = sorted({r["tenant"] for r in records})
+        summ["tenants"] = {}
+        for name in names:
+            per = _summ([r for r in records if r["tenant"] == name], cfg.warmup_s, cfg.duration_s)
+            per.pop("tpot_ms", None)  # the raw per-session lists stay out of the summary, as run_cli does
+            per.pop("ttft_ms", None)
+            summ["tenants"][name] = per
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
