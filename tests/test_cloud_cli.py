@@ -79,6 +79,7 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, needle in [
         (["--target", str(tmp_path / "missing")], "no such folder"),
         (["--target", str(tmp_path), "--host", "0.0.0.0"], "without auth tokens"),
+        (["--backend", "fake", "--target", str(tmp_path)], "serves no model"),
     ]:
         env = {k: v for k, v in os.environ.items() if k != "WISP_AUTH_TOKENS"}
         proc = subprocess.run([*WISP, "serve", *args], capture_output=True, text=True, env=env, timeout=120)

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, native_backend
+from wisp_cloud.config import ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
@@ -29,8 +31,15 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--backend",
         default="native",
-        choices=["native", "sglang"],
-        help="model engine (sglang: its own environment, docs/sglang.md)",
+        choices=["native", "sglang", "fake"],
+        help="model engine (sglang: its own environment, docs/sglang.md; fake: no model, the deterministic "
+        "target of the tests, for host-path and soak benchmarks: give no --target)",
+    )
+    p.add_argument(
+        "--fake-step-ms",
+        type=float,
+        default=5.0,
+        help="--backend fake: each forward pass sleeps this long (GIL released, like a GPU pass)",
     )
     p.add_argument(
         "--engine",
@@ -77,6 +86,15 @@ def add_parser(subparsers) -> None:
         "(0 disables admission control)",
     )
     p.add_argument(
+        "--tenant-weight",
+        action="append",
+        default=[],
+        type=parse_tenant_weight,
+        metavar="TENANT=W",
+        help="weighted fair share of the verifier for a tenant (repeatable): TENANT is the id the server logs "
+        "at Hello (owner=...; 16 hex digits of the token's SHA-256) or 'anon'; W > 0; others weigh 1",
+    )
+    p.add_argument(
         "--drain-s",
         type=float,
         default=30.0,
@@ -110,6 +128,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="server log lines: text (`time LEVEL logger: event k=v`) or json (one object per line; "
+        "client-supplied values are JSON strings)",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -130,10 +155,10 @@ def _resolve_target(target: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
+    from wisp_cloud.config import is_loopback, load_auth_tokens
+    from wisp_cloud.logs import use_log_format
 
-    from wisp_cloud.config import ServerConfig, is_loopback, load_auth_tokens
+    use_log_format(args.log_format)
 
     cfg = ServerConfig(
         host=args.host,
@@ -154,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
         admission_target=args.admission_target,
+        tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
     )
     if not 0.0 <= cfg.admission_target <= 1.0:
@@ -171,13 +197,12 @@ def run(args: argparse.Namespace) -> int:
         raise WispError(
             f"refusing to serve on {cfg.host} without auth tokens; give --auth-tokens FILE or WISP_AUTH_TOKENS"
         )
+    if args.backend == "fake":
+        return _serve(args, cfg, _fake_backend(args))
     check_model_args(args)
     target = _resolve_target(args.target) if args.target else Path(args.random_config)
 
     import torch
-
-    from wisp_cloud.estimator import VerifyTimeEstimator
-    from wisp_cloud.server import WispServer, tune_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,9 +228,29 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 
-    import logging
+    return _serve(args, cfg, backend)
 
-    from wisp_cloud.metrics import log_event
+
+def _fake_backend(args: argparse.Namespace) -> Backend:
+    """`--backend fake`: the tests' model-free target (wisp_cloud/backends/fake.py), vocabulary 1000."""
+    if args.target or args.random_config:
+        raise WispError("--backend fake serves no model: drop --target / --random-config")
+    if not 0 <= args.fake_step_ms <= 10_000:
+        raise WispError("--fake-step-ms must be in [0, 10000]")
+    from wisp_cloud.backends.fake import FakeBackend
+
+    return FakeBackend(1000, base_s=args.fake_step_ms / 1000.0)
+
+
+def _serve(args: argparse.Namespace, cfg: ServerConfig, backend: Backend) -> int:
+    """Serve `backend` until SIGINT (at once) or SIGTERM (drain first)."""
+    import asyncio
+    import logging
+    import signal
+
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.logs import log_event
+    from wisp_cloud.server import WispServer, tune_gc
 
     log_event(
         logging.getLogger("wisp.serve"),

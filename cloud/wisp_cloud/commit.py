@@ -17,7 +17,8 @@ from wisp_sdk.protocol import ErrorCode, Opened, pack_tokens, pack_verdict
 from wisp_cloud.backends.base import BatchStats
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
-from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.logs import log_event
+from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, cut
 from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler

@@ -34,14 +34,15 @@ from wisp_sdk.protocol import (
 )
 from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
-from wisp_cloud.acceptance import DraftError, dense_q
+from wisp_cloud.acceptance import DraftError, sparse_q
 from wisp_cloud.backends.base import Backend, BatchStats
 from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
-from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.logs import log_event
+from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
@@ -81,7 +82,7 @@ class Engine:
         # Every policy but SLED chunks long prompts (SLED is the static-batching baseline: whole prompts).
         chunk = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
         self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **chunk)
-        self.queue = Scheduler(self.policy, self.estimator, learn=False)
+        self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (
             AdmissionController(self.estimator, target=config.admission_target, max_batch=config.max_batch)
             if config.policy == "wisp" and config.admission_target > 0
@@ -228,13 +229,15 @@ class Engine:
         if not session.sampling.greedy and msg.draft_ids:
             if msg.q_ids is None or msg.q_probs is None:
                 raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
+            if len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+                raise bad(ErrorCode.bad_request, "q_ids and q_probs need one entry per draft token")
             if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
                 raise bad(
                     ErrorCode.bad_request, f"q has more than {MAX_Q_SUPPORT} entries for a draft position"
                 )
             try:
                 q = [
-                    dense_q(ids, probs, self.backend.vocab_size, tok)
+                    sparse_q(ids, probs, self.backend.vocab_size, tok)
                     for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
                 ]
             except DraftError as exc:
@@ -385,6 +388,7 @@ class Engine:
             expected_tokens=expected,
             cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
             payload=job,
+            tenant=s.owner,
         )
 
     # ---- the loop: schedule -> run -> postprocess ----

@@ -40,7 +40,7 @@ from wisp_sdk.protocol import (
 
 from wisp_cloud.config import ServerConfig, is_loopback
 from wisp_cloud.engine import Engine
-from wisp_cloud.metrics import log_event
+from wisp_cloud.logs import log_event
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.sessions import Session, owner_key
 

@@ -1,9 +1,7 @@
-"""Observability: Prometheus metrics (one registry per server, so tests can run several) and key=value logs."""
+"""Observability: Prometheus metrics (one registry per server, so tests can run several); logs are in logs.py."""
 
 from __future__ import annotations
 
-import logging
-import re
 from collections import Counter as TallyCounter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -29,22 +27,6 @@ _SLO_GAUGES = {
     "round_misses": "Rounds answered after their deadline",
     "wasted_ms": "Drafting time clients reported as wasted (not carried by wisp.v1 yet: 0)",
 }
-
-
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
-    """One structured line: `event k=v k=v`. A value with spaces, quotes, `=` or any control or non-ASCII character
-    is written as a Python string literal, so a client-supplied value (a Hello's `client`, an error message) can
-    never forge a line or a field."""
-    if not logger.isEnabledFor(level):
-        return
-    parts = [event]
-    for key, value in fields.items():
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text}" if _PLAIN.fullmatch(text) else f"{key}={text!r}")
-    logger.log(level, " ".join(parts))
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@,\[\]{}()<>|#%*]*")
 
 
 class Metrics:

@@ -21,7 +21,7 @@ from wisp_cloud.config import ServerConfig
 from wisp_cloud.engine import Engine
 from wisp_cloud.estimator import VerifyTimeEstimator
 from wisp_cloud.gateway import Gateway
-from wisp_cloud.metrics import log_event
+from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 

@@ -57,6 +57,18 @@ class SimConfig:
     seed: int = 0
     policy_kw: dict | None = None
     drain_s: float = 10.0
+    # Tenants (fair sharing, sched/fairness.py): device d belongs to tenant "t{i}" where i is the share its index
+    # falls in (shares of the devices, in order; empty: one tenant). Weights by tenant name; others weigh 1.
+    tenant_shares: tuple[float, ...] = ()
+    tenant_weights: dict[str, float] | None = None
+
+    def tenant_of(self, device: int) -> str:
+        edge = 0.0
+        for i, share in enumerate(self.tenant_shares):
+            edge += share * self.devices
+            if device < edge:
+                return f"t{i}"
+        return f"t{max(0, len(self.tenant_shares) - 1)}"
 
 
 class _Trace:
@@ -104,7 +116,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     est = VerifyTimeEstimator.from_dict(cfg.estimator)
     gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
     policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
-    sched = Scheduler(policy, est, learn=False)
+    sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -155,7 +167,14 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             uplink_s=t_srv - now,
         )
         req = Request(
-            str(id(s)), "prefill", s.plen, 0, deadline=s.dl.prefill_deadline(), arrival=t_srv, payload=s
+            str(id(s)),
+            "prefill",
+            s.plen,
+            0,
+            deadline=s.dl.prefill_deadline(),
+            arrival=t_srv,
+            payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         push(t_srv, "submit", req)
 
@@ -166,6 +185,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         records.append(
             {
                 "device": s.dev,
+                "tenant": cfg.tenant_of(s.dev),
                 "start_s": s.start,
                 "ttft_ms": ttft,
                 "tpot_ms": tpot,
@@ -224,6 +244,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             arrival=t_srv,
             expected_tokens=s.dl.expected_tokens(k),
             payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         push(t_srv, "submit", req)
         if k > 1:  # as the client: the mean of the per-token times after the first
@@ -287,6 +308,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             deadline=s.dl.round_deadline(0, now),
             arrival=now,
             payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         sched.submit(req)
 
@@ -360,6 +382,14 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
         results = [simulate_gpu(c) for c in cfgs]
     records = [r for rs in results for r in rs]
     summ = _summ(records, cfg.warmup_s, cfg.duration_s)
+    if cfg.tenant_shares:  # the same summary per tenant (fair sharing)
+        names = sorted({r["tenant"] for r in records})
+        summ["tenants"] = {}
+        for name in names:
+            per = _summ([r for r in records if r["tenant"] == name], cfg.warmup_s, cfg.duration_s)
+            per.pop("tpot_ms", None)  # the raw per-session lists stay out of the summary, as run_cli does
+            per.pop("ttft_ms", None)
+            summ["tenants"][name] = per
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
