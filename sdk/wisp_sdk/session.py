@@ -183,7 +183,7 @@ class Session:
         rnd = self.inflight
         if msg.committed_len < len(self.context):
             return False
-        if msg.mode != self.mode or self.switches or self.request.mode == "centralized":
+        if msg.mode != self.mode or self.mode == "centralized":
             # A centralized or switched session: the server re-sends every generated token after `Resumed`
             # (on_tokens keeps only what we lack). A round in flight when it switched was applied: those Tokens
             # hold its commit, so it is not re-sent.
