@@ -231,7 +231,9 @@ def test_session_truncated_verdict_commits_the_verified_prefix():
     assert s.generated == [3, 4, 5, 9]
     s.make_round([tok(4), tok(5)])
     with pytest.raises(ProtocolError):  # accepted past the verified prefix
-        s.on_verdict(Verdict(session_id=SID, round=2, committed_len=10, accepted=2, next_token=1, unverified=1))
+        s.on_verdict(
+            Verdict(session_id=SID, round=2, committed_len=10, accepted=2, next_token=1, unverified=1)
+        )
 
 
 def test_session_switches_to_centralized_and_back():

@@ -102,7 +102,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="--policy wisp: never move a session to server-side decoding (the load-adaptive hybrid is on by "
+        "default; docs/scheduling.md)",
+    )
+    p.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
+    # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
+    p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -147,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
         max_sessions_per_token=args.max_sessions_per_token,
         admission_target=args.admission_target,
         fault_token=args.debug_fault_token,
+        hybrid=not args.no_hybrid,
+        truncate_drafts=not args.no_truncate,
+        hybrid_every=max(0, args.debug_hybrid_every),
+        verify_cap=args.debug_verify_cap,
     )
     if not 0.0 <= cfg.admission_target <= 1.0:
         raise WispError("--admission-target must be in [0, 1]")

@@ -169,9 +169,13 @@ class Committer:
         else:  # centralized decode step
             switch_back = not done and self._back_to_speculative(session)
             if conn is not None:
-                replies.append(Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done)))
+                replies.append(
+                    Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done))
+                )
                 if switch_back:
-                    replies.append(Reply(conn, Switch(session_id=session.id, committed_len=session.committed_len)))
+                    replies.append(
+                        Reply(conn, Switch(session_id=session.id, committed_len=session.committed_len))
+                    )
         if session.mode == "centralized" and not done:
             self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
         return Committed(job, take, accepted, done, now)
@@ -190,7 +194,9 @@ class Committer:
             return False
         session.mode, session.mode_steps = "centralized", 0
         session.switches += 1
-        log_event(log, "session_switch", session=session.id[:8], mode="centralized", price_ms=self.price.price_ms)
+        log_event(
+            log, "session_switch", session=session.id[:8], mode="centralized", price_ms=self.price.price_ms
+        )
         return True
 
     def _back_to_speculative(self, session: Session) -> bool:
@@ -207,7 +213,9 @@ class Committer:
             return False
         session.mode, session.mode_steps = "speculative", 0
         session.switches += 1
-        log_event(log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms)
+        log_event(
+            log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms
+        )
         return True
 
     def finish(self, records: list[Committed]) -> None:

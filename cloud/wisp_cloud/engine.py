@@ -282,7 +282,7 @@ class Engine:
                     session_id=session.id,
                     committed_len=session.committed_len,
                     last_round=session.last_round,
-                    mode=session.mode,  # type: ignore[arg-type]
+                    mode=session.mode,
                 ),
             )
         ]

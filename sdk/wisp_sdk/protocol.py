@@ -31,11 +31,15 @@ from wisp_sdk.errors import ProtocolError
 # 2: the Verdict carries the server's price and how much of the draft it verified, and the server can switch a
 # session to centralized decoding and back (Verdict flag, `Switch`). A v1 Hello is refused with one clear error.
 PROTOCOL_VERSION = 2
-SUBPROTOCOL = "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
+SUBPROTOCOL = (
+    "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
+)
 
 FLAG_SPARSE_Q = 1  # Round carries the draft's sparse sampling distribution per position
 FLAG_EOS = 1  # Verdict: the committed token ends the sequence (EOS or max_new_tokens reached)
-FLAG_CENTRALIZE = 2  # Verdict: from now on the server decodes this session itself (Tokens follow; send no rounds)
+FLAG_CENTRALIZE = (
+    2  # Verdict: from now on the server decodes this session itself (Tokens follow; send no rounds)
+)
 
 KIND_ROUND = 1
 KIND_VERDICT = 2
@@ -316,7 +320,16 @@ def pack_verdict(
     """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
     flags = (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0)
     return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, flags) + _VERDICT.pack(
-        sid, round, committed_len, accepted, next_token, queue_ms, verify_ms, wait_hint_ms, price_ms, unverified
+        sid,
+        round,
+        committed_len,
+        accepted,
+        next_token,
+        queue_ms,
+        verify_ms,
+        wait_hint_ms,
+        price_ms,
+        unverified,
     )
 
 

@@ -38,7 +38,9 @@ class HybridRule:
         waste = (k + 1) / max(e, 1.0) - 1.0
         return waste * max(0.0, price_ms) / max(tpot_ms, 1e-6)
 
-    def to_centralized(self, rounds: int, k: int, alpha: float | None, price_ms: float, tpot_ms: float) -> bool:
+    def to_centralized(
+        self, rounds: int, k: int, alpha: float | None, price_ms: float, tpot_ms: float
+    ) -> bool:
         """After a verdict: switch this speculative session to server-side decoding?"""
         if self.every:
             return rounds >= self.every
