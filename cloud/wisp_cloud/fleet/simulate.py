@@ -12,6 +12,10 @@ way), the draft model (device profile's time per token; acceptance replayed from
 emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
 perfect Python loop, which is the main source of error against `wisp bench`).
 
+Server price: each simulated verdict carries the verify price as the server computes it (`sched.pricing`), and the
+`Wisp` controller pays it. Not modelled (yet): the load-adaptive hybrid's mode switches and the truncated verify
+(`--policy wisp` on a real server does both; a simulated `wisp` session always drafts and is verified whole).
+
 Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
 shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
 then Exp(gap) think time, as in `wisp bench`.
@@ -31,6 +35,7 @@ from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
+from wisp_cloud.sched.pricing import VerifyPrice
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -105,6 +110,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
     policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
     sched = Scheduler(policy, est, learn=False)
+    price = VerifyPrice(est)  # each verdict's price_ms, as the server computes it (sched/pricing.py)
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -273,6 +279,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.link.rtt_ms = _ema(s.link.rtt_ms, max(0.0, wait_ms - queue_ms - verify_ms))
         s.link.verify_ms = _ema(s.link.verify_ms, verify_ms)
         s.link.wait_hint_ms = 1000 * sched.wait_hint(ItemShape(len(kept) + 1, s.plen + s.gen), finish)
+        s.link.price_ms = price.price_ms
         if s.gen >= s.max_new:
             push(arrive, "done", s)
         else:
@@ -325,7 +332,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             finish_session(obj, now)
         elif kind == "batch":
             batch, dur = obj
-            for out in sched.complete(batch, dur, now):
+            outs = sched.complete(batch, dur, now)
+            price.update(sched.hints.last_shape, len(sched.waiting))
+            for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
         # "wake" needs nothing but the try below
         try_run(now)
