@@ -148,3 +148,42 @@ def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, tar
     assert switched > N_RUNS // 4  # a third token decoded by the server after a switch, in many runs
     obs, exp = _merged(counts, exact, N_RUNS)
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
+
+
+# ---- reconnects across switches: a lost switch verdict, Tokens or Switch frame loses and repeats nothing ----
+
+
+@pytest.fixture(scope="module")
+def hybrid_server(tiny_target):
+    from test_sdk_e2e import ServerProcess
+
+    srv = ServerProcess(tiny_target, 0, "--debug-hybrid-every", "2")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("how", ["cut", "drop"])
+def test_sdk_resumes_across_switches(hybrid_server, tiny_bundle, target_model, how):
+    from test_sdk_faults import CutProxy
+    from wisp_sdk import EdgeClient
+
+    proxy = CutProxy(hybrid_server.port)
+    try:
+        with EdgeClient(proxy.url, tiny_bundle, threads=1, resume_deadline_s=60) as c:
+            for prompt in PROMPTS:
+                n = 0
+                for _ in c.stream(prompt, max_new_tokens=30, controller=FixedK(2)):
+                    n += 1
+                    if n in (2, 4, 7, 11):
+                        if how == "cut":
+                            proxy.cut()
+                        else:  # the next frame (a verdict, Tokens or Switch) is applied by the server, then lost
+                            proxy.drop_next_downlink.set()
+                res = c.last_result
+                assert res is not None
+                assert res.token_ids == greedy_ref(target_model, prompt, 30), (how, prompt)
+                assert res.stats.reopened == 0  # resumed every time, never rebuilt
+                assert res.stats.switches >= 2
+        assert proxy.cuts >= 3
+    finally:
+        proxy.close()

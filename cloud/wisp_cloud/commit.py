@@ -84,7 +84,7 @@ class Committer:
         self.queue.hints.finished(
             [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
         )
-        self.price.update(self.queue.hints.last_shape, len(self.queue.waiting))
+        self.metrics.price_ms.set(self.price.update(self.queue.hints.last_shape, len(self.queue.waiting)))
         records: list[Committed] = []
         replies: list[Reply] = []
         for out in outcomes:
@@ -194,6 +194,7 @@ class Committer:
             return False
         session.mode, session.mode_steps = "centralized", 0
         session.switches += 1
+        self.metrics.switches.labels("centralized").inc()
         log_event(
             log, "session_switch", session=session.id[:8], mode="centralized", price_ms=self.price.price_ms
         )
@@ -213,6 +214,7 @@ class Committer:
             return False
         session.mode, session.mode_steps = "speculative", 0
         session.switches += 1
+        self.metrics.switches.labels("speculative").inc()
         log_event(
             log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms
         )

@@ -256,6 +256,8 @@ class Engine:
         if m < len(draft):  # verify only the prefix that pays: acceptance on it is exactly a shorter draft's
             draft, q = draft[:m], None if q is None else q[:m]
         job = Job(session, JobKind.round, round=rnd, draft=draft, q=q, unverified=len(msg.draft_ids) - m)
+        if job.unverified:
+            self.metrics.unverified_tokens.inc(job.unverified)
         self._enqueue(job)
         return []
 
