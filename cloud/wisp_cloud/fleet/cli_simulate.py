@@ -42,6 +42,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sweep", default="", help="capacity sweeps on one GPU: any of rtt,draft,accept")
     p.add_argument("--validate", help="a bench.json: re-simulate its points and report the error")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 

@@ -49,6 +49,7 @@ def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over
         max_batch=args.max_batch,
         noise=args.noise,
         seed=args.seed,
+        hybrid=not args.no_hybrid,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,

@@ -12,9 +12,11 @@ way), the draft model (device profile's time per token; acceptance replayed from
 emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
 perfect Python loop, which is the main source of error against `wisp bench`).
 
-Server price: each simulated verdict carries the verify price as the server computes it (`sched.pricing`), and the
-`Wisp` controller pays it. Not modelled (yet): the load-adaptive hybrid's mode switches and the truncated verify
-(`--policy wisp` on a real server does both; a simulated `wisp` session always drafts and is verified whole).
+Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
+carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
+prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to server-side decoding (decode
+requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
+draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
 
 Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
 shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
@@ -35,7 +37,8 @@ from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
-from wisp_cloud.sched.pricing import VerifyPrice
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -62,6 +65,7 @@ class SimConfig:
     seed: int = 0
     policy_kw: dict | None = None
     drain_s: float = 10.0
+    hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
 
 
 class _Trace:
@@ -93,6 +97,10 @@ class _Sess:
         "kept",
         "n_drafted",
         "n_accepted",
+        "central",  # the hybrid moved it to server-side decoding
+        "mode_steps",  # rounds / decoded tokens since the last switch
+        "catchup",  # tokens decoded by the server that the draft has not been fed yet
+        "k_mean",
     )
 
 
@@ -111,6 +119,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
     sched = Scheduler(policy, est, learn=False)
     price = VerifyPrice(est)  # each verdict's price_ms, as the server computes it (sched/pricing.py)
+    hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -151,6 +160,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
+        s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
@@ -202,7 +212,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         correct = True
         first = s.sent == 0
         while len(kept) < limit:
-            n_feed = (s.plen + 1) if (first and not kept) else 1
+            n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup)
             ms = dev_prof.step_s(rng, n_feed) * 1000
             t += ms / 1000
             j = (s.gen + len(kept)) % s.trace.n
@@ -215,6 +225,15 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             kept.append(tok)
             if action is Action.SEND:
                 break
+        s.catchup = 0
+        if hybrid is not None:  # the server verifies only the prefix that pays; the client judges only that
+            tried = s.dl.acceptance.tried > 0
+            kept = kept[
+                : verify_len(
+                    len(kept), s.dl.acceptance.alpha if tried else None, price.price_ms, cfg.slo_tpot_ms
+                )
+            ]
+            s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
         s.kept = kept
         s.sent += 1
         t_dev_send = now + t
@@ -255,6 +274,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
+            elif s.central and _switch(s, back=True):
+                push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
             return
@@ -282,8 +303,26 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.link.price_ms = price.price_ms
         if s.gen >= s.max_new:
             push(arrive, "done", s)
+        elif _switch(s, back=False):
+            submit_decode(s, finish)  # FLAG_CENTRALIZE: the server decodes it from here
         else:
             push(arrive, "draft", s)
+
+    def _switch(s: _Sess, back: bool) -> bool:
+        """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session."""
+        if hybrid is None:
+            return False
+        s.mode_steps += 1
+        if back:
+            s.catchup += 1
+        acc = s.dl.acceptance
+        alpha = acc.alpha if acc.tried > 0 else None
+        k = round(s.k_mean) if s.k_mean is not None else 4
+        rule = hybrid.to_speculative if back else hybrid.to_centralized
+        if not rule(s.mode_steps, k, alpha, price.price_ms, cfg.slo_tpot_ms):
+            return False
+        s.central, s.mode_steps = not back, 0
+        return True
 
     def submit_decode(s: _Sess, now: float) -> None:
         req = Request(
