@@ -108,3 +108,27 @@ def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decod
     assert runs[0].modes[:2] == ["centralized", "speculative"], runs[0].modes
     # Alone on the server a session pays nothing and is never moved.
     assert max(alone.prices) == 0.0 and alone.modes == []
+
+
+def test_a_v1_client_is_refused_with_one_clear_error():
+    from websockets.exceptions import ConnectionClosed
+    from wisp_sdk.protocol import Error
+
+    async def main():
+        server = WispServer(FakeBackend(VOCAB), ServerConfig(port=0))
+        await server.start()
+        try:
+            c = await Client.connect(server.url)
+            err = await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, protocol_version=1))
+            try:
+                await c.recv(timeout=5)
+                closed = False
+            except ConnectionClosed:
+                closed = True
+            return err, closed
+        finally:
+            await server.stop()
+
+    err, closed = asyncio.run(main())
+    assert isinstance(err, Error) and err.code.value == "bad_request" and closed
+    assert "protocol version 1 not supported (server speaks 2)" in err.message and "upgrade" in err.message
