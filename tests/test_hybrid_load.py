@@ -84,14 +84,15 @@ def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decod
         await server.start()
         try:
             prompts = [[3 + i, 40 + i, 7] for i in range(24)]
-            # 23 short sessions with poor drafts load the GPU; one long one outlives them
+            # 23 short sessions with poor drafts and a tight TPOT load the GPU; one long one (a TPOT its link meets
+            # easily, so only the load can move it) outlives them
             runs = await asyncio.gather(
                 *(
-                    drive(server.url, p, 160 if i == 0 else 60, 0.2, 6, 10.0, seed=i)
+                    drive(server.url, p, 160 if i == 0 else 60, 0.2, 6, 20.0 if i == 0 else 10.0, seed=i)
                     for i, p in enumerate(prompts)
                 )
             )
-            alone = await drive(server.url, [9, 9, 9], 40, 0.2, 6, 10.0, seed=99)
+            alone = await drive(server.url, [9, 9, 9], 40, 0.2, 6, 20.0, seed=99)
             text = server.engine.metrics.registry
             switched = text.get_sample_value("wisp_session_switches_total", {"to": "centralized"})
             return prompts, runs, alone, switched

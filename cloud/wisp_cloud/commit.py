@@ -188,8 +188,9 @@ class Committer:
         d = session.deadlines
         alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
         k = round(session.k_mean) if session.k_mean is not None else len(job.draft)
+        round_ms, decode_ms = self._round_and_decode_ms(session, k)
         if not self.hybrid.to_centralized(
-            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms
+            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
         ):
             return False
         session.mode, session.mode_steps = "centralized", 0
@@ -208,8 +209,9 @@ class Committer:
         d = session.deadlines
         alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
         k = round(session.k_mean) if session.k_mean is not None else DEFAULT_DRAFT_LEN
+        round_ms, decode_ms = self._round_and_decode_ms(session, k)
         if not self.hybrid.to_speculative(
-            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms
+            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
         ):
             return False
         session.mode, session.mode_steps = "speculative", 0
@@ -219,6 +221,17 @@ class Committer:
             log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms
         )
         return True
+
+    def _round_and_decode_ms(self, session: Session, k: int) -> tuple[float | None, float | None]:
+        """A speculative round's time (the device's measured time between an answer and its next round, plus the
+        server's predicted step) and a server-side decode step's, for the hybrid's too-slow test."""
+        if session.think_s is None:
+            return None, None
+        now = time.monotonic()
+        hints = self.queue.hints
+        verify_ms = 1000.0 * hints.hint(ItemShape(k + 1, session.committed_len), now)
+        decode_ms = 1000.0 * hints.hint(ItemShape(1, session.committed_len), now)
+        return 1000.0 * session.think_s + verify_ms, decode_ms
 
     def finish(self, records: list[Committed]) -> None:
         """Phase 2, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""

@@ -13,6 +13,12 @@ GPU ms of waste per ms of its own TPOT budget. The rule, with hysteresis so a se
     `dwell_tokens` (16) decoded tokens: the load fell, drafting pays again.
 So drafts that are mostly rejected, on a GPU whose steps are shared by many sessions, go to the server, where
 every token is useful work; when the load falls they come back to the edge, which costs the GPU less per token.
+
+A second reason, independent of load: a session whose link and device are too slow for its SLO. A round takes
+round_ms (the device's time between a verdict and its next round, plus the server's) and commits E tokens; if
+round_ms / E > tpot_ms while a server-side decode step would take less than `slow_margin` (0.8) × tpot_ms,
+speculation cannot meet the SLO and decoding can: it moves too (after `min_rounds`), and comes back only when
+that no longer holds (the session's last measured round time is kept while it is decoded centrally).
 `every` is a test hook: switch every N rounds / decoded tokens regardless of load.
 """
 
@@ -30,6 +36,7 @@ class HybridRule:
     min_rounds: int = 4
     dwell_tokens: int = 16
     every: int = 0  # test hook: > 0 switches every `every` rounds and back every `every` decoded tokens
+    slow_margin: float = 0.8
 
     @staticmethod
     def cost(k: int, alpha: float, price_ms: float, tpot_ms: float) -> float:
@@ -38,22 +45,51 @@ class HybridRule:
         waste = (k + 1) / max(e, 1.0) - 1.0
         return waste * max(0.0, price_ms) / max(tpot_ms, 1e-6)
 
+    def too_slow(
+        self, k: int, alpha: float, tpot_ms: float, round_ms: float | None, decode_ms: float | None
+    ) -> bool:
+        """Speculation misses the TPOT SLO on this link and device, and a server-side decode step would meet it."""
+        if round_ms is None or decode_ms is None:
+            return False
+        per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
+        return per_token > tpot_ms and decode_ms < self.slow_margin * tpot_ms
+
     def to_centralized(
-        self, rounds: int, k: int, alpha: float | None, price_ms: float, tpot_ms: float
+        self,
+        rounds: int,
+        k: int,
+        alpha: float | None,
+        price_ms: float,
+        tpot_ms: float,
+        round_ms: float | None = None,
+        decode_ms: float | None = None,
     ) -> bool:
         """After a verdict: switch this speculative session to server-side decoding?"""
         if self.every:
             return rounds >= self.every
         if alpha is None or rounds < self.min_rounds:
             return False
-        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter
+        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter or self.too_slow(
+            k, alpha, tpot_ms, round_ms, decode_ms
+        )
 
     def to_speculative(
-        self, decoded: int, k: int, alpha: float | None, price_ms: float, tpot_ms: float
+        self,
+        decoded: int,
+        k: int,
+        alpha: float | None,
+        price_ms: float,
+        tpot_ms: float,
+        round_ms: float | None = None,
+        decode_ms: float | None = None,
     ) -> bool:
         """After a decode step: hand this (switched) session back to the edge?"""
         if self.every:
             return decoded >= self.every
         if decoded < self.dwell_tokens:
             return False
-        return alpha is None or self.cost(k, alpha, price_ms, tpot_ms) < self.leave
+        if alpha is None:
+            return True
+        return self.cost(k, alpha, price_ms, tpot_ms) < self.leave and not self.too_slow(
+            k, alpha, tpot_ms, round_ms, decode_ms
+        )
