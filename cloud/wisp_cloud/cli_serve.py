@@ -135,7 +135,21 @@ def add_parser(subparsers) -> None:
         help="server log lines: text (`time LEVEL logger: event k=v`) or json (one object per line; "
         "client-supplied values are JSON strings)",
     )
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="--policy wisp: never move a session to server-side decoding (the load-adaptive hybrid is on by "
+        "default; docs/scheduling.md)",
+    )
+    p.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
+    # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
+    p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -181,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
         admission_target=args.admission_target,
         tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
+        hybrid=not args.no_hybrid,
+        truncate_drafts=not args.no_truncate,
+        hybrid_every=max(0, args.debug_hybrid_every),
+        verify_cap=args.debug_verify_cap,
     )
     if not 0.0 <= cfg.admission_target <= 1.0:
         raise WispError("--admission-target must be in [0, 1]")

@@ -40,6 +40,15 @@ class ServerConfig:
     # Weighted fair sharing across tenants (sched/fairness.py): weight by tenant id (`sessions.owner_key` of the
     # auth token, as logged at Hello; "anon" without auth). Tenants not named weigh 1.
     tenant_weights: dict[str, float] = field(default_factory=dict)
+    # `--policy wisp` only (docs/scheduling.md): the load-adaptive hybrid (switch a session to server-side decoding
+    # when its speculation costs the others more than it saves, and back when the load falls), and verifying only
+    # the prefix of a draft whose survival pays the verify price. `--no-hybrid`, `--no-truncate` turn them off.
+    hybrid: bool = True
+    truncate_drafts: bool = True
+    # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
+    # this many draft tokens of a round.
+    hybrid_every: int = 0
+    verify_cap: int | None = None
     # Bounded work per connection (docs/security.md): a connection must say Hello within `hello_timeout_s`; at
     # most `max_connections` at once and `max_connections_per_ip` from one address; closed after
     # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.

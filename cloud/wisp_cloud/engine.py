@@ -47,6 +47,8 @@ from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
 from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, SessionLoad, make_policy
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import verify_len
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 from wisp_cloud.step_stats import StepLog
@@ -118,6 +120,14 @@ class Engine:
         self.steps = StepLog(log, graph_stats=lambda: getattr(backend, "graph_stats", None))
         self.deliver: Callable[[list[Reply]], None] = lambda replies: None
         self.runner = Runner(backend, config.fault_token)
+        wisp = config.policy == "wisp"
+        # The hybrid and the truncated verify are WISP's (docs/scheduling.md); the test hooks force them anywhere.
+        self.hybrid = (
+            HybridRule(every=config.hybrid_every)
+            if config.hybrid_every > 0 or (wisp and config.hybrid)
+            else None
+        )
+        self.truncate = config.verify_cap is not None or (wisp and config.truncate_drafts)
         self.committer = Committer(
             self.store,
             self.queue,
@@ -127,6 +137,7 @@ class Engine:
             self._eos,
             self.max_context_len,
             self._enqueue,
+            self.hybrid,
         )
 
     def close(self) -> None:
@@ -171,6 +182,7 @@ class Engine:
         except SessionLimitError as exc:
             raise Refusal(ErrorCode.overloaded, str(exc)) from exc
         session.conn = conn
+        session.hybrid = self.hybrid is not None and msg.mode == "speculative"
         session.deadlines = SessionDeadlines.from_slo(
             msg.slo, now, max_new_tokens=msg.max_new_tokens - len(msg.committed_ids)
         )
@@ -242,8 +254,25 @@ class Engine:
                 ]
             except DraftError as exc:
                 raise bad(ErrorCode.bad_request, str(exc)) from exc
-        self._enqueue(Job(session, JobKind.round, round=rnd, draft=list(msg.draft_ids), q=q))
+        draft = list(msg.draft_ids)
+        m = self._verify_len(session, len(draft))
+        if m < len(draft):  # verify only the prefix that pays: acceptance on it is exactly a shorter draft's
+            draft, q = draft[:m], None if q is None else q[:m]
+        job = Job(session, JobKind.round, round=rnd, draft=draft, q=q, unverified=len(msg.draft_ids) - m)
+        if job.unverified:
+            self.metrics.unverified_tokens.inc(job.unverified)
+        self._enqueue(job)
         return []
+
+    def _verify_len(self, session: Session, k: int) -> int:
+        """How many of a round's k draft tokens to verify (sched/pricing.py, `verify_len`)."""
+        if not self.truncate:
+            return k
+        d = session.deadlines
+        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        m = verify_len(k, alpha, self.committer.price.price_ms, session.slo.tpot_ms)
+        cap = self.cfg.verify_cap
+        return m if cap is None else min(m, cap)
 
     def resume(self, session: Session, conn: Peer) -> list[Reply]:
         in_flight = session.pending is not None and session.pending.kind == JobKind.round
@@ -255,13 +284,16 @@ class Engine:
             Reply(
                 conn,
                 Resumed(
-                    session_id=session.id, committed_len=session.committed_len, last_round=session.last_round
+                    session_id=session.id,
+                    committed_len=session.committed_len,
+                    last_round=session.last_round,
+                    mode=session.mode,
                 ),
             )
         ]
-        if session.mode == "centralized" and session.opened:
-            # Streamed tokens sent to the dead connection are lost; resend them all (committed_len lets the
-            # client keep only what it lacks).
+        if (session.mode == "centralized" or session.switches) and session.opened:
+            # Streamed tokens sent to the dead connection are lost (and a switched session's verdict or Switch
+            # frame with them); resend them all (committed_len lets the client keep only what it lacks).
             tokens = Tokens(
                 session_id=session.id,
                 tokens=session.tokens[session.prompt_len :],

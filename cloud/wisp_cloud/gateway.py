@@ -354,7 +354,8 @@ class Gateway:
         if msg.protocol_version != PROTOCOL_VERSION:
             raise Refusal(
                 ErrorCode.bad_request,
-                f"protocol version {msg.protocol_version} not supported (server speaks {PROTOCOL_VERSION})",
+                f"protocol version {msg.protocol_version} not supported (server speaks {PROTOCOL_VERSION}): "
+                "upgrade the client SDK",
                 fatal=True,
             )
         token = conn.header_token or msg.auth_token

@@ -29,6 +29,7 @@ class Job:
     round: int = 0
     draft: list[int] = field(default_factory=list)
     q: list[SparseQ] | None = None  # draft distributions on their support (sampling rounds)
+    unverified: int = 0  # draft tokens the client sent past `draft` (truncated: the tail did not pay)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # when its first batch began (queue wait ends)
     forward_s: float = 0.0  # model time spent on it so far, over all its batches

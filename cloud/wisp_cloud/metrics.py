@@ -43,6 +43,18 @@ class Metrics:
         self.rounds = Counter("wisp_rounds", "Verify rounds answered", registry=r)
         self.draft_tokens = Counter("wisp_draft_tokens", "Draft tokens received for verification", registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.unverified_tokens = Counter(
+            "wisp_unverified_tokens", "Draft tokens not verified (the tail did not pay the price)", registry=r
+        )
+        self.switches = Counter(
+            "wisp_session_switches",
+            "Sessions moved by the hybrid, by the mode they moved to",
+            ["to"],
+            registry=r,
+        )
+        self.price_ms = Gauge(
+            "wisp_verify_price_ms", "Price of one verified token in the last verdicts", registry=r
+        )
         self.committed_tokens = Counter(
             "wisp_committed_tokens", "Tokens committed (accepted + target)", registry=r
         )

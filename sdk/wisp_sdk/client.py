@@ -47,6 +47,7 @@ from wisp_sdk.protocol import (
     Opened,
     Resumed,
     SamplingParams,
+    Switch,
     Tokens,
     Verdict,
     Welcome,
@@ -357,7 +358,7 @@ class AsyncEdgeClient:
             raise ServerError(msg.code.value, msg.message)
         return msg, arrived
 
-    async def _recv_expect(self, sess: Session, kind: type) -> tuple[Any, float]:
+    async def _recv_expect(self, sess: Session, kind: type | tuple[type, ...]) -> tuple[Any, float]:
         """Skip frames that are not for us now (e.g. a stale verdict) until a `kind` message arrives."""
         while True:
             msg, arrived = await self._recv()
@@ -365,7 +366,7 @@ class AsyncEdgeClient:
                 if isinstance(msg, Verdict) and (sess.inflight is None or msg.round != sess.inflight.round):
                     continue
                 return msg, arrived
-            log.debug("ignoring %s while waiting for %s", type(msg).__name__, kind.__name__)
+            log.debug("ignoring %s while waiting for %s", type(msg).__name__, kind)
 
     async def _recover(self, sess: Session, deadline: float, why: BaseException) -> str:
         """Reconnect with backoff; returns 'resumed' or 'reopen'. Raises WispError after the deadline."""
@@ -438,9 +439,16 @@ class AsyncEdgeClient:
                         continue
                     if sess.done:
                         break
-                    if req.mode == "centralized":
-                        msg, _ = await self._recv_expect(sess, Tokens)
+                    if sess.mode == "centralized" or sess.behind:
+                        # Server-side decoding (asked for, or switched to by the server): tokens stream in until
+                        # the end or a Switch back; then the next round's sync catches the draft's KV up.
+                        msg, _ = await self._recv_expect(sess, (Tokens, Switch))
                         deadline = None
+                        if isinstance(msg, Switch):
+                            sess.on_switch(msg)
+                            stats.switches = sess.switches
+                            predrafted = []
+                            continue
                         yield sess.on_tokens(msg)
                         continue
                     rs: RoundStats | None = None
@@ -480,13 +488,17 @@ class AsyncEdgeClient:
                         continue
                     accepted, delta = applied
                     deadline = None
-                    ctl.observe(sent_tokens, accepted)
+                    # Only the verified prefix was judged: an unverified tail is no rejection to learn from.
+                    ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
+                    link.price_ms = verdict.price_ms
+                    stats.switches = sess.switches
                     # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
                     if (
                         ahead
                         and accepted == len(sent_tokens)
                         and verdict.next_token == ahead[0].token
                         and not sess.done
+                        and sess.mode == "speculative"
                     ):
                         predrafted = ahead[1:]
                         rs.ahead_used = len(ahead)
@@ -500,6 +512,7 @@ class AsyncEdgeClient:
                         verdict.verify_ms,
                         verdict.wait_hint_ms,
                     )
+                    rs.price_ms, rs.unverified = verdict.price_ms, verdict.unverified
                     wasted_draft = sum(t.ms for i, t in enumerate(kept_all) if i >= max(accepted, 1))
                     rs.wasted_ms = wasted_draft + rs.idle_ms + (0.0 if rs.ahead_used else ahead_ms)
                     stats.rounds.append(rs)

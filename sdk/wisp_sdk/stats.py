@@ -27,6 +27,8 @@ class RoundStats:
     queue_ms: float = 0.0  # server-reported
     verify_ms: float = 0.0  # server-reported
     wait_hint_ms: float = 0.0  # server's predicted wait for the next round
+    price_ms: float = 0.0  # server's price of one verified token at this verdict
+    unverified: int = 0  # sent draft tokens the server did not verify (the tail did not pay)
     resent: bool = False  # re-sent after a reconnect
 
     @property
@@ -44,6 +46,7 @@ class GenerationStats:
     total_ms: float = 0.0
     reconnects: int = 0
     reopened: int = 0  # times the server had lost the session and it was rebuilt from the committed context
+    switches: int = 0  # times the server moved the session between speculative rounds and its own decoding
     finish_reason: str = ""
     rounds: list[RoundStats] = field(default_factory=list)
 

@@ -59,6 +59,11 @@ def add_parser(subparsers) -> None:
         help="a tenant's weight in the fair share (repeatable, e.g. t1=2; others weigh 1)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 

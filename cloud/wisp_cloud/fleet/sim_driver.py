@@ -51,6 +51,7 @@ def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over
         seed=args.seed,
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
+        hybrid=not args.no_hybrid,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,

@@ -12,6 +12,12 @@ way), the draft model (device profile's time per token; acceptance replayed from
 emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
 perfect Python loop, which is the main source of error against `wisp bench`).
 
+Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
+carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
+prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to server-side decoding (decode
+requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
+draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
+
 Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
 shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
 then Exp(gap) think time, as in `wisp bench`.
@@ -31,6 +37,8 @@ from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -61,6 +69,7 @@ class SimConfig:
     # falls in (shares of the devices, in order; empty: one tenant). Weights by tenant name; others weigh 1.
     tenant_shares: tuple[float, ...] = ()
     tenant_weights: dict[str, float] | None = None
+    hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -100,6 +109,10 @@ class _Sess:
         "kept",
         "n_drafted",
         "n_accepted",
+        "central",  # the hybrid moved it to server-side decoding
+        "mode_steps",  # rounds / decoded tokens since the last switch
+        "catchup",  # tokens decoded by the server that the draft has not been fed yet
+        "k_mean",
     )
 
 
@@ -117,6 +130,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
     policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
     sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
+    price = VerifyPrice(est)  # each verdict's price_ms, as the server computes it (sched/pricing.py)
+    hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -157,6 +172,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
+        s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
@@ -216,7 +232,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         correct = True
         first = s.sent == 0
         while len(kept) < limit:
-            n_feed = (s.plen + 1) if (first and not kept) else 1
+            n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup)
             ms = dev_prof.step_s(rng, n_feed) * 1000
             t += ms / 1000
             j = (s.gen + len(kept)) % s.trace.n
@@ -229,6 +245,15 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             kept.append(tok)
             if action is Action.SEND:
                 break
+        s.catchup = 0
+        if hybrid is not None:  # the server verifies only the prefix that pays; the client judges only that
+            tried = s.dl.acceptance.tried > 0
+            kept = kept[
+                : verify_len(
+                    len(kept), s.dl.acceptance.alpha if tried else None, price.price_ms, cfg.slo_tpot_ms
+                )
+            ]
+            s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
         s.kept = kept
         s.sent += 1
         t_dev_send = now + t
@@ -270,6 +295,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
+            elif s.central and _switch(s, back=True):
+                push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
             return
@@ -294,10 +321,29 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.link.rtt_ms = _ema(s.link.rtt_ms, max(0.0, wait_ms - queue_ms - verify_ms))
         s.link.verify_ms = _ema(s.link.verify_ms, verify_ms)
         s.link.wait_hint_ms = 1000 * sched.wait_hint(ItemShape(len(kept) + 1, s.plen + s.gen), finish)
+        s.link.price_ms = price.price_ms
         if s.gen >= s.max_new:
             push(arrive, "done", s)
+        elif _switch(s, back=False):
+            submit_decode(s, finish)  # FLAG_CENTRALIZE: the server decodes it from here
         else:
             push(arrive, "draft", s)
+
+    def _switch(s: _Sess, back: bool) -> bool:
+        """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session."""
+        if hybrid is None:
+            return False
+        s.mode_steps += 1
+        if back:
+            s.catchup += 1
+        acc = s.dl.acceptance
+        alpha = acc.alpha if acc.tried > 0 else None
+        k = round(s.k_mean) if s.k_mean is not None else 4
+        rule = hybrid.to_speculative if back else hybrid.to_centralized
+        if not rule(s.mode_steps, k, alpha, price.price_ms, cfg.slo_tpot_ms):
+            return False
+        s.central, s.mode_steps = not back, 0
+        return True
 
     def submit_decode(s: _Sess, now: float) -> None:
         req = Request(
@@ -347,7 +393,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             finish_session(obj, now)
         elif kind == "batch":
             batch, dur = obj
-            for out in sched.complete(batch, dur, now):
+            outs = sched.complete(batch, dur, now)
+            price.update(sched.hints.last_shape, len(sched.waiting))
+            for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
         # "wake" needs nothing but the try below
         try_run(now)
