@@ -102,6 +102,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--model-name",
+        help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -119,6 +123,17 @@ def _resolve_target(target: str) -> Path:
     if not (path / "config.json").is_file():
         raise WispError(f"--target {target}: not an HF model folder (no config.json)")
     return path
+
+
+def _api_tokenizer(args: argparse.Namespace, target: Path):
+    """The target's tokenizer and chat template for the OpenAI routes, and the model id they serve."""
+    from wisp_sdk.tokenizer import DraftTokenizer
+
+    folder = Path(args.tokenizer_from) if args.random_config and args.tokenizer_from else target
+    name = args.model_name or (Path(args.target).name if args.target else Path(args.random_config).name)
+    if not (folder / "tokenizer.json").is_file():
+        return None, name  # e.g. --random-config without --tokenizer-from: the websocket only
+    return DraftTokenizer(folder), name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         estimator = VerifyTimeEstimator.default()
 
+    tokenizer, model_name = _api_tokenizer(args, target)
+
     async def main() -> None:
-        server = WispServer(backend, cfg, estimator=estimator)
+        server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
         await server.start()
         stop = asyncio.Event()
         drain = asyncio.Event()

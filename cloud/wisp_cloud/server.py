@@ -16,6 +16,9 @@ import contextlib
 import logging
 import time
 
+from wisp_sdk.tokenizer import DraftTokenizer
+
+from wisp_cloud.api import EngineCompleter
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.engine import Engine
@@ -30,11 +33,20 @@ log = logging.getLogger("wisp.server")
 
 class WispServer:
     def __init__(
-        self, backend: Backend, config: ServerConfig, estimator: VerifyTimeEstimator | None = None
+        self,
+        backend: Backend,
+        config: ServerConfig,
+        estimator: VerifyTimeEstimator | None = None,
+        tokenizer: DraftTokenizer | None = None,
+        model_name: str = "wisp",
     ) -> None:
+        """`tokenizer` (the target's, with its chat template) turns on the OpenAI routes, serving `model_name`."""
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
         self.gateway = Gateway(self.engine, config)
+        if tokenizer is not None:
+            auth = bool(config.auth_tokens)
+            self.gateway.http.completer = EngineCompleter(self.engine, model_name, tokenizer, auth)
         self.gateway.engine_alive = lambda: self._loop_task is not None and not self._loop_task.done()
         self._loop_task: asyncio.Task | None = None
         self.metrics_port: int | None = None
