@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from wisp_sdk.errors import ProtocolError
-from wisp_sdk.openai_api import ApiError, Completer, GenParams, Outcome
+from wisp_sdk.openai_api import ApiError, Completer, GenParams, Outcome, api_error
 from wisp_sdk.openai_http import OpenAIHttp, Plain
 from wisp_sdk.protocol import Error, ErrorCode, Opened, SamplingParams, Tokens, decode_server
 from wisp_sdk.session import GenerationRequest, Session
@@ -21,23 +21,6 @@ from wisp_sdk.tokenizer import DraftTokenizer
 from wisp_cloud.engine import Engine
 from wisp_cloud.replies import Refusal
 from wisp_cloud.sessions import owner_key
-
-# Engine refusals in HTTP terms.
-_STATUS = {
-    ErrorCode.bad_request: 400,
-    ErrorCode.too_large: 400,
-    ErrorCode.unauthorized: 401,
-    ErrorCode.overloaded: 503,
-}
-
-
-def api_error(code: ErrorCode | str, message: str) -> ApiError:
-    code = ErrorCode(code)
-    status = _STATUS.get(code, 500)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if code is ErrorCode.too_large:
-        return ApiError(400, message, kind, code="context_length_exceeded")
-    return ApiError(status, message, kind, code=code.value)
 
 
 class _Inbox:
@@ -65,11 +48,14 @@ class EngineCompleter(Completer):
         return max(1, self.engine.max_context_len - 1 - prompt_len)
 
     def check(self, prompt_ids: list[int], params: GenParams) -> None:
+        """OpenAI's rule: the prompt and max_tokens must fit in the context (one token is left for the cache)."""
         limit = self.engine.max_context_len - 1
-        if len(prompt_ids) >= limit:
+        if len(prompt_ids) + params.max_tokens > limit:
             raise ApiError(
                 400,
-                f"the prompt has {len(prompt_ids)} tokens; this server's context is {limit} tokens",
+                f"this model's context is {limit} tokens, but {len(prompt_ids)} prompt tokens and max_tokens "
+                f"{params.max_tokens} ask for {len(prompt_ids) + params.max_tokens}; lower max_tokens",
+                param="max_tokens",
                 code="context_length_exceeded",
             )
 

@@ -127,7 +127,9 @@ class Gateway:
         self._closing: set[asyncio.Task] = set()
         engine.deliver = self.deliver
         # Plain HTTP on the same port; WispServer gives it the OpenAI routes when it knows the target's tokenizer.
-        self.http: OpenAIHttp = ServeHttp(None, config.auth_tokens, config.max_frame_bytes, self.ready, self.metrics_text)
+        self.http: OpenAIHttp = ServeHttp(
+            None, config.auth_tokens, config.max_frame_bytes, self.ready, self.metrics_text
+        )
 
     async def start(self) -> None:
         cfg = self.cfg

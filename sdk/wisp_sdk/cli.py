@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "profile": "wisp_cloud.cli_profile",
     "generate": "wisp_sdk.cli_generate",
     "calibrate": "wisp_sdk.cli_calibrate",
+    "edge": "wisp_sdk.cli_edge",
     "bench": "wisp_cloud.fleet.cli_bench",
     "simulate": "wisp_cloud.fleet.cli_simulate",
 }

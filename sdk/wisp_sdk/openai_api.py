@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from wisp_sdk.protocol import ErrorCode
 from wisp_sdk.tokenizer import DraftTokenizer
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -38,6 +39,19 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Protocol error codes (wisp_sdk.protocol.ErrorCode values) in HTTP terms; anything else is a 500.
+_STATUS = {"bad_request": 400, "too_large": 400, "unauthorized": 401, "overloaded": 503}
+
+
+def api_error(code: ErrorCode | str, message: str) -> ApiError:
+    """A verifier's refusal (an `Error` frame's code and message) as the OpenAI error a client gets."""
+    code = code.value if isinstance(code, ErrorCode) else code
+    if code == "too_large":
+        return ApiError(400, message, code="context_length_exceeded")
+    status = _STATUS.get(code, 500)
+    return ApiError(status, message, "invalid_request_error" if status < 500 else "server_error", code=code)
 
 
 class _Request(BaseModel):

@@ -25,8 +25,8 @@ import h11
 from wisp_sdk.openai_api import (
     ApiError,
     ChatRequest,
-    CompletionRequest,
     Completer,
+    CompletionRequest,
     Outcome,
     Reply,
     chat_ids,
@@ -175,7 +175,9 @@ class OpenAIHttp:
             elif path.startswith("/v1/models/"):
                 _only(method, "GET")
                 if path[len("/v1/models/") :] != completer.model:
-                    raise ApiError(404, f"model {path[len('/v1/models/') :]!r} does not exist", code="model_not_found")
+                    raise ApiError(
+                        404, f"model {path[len('/v1/models/') :]!r} does not exist", code="model_not_found"
+                    )
                 await self._send_json(conn, writer, 200, _model(completer))
             elif path in ("/v1/completions", "/v1/chat/completions"):
                 _only(method, "POST")
