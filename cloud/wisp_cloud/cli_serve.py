@@ -10,7 +10,7 @@ from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.backends.factory import native_backend
+from wisp_cloud.backends.factory import check_device, device_arg, native_backend
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
     p.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--backend",
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from wisp_cloud.config import ServerConfig, is_loopback, load_auth_tokens
+    from wisp_cloud.config import ServerConfig, bind, is_loopback, load_auth_tokens
 
     cfg = ServerConfig(
         host=args.host,
@@ -180,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
         )
     check_model_args(args)
     target = _resolve_target(args.target) if args.target else Path(args.random_config)
+    # Ports first: a busy port is one line now, not after a model load of minutes.
+    sock = bind(cfg.host, cfg.port, "--port")
+    if cfg.metrics_port is not None:  # prometheus binds its own; this probe only fails early
+        bind(cfg.metrics_host, cfg.metrics_port, "--metrics-port").close()
+    check_device(args.device)
 
     import torch
 
@@ -238,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
-        await server.start()
+        await server.start(sock)
         stop = asyncio.Event()
         drain = asyncio.Event()
         loop = asyncio.get_running_loop()

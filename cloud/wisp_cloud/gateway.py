@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -131,7 +132,8 @@ class Gateway:
             None, config.auth_tokens, config.max_frame_bytes, self.ready, self.metrics_text
         )
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` when given (bound early by `wisp serve`), else on the config's host and port."""
         cfg = self.cfg
         if not cfg.auth_tokens:
             if not is_loopback(cfg.host):
@@ -154,8 +156,9 @@ class Gateway:
         try:
             self._server = await serve(
                 self._handle,
-                cfg.host,
-                cfg.port,
+                None if sock else cfg.host,
+                None if sock else cfg.port,
+                sock=sock,
                 ssl=ssl_ctx,
                 # Hard cap well above our own limit, so a merely too-large frame still gets a too_large Error.
                 max_size=4 * cfg.max_frame_bytes,

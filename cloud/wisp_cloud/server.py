@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
 from wisp_sdk.tokenizer import DraftTokenizer
@@ -76,8 +77,9 @@ class WispServer:
     def url(self) -> str:
         return f"{self.cfg.scheme}://{self.cfg.host}:{self.port}"
 
-    async def start(self) -> None:
-        await self.gateway.start()
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """`sock`: the serve port, already bound (`wisp serve` binds before loading the model)."""
+        await self.gateway.start(sock)
         self._loop_task = asyncio.create_task(self.engine.run(), name="wisp-engine")
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve_http(self.cfg.metrics_port, self.cfg.metrics_host)
