@@ -95,3 +95,29 @@ def test_export_to_an_unwritable_folder(tiny_draft):
     assert "--out /proc/x: cannot write there" in one_line(
         "export", "--model", str(tiny_draft), "--out", "/proc/x"
     )
+
+
+def test_every_help_shows_its_defaults():
+    for argv, flag, default in [
+        (["serve"], "--port", "8765"),
+        (["generate"], "--max-new-tokens", "256"),
+        (["edge", "serve"], "--port", "8000"),
+        (["bench", "run"], "--attainment", "0.9"),
+        (["generate"], "--mode", "speculative"),
+    ]:
+        out = subprocess.run([*WISP, *argv, "--help"], capture_output=True, text=True, timeout=60).stdout
+        flat = " ".join(out.split())
+        assert flag in flat and f"(default: {default})" in flat, (argv, flag)
+
+
+def test_bench_run_takes_draft_and_attainment_with_old_names_as_aliases():
+    from wisp_sdk.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "run", "--serve", "--target x", "--bundle", "B", "--target", "0.8", "--trace", "t"]
+    )
+    assert args.draft == "B" and args.attainment == 0.8
+    args = build_parser().parse_args(
+        ["bench", "run", "--serve", "--target x", "--draft", "B", "--attainment", "0.7", "--trace", "t"]
+    )
+    assert args.draft == "B" and args.attainment == 0.7

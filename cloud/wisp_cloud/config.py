@@ -75,7 +75,9 @@ def bind(host: str, port: int, flag: str) -> socket.socket:
     try:
         return socket.create_server((host, port))
     except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server appends the address to strerror
+        why = (
+            os.strerror(exc.errno) if exc.errno else str(exc)
+        )  # create_server appends the address to strerror
         raise WispError(f"{flag} {port}: cannot listen on {host}:{port}: {why}") from None
 
 

@@ -27,7 +27,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve /v1/models, /v1/completions and /v1/chat/completions on HOST:PORT, generating with "
         "the draft bundle here and a WISP server's verification. Prints `listening on http://HOST:PORT` "
         "when ready.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--server", required=True, help="verifier URL, e.g. ws://127.0.0.1:8765")
     p.add_argument(
