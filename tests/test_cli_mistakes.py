@@ -121,3 +121,16 @@ def test_bench_run_takes_draft_and_attainment_with_old_names_as_aliases():
         ["bench", "run", "--serve", "--target x", "--draft", "B", "--attainment", "0.7", "--trace", "t"]
     )
     assert args.draft == "B" and args.attainment == 0.7
+
+
+def test_edge_serve_fails_fast_on_a_down_server(tiny_bundle):
+    import time
+
+    t0 = time.monotonic()
+    line = one_line(
+        "edge", "serve", "--server", "ws://127.0.0.1:1", "--draft", str(tiny_bundle), "--port", "0"
+    )
+    assert "cannot connect to ws://127.0.0.1:1" in line and time.monotonic() - t0 < 30
+    assert "without --api-key" in one_line(
+        "edge", "serve", "--server", "ws://127.0.0.1:1", "--draft", str(tiny_bundle), "--host", "0.0.0.0"
+    )

@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a target model: verify edge drafts in shared batches",
-        description="Serve a target model over websockets (wisp.v1). Prints `listening on ws://HOST:PORT` when ready.",
+        description="Serve a target model over websockets (wisp.v1), and the OpenAI-compatible API (/v1, docs/http.md) "
+        "on the same port. Prints `listening on ws://HOST:PORT` when ready.",
     )
     p.add_argument("--target", help="HF model folder, or a known model name (see `wisp models`)")
     add_random_model_args(p)
