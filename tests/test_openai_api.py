@@ -98,13 +98,9 @@ def _client(base: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def _side(request, server, edge) -> str:
-    return server.base if request.param == "serve" else edge.base
-
-
 @pytest.fixture(params=["serve", "edge"])
 def base(request, server, edge) -> str:
-    return _side(request, server, edge)
+    return server.base if request.param == "serve" else edge.base
 
 
 def _sessions(server) -> float:
@@ -208,7 +204,7 @@ def test_mistakes_get_openai_errors(base):
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         _client(base, key="wrong").completions.create(model=model, prompt=PROMPT, max_tokens=4)
-    status, body = _post(base + "/v1/models".replace("/models", "/completions"), b"{}", key=None)
+    status, body = _post(base + "/v1/completions", b"{}", key=None)
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.BadRequestError) as err:
         c.completions.create(model=model, prompt=PROMPT, max_tokens=0)
@@ -217,6 +213,16 @@ def test_mistakes_get_openai_errors(base):
         c.chat.completions.create(model=model, messages=CHAT, n=2)
     status, body = _post(base + "/v1/nowhere", b"{}")
     assert status == 404 and "error" in body
+    status, body = _post(base + "/v1/completions", b" " * (2 << 20))
+    assert status == 413 and "request body over" in body["error"]["message"]
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}),
+            timeout=10,
+        )
+        raise AssertionError("expected 405")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 405 and json.loads(exc.read())["error"]["code"] == "method_not_allowed"
 
 
 def test_serve_refuses_max_tokens_past_the_context(server):

@@ -42,6 +42,7 @@ log = logging.getLogger("wisp.http")
 _READ = 65536
 _MAX_HEAD = 16384  # request line + headers
 _IDLE_S = 75.0  # a keep-alive connection with no request for this long is closed
+_DISCARD = 16  # an oversized body is read and dropped up to this many times the limit before the 413
 
 
 @dataclass
@@ -98,7 +99,7 @@ class OpenAIHttp:
             while True:
                 try:
                     got = await self._read_request(conn, reader)
-                except ApiError as exc:  # an oversized body: answer, then close (the rest is unread)
+                except ApiError as exc:  # an oversized body: answer, then close
                     if conn.our_state is h11.SEND_RESPONSE:
                         await self._send_json(conn, writer, exc.status, exc.body(), close=True)
                     return
@@ -125,6 +126,7 @@ class OpenAIHttp:
     ) -> tuple[h11.Request, bytes] | None:
         request: h11.Request | None = None
         body = bytearray()
+        size = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -133,11 +135,16 @@ class OpenAIHttp:
             elif isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > self.max_body:
+                size += len(event.data)
+                if size <= self.max_body:
+                    body += event.data
+                elif size > _DISCARD * self.max_body:
                     raise ApiError(413, f"request body over {self.max_body} bytes")
+                # else: read on and drop it, so the client (still sending) gets to read the 413
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
+                if size > self.max_body:
+                    raise ApiError(413, f"request body over {self.max_body} bytes")
                 return request, bytes(body)
             else:  # ConnectionClosed, PAUSED
                 return None

@@ -84,13 +84,7 @@ def make_staging(out: Path, staging: Path) -> None:
         raise WispError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def check_source(src: Path, model: str | Path) -> None:
-    """An HF model folder with weights; a draft bundle (a common mix-up) is named as such."""
-    if (src / MANIFEST_NAME).is_file():
-        raise WispError(
-            f"--model {model} is a draft bundle (made by `wisp export`), not an HF model folder; "
-            "give the model folder or name it was exported from"
-        )
+def check_weights(src: Path, model: str | Path) -> None:
     if not any(p for g in WEIGHT_GLOBS for p in src.glob(g)):
         raise WispError(f"--model {model}: no weight files in {src} (*.safetensors or pytorch_model*.bin)")
 
@@ -237,9 +231,14 @@ def export_bundle(
     make_staging(out, staging)  # before any download or model load: an unwritable --out fails at once
     staging.rmdir()
     src = resolve_model(model)
-    check_source(src, model)
+    if (src / MANIFEST_NAME).is_file():  # a common mix-up, named before its config is judged
+        raise WispError(
+            f"--model {model} is a draft bundle (made by `wisp export`), not an HF model folder; "
+            "give the model folder or name it was exported from"
+        )
     config = read_config(src)
     check_architecture(config, src)
+    check_weights(src, model)
 
     make_staging(out, staging)
     try:
