@@ -131,7 +131,12 @@ def _api_tokenizer(args: argparse.Namespace, target: Path):
     from wisp_sdk.tokenizer import DraftTokenizer
 
     folder = Path(args.tokenizer_from) if args.random_config and args.tokenizer_from else target
-    name = args.model_name or (Path(args.target).name if args.target else Path(args.random_config).name)
+    if args.model_name:
+        name = args.model_name
+    elif args.target:  # a folder by its name; a known name or hub id (org/name) as given
+        name = Path(args.target).name if Path(args.target).expanduser().exists() else args.target
+    else:
+        name = Path(args.random_config).name
     if not (folder / "tokenizer.json").is_file():
         return None, name  # e.g. --random-config without --tokenizer-from: the websocket only
     return DraftTokenizer(folder), name
