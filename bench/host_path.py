@@ -185,8 +185,10 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
             procs.append(p)
     await asyncio.sleep(args.warmup)
     t0 = dataclasses.replace(server.totals)  # a copy: the server keeps adding to its own
+    cpu0 = time.process_time()
     await asyncio.sleep(args.seconds)
     t1 = server.totals
+    cpu_s = time.process_time() - cpu0  # this process is the server (clients are spawned processes)
     results = [await asyncio.to_thread(out.get) for _ in procs]
     for p in procs:
         p.join()
@@ -204,13 +206,16 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         "step_ms_mean": 1e3 * whole / steps if steps else 0.0,
         "host_us_per_session_step": 1e6 * host / items if items else float("nan"),
         "device_idle_share": host / whole if whole else float("nan"),
+        # CPU the server process spent (gateway + engine, every thread) per session-step: unlike the wall-clock
+        # host time, other jobs preempting the server do not inflate it.
+        "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
         "rounds": sum(r["rounds"] for r in results),
         "client_errors": sum(r["errors"] for r in results),
     }
     print(
         f"N={n:5d}  steps={steps:5d}  batch={row['batch_mean']:7.1f}  step={row['step_ms_mean']:7.2f} ms  "
         f"forward={row['forward_ms_mean']:6.2f} ms  host={row['host_us_per_session_step']:6.1f} µs/session/step  "
-        f"idle={row['device_idle_share']:.2f}",
+        f"idle={row['device_idle_share']:.2f}  cpu={row['server_cpu_us_per_session_step']:6.1f} µs/session/step",
         flush=True,
     )
     return row

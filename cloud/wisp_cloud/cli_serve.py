@@ -6,12 +6,13 @@ Only argparse at import time: the heavy imports (torch, transformers, websockets
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.base import Backend
-from wisp_cloud.backends.factory import capture_startup_graphs, native_backend
+from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
@@ -20,13 +21,14 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a target model: verify edge drafts in shared batches",
-        description="Serve a target model over websockets (wisp.v1). Prints `listening on ws://HOST:PORT` when ready.",
+        description="Serve a target model over websockets (wisp.v1), and the OpenAI-compatible API (/v1, docs/http.md) "
+        "on the same port. Prints `listening on ws://HOST:PORT` when ready.",
     )
     p.add_argument("--target", help="HF model folder, or a known model name (see `wisp models`)")
     add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
     p.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--backend",
@@ -146,6 +148,10 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
     )
+    p.add_argument(
+        "--model-name",
+        help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
     # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
     p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
@@ -168,8 +174,24 @@ def _resolve_target(target: str) -> Path:
     return path
 
 
+def _api_tokenizer(args: argparse.Namespace, target: Path):
+    """The target's tokenizer and chat template for the OpenAI routes, and the model id they serve."""
+    from wisp_sdk.tokenizer import DraftTokenizer
+
+    folder = Path(args.tokenizer_from) if args.random_config and args.tokenizer_from else target
+    if args.model_name:
+        name = args.model_name
+    elif args.target:  # a folder by its name; a known name or hub id (org/name) as given
+        name = Path(args.target).name if Path(args.target).expanduser().exists() else args.target
+    else:
+        name = Path(args.random_config).name
+    if not (folder / "tokenizer.json").is_file():
+        return None, name  # e.g. --random-config without --tokenizer-from: the websocket only
+    return DraftTokenizer(folder), name
+
+
 def run(args: argparse.Namespace) -> int:
-    from wisp_cloud.config import is_loopback, load_auth_tokens
+    from wisp_cloud.config import bind, is_loopback, load_auth_tokens
     from wisp_cloud.logs import use_log_format
 
     use_log_format(args.log_format)
@@ -216,9 +238,14 @@ def run(args: argparse.Namespace) -> int:
             f"refusing to serve on {cfg.host} without auth tokens; give --auth-tokens FILE or WISP_AUTH_TOKENS"
         )
     if args.backend == "fake":
-        return _serve(args, cfg, _fake_backend(args))
+        return _serve(args, cfg, _fake_backend(args), bind(cfg.host, cfg.port, "--port"), None)
     check_model_args(args)
     target = _resolve_target(args.target) if args.target else Path(args.random_config)
+    # Ports first: a busy port is one line now, not after a model load of minutes.
+    sock = bind(cfg.host, cfg.port, "--port")
+    if cfg.metrics_port is not None:  # prometheus binds its own; this probe only fails early
+        bind(cfg.metrics_host, cfg.metrics_port, "--metrics-port").close()
+    check_device(args.device)
 
     import torch
 
@@ -246,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 
-    return _serve(args, cfg, backend)
+    return _serve(args, cfg, backend, sock, target)
 
 
 def _fake_backend(args: argparse.Namespace) -> Backend:
@@ -260,8 +287,11 @@ def _fake_backend(args: argparse.Namespace) -> Backend:
     return FakeBackend(1000, base_s=args.fake_step_ms / 1000.0)
 
 
-def _serve(args: argparse.Namespace, cfg: ServerConfig, backend: Backend) -> int:
-    """Serve `backend` until SIGINT (at once) or SIGTERM (drain first)."""
+def _serve(
+    args: argparse.Namespace, cfg: ServerConfig, backend: Backend, sock: socket.socket, target: Path | None
+) -> int:
+    """Serve `backend` on the bound `sock` until SIGINT (at once) or SIGTERM (drain first); `target`: the model
+    folder whose tokenizer the OpenAI routes use (None: no /v1 routes)."""
     import asyncio
     import logging
     import signal
@@ -293,9 +323,11 @@ def _serve(args: argparse.Namespace, cfg: ServerConfig, backend: Backend) -> int
     else:
         estimator = VerifyTimeEstimator.default()
 
+    tokenizer, model_name = _api_tokenizer(args, target) if target is not None else (None, "fake")
+
     async def main() -> None:
-        server = WispServer(backend, cfg, estimator=estimator)
-        await server.start()
+        server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
+        await server.start(sock)
         tune_gc()
         stop = asyncio.Event()
         drain = asyncio.Event()

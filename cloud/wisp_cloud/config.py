@@ -96,6 +96,17 @@ def load_auth_tokens(path: str | None) -> frozenset[str]:
     return frozenset(tokens)
 
 
+def bind(host: str, port: int, flag: str) -> socket.socket:
+    """A listening socket, bound before any model loads: a busy port is one line at once, not after the load."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        why = (
+            os.strerror(exc.errno) if exc.errno else str(exc)
+        )  # create_server appends the address to strerror
+        raise WispError(f"{flag} {port}: cannot listen on {host}:{port}: {why}") from None
+
+
 def is_loopback(host: str) -> bool:
     """True when every address `host` resolves to is a loopback address."""
     if host in ("", "0.0.0.0", "::"):

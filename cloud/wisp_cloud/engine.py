@@ -146,7 +146,7 @@ class Engine:
 
     # ---- work from the gateway (each validates against the session; a Refusal is the gateway's to send) ----
 
-    def open(self, owner: str, conn: Peer, msg: Open) -> None:
+    def open(self, owner: str, conn: Peer, msg: Open) -> Session:
         total = len(msg.prompt_ids) + len(msg.committed_ids)
         if total >= self.max_context_len:
             raise Refusal(
@@ -200,6 +200,7 @@ class Engine:
             rebuild=bool(msg.committed_ids),
         )
         self._enqueue(Job(session, JobKind.open))
+        return session
 
     def round(self, session: Session, conn: Peer, msg: Round, conn_open: bool) -> list[Reply]:
         sid, rnd = msg.session_id, msg.round

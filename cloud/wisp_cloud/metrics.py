@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter as TallyCounter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from wisp_sdk.errors import WispError
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -96,7 +97,12 @@ class Metrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise WispError(
+                f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self._http = server
         return int(server.server_port)
 

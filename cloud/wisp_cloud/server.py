@@ -14,8 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
+from wisp_sdk.tokenizer import DraftTokenizer
+
+from wisp_cloud.api import EngineCompleter
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.engine import Engine
@@ -30,11 +34,20 @@ log = logging.getLogger("wisp.server")
 
 class WispServer:
     def __init__(
-        self, backend: Backend, config: ServerConfig, estimator: VerifyTimeEstimator | None = None
+        self,
+        backend: Backend,
+        config: ServerConfig,
+        estimator: VerifyTimeEstimator | None = None,
+        tokenizer: DraftTokenizer | None = None,
+        model_name: str = "wisp",
     ) -> None:
+        """`tokenizer` (the target's, with its chat template) turns on the OpenAI routes, serving `model_name`."""
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
         self.gateway = Gateway(self.engine, config)
+        if tokenizer is not None:
+            auth = bool(config.auth_tokens)
+            self.gateway.http.completer = EngineCompleter(self.engine, model_name, tokenizer, auth)
         self.gateway.engine_alive = lambda: self._loop_task is not None and not self._loop_task.done()
         self._loop_task: asyncio.Task | None = None
         self.metrics_port: int | None = None
@@ -64,8 +77,9 @@ class WispServer:
     def url(self) -> str:
         return f"{self.cfg.scheme}://{self.cfg.host}:{self.port}"
 
-    async def start(self) -> None:
-        await self.gateway.start()
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """`sock`: the serve port, already bound (`wisp serve` binds before loading the model)."""
+        await self.gateway.start(sock)
         self._loop_task = asyncio.create_task(self.engine.run(), name="wisp-engine")
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve_http(self.cfg.metrics_port, self.cfg.metrics_host)

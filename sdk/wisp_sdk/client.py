@@ -272,6 +272,14 @@ class AsyncEdgeClient:
 
     # ---- connection ----
 
+    async def connect(self) -> None:
+        """Connect and say Hello now (a generation otherwise connects on demand): a down server, a refused token
+        or a tokenizer mismatch is reported here, as one `WispError`, instead of on the first generation."""
+        try:
+            await self._ensure_connected()
+        except _LinkDown as exc:
+            raise WispError(str(exc)) from exc
+
     async def _connect(self) -> None:
         from websockets.asyncio.client import connect
 

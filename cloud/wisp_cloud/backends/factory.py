@@ -11,6 +11,28 @@ from wisp_sdk.errors import WispError
 from wisp_cloud.random_model import random_paged_backend
 
 
+def device_arg(text: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N (checked at parse time: one line, exit 2)."""
+    name, sep, index = text.partition(":")
+    if (name == "cpu" and not sep) or (name == "cuda" and (not sep or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device that this torch build and machine have, before any model is loaded."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise WispError(f"--device {device}: {why} (torch {torch.__version__}); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise WispError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def native_engine(args: argparse.Namespace) -> str:
     """`--engine auto`: paged on CUDA and for --random-config, the HF engine otherwise."""
     if args.engine != "auto":
