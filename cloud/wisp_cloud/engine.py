@@ -36,17 +36,18 @@ from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
 from wisp_cloud.acceptance import DraftError, sparse_q
 from wisp_cloud.backends.base import Backend, BatchStats
-from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
+from wisp_cloud.commit import Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
+from wisp_cloud.loads import candidate_load, session_load
 from wisp_cloud.logs import log_event
 from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
-from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, SessionLoad, make_policy
+from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
 from wisp_cloud.sched.pricing import verify_len
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
@@ -341,36 +342,9 @@ class Engine:
         """None to admit the session `msg` asks for, else why it is refused (`overloaded`)."""
         if self.admission is None:
             return None
-        active = [self._load(s) for s in self.store if not s.done]
-        known = sorted(load.draft_len for load in active if load.draft_len > 0)
-        central = msg.mode == "centralized"
-        context = len(msg.prompt_ids) + len(msg.committed_ids)
-        cand = SessionLoad(
-            "candidate",
-            tpot_s=msg.slo.tpot_ms / 1000.0,
-            draft_len=0 if central else known[len(known) // 2] if known else DEFAULT_DRAFT_LEN,
-            context_len=context,
-            think_s=0.0 if central else None,
-            ttft_s=msg.slo.ttft_ms / 1000.0,
-            prompt_len=context,
-        )
-        decision = self.admission.admit(cand, active)
+        active = [session_load(s) for s in self.store if not s.done]
+        decision = self.admission.admit(candidate_load(msg, active), active)
         return None if decision.admit else decision.reason
-
-    @staticmethod
-    def _load(s: Session) -> SessionLoad:
-        d = s.deadlines
-        central = s.mode == "centralized"
-        return SessionLoad(
-            s.id,
-            tpot_s=s.slo.tpot_ms / 1000.0,
-            draft_len=0 if central else round(s.k_mean if s.k_mean is not None else DEFAULT_DRAFT_LEN),
-            context_len=s.committed_len,
-            # None until the session has a verdict: admission fills in the other sessions' median
-            alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
-            tokens_per_round=None if d is None or central else d.acceptance.tokens_per_round,
-            think_s=0.0 if central else s.think_s,
-        )
 
     def _enqueue(self, job: Job) -> None:
         session = job.session
