@@ -76,7 +76,7 @@ def test_sdk_wisp_controller_greedy_identical_under_the_wisp_policy(backend, tin
     """`--policy wisp` with the hybrid and truncation on by default (no hooks): output unchanged."""
 
     async def main():
-        async with running_server(backend, policy="wisp") as server:
+        async with running_server(backend, policy="wisp", hybrid=True) as server:
             async with AsyncEdgeClient(server.url, tiny_bundle, threads=1) as client:
                 return [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
 

@@ -247,8 +247,10 @@ def test_admission_uses_measured_tokens_per_round():
     # AcceptanceStats measures it
     st = AcceptanceStats()
     assert st.tokens_per_round is None
-    for drafted, accepted in ((6, 6), (4, 4), (5, 2), (0, 0)):
+    for drafted, accepted in ((6, 6), (4, 4), (5, 2)):
         st.update(drafted, accepted)
+    assert st.tokens_per_round is None  # 3 rounds: not yet its own
+    st.update(0, 0)
     assert st.tokens_per_round == pytest.approx((7 + 5 + 3 + 1) / 4, rel=0.03)
 
 

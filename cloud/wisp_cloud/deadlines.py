@@ -38,6 +38,9 @@ def expected_committed(k: int, alpha: float, cap: int | None = None) -> float:
     return e
 
 
+MIN_ROUNDS = 4  # rounds before a session's own tokens-per-round stands for it (admission)
+
+
 @dataclass
 class AcceptanceStats:
     """Running per-token acceptance rate α: accepted draft tokens ÷ draft tokens *tried* (the first rejected one
@@ -51,6 +54,7 @@ class AcceptanceStats:
     tried: float = 0.0
     rounds: float = 0.0  # decayed like the others
     committed: float = 0.0  # tokens committed by those rounds (accepted + the target's own)
+    n_rounds: int = 0
 
     @property
     def alpha(self) -> float:
@@ -58,12 +62,14 @@ class AcceptanceStats:
 
     @property
     def tokens_per_round(self) -> float | None:
-        """Measured tokens a round commits, or None before the first round. An adaptive controller stops drafting
-        before likely rejections, so its rounds commit more than the i.i.d. Σα^i of its mean draft length."""
-        return self.committed / self.rounds if self.rounds > 0 else None
+        """Measured tokens a round commits, or None before `MIN_ROUNDS` rounds (one short round would make a new
+        session look hopeless). An adaptive controller stops drafting before likely rejections, so its rounds
+        commit more than the i.i.d. Σα^i of its mean draft length."""
+        return self.committed / self.rounds if self.n_rounds >= MIN_ROUNDS else None
 
     def update(self, drafted: int, accepted: int) -> None:
         self.rounds = self.rounds * self.decay + 1
+        self.n_rounds += 1
         self.committed = self.committed * self.decay + accepted + 1
         if drafted <= 0:
             return
