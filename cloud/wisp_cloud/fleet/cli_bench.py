@@ -16,7 +16,7 @@ import shlex
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.fleet.workload import WORKLOADS, workload_paths
+from wisp_cloud.fleet.workload import add_workload_args, resolve_workload_args
 
 PUBLIC = ("sharegpt", "humaneval")  # workloads sampled from public datasets (`wisp bench workload`)
 
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     r.add_argument(
         "--bundle", required=True, help="draft bundle (its manifest and tokenizer; no ONNX needed)"
     )
-    _workload_args(r)
+    add_workload_args(r)
     r.add_argument("--trace", help="acceptance trace from `wisp bench trace` (default: the workload's)")
     r.add_argument("--policies", default="centralized,sled,wisp", help="comma-separated, run in this order")
     r.add_argument("--n", default="4,8,16,32", help="device counts to sweep (comma-separated)")
@@ -82,7 +82,7 @@ def add_parser(subparsers) -> None:
     t = sub.add_parser("trace", help="measure an acceptance trace with a real draft/target pair")
     t.add_argument("--draft", required=True, help="draft bundle (ONNX)")
     t.add_argument("--target", required=True, help="target HF folder or known model name")
-    _workload_args(t)
+    add_workload_args(t)
     t.add_argument("--max-new-tokens", type=int, default=64)
     t.add_argument("--limit", type=int, help="first N prompts only")
     t.add_argument("--threads", type=int)
@@ -118,28 +118,10 @@ def _positive(text: str) -> int:
     return value
 
 
-def _workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workload",
-        choices=tuple(WORKLOADS),
-        default="code10",
-        help="named prompt set + acceptance trace (default code10)",
-    )
-    p.add_argument("--prompts", help="prompt set (JSONL or workload JSON; default: the workload's)")
-
-
-def _resolve_workload(args: argparse.Namespace, trace: bool) -> None:
-    """Fill --prompts (and --trace) from --workload where they were not given."""
-    prompts, trace_path = workload_paths(args.workload)
-    args.prompts = args.prompts or str(prompts)
-    if trace:
-        args.trace = args.trace or str(trace_path)
-
-
 def _run(args: argparse.Namespace) -> int:
     from wisp_cloud.fleet.bench import run_bench
 
-    _resolve_workload(args, trace=True)
+    resolve_workload_args(args, trace=True)
 
     args.serve_args = shlex.split(args.serve)
     args.server_cmd = shlex.split(args.server_cmd) if args.server_cmd else None
@@ -158,7 +140,7 @@ def _trace(args: argparse.Namespace) -> int:
     from wisp_cloud.cli_serve import _resolve_target
     from wisp_cloud.fleet.trace import make_trace
 
-    _resolve_workload(args, trace=False)
+    resolve_workload_args(args, trace=False)
     target = Path(args.target) if Path(args.target, "config.json").is_file() else _resolve_target(args.target)
     trace = make_trace(
         args.draft,

@@ -13,6 +13,8 @@ import argparse
 
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.fleet.workload import add_workload_args, resolve_workload_args
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -22,8 +24,8 @@ def add_parser(subparsers) -> None:
         "the real ones. GPU time comes from a `wisp profile` estimator file.",
     )
     p.add_argument("--estimator", help="estimator JSON from `wisp profile` (default: the built-in prior)")
-    p.add_argument("--trace", default="bench/traces/qwen-coder.json", help="acceptance trace")
-    p.add_argument("--prompts", default="bench/prompts/code10.jsonl", help="prompt set (output lengths)")
+    add_workload_args(p)
+    p.add_argument("--trace", help="acceptance trace (default: the workload's)")
     p.add_argument("--policies", default="centralized,sled,wisp")
     p.add_argument("--sled-k", default="2,4,6", help="FixedK values for sled (best reported)")
     p.add_argument("--devices", type=int, default=100_000, help="devices in total")
@@ -51,4 +53,5 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.gpus < 1:
         raise WispError("--devices and --gpus must be >= 1")
+    resolve_workload_args(args, trace=True)
     return run_cli(args)

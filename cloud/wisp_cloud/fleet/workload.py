@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -29,6 +30,24 @@ def workload_paths(name: str) -> tuple[Path, Path]:
 
     prompts, trace = WORKLOADS[name]
     return where(prompts), where(trace)
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workload",
+        choices=tuple(WORKLOADS),
+        default="code10",
+        help="named prompt set + acceptance trace (default code10)",
+    )
+    p.add_argument("--prompts", help="prompt set (JSONL or workload JSON; default: the workload's)")
+
+
+def resolve_workload_args(args: argparse.Namespace, trace: bool) -> None:
+    """Fill --prompts (and --trace) from --workload where they were not given."""
+    prompts, trace_path = workload_paths(args.workload)
+    args.prompts = args.prompts or str(prompts)
+    if trace:
+        args.trace = args.trace or str(trace_path)
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
