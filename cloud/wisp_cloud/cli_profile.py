@@ -35,6 +35,7 @@ from wisp_cloud.estimator import (
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 GRIDS = ("quick", "full")
+MIN_SEQ_TOKENS = 64 + 272  # KV tokens a profiled sequence needs at least: a short context and a prompt chunk
 
 
 def _ragged(rng: random.Random, b: int, max_ctx: int, prefill: bool, miss_p: float) -> list[ItemShape]:
@@ -248,7 +249,7 @@ def profile_backend(
     if capacity:
         # A batch of B sequences keeps B contexts (plus a prompt chunk) in the pool at once: large batches get
         # shorter contexts (make_grid), and the largest must still fit a short one.
-        need = max_batch * (64 + 272)
+        need = max_batch * MIN_SEQ_TOKENS
         if int(capacity) < need:
             raise WispError(
                 f"the KV pool holds {capacity} tokens: too few for batches of {max_batch} sequences; give a "
