@@ -263,3 +263,23 @@ def test_simulate_takes_the_workloads_lengths():
     reqs = load_prompts(args.prompts)
     assert cfg.prompt_tokens == [r["prompt_tokens"] for r in reqs]  # the workload's counts, not the trace's
     assert cfg.lengths == [r["max_new_tokens"] for r in reqs]
+
+
+@pytest.mark.parametrize("name", ["sharegpt", "humaneval"])
+def test_committed_traces_match_their_workloads(name):
+    from wisp_cloud.fleet.trace import load_trace, summarize
+
+    prompts, trace_path = workload_paths(name)
+    trace = load_trace(trace_path)
+    assert trace["prompts_provenance"]["name"] == name
+    assert trace["prompts_provenance"]["tokenizer_sha256"] == json.loads(prompts.read_text())["provenance"][
+        "tokenizer_sha256"
+    ]
+    assert "qwen2.5-coder-1.5b-instruct" in trace["target"] and trace["command"].startswith("wisp bench trace")
+    seqs = trace["sequences"]
+    assert [s["prompt_index"] for s in seqs] == list(range(len(seqs)))  # the workload's first requests
+    assert len(seqs) <= len(load_prompts(prompts))
+    for s in seqs:
+        assert 0 < len(s["accepted"]) == len(s["top1"]) == len(s["entropy"]) == len(s["target_tokens"])
+        assert len(s["target_tokens"]) <= trace["max_new_tokens"]
+    assert trace["summary"] == summarize(seqs)
