@@ -272,10 +272,13 @@ def test_committed_traces_match_their_workloads(name):
     prompts, trace_path = workload_paths(name)
     trace = load_trace(trace_path)
     assert trace["prompts_provenance"]["name"] == name
-    assert trace["prompts_provenance"]["tokenizer_sha256"] == json.loads(prompts.read_text())["provenance"][
-        "tokenizer_sha256"
-    ]
-    assert "qwen2.5-coder-1.5b-instruct" in trace["target"] and trace["command"].startswith("wisp bench trace")
+    assert (
+        trace["prompts_provenance"]["tokenizer_sha256"]
+        == json.loads(prompts.read_text())["provenance"]["tokenizer_sha256"]
+    )
+    assert "qwen2.5-coder-1.5b-instruct" in trace["target"] and trace["command"].startswith(
+        "wisp bench trace"
+    )
     seqs = trace["sequences"]
     assert [s["prompt_index"] for s in seqs] == list(range(len(seqs)))  # the workload's first requests
     assert len(seqs) <= len(load_prompts(prompts))
