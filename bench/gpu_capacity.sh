@@ -6,7 +6,8 @@
 #
 # Needs: .whl (websockets, pydantic, ... for the GPU image), .fleetdata/bundle (the draft bundle's manifest and
 # tokenizer; no ONNX: `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.txt BUNDLE/*.jinja .fleetdata/bundle/` from
-# an exported draft bundle), bench/traces/qwen-coder.json. EST: an estimator from `wisp profile` on the same GPU
+# an exported draft bundle), the workload's prompt set and trace (WORKLOAD=code10|sharegpt|humaneval; see
+# `wisp bench run --help` and docs/workloads.md; no dataset package needed). EST: an estimator from `wisp profile` on the same GPU
 # kind (made here first if missing). CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N=2,4 bash bench/gpu_capacity.sh
 # The server runs pinned to SERVER_CORES and the emulated fleet to FLEET_CORES (taskset), so the fleet's Python
 # never takes the server's cores; defaults: the first quarter of the machine's cores for the server (at least 2).
@@ -37,13 +38,13 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 if [ ! -f "$EST" ]; then
   $PY -m wisp_sdk.cli profile --random-config "$CONFIG" --device "$DEVICE" --grid quick --reps 2 \
-    --kv-budget-tokens 100000 --no-progress --out "$EST"
+    --max-batch "${MAX_BATCH:-256}" --kv-budget-tokens 100000 --no-progress --out "$EST"
 fi
 "${PIN_FLEET[@]}" $PY -m wisp_sdk.cli bench run \
   --server-cmd "${PIN_SERVER[*]} $PY -m wisp_sdk.cli serve" \
   --serve "--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device $DEVICE \
            --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST --save-estimator $OUT/est-online.json ${SERVE_EXTRA:-}" \
-  --draft "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
+  --draft "$BUNDLE" --workload "${WORKLOAD:-code10}" \
   --policies "${POLICIES:-centralized,sled,wisp}" --sled-k "${SLED_K:-3,5}" --n "$N" \
   --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
   --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \

@@ -1,15 +1,18 @@
 """`wisp profile`: time real batches on the backend, fit the verification-time estimator, report held-out MAPE.
 
-The training grid covers homogeneous verify batches (batch size × tokens per item × context), prefill chunks,
-cache-missing items and seeded random ragged mixes. The held-out set is a *different* seeded set of ragged
-mixes with batch sizes off the training grid, so its MAPE measures the estimator on shapes it never saw.
-Each shape is timed `reps` times after a warm-up and the median forward time is kept (BatchStats.forward_s,
-the same number the server refines the estimator from).
+The training grid is the shapes the engine runs: B sessions × (k+1) tokens (speculative verifies) and B × 1
+(centralized decodes), B up to `--max-batch`, at short and long contexts; prefill chunks, cache-missing items
+and seeded ragged mixes. The held-out set is *different* grid points (batch sizes between the training ones,
+homogeneous and ragged, another seed), so its MAPE measures the estimator on shapes it never saw.
+Each shape is timed after a warm-up pass that is not kept, `reps` times in shuffled round-robin passes, and
+again while its median is uncertain (a loaded CPU); the low median of its times is kept (BatchStats.forward_s,
+the same number the server refines the estimator from). The fit is robust (Huber IRLS, estimator.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -21,17 +24,30 @@ from typing import Any
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.factory import device_arg
-from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, Observation, VerifyTimeEstimator
+from wisp_cloud.estimator import (
+    DEFAULT_FEATURES,
+    VARLEN_FEATURES,
+    BatchShape,
+    GroupRule,
+    ItemShape,
+    Observation,
+    VerifyTimeEstimator,
+)
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 GRIDS = ("quick", "full")
+MIN_SEQ_TOKENS = 64 + 272  # KV tokens a profiled sequence needs at least: a short context and a prompt chunk
 
 
 def _ragged(rng: random.Random, b: int, max_ctx: int, prefill: bool, miss_p: float) -> list[ItemShape]:
+    """A mix as a serving step holds it: speculative verifies of k+1 = 2..9 tokens, centralized decodes of
+    one, now and then a prefill chunk or a cache miss."""
     items = []
+    decode_share = rng.choice([0.0, 0.3, 1.0])  # all speculative, mixed, all centralized
     for _ in range(b):
-        c = rng.randint(8, max_ctx - 16)
-        items.append(ItemShape(rng.randint(1, 9), c, cache_miss=rng.random() < miss_p and c < max_ctx // 2))
+        c = rng.randint(8, max(9, max_ctx - 16))
+        n = 1 if rng.random() < decode_share else rng.randint(2, 9)
+        items.append(ItemShape(n, c, cache_miss=rng.random() < miss_p and c < max_ctx // 2))
     if prefill:
         n = rng.choice([16, 48, 96, 160, 256])
         c = rng.randint(0, max(0, max_ctx - n - 8))
@@ -39,36 +55,68 @@ def _ragged(rng: random.Random, b: int, max_ctx: int, prefill: bool, miss_p: flo
     return items
 
 
-def make_grid(grid: str, max_ctx: int, seed: int = 0) -> tuple[list[list[ItemShape]], list[list[ItemShape]]]:
-    """(training batches, held-out batches) for a backend whose sequences may hold `max_ctx` tokens."""
+def _sizes(lo_hi: tuple[int, ...], max_batch: int) -> tuple[int, ...]:
+    """The grid's batch sizes up to `max_batch`, and `max_batch` itself (the engine's largest batch)."""
+    return tuple(sorted({b for b in lo_hi if b < max_batch} | {max_batch}))
+
+
+def make_grid(
+    grid: str, max_ctx: int, seed: int = 0, max_batch: int = 64, kv_tokens: int | None = None
+) -> tuple[list[list[ItemShape]], list[list[ItemShape]]]:
+    """(training batches, held-out batches) for a backend whose sequences may hold `max_ctx` tokens and whose
+    batches reach `max_batch` sequences. With `kv_tokens` (a paged KV pool), a batch of B sequences gets
+    contexts of at most kv_tokens/B - 272, so that it fits the pool.
+
+    The training grid is the shapes the engine runs, homogeneous: B sessions × (k+1) tokens (speculative
+    verifies) and B × 1 (centralized decodes) at short and long contexts, plus prefill chunks, cache misses and
+    seeded ragged mixes. The held-out set shares no grid point with it: batch sizes between the training ones,
+    homogeneous and ragged, from another seed. So held-out MAPE is split by grid point, not by repeat.
+    """
     if grid not in GRIDS:
         raise WispError(f"unknown grid {grid!r}; choose {' or '.join(GRIDS)}")
+    if max_batch < 1:
+        raise WispError("--max-batch must be at least 1")
     quick = grid == "quick"
     max_ctx = max(64, max_ctx)
+
+    def ctx_cap(b: int) -> int:
+        cap = max_ctx if kv_tokens is None else min(max_ctx, kv_tokens // b - 272)
+        return max(24, cap)
+
     ctxs = sorted({c for c in (16, 96, max_ctx // 2, max_ctx - 24) if 0 < c < max_ctx - 10})
-    sizes = (1, 2, 4, 8, 16, 32) if not quick else (1, 4, 16)
-    ks = (1, 3, 5, 9) if not quick else (1, 5, 9)
+    sizes = (
+        _sizes((1, 2, 4, 8, 16, 32, 64, 128, 256), max_batch)
+        if not quick
+        else _sizes((1, 4, 16, 64), max_batch)
+    )
+    ns = (1, 3, 5, 9) if not quick else (1, 5, 9)
     train: list[list[ItemShape]] = []
     for b in sizes:
-        for n in ks:
-            for c in ctxs if not quick else ctxs[::2]:
+        cap = ctx_cap(b)
+        for n in ns:
+            for c in sorted({min(c, cap - n) for c in (ctxs if not quick else ctxs[::2])}):
                 train.append([ItemShape(n, c)] * b)
     for n in (16, 32, 64, 128, 256):
         for c in (0, max_ctx // 3):
             if c + n < max_ctx - 8:
                 train.append([ItemShape(n, c)])
-    for b in (1, 4, 16) if not quick else (4,):
-        train.append([ItemShape(5, 64, cache_miss=True)] * b)
+    for b in (1, 4, 16):  # three points at least: one alone would fit any outlier exactly
+        if b <= max_batch:
+            train.append([ItemShape(5, min(64, ctx_cap(b) - 5), cache_miss=True)] * b)
     rng = random.Random(seed)
     for i in range(40 if not quick else 12):
         b = rng.choice(sizes)
-        train.append(_ragged(rng, b, max_ctx, prefill=i % 3 == 0, miss_p=0.1 if i % 5 == 0 else 0.0))
+        train.append(_ragged(rng, b, ctx_cap(b), prefill=i % 3 == 0, miss_p=0.1 if i % 5 == 0 else 0.0))
     held_rng = random.Random(seed + 1000)
-    held_sizes = (3, 6, 12, 24) if not quick else (3, 6, 12)
+    between = {max(1, round((lo * hi) ** 0.5)) for lo, hi in zip(sizes, sizes[1:], strict=False)}
+    held_sizes = tuple(sorted(between - set(sizes))) or (max(1, max_batch - 1),)
     held: list[list[ItemShape]] = []
+    for i, b in enumerate(held_sizes * (1 if quick else 2)):
+        n = (1, 4, 6)[i % 3]  # a centralized decode, speculative k = 3 and k = 5
+        held.append([ItemShape(n, held_rng.randint(16, ctx_cap(b) - n))] * b)
     for i in range(32 if not quick else 12):
         b = held_sizes[i % len(held_sizes)]
-        held.append(_ragged(held_rng, b, max_ctx, prefill=i % 4 == 1, miss_p=0.1 if i % 6 == 2 else 0.0))
+        held.append(_ragged(held_rng, b, ctx_cap(b), prefill=i % 4 == 1, miss_p=0.1 if i % 6 == 2 else 0.0))
     return train, held
 
 
@@ -83,6 +131,8 @@ class BatchRunner:
     def __init__(self, backend: Any, seed: int = 0, uncomputed_context: bool = False) -> None:
         self.backend = backend
         self.uncomputed = uncomputed_context and hasattr(backend, "reserve_uncomputed")
+        # a KV pool cannot hold every grid batch's contexts at once: free the sequences a batch does not use
+        self.bounded = bool(getattr(backend, "kv_capacity_tokens", None))
         self.rng = random.Random(seed)
         vocab = int(backend.vocab_size)
         self._tok = lambda n: [self.rng.randrange(3, vocab) for _ in range(n)]
@@ -120,6 +170,11 @@ class BatchRunner:
         from wisp_cloud.backends.base import WorkItem
 
         items = []
+        if self.bounded:
+            for seq in [q for q in self._used if int(q.rsplit("-", 1)[1]) >= len(shapes)]:
+                self.backend.release(seq)
+                self._used.discard(seq)
+                self._ctx.pop(seq, None)
         for i, s in enumerate(shapes):
             seq = f"profile-{i}"
             self._used.add(seq)
@@ -151,6 +206,16 @@ def backend_group_rule(backend: Any) -> GroupRule | None:
     return None if factor is None else GroupRule(pad_factor=float(factor), pad_slack=32)
 
 
+def _spread(ts: list[float]) -> float:
+    """Relative standard error of the median of these times, from their MAD (1.2533·1.4826·MAD/√n over the
+    median): a burst of load in one reading does not make a shape look noisy."""
+    if len(ts) < 2:
+        return float("inf")
+    med = statistics.median(ts)
+    mad = statistics.median(abs(t - med) for t in ts)
+    return 1.2533 * 1.4826 * mad / math.sqrt(len(ts)) / med if med > 0 else float("inf")
+
+
 def profile_backend(
     backend: Any,
     grid: str = "quick",
@@ -159,8 +224,17 @@ def profile_backend(
     progress: bool = True,
     clock: str = "wall",
     uncomputed_context: bool = False,
+    max_batch: int = 64,
+    target_rse: float = 0.03,
+    max_reps: int | None = None,
 ) -> tuple[VerifyTimeEstimator, dict[str, Any]]:
     """Time the grid on `backend`, fit, and evaluate on held-out shapes. Returns (estimator, report).
+
+    Every shape is timed `reps` times after one warm-up pass that is not kept (allocations, graph captures),
+    in a shuffled round-robin order, and its times' low median is kept. A shape whose median is still
+    uncertain (relative standard error above `target_rse`: a loaded CPU) is timed again, up to `max_reps`
+    (default 3 × reps). The fit is robust (Huber IRLS); the report also gives plain least squares' held-out
+    MAPE on the same data, for comparison.
 
     `clock="cpu"` fits the calling thread's CPU time instead of wall time: on a shared CPU machine wall time
     is mostly other tenants' load, while CPU time is the batch's own work (run torch with one thread so that
@@ -172,25 +246,24 @@ def profile_backend(
 
     max_ctx = int(getattr(backend, "max_positions", None) or 2048)
     max_ctx = min(max_ctx, 2048 if grid == "quick" else 8192)
-    want_ctx = max_ctx
     capacity = getattr(backend, "kv_capacity_tokens", None)  # a paged backend's KV pool, in tokens
     if capacity:
-        # Every sequence of the largest batch keeps its context (plus a prompt chunk) in the pool at once: a
-        # full grid at 8k contexts needs ~270k tokens, more than a 32B model leaves on one GPU (KVCacheFull).
-        small_train, small_held = make_grid(grid, 64, seed)  # batch sizes do not depend on the context length
-        largest = max(len(b) for b in small_train + small_held)
-        max_ctx = min(max_ctx, int(capacity) // largest - 272)
-        if max_ctx < 64:
+        # A batch of B sequences keeps B contexts (plus a prompt chunk) in the pool at once: large batches get
+        # shorter contexts (make_grid), and the largest must still fit a short one.
+        need = max_batch * MIN_SEQ_TOKENS
+        if int(capacity) < need:
             raise WispError(
-                f"the KV pool holds {capacity} tokens: too few for the {grid} grid's batches of {largest} "
-                f"sequences; give a larger --kv-budget-tokens (at least {largest * (64 + 272)})"
+                f"the KV pool holds {capacity} tokens: too few for batches of {max_batch} sequences; give a "
+                f"larger --kv-budget-tokens (at least {need}) or a smaller --max-batch"
             )
-    train, held = make_grid(grid, max_ctx, seed)
+        max_ctx = min(max_ctx, int(capacity) - 272)
+    train, held = make_grid(grid, max_ctx, seed, max_batch=max_batch, kv_tokens=capacity)
     runner = BatchRunner(backend, seed, uncomputed_context)
     t0 = time.perf_counter()
     shapes_all = train + held
     times: list[list[float]] = [[] for _ in shapes_all]
     walls: list[list[float]] = [[] for _ in shapes_all]
+    cap = max(reps, max_reps if max_reps is not None else 3 * reps)
     # Round-robin passes in a shuffled order: load drift on a shared machine then hits every shape alike,
     # instead of biasing whichever shapes happened to be timed during a busy spell.
     order_rng = random.Random(seed + 7)
@@ -201,38 +274,57 @@ def profile_backend(
         file=sys.stderr,
         disable=not progress,
     ) as bar:
-        for p in range(reps + 1):  # pass 0 warms up (allocations, first touch) and is not kept
-            order = list(range(len(shapes_all)))
-            order_rng.shuffle(order)
-            for i in order:
+        todo = list(range(len(shapes_all)))
+        p = 0
+        while todo:
+            order_rng.shuffle(todo)
+            for i in todo:
                 wall = runner.run(shapes_all[i])
-                if p:
+                if p:  # pass 0 warms up (allocations, first touch, graph capture) and is not kept
                     times[i].append(runner.last_cpu_s if clock == "cpu" else wall)
                     walls[i].append(wall)
                 bar.update()
+            p += 1
+            if p > reps:  # the fixed passes are done: only shapes still uncertain go again
+                todo = [i for i in range(len(shapes_all)) if len(times[i]) < cap]
+                todo = [i for i in todo if _spread(times[i]) > target_rse]
+                bar.total = bar.n + len(todo)
     obs = [
-        Observation(BatchShape.of(sh), statistics.median(ts))
+        Observation(BatchShape.of(sh), statistics.median_low(ts))
         for sh, ts in zip(shapes_all, times, strict=True)
     ]
     obs_train, obs_held = obs[: len(train)], obs[len(train) :]
-    wall_obs = [Observation(o.shape, statistics.median(w)) for o, w in zip(obs, walls, strict=True)]
+    wall_obs = [Observation(o.shape, statistics.median_low(w)) for o, w in zip(obs, walls, strict=True)]
     runner.close()
     rule = backend_group_rule(backend)
-    est = VerifyTimeEstimator.fitted(obs_train, group_rule=rule)
-    wall_est = VerifyTimeEstimator.fitted(wall_obs[: len(train)], group_rule=rule)
+    features = DEFAULT_FEATURES if rule is not None else VARLEN_FEATURES
+    est = VerifyTimeEstimator.fitted(obs_train, features=features, group_rule=rule)
+    lsq = VerifyTimeEstimator.fitted(obs_train, features=features, group_rule=rule, robust=False)
+    wall_est = VerifyTimeEstimator.fitted(wall_obs[: len(train)], features=features, group_rule=rule)
+    n_reps = [len(ts) for ts in times]
     report = {
         "grid": grid,
         "reps": reps,
+        "reps_max_used": max(n_reps),
+        "timed_batches": sum(n_reps),
+        "noise_cv_median": round(
+            statistics.median(statistics.pstdev(t) / statistics.mean(t) for t in times), 3
+        ),
+        "max_batch": max_batch,
         "train_batches": len(obs_train),
         "heldout_batches": len(obs_held),
         "train_mape_pct": round(est.evaluate(obs_train), 2),
         "heldout_mape_pct": round(est.evaluate(obs_held), 2),
+        "lsq_heldout_mape_pct": round(lsq.evaluate(obs_held), 2),
+        # what even an exact model would score against these held-out medians: E|N(0, rse)| = 0.8·rse
+        "heldout_noise_floor_pct": round(
+            100 * statistics.mean(0.8 * min(_spread(ts), 1.0) for ts in times[len(train) :]), 2
+        ),
         "clock": clock,
         "uncomputed_context": runner.uncomputed,
         "wall_heldout_mape_pct": round(wall_est.evaluate(wall_obs[len(train) :]), 2),
         "profile_s": round(time.perf_counter() - t0, 1),
         "max_context": max_ctx,
-        "max_context_capped_from": want_ctx if max_ctx < want_ctx else None,
         "coefficients": dict(zip(est.features, est.coef, strict=True)),
     }
     est.meta.update({k: v for k, v in report.items() if k != "coefficients"})
@@ -246,6 +338,10 @@ def _run(args: argparse.Namespace) -> int:
     check_model_args(args)
     if args.reps < 1:
         raise WispError("--reps must be at least 1")
+    if args.max_batch < 1:
+        raise WispError("--max-batch must be at least 1")
+    if args.target_rse <= 0:
+        raise WispError("--target-rse must be positive")
     clock = args.clock
     if clock == "auto":
         clock = "cpu" if args.device == "cpu" else "wall"
@@ -279,6 +375,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         clock=clock,
         uncomputed_context=bool(args.random_config),
+        max_batch=args.max_batch,
+        target_rse=args.target_rse / 100.0,
     )
     est.meta.update({"target": str(target), "device": args.device, "dtype": args.dtype, "engine": engine})
     out = Path(args.out)
@@ -290,13 +388,15 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"fitted on {report['train_batches']} batches: train MAPE {report['train_mape_pct']:.1f} %, "
             f"held-out MAPE {report['heldout_mape_pct']:.1f} % on {report['heldout_batches']} unseen shapes "
-            f"({clock} clock; wall-clock fit: {report['wall_heldout_mape_pct']:.1f} %)"
+            f"({clock} clock; wall-clock fit: {report['wall_heldout_mape_pct']:.1f} %; plain least squares: "
+            f"{report['lsq_heldout_mape_pct']:.1f} %; the held-out timings' own noise: "
+            f"{report['heldout_noise_floor_pct']:.1f} %)"
         )
-        if report["max_context_capped_from"]:
-            print(
-                f"contexts capped at {report['max_context']} tokens (from {report['max_context_capped_from']}) "
-                "to fit the KV pool; a larger --kv-budget-tokens profiles longer ones"
-            )
+        print(
+            f"{report['timed_batches']} timed batches (up to {report['reps_max_used']} per shape; median "
+            f"spread {100 * report['noise_cv_median']:.0f} %), batches up to {report['max_batch']}, contexts "
+            f"up to {report['max_context']} tokens"
+        )
         print(f"wrote {out}")
     return 0
 
@@ -328,7 +428,20 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--grid", choices=GRIDS, default="quick", help="batch-shape grid (default quick)")
     p.add_argument(
-        "--reps", type=int, default=5, help="timed passes over the grid; each shape's median is kept"
+        "--reps", type=int, default=5, help="timed passes over the grid; each shape's (low) median is kept"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=64,
+        help="largest batch to profile: give `wisp serve --max-batch` (default 64, as serve's)",
+    )
+    p.add_argument(
+        "--target-rse",
+        type=float,
+        default=3.0,
+        help="time a shape again (up to 3 × --reps) while its median's relative standard error is above this "
+        "many percent (default 3)",
     )
     p.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 with --clock cpu)"

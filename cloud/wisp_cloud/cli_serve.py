@@ -313,9 +313,11 @@ def _serve(
         except (OSError, ValueError, KeyError) as exc:
             raise WispError(f"--estimator {args.estimator}: {exc}") from exc
     elif args.profile_on_start:
-        from wisp_cloud.cli_profile import profile_backend
+        from wisp_cloud.cli_profile import MIN_SEQ_TOKENS, profile_backend
 
-        estimator, report = profile_backend(backend, "quick", reps=2)
+        pool = getattr(backend, "kv_capacity_tokens", None)  # profile the batches this server will run
+        max_batch = min(cfg.max_batch, int(pool) // MIN_SEQ_TOKENS) if pool else cfg.max_batch
+        estimator, report = profile_backend(backend, "quick", reps=2, max_batch=max(1, max_batch))
         print(
             f"profiled the backend in {report['profile_s']}s: held-out MAPE {report['heldout_mape_pct']}%",
             flush=True,

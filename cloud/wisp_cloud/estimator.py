@@ -11,7 +11,8 @@ Model: a non-negative linear combination of batch features (docs/scheduling.md):
 with features computed from the batch's item shapes (new tokens n_i, cached context c_i, cache-miss flag):
 batch size B, Σn, Σc, max c, misses, the attention work Σ n_i·(c_i + n_i) and the padded area
 B·max(n)·max(n + c) that a padded ragged batch really computes. The fit minimises *relative* squared error
-(weights 1/t), which is what MAPE measures, and drops features whose weight would go negative (active set).
+(weights 1/t), which is what MAPE measures, and drops features whose weight would go negative (active set);
+IRLS with Huber weights on the relative residuals keeps a few badly timed points from bending the fit.
 
 Online refinement: `observe()` feeds every batch the server actually ran. A multiplicative correction (an
 exponentially weighted mean of log(observed/predicted)) reacts at once; every `refit_every` observations the
@@ -166,6 +167,11 @@ class GroupRule:
 
 FEATURES = ("groups", "pad_rows", "pad_past", "pad_attn", "batch", "new", "ctx", "max_ctx", "miss", "attn")
 DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows", "pad_past", "pad_attn")
+# A varlen (paged) engine packs new tokens without padding and each sequence's attention reads its own pages:
+# per step a weight read (`groups`, 1), per sequence (`batch`), per new token (`new`), per cached token read
+# (`ctx`) and per query×key pair (`attn`). The padded features would equal new/ctx/attn on every homogeneous
+# grid point, so only the few ragged mixes would decide the split between them: noise, not cost.
+VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn")
 
 
 def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
@@ -212,7 +218,7 @@ def _as_observation(x: Any) -> Observation:
     return Observation(BatchShape.from_stats(x), float(x.forward_s))
 
 
-def _fit_nonneg(rows: list[list[float]], ys: list[float], weights: list[float]) -> list[float]:
+def _fit_nonneg(rows: Any, ys: Any, weights: Any) -> list[float]:
     """Weighted least squares with w ≥ 0: drop the most negative weight and refit until none is negative."""
     import numpy as np
 
@@ -235,6 +241,36 @@ def _fit_nonneg(rows: list[list[float]], ys: list[float], weights: list[float]) 
     return (coef / scale).tolist()
 
 
+HUBER_K = 1.345  # Huber's tuning constant: 95 % efficiency when the errors are Gaussian
+
+
+def _fit_robust(
+    rows: list[list[float]], ys: list[float], weights: list[float], iters: int = 12
+) -> list[float]:
+    """`_fit_nonneg` made robust by IRLS with Huber weights on the *relative* residuals.
+
+    A grid point timed while another tenant held the CPU (or a CUDA graph was captured) is off by tens of
+    percent; least squares bends every weight towards it. Here each point's weight is cut to k·s/|r| once its
+    relative residual r exceeds k·s, s being the residuals' robust scale (1.4826·median |r|).
+    """
+    import numpy as np
+
+    x = np.asarray(rows, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    base = np.asarray(weights, dtype=np.float64)
+    h = np.ones_like(y)
+    coef = np.asarray(_fit_nonneg(x, y, base))
+    for _ in range(iters):
+        r = (x @ coef - y) / y
+        scale = max(1.4826 * float(np.median(np.abs(r))), 1e-4)
+        new_h = np.minimum(1.0, HUBER_K * scale / np.maximum(np.abs(r), 1e-12))
+        if np.max(np.abs(new_h - h)) < 1e-3:
+            break
+        h = new_h
+        coef = np.asarray(_fit_nonneg(x, y, base * h))
+    return [float(c) for c in coef]
+
+
 def mape(pred: Sequence[float], actual: Sequence[float]) -> float:
     """Mean absolute percentage error, in percent."""
     if not actual:
@@ -250,6 +286,7 @@ class VerifyTimeEstimator:
     coef: list[float] = field(default_factory=list)
     group_rule: GroupRule | None = None  # the backend's padded grouping (None: one padded group)
     meta: dict[str, Any] = field(default_factory=dict)
+    robust: bool = True  # Huber IRLS (`_fit_robust`); False: plain least squares
     window: int = 512
     refit_every: int = 64
     online_weight: float = 4.0
@@ -298,8 +335,9 @@ class VerifyTimeEstimator:
         data: Iterable[Any],
         features: Sequence[str] = DEFAULT_FEATURES,
         group_rule: GroupRule | None = None,
+        robust: bool = True,
     ) -> VerifyTimeEstimator:
-        est = cls(features=tuple(features), group_rule=group_rule)
+        est = cls(features=tuple(features), group_rule=group_rule, robust=robust)
         est.fit(data)
         return est
 
@@ -365,7 +403,7 @@ class VerifyTimeEstimator:
             rows.append(self.featurize(o.shape))
             ys.append(o.seconds)
             ws.append(self.online_weight / o.seconds**2)
-        self.coef = _fit_nonneg(rows, ys, ws)
+        self.coef = (_fit_robust if self.robust else _fit_nonneg)(rows, ys, ws)
         self._log_corr = 0.0
         self._corr = 1.0
         self._since_refit = 0
@@ -413,6 +451,7 @@ class VerifyTimeEstimator:
             "group_rule": None
             if rule is None
             else {"pad_factor": rule.pad_factor, "pad_slack": rule.pad_slack},
+            "fit": "huber" if self.robust else "lsq",
             "meta": self.meta,
             "profile": [row(o) for o in self._base],
         }
@@ -427,6 +466,7 @@ class VerifyTimeEstimator:
             coef=[float(c) for c in d["coef"]],
             group_rule=None if rule is None else GroupRule(float(rule["pad_factor"]), int(rule["pad_slack"])),
             meta=dict(d.get("meta", {})),
+            robust=d.get("fit", "huber") != "lsq",
         )
         if len(est.coef) != len(est.features):
             raise ValueError("estimator file has a different number of coefficients and features")

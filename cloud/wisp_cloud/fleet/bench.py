@@ -291,6 +291,7 @@ def run_bench(args: Any) -> dict[str, Any]:
             "mean_gap_s": args.gap,
             "slo": asdict(slo),
             "target_attainment": args.attainment,
+            "workload": getattr(args, "workload", None),
             "prompts": str(args.prompts),
             "lengths": lengths,
             "prompt_tokens": [len(p) for p in prompt_ids],

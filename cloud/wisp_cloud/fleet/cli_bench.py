@@ -1,7 +1,10 @@
 """`wisp bench`: capacity and goodput of wisp / sled / centralized with a real server and an emulated fleet.
 
-    wisp bench trace --draft BUNDLE --target DIR --prompts FILE --out TRACE.json
-    wisp bench run --serve "--target DIR --device cuda" --draft BUNDLE --trace TRACE.json --n 8,16,32 --out DIR
+    wisp bench workload --workload sharegpt --n 256 --out bench/workloads/sharegpt.json
+    wisp bench trace --draft BUNDLE --target DIR --workload sharegpt --limit 64 --out bench/traces/sharegpt.json
+    wisp bench run --serve "--target DIR --device cuda" --draft BUNDLE --workload sharegpt --n 8,16,32 --out DIR
+
+A workload names a prompt set and its acceptance trace (`workload.WORKLOADS`); --prompts/--trace override them.
 
 Only argparse at import time (the dispatcher imports this for `wisp --help`).
 """
@@ -13,6 +16,10 @@ import shlex
 
 from wisp_sdk.argtypes import deprecated
 from wisp_sdk.errors import WispError
+
+from wisp_cloud.fleet.workload import add_workload_args, resolve_workload_args
+
+PUBLIC = ("sharegpt", "humaneval")  # workloads sampled from public datasets (`wisp bench workload`)
 
 
 def add_parser(subparsers) -> None:
@@ -42,8 +49,8 @@ def add_parser(subparsers) -> None:
         help="draft bundle (its manifest and tokenizer; no ONNX needed); required",
     )
     r.add_argument("--bundle", dest="draft", action=deprecated("--draft"), help=argparse.SUPPRESS)
-    r.add_argument("--trace", required=True, help="acceptance trace from `wisp bench trace`")
-    r.add_argument("--prompts", default="bench/prompts/code10.jsonl", help="prompt set (JSONL)")
+    add_workload_args(r)
+    r.add_argument("--trace", help="acceptance trace from `wisp bench trace` (default: the workload's)")
     r.add_argument("--policies", default="centralized,sled,wisp", help="comma-separated, run in this order")
     r.add_argument("--n", default="4,8,16,32", help="device counts to sweep (comma-separated)")
     r.add_argument(
@@ -82,13 +89,40 @@ def add_parser(subparsers) -> None:
     t = sub.add_parser("trace", help="measure an acceptance trace with a real draft/target pair")
     t.add_argument("--draft", required=True, help="draft bundle (ONNX)")
     t.add_argument("--target", required=True, help="target HF folder or known model name")
-    t.add_argument("--prompts", default="bench/prompts/code10.jsonl")
+    add_workload_args(t)
     t.add_argument("--max-new-tokens", type=int, default=64)
     t.add_argument("--limit", type=int, help="first N prompts only")
     t.add_argument("--threads", type=int)
     t.add_argument("--out", required=True)
     t.set_defaults(func=_trace)
+
+    w = sub.add_parser(
+        "workload",
+        help="sample request lengths from a public dataset (ShareGPT V3, HumanEval) into a workload file",
+        description="Sample requests as vLLM's serving benchmark does (seeded; length filters 4 ≤ prompt ≤ "
+        "1024, output ≥ 4, prompt + output ≤ 2048 tokens), counted with the real pair's tokenizer.",
+    )
+    w.add_argument("--workload", required=True, choices=PUBLIC)
+    w.add_argument(
+        "--n", type=_positive, help="requests to sample (default: 256 for sharegpt, all 164 for humaneval)"
+    )
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--tokenizer",
+        help="folder with tokenizer.json, or a cached model name (default: the real pair's, "
+        "qwen2.5-coder-1.5b-instruct)",
+    )
+    w.add_argument("--dataset", help="sharegpt only: a ShareGPT JSON file instead of the package's")
+    w.add_argument("--out", required=True, help="workload JSON to write")
+    w.set_defaults(func=_workload)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.draft:
         raise WispError("wisp bench run needs --draft BUNDLE")
+    resolve_workload_args(args, trace=True)
     args.serve_args = shlex.split(args.serve)
     args.server_cmd = shlex.split(args.server_cmd) if args.server_cmd else None
     if args.server_cmd is None and not {"--target", "--random-config"} & set(args.serve_args):
@@ -113,6 +148,7 @@ def _trace(args: argparse.Namespace) -> int:
     from wisp_cloud.cli_serve import _resolve_target
     from wisp_cloud.fleet.trace import make_trace
 
+    resolve_workload_args(args, trace=False)
     target = Path(args.target) if Path(args.target, "config.json").is_file() else _resolve_target(args.target)
     trace = make_trace(
         args.draft,
@@ -122,7 +158,42 @@ def _trace(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         threads=args.threads,
+        command=shlex.join(["wisp", "bench", "trace", *_trace_flags(args)]),
     )
     s = trace["summary"]
     print(f"wrote {args.out}: {int(s['positions'])} positions, acceptance {s['alpha']:.3f}")
+    return 0
+
+
+def _trace_flags(args: argparse.Namespace) -> list[str]:
+    """The trace command's flags as resolved (for the trace's provenance)."""
+    out = ["--draft", str(args.draft), "--target", str(args.target), "--prompts", str(args.prompts)]
+    out += ["--max-new-tokens", str(args.max_new_tokens)]
+    for flag, value in (("--limit", args.limit), ("--threads", args.threads)):
+        if value is not None:
+            out += [flag, str(value)]
+    return [*out, "--out", str(args.out)]
+
+
+def _workload(args: argparse.Namespace) -> int:
+    from wisp_cloud.fleet.datasets import build_workload, pair_tokenizer, save_workload
+
+    if args.dataset and args.workload != "sharegpt":
+        raise WispError("--dataset is for --workload sharegpt")
+    tok = pair_tokenizer(args.tokenizer)
+    parts = ["wisp", "bench", "workload", "--workload", args.workload, "--seed", str(args.seed)]
+    for flag, value in (("--n", args.n), ("--tokenizer", args.tokenizer), ("--dataset", args.dataset)):
+        if value is not None:
+            parts += [flag, str(value)]
+    command = shlex.join([*parts, "--out", str(args.out)])
+    doc = build_workload(args.workload, args.n, args.seed, tok, args.dataset, command=command)
+    save_workload(doc, args.out)
+    s = doc["summary"]
+    print(
+        f"wrote {args.out}: {int(s['requests'])} {args.workload} requests, prompt tokens mean "
+        f"{s['prompt_tokens_mean']:.0f} (p90 {s['prompt_tokens_p90']:.0f}), output tokens mean "
+        f"{s['output_tokens_mean']:.0f} (p90 {s['output_tokens_p90']:.0f})"
+    )
+    for note in doc["provenance"]["stats"]["notes"]:
+        print(f"note: {note}")
     return 0

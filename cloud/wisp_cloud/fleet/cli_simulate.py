@@ -14,6 +14,18 @@ import argparse
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.config import parse_tenant_weight
+from wisp_cloud.fleet.workload import add_workload_args, resolve_workload_args
+
+
+def _shares(text: str) -> tuple[float, ...]:
+    """`--tenants 0.95,0.05`: checked at parse time (one usage line)."""
+    try:
+        shares = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated shares, e.g. 0.95,0.05") from None
+    if shares and (any(x <= 0 for x in shares) or abs(sum(shares) - 1.0) > 1e-6):
+        raise argparse.ArgumentTypeError(f"{text}: shares must be > 0 and sum to 1")
+    return shares
 
 
 def add_parser(subparsers) -> None:
@@ -24,8 +36,8 @@ def add_parser(subparsers) -> None:
         "the real ones. GPU time comes from a `wisp profile` estimator file.",
     )
     p.add_argument("--estimator", help="estimator JSON from `wisp profile` (default: the built-in prior)")
-    p.add_argument("--trace", default="bench/traces/qwen-coder.json", help="acceptance trace")
-    p.add_argument("--prompts", default="bench/prompts/code10.jsonl", help="prompt set (output lengths)")
+    add_workload_args(p)
+    p.add_argument("--trace", help="acceptance trace (default: the workload's)")
     p.add_argument("--policies", default="centralized,sled,wisp")
     p.add_argument("--sled-k", default="2,4,6", help="FixedK values for sled (best reported)")
     p.add_argument("--devices", type=int, default=100_000, help="devices in total")
@@ -45,7 +57,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--validate", help="a bench.json: re-simulate its points and report the error")
     p.add_argument(
         "--tenants",
-        default="",
+        dest="tenant_shares",
+        type=_shares,
+        default=(),
         metavar="SHARES",
         help="fair sharing: the devices split into tenants t0, t1, ... by these shares (e.g. 0.95,0.05); the "
         "summary then has one entry per tenant",
@@ -73,13 +87,5 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.gpus < 1:
         raise WispError("--devices and --gpus must be >= 1")
-    try:
-        shares = tuple(float(x) for x in args.tenants.split(",") if x.strip())
-    except ValueError:
-        raise WispError(
-            f"--tenants {args.tenants}: expected comma-separated shares, e.g. 0.95,0.05"
-        ) from None
-    if shares and (any(x <= 0 for x in shares) or abs(sum(shares) - 1.0) > 1e-6):
-        raise WispError(f"--tenants {args.tenants}: shares must be > 0 and sum to 1")
-    args.tenant_shares = shares
+    resolve_workload_args(args, trace=True)
     return run_cli(args)

@@ -27,8 +27,10 @@ def _variants(policy: str, sled_k: list[int]) -> list[str]:
 def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
     seqs = trace["sequences"]
     prompts = load_prompts(args.prompts)
+    # a workload file counts its prompts' tokens; a JSONL prompt set borrows the trace's counts
     ptoks = over.pop("prompt_tokens", None) or [
-        seqs[i % len(seqs)].get("prompt_tokens", 64) for i in range(len(prompts))
+        int(p.get("prompt_tokens") or seqs[i % len(seqs)].get("prompt_tokens", 64))
+        for i, p in enumerate(prompts)
     ]
     lengths = over.pop("lengths", None) or [int(p["max_new_tokens"]) for p in prompts]
     cfg = SimConfig(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from wisp_cloud.fleet.workload import load_prompts
+from wisp_cloud.fleet.workload import load_prompts, workload_provenance
 
 
 def _confidence(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,6 +38,7 @@ def make_trace(
     threads: int | None = None,
     progress: bool = True,
     partial: bool = True,
+    command: str = "",
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -52,6 +53,7 @@ def make_trace(
     model.eval()
     eos = set(runner.manifest.eos_token_ids)
     items = load_prompts(prompts)[: limit or None]
+    extra = {"command": command, "prompts_provenance": workload_provenance(prompts)}
     seqs = []
     t0 = time.perf_counter()
     for i, item in enumerate(items):
@@ -81,14 +83,14 @@ def make_trace(
             }
         )
         if partial:  # keep what is done so far: a long CPU run can be stopped and still leaves a trace
-            _write(out, _doc(bundle, runner, target, prompts, max_new_tokens, seqs))
+            _write(out, _doc(bundle, runner, target, prompts, max_new_tokens, seqs, extra))
         if progress:
             print(
                 f"  trace {i + 1}/{len(items)}: {len(cont)} tokens, accept {np.mean(acc):.2f} "
                 f"({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
-    trace = _doc(bundle, runner, target, prompts, max_new_tokens, seqs)
+    trace = _doc(bundle, runner, target, prompts, max_new_tokens, seqs, extra)
     _write(out, trace)
     return trace
 
@@ -101,7 +103,13 @@ def _write(out: str | Path, trace: dict[str, Any]) -> None:
 
 
 def _doc(
-    bundle: Any, runner: Any, target: Any, prompts: Any, max_new_tokens: int, seqs: list
+    bundle: Any,
+    runner: Any,
+    target: Any,
+    prompts: Any,
+    max_new_tokens: int,
+    seqs: list,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "kind": "wisp-acceptance-trace",
@@ -111,6 +119,7 @@ def _doc(
         "target": str(target),
         "prompts": str(prompts),
         "max_new_tokens": max_new_tokens,
+        **extra,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "sequences": seqs,
         "summary": summarize(seqs),
