@@ -60,7 +60,7 @@ def test_stable_argmax_is_batch_shape_invariant(tiny_target):
 def test_profile_random_config_reports_heldout_mape(tmp_path, tiny_target):
     out = tmp_path / "est.json"
     cmd = [sys.executable, "-m", "wisp_sdk.cli", "profile", "--random-config", str(tiny_target)]
-    cmd += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--kv-budget-tokens", "20000"]
+    cmd += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--kv-budget-tokens", "20000", "--max-batch", "16"]
     proc = subprocess.run(
         [*cmd, "--out", str(out), "--json", "--no-progress"], capture_output=True, text=True
     )
@@ -127,15 +127,18 @@ def test_cli_rejects_random_weight_options_without_random_config(tmp_path, tiny_
 
 
 def test_profile_caps_contexts_to_the_kv_pool(tmp_path, tiny_target):
-    """A grid whose batches would not fit the KV pool profiles shorter contexts (said so), or says what to raise."""
+    """A grid whose batches would not fit the KV pool profiles shorter contexts, or says what to raise."""
     base = [sys.executable, "-m", "wisp_sdk.cli", "profile", "--random-config", str(tiny_target)]
-    base += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--no-progress"]
+    base += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--no-progress", "--max-batch", "16"]
     out = tmp_path / "est.json"
     proc = subprocess.run(
         [*base, "--kv-budget-tokens", "8000", "--out", str(out)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "contexts capped at 228 tokens" in proc.stdout and "to fit the KV pool" in proc.stdout
+    # the grid gives a batch of B sequences contexts of at most pool/B - 272 tokens: 228 at B = 16
+    assert "batches up to 16" in proc.stdout
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["max_batch"] == 16
     small = subprocess.run(
         [*base, "--kv-budget-tokens", "2000", "--out", str(out)], capture_output=True, text=True
     )
