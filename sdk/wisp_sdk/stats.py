@@ -44,6 +44,7 @@ class GenerationStats:
     total_ms: float = 0.0
     reconnects: int = 0
     reopened: int = 0  # times the server had lost the session and it was rebuilt from the committed context
+    refused: int = 0  # Opens refused with `overloaded` and retried (another replica, behind a balancer)
     finish_reason: str = ""
     rounds: list[RoundStats] = field(default_factory=list)
 
@@ -99,6 +100,7 @@ class GenerationStats:
             "wasted_tokens": self.wasted_tokens,
             "reconnects": self.reconnects,
             "reopened": self.reopened,
+            "refused": self.refused,
             "finish_reason": self.finish_reason,
         }
         if rounds:
