@@ -20,6 +20,12 @@ def add_parser(subparsers) -> None:
         help="serve a target model: verify edge drafts in shared batches",
         description="Serve a target model over websockets (wisp.v1). Prints `listening on ws://HOST:PORT` when ready.",
     )
+    add_serve_args(p)
+    p.set_defaults(func=run)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every `wisp serve` flag (`wisp cluster` takes them all and hands them to its replicas)."""
     p.add_argument("--target", help="HF model folder, or a known model name (see `wisp models`)")
     add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
@@ -103,7 +109,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
 
 
 def _resolve_target(target: str) -> Path:
@@ -195,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from wisp_cloud.metrics import log_event
+
+    if logging.getLogger().level > logging.DEBUG:  # a balancer's health checks would log two lines a second
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
 
     log_event(
         logging.getLogger("wisp.serve"),
