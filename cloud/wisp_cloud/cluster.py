@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -100,6 +101,7 @@ class Cluster:
         r.drain()
         r.wait(self.drain_s + 15.0)
         r.wait_ready(r.launch(), timeout_s, self.abort)
+        time.sleep(1.0)  # two health checks: the balancer marks it up before the next replica drains
 
     def rolling_restart(self, timeout_s: float = 600.0) -> None:
         for i in range(len(self.replicas)):
