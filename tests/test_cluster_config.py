@@ -74,3 +74,24 @@ def test_missing_haproxy_is_one_line_saying_how_to_install_it(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "apt-get install haproxy" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("visible", "per", "want"),
+    [
+        ("0,1", 1, ["0", "1", "0"]),
+        ("0,1,2,3,4,5,6,7", 4, ["0,1,2,3", "4,5,6,7", "0,1,2,3"]),
+        ("3,5,7", 2, ["3,5"] * 3),
+    ],
+)
+def test_replicas_get_their_own_gpus(monkeypatch, visible, per, want):
+    from wisp_cloud.cluster import Cluster
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr("wisp_cloud.cluster.find_haproxy", lambda binary: binary)
+    c = Cluster(3, ["--target", "m"], device="cuda", gpus_per_replica=per)
+    assert [r.env["CUDA_VISIBLE_DEVICES"] for r in c.replicas] == want
+    assert all(r.serve_args[-2:] == ["--device", "cuda"] for r in c.replicas)
+    too_many = len(visible.split(",")) + 1
+    with pytest.raises(WispError, match=f"needs {too_many} GPUs"):
+        Cluster(1, ["--target", "m"], device="cuda", gpus_per_replica=too_many)

@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         device=args.device,
+        gpus_per_replica=args.sglang_tp if args.backend == "sglang" else 1,
         haproxy=args.haproxy,
         drain_s=args.drain_s,
     )

@@ -1,7 +1,7 @@
 """`Cluster`: N `wisp serve` replicas behind one HAProxy, started, restarted and stopped together.
 
-Replicas listen on free loopback ports; with `--device cuda` each gets one visible GPU (CUDA_VISIBLE_DEVICES,
-round-robin when there are more replicas than GPUs). `rolling_restart` drains one replica at a time (SIGTERM:
+Replicas listen on free loopback ports; with `--device cuda` each gets one visible GPU, or a group of
+`--sglang-tp` GPUs (CUDA_VISIBLE_DEVICES, round-robin when there are more replicas than GPUs). `rolling_restart` drains one replica at a time (SIGTERM:
 it finishes its rounds in flight and closes with 1001; its clients resume through the balancer, on another
 replica, and rebuild their sessions there), starts it again on the same port and waits for `/ready` before the
 next one, so clients never see every replica down.
@@ -45,6 +45,7 @@ class Cluster:
         host: str = "127.0.0.1",
         port: int = 0,
         device: str = "cpu",
+        gpus_per_replica: int = 1,
         haproxy: str = "haproxy",
         drain_s: float = 30.0,
         workdir: Path | None = None,
@@ -65,8 +66,12 @@ class Cluster:
                 raise WispError(
                     "--device cuda: no GPU visible (nvidia-smi lists none, or CUDA_VISIBLE_DEVICES is empty)"
                 )
-            envs = [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(replicas)]
-            device = "cuda"  # each replica sees its one GPU as cuda:0
+            g = gpus_per_replica
+            if len(gpus) < g:
+                raise WispError(f"each replica needs {g} GPUs (--sglang-tp) but {len(gpus)} are visible")
+            groups = [gpus[k : k + g] for k in range(0, len(gpus) - g + 1, g)]  # whole groups only
+            envs = [{"CUDA_VISIBLE_DEVICES": ",".join(groups[i % len(groups)])} for i in range(replicas)]
+            device = "cuda"  # each replica sees its GPUs from cuda:0
         self.replicas = [
             Replica(i, [*serve_args, "--device", device], env=envs[i], log=self.log) for i in range(replicas)
         ]
