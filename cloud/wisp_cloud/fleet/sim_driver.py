@@ -49,6 +49,7 @@ def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over
         max_batch=args.max_batch,
         noise=args.noise,
         seed=args.seed,
+        balance=args.balance,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
@@ -86,7 +87,13 @@ def run_cli(args: Any) -> int:
     if args.sweep:
         return sweeps(args, est, trace, policies, sled_k, out)
     pool = ProcessPoolExecutor(args.procs) if args.procs > 1 else None
-    result: dict[str, Any] = {"kind": "wisp-simulate", "devices": args.devices, "gpus": args.gpus, "runs": []}
+    result: dict[str, Any] = {
+        "kind": "wisp-simulate",
+        "devices": args.devices,
+        "gpus": args.gpus,
+        "balance": args.balance,
+        "runs": [],
+    }
     t_all = time.perf_counter()
     try:
         for policy in policies:
@@ -100,8 +107,9 @@ def run_cli(args: Any) -> int:
                 print(
                     f"[sim] {policy:<12}{ctl:<9} {args.devices} devices / {args.gpus} GPUs: "
                     f"{s['sessions']} sessions, attainment {s['attainment']:.3f}, "
-                    f"goodput {s['goodput_tok_s']:.0f} tok/s, tpot p50 {s['tpot_p50_ms']:.0f} ms "
-                    f"({s['wall_s']:.0f}s wall)",
+                    f"goodput {s['goodput_tok_s']:.0f} tok/s, tpot p50 {s['tpot_p50_ms']:.0f} ms, "
+                    f"{s['balance']}: {s['sessions_per_replica_min']}-{s['sessions_per_replica_max']} "
+                    f"sessions per GPU ({s['wall_s']:.0f}s wall)",
                     flush=True,
                 )
     finally:

@@ -12,9 +12,14 @@ way), the draft model (device profile's time per token; acceptance replayed from
 emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
 perfect Python loop, which is the main source of error against `wisp bench`).
 
-Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
-shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
-then Exp(gap) think time, as in `wisp bench`.
+Scale, two ways (`SimConfig.balance`):
+- `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
+  per-device key would) and each GPU's shard is an independent simulation, run in `--procs` processes.
+- `leastconn` / `roundrobin`: the load balancer of docs/deploy.md. G replicas (each its own queue, policy and
+  estimator) in ONE simulation; each session is assigned when it opens (HAProxy's `balance leastconn`: the
+  replica with the fewest live sessions, ties in turn; or plain round-robin) and stays there (the affinity
+  cookie). One process, so slower.
+Arrivals are closed-loop per device: a session, then Exp(gap) think time, as in `wisp bench`.
 """
 
 from __future__ import annotations
@@ -57,6 +62,23 @@ class SimConfig:
     seed: int = 0
     policy_kw: dict | None = None
     drain_s: float = 10.0
+    replicas: int = 1  # GPUs simulated together in this one event loop
+    balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
+
+
+BALANCE = ("device-hash", "leastconn", "roundrobin")
+
+
+class _Replica:
+    """One GPU's server: its own scheduler (queue, policy, estimator) and busy clock."""
+
+    __slots__ = ("busy_until", "live", "sched", "wake_at")
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.busy_until = 0.0
+        self.wake_at: float | None = None
+        self.live = 0  # open sessions (what leastconn counts)
 
 
 class _Trace:
@@ -88,6 +110,7 @@ class _Sess:
         "kept",
         "n_drafted",
         "n_accepted",
+        "rep",
     )
 
 
@@ -96,15 +119,20 @@ def _ema(old: float, new: float, w: float = 0.3) -> float:
 
 
 def simulate_gpu(cfg: SimConfig) -> list[dict]:
-    """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
+    """`cfg.replicas` GPUs and their devices; returns one record per session (same fields as `wisp bench`)."""
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
 
+    if cfg.balance not in BALANCE:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE)}, not {cfg.balance!r}")
     rng = random.Random(cfg.seed)
-    est = VerifyTimeEstimator.from_dict(cfg.estimator)
     gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
-    policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
-    sched = Scheduler(policy, est, learn=False)
+    reps = []
+    for _ in range(cfg.replicas):
+        est = VerifyTimeEstimator.from_dict(cfg.estimator)
+        policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
+        reps.append(_Replica(Scheduler(policy, est, learn=False)))
+    turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -127,11 +155,22 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     for d in range(cfg.devices):
         push(rng.uniform(0, cfg.gap_s), "start", d)
 
-    def start_session(d: int, now: float) -> None:
+    def assign(d: int) -> int:
+        n = len(reps)
+        if n == 1 or cfg.balance == "device-hash":
+            return d % n
+        t = next(turn)
+        if cfg.balance == "roundrobin":
+            return t % n
+        return min(range(n), key=lambda i: (reps[i].live, (i - t) % n))
+
+    def start_session(d: int, now: float) -> int | None:
         if now > cfg.duration_s:
-            return
+            return None
         s = _Sess()
         s.dev = d
+        s.rep = assign(d)
+        reps[s.rep].live += 1
         s.idx = rng.randrange(len(cfg.prompt_tokens))
         s.plen = cfg.prompt_tokens[s.idx]
         s.max_new = cfg.lengths[s.idx]
@@ -158,6 +197,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             str(id(s)), "prefill", s.plen, 0, deadline=s.dl.prefill_deadline(), arrival=t_srv, payload=s
         )
         push(t_srv, "submit", req)
+        return s.rep
 
     def record(s: _Sess, finished: bool) -> None:
         ttft = (s.first_dev - s.start) * 1000 if s.first_dev is not None else None
@@ -166,6 +206,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         records.append(
             {
                 "device": s.dev,
+                "replica": s.rep,
                 "start_s": s.start,
                 "ttft_ms": ttft,
                 "tpot_ms": tpot,
@@ -182,6 +223,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
 
     def finish_session(s: _Sess, now: float) -> None:
         active.pop(id(s), None)
+        reps[s.rep].live -= 1
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
@@ -272,7 +314,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         wait_ms = (arrive - s.round_sent) * 1000
         s.link.rtt_ms = _ema(s.link.rtt_ms, max(0.0, wait_ms - queue_ms - verify_ms))
         s.link.verify_ms = _ema(s.link.verify_ms, verify_ms)
-        s.link.wait_hint_ms = 1000 * sched.wait_hint(ItemShape(len(kept) + 1, s.plen + s.gen), finish)
+        s.link.wait_hint_ms = 1000 * reps[s.rep].sched.wait_hint(
+            ItemShape(len(kept) + 1, s.plen + s.gen), finish
+        )
         if s.gen >= s.max_new:
             push(arrive, "done", s)
         else:
@@ -288,47 +332,52 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             arrival=now,
             payload=s,
         )
-        sched.submit(req)
+        reps[s.rep].sched.submit(req)
 
-    # ---- the GPU ----
-    busy_until = 0.0
-    wake_at: float | None = None
-
-    def try_run(now: float) -> None:
-        nonlocal busy_until, wake_at
-        if now < busy_until - 1e-12:
+    # ---- the GPUs ----
+    def try_run(r: int, now: float) -> None:
+        rp = reps[r]
+        if now < rp.busy_until - 1e-12:
             return
-        batch = sched.next_batch(now)
+        batch = rp.sched.next_batch(now)
         if batch is None:
-            w = sched.wakeup(now)
-            if w is not None and (wake_at is None or w < wake_at - 1e-12 or wake_at <= now):
-                wake_at = max(w, now + 1e-6)
-                push(wake_at, "wake", None)
+            w = rp.sched.wakeup(now)
+            if w is not None and (rp.wake_at is None or w < rp.wake_at - 1e-12 or rp.wake_at <= now):
+                rp.wake_at = max(w, now + 1e-6)
+                push(rp.wake_at, "wake", r)
             return
         dur = gpu_est.predict(batch.shapes)
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
-        busy_until = now + dur
-        push(busy_until, "batch", (batch, dur))
+        rp.busy_until = now + dur
+        push(rp.busy_until, "batch", (r, batch, dur))
 
     while heap:
         now, _, kind, obj = heapq.heappop(heap)
         if now > end:
             break
+        r: int | None = None  # the replica this event concerns
         if kind == "start":
-            start_session(obj, now)
+            r = start_session(obj, now)
         elif kind == "submit":
-            sched.submit(obj)
+            r = obj.payload.rep
+            reps[r].sched.submit(obj)
         elif kind == "draft":
             draft_round(obj, now)
+            r = obj.rep
         elif kind == "done":
             finish_session(obj, now)
+            r = obj.rep
         elif kind == "batch":
-            batch, dur = obj
-            for out in sched.complete(batch, dur, now):
+            r, batch, dur = obj
+            for out in reps[r].sched.complete(batch, dur, now):
                 on_answer(out.request.payload, out.request, now, dur)
-        # "wake" needs nothing but the try below
-        try_run(now)
+        else:  # "wake": nothing but the try below
+            r = obj
+        if len(reps) == 1:
+            try_run(0, now)  # one GPU: after every event, as before replicas existed
+        elif r is not None:
+            try_run(r, now)
     for s in active.values():  # still running at the end of the drain: a miss, as in `wisp bench`
         record(s, False)
     return records
@@ -346,7 +395,17 @@ def _summ(records: list[dict], warmup: float, duration: float) -> dict[str, Any]
 
 
 def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolExecutor | None = None) -> dict:
-    """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed)."""
+    """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed).
+    With a load balancer (`cfg.balance` leastconn/roundrobin) all GPUs are one simulation; else one per GPU."""
+    if cfg.balance != "device-hash" and gpus > 1:
+        t = time.perf_counter()
+        records = simulate_gpu(
+            SimConfig(**{**asdict(cfg), "replicas": gpus, "device": cfg.device, "link": cfg.link})
+        )
+        summ = _summ(records, cfg.warmup_s, cfg.duration_s)
+        summ.update(wall_s=round(time.perf_counter() - t, 2), n=cfg.devices, gpus=gpus, balance=cfg.balance)
+        summ.update(_replica_spread(records, gpus, cfg.warmup_s, cfg.duration_s))
+        return summ
     per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
     cfgs = [
         SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
@@ -363,7 +422,21 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
+    summ["balance"] = "device-hash"
+    for g, rs in enumerate(results):  # each shard numbered its one replica 0
+        for rec in rs:
+            rec["replica"] = g
+    summ.update(_replica_spread(records, gpus, cfg.warmup_s, cfg.duration_s))
     return summ
+
+
+def _replica_spread(records: list[dict], gpus: int, warmup: float, duration: float) -> dict[str, int]:
+    """Sessions opened per replica in the measured window: how even the balancing was."""
+    counts = [0] * gpus
+    for r in records:
+        if warmup <= r["start_s"] < duration:
+            counts[r["replica"]] += 1
+    return {"sessions_per_replica_min": min(counts), "sessions_per_replica_max": max(counts)}
 
 
 def find_capacity(
