@@ -24,7 +24,8 @@ def _variants(policy: str, sled_k: list[int]) -> list[str]:
     return ["wisp"]
 
 
-def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
+def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
+    """A `SimConfig` from `wisp simulate`'s arguments, with `over` replacing fields."""
     seqs = trace["sequences"]
     prompts = load_prompts(args.prompts)
     ptoks = over.pop("prompt_tokens", None) or [
@@ -98,7 +99,7 @@ def run_cli(args: Any) -> int:
     try:
         for policy in policies:
             for ctl in _variants(policy, sled_k):
-                cfg = _cfg(args, policy, ctl, trace, est)
+                cfg = sim_config(args, policy, ctl, trace, est)
                 s = run_point(cfg, gpus=args.gpus, procs=args.procs, pool=pool)
                 s.pop("tpot_ms", None)
                 s.pop("ttft_ms", None)
@@ -157,7 +158,7 @@ def sweeps(args: Any, est: dict, trace: dict, policies: list[str], sled_k: list[
                     tr = trace
                     if param == "accept":
                         tr = {**trace, "sequences": resample_acceptance(trace["sequences"], value, args.seed)}
-                    cfg = _cfg(args, policy, ctl, tr, est, **over)
+                    cfg = sim_config(args, policy, ctl, tr, est, **over)
                     t = time.perf_counter()
                     cap, gp = find_capacity(cfg)
                     print(
@@ -194,7 +195,7 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
     link = LinkProfile(**c["link_profile"])
     rows = []
     for p in bench["points"]:
-        cfg = _cfg(
+        cfg = sim_config(
             args,
             p["policy"],
             p["controller"] or "",
