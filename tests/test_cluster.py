@@ -38,8 +38,8 @@ if shutil.which("haproxy") is None:
 class ClusterProcess:
     """`wisp cluster` in a subprocess; its stdout lines (`listening on`, `replica I pid PID URL`) as they come."""
 
-    def __init__(self, *args: str, timeout: float = 120.0) -> None:
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"wisp-cluster-test-{os.getpid()}.log"
+    def __init__(self, log: Path, *args: str, timeout: float = 120.0) -> None:
+        self.log = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wisp_sdk.cli", "cluster", *args],
             stdout=subprocess.PIPE,
@@ -104,9 +104,19 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_target):
+def cluster(tiny_target, tmp_path_factory):
     c = ClusterProcess(
-        "--replicas", "2", "--target", str(tiny_target), "--port", "0", "--threads", "1", "--drain-s", "1"
+        tmp_path_factory.mktemp("cluster") / "stderr.log",
+        "--replicas",
+        "2",
+        "--target",
+        str(tiny_target),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--drain-s",
+        "1",
     )
     yield c
     if c.proc.poll() is None:
@@ -168,8 +178,10 @@ def test_rolling_restart_fails_no_client(cluster, tiny_bundle, references):
     restarted = threading.Event()
 
     def watch() -> None:
-        cluster.wait_for(lambda: cluster.replicas(2, after=mark) is not None, 120)
-        restarted.set()
+        try:
+            cluster.wait_for(lambda: cluster.replicas(2, after=mark) is not None, 120)
+        finally:
+            restarted.set()  # also on a timeout: the clients stop, the assertions below fail
 
     async def run() -> list[list[GenerationResult]]:
         # Clients keep generating until both replicas were drained and restarted.
