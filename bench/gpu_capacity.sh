@@ -43,7 +43,7 @@ fi
   --server-cmd "${PIN_SERVER[*]} $PY -m wisp_sdk.cli serve" \
   --serve "--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device $DEVICE \
            --max-batch ${MAX_BATCH:-256} --kv-budget-tokens ${KV:-400000} --estimator $EST --save-estimator $OUT/est-online.json ${SERVE_EXTRA:-}" \
-  --bundle "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
+  --draft "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
   --policies "${POLICIES:-centralized,sled,wisp}" --sled-k "${SLED_K:-3,5}" --n "$N" \
   --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
   --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \

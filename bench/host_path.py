@@ -138,7 +138,7 @@ async def _clients(
 async def _measure(args: argparse.Namespace, n: int) -> dict:
     from wisp_cloud.backends.fake import FakeBackend
     from wisp_cloud.config import ServerConfig
-    from wisp_cloud.server import WispServer
+    from wisp_cloud.server import WispServer, tune_gc
 
     backend = FakeBackend(FINGERPRINT_VOCAB, base_s=args.base_ms / 1e3, per_token_s=args.per_token_us / 1e6)
     cfg = ServerConfig(
@@ -152,6 +152,8 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     )
     server = WispServer(backend, cfg)
     await server.start()
+    if not args.no_tune_gc:
+        tune_gc()  # as `wisp serve` does
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cores, client_cores = (cpus[:1], cpus[1:]) if len(cpus) > 1 else (None, None)
     if server_cores:
@@ -183,8 +185,10 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
             procs.append(p)
     await asyncio.sleep(args.warmup)
     t0 = dataclasses.replace(server.totals)  # a copy: the server keeps adding to its own
+    cpu0 = time.process_time()
     await asyncio.sleep(args.seconds)
     t1 = server.totals
+    cpu_s = time.process_time() - cpu0  # this process is the server (clients are spawned processes)
     results = [await asyncio.to_thread(out.get) for _ in procs]
     for p in procs:
         p.join()
@@ -202,13 +206,16 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         "step_ms_mean": 1e3 * whole / steps if steps else 0.0,
         "host_us_per_session_step": 1e6 * host / items if items else float("nan"),
         "device_idle_share": host / whole if whole else float("nan"),
+        # CPU the server process spent (gateway + engine, every thread) per session-step: unlike the wall-clock
+        # host time, other jobs preempting the server do not inflate it.
+        "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
         "rounds": sum(r["rounds"] for r in results),
         "client_errors": sum(r["errors"] for r in results),
     }
     print(
         f"N={n:5d}  steps={steps:5d}  batch={row['batch_mean']:7.1f}  step={row['step_ms_mean']:7.2f} ms  "
         f"forward={row['forward_ms_mean']:6.2f} ms  host={row['host_us_per_session_step']:6.1f} µs/session/step  "
-        f"idle={row['device_idle_share']:.2f}",
+        f"idle={row['device_idle_share']:.2f}  cpu={row['server_cpu_us_per_session_step']:6.1f} µs/session/step",
         flush=True,
     )
     return row
@@ -258,6 +265,9 @@ def main() -> int:
     )
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument(
+        "--no-tune-gc", action="store_true", help="keep Python's default GC (wisp serve tunes it)"
+    )
     ap.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (default 5)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window (default 10)")

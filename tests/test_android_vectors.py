@@ -58,12 +58,14 @@ def test_vectors_cover_every_message_type():
         "opened",
         "resumed",
         "tokens",
+        "switch",
         "closed",
         "error",
     }
     assert data["round"] and data["verdict"] and data["invalid"]
     assert any(v["fields"]["q_ids"] for v in data["round"])
     assert any(v["fields"]["done"] for v in data["verdict"])
+    assert any(v["fields"]["centralize"] and v["fields"]["unverified"] for v in data["verdict"])
 
 
 def test_vectors_cover_every_field_of_the_schema():

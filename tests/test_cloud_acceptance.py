@@ -17,11 +17,12 @@ from transformers.generation.logits_process import (
 from wisp_cloud.acceptance import (
     Decision,
     DraftError,
+    SparseQ,
     accept_greedy,
     accept_sampling,
-    dense_q,
     make_generator,
     process_logits,
+    sparse_q,
 )
 from wisp_sdk.protocol import SamplingParams
 
@@ -62,19 +63,26 @@ def test_greedy_rule():
         accept_greedy([1, 2], [1, 2])
 
 
-def test_dense_q_validation():
-    q = dense_q([3, 1], [0.25, 0.75], 5, token=1)
-    assert q.tolist() == [0, 0.75, 0, 0.25, 0]
+def test_sparse_q_validation():
+    q = sparse_q([3, 1], [0.25, 0.75], 5, token=1)
+    assert q.ids.tolist() == [3, 1] and q.probs.tolist() == [0.25, 0.75] and q.drafted == 0.75
+    assert sparse_q([0, 1], [0.5, 0.5005], 5, token=0).drafted == pytest.approx(0.5 / 1.0005)  # renormalized
     for ids, probs, tok in [
         ([9], [1.0], 9),  # out of vocab
         ([1, 1], [0.5, 0.5], 1),  # repeated id
         ([1, 2], [0.5, 0.2], 1),  # does not sum to 1
         ([1, 2], [1.0, 0.0], 2),  # draft token with q = 0
+        ([1, 2], [1.0, 0.0], 3),  # draft token off q's support
         ([1, 2], [float("nan"), 1.0], 2),
         ([], [], 1),
     ]:
         with pytest.raises(DraftError):
-            dense_q(ids, probs, 5, token=tok)
+            sparse_q(ids, probs, 5, token=tok)
+
+
+def _as_sparse(q: torch.Tensor, token: int) -> SparseQ:
+    ids = q.nonzero().flatten()
+    return sparse_q(ids.tolist(), q[ids].tolist(), q.numel(), token)
 
 
 # ---- exactness of speculative sampling, offline ----
@@ -93,7 +101,7 @@ def _run(n: int, accept, seed: int = 0):
     for _ in range(n):
         x = int(rng.choice(V, p=Q0.numpy()))
         p = torch.stack([P0, P1[x]])
-        d = accept([x], [Q0], p, gen)
+        d = accept([x], [_as_sparse(Q0, x)], p, gen)
         y1 = x if d.accepted == 1 else d.next_token
         first.append(y1)
         if d.accepted == 1:
@@ -133,6 +141,86 @@ def test_broken_acceptance_is_caught_by_the_same_statistic():
 
 def test_sampling_is_seeded():
     p = torch.stack([P0, P1[1]])
-    a = [accept_sampling([1], [Q0], p, make_generator(7)) for _ in range(5)]
-    b = [accept_sampling([1], [Q0], p, make_generator(7)) for _ in range(5)]
+    a = [accept_sampling([1], [_as_sparse(Q0, 1)], p, make_generator(7)) for _ in range(5)]
+    b = [accept_sampling([1], [_as_sparse(Q0, 1)], p, make_generator(7)) for _ in range(5)]
     assert a == b
+
+
+# ---- sparse q: the same decisions as the dense maths, without vocabulary-sized host arrays ----
+
+
+def _accept_dense(draft: list[int], q: list[torch.Tensor], p: torch.Tensor, gen: torch.Generator) -> Decision:
+    """The textbook rule on dense q [V] (the server's implementation before q stayed sparse): the reference."""
+    p64 = p.to(torch.float64)
+    for i, x in enumerate(draft):
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if u * float(q[i][x]) < float(p64[i, x]):
+            continue
+        residual = (p64[i] - q[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:
+            residual = p64[i]
+        return Decision(i, int(torch.multinomial(residual.float(), 1, generator=gen).item()))
+    return Decision(len(draft), int(torch.multinomial(p64[len(draft)].float(), 1, generator=gen).item()))
+
+
+def _random_round(
+    k: int, vocab: int, support: int, seed: int
+) -> tuple[list[int], list[SparseQ], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 4, dim=-1)
+    draft, qs = [], []
+    for i in range(k):
+        ids = torch.randperm(vocab, generator=g)[:support]
+        # q overlaps p's mass on half its support: both acceptances and rejections happen
+        ids[: support // 2] = torch.topk(p[i], support // 2).indices
+        ids = ids.unique()
+        probs = torch.rand(ids.numel(), generator=g, dtype=torch.float64) + 1e-3
+        probs = (probs / probs.sum()).to(torch.float32)
+        x = int(ids[int(torch.multinomial(probs, 1, generator=g))])
+        draft.append(x)
+        qs.append(sparse_q(ids.tolist(), probs.tolist(), vocab, x))
+    return draft, qs, p
+
+
+def _dense(q: SparseQ, vocab: int) -> torch.Tensor:
+    d = torch.zeros(vocab, dtype=torch.float64)
+    d[q.ids] = q.probs
+    return d
+
+
+def test_sparse_and_dense_paths_agree_exactly():
+    rejected = 0
+    for seed in range(200):
+        draft, qs, p = _random_round(k=1 + seed % 8, vocab=97, support=1 + seed % 64, seed=seed)
+        dense = [_dense(q, 97) for q in qs]
+        ours = accept_sampling(draft, qs, p, make_generator(seed))
+        ref = _accept_dense(draft, dense, p, make_generator(seed))
+        assert ours == ref, seed
+        rejected += ours.accepted < len(draft)
+    assert 20 < rejected < 195  # both branches (a rejection, the bonus token) exercised
+
+
+def test_a_sampling_round_at_152k_vocab_allocates_no_vocab_by_k_array():
+    """Host memory torch allocates inside one rejected 32-token round: about two rows of the vocabulary (the
+    residual, its float32 copy for sampling), never k of them. The dense maths allocated ~2 × k rows."""
+    vocab, k = 151_936, 32
+    draft, qs, p = _random_round(k=k, vocab=vocab, support=64, seed=3)
+    # reject at the last position: the path that touches the most of p
+    p[: k - 1, :] = 0.0
+    p[torch.arange(k - 1), torch.tensor(draft[: k - 1])] = 1.0
+    p[k - 1, draft[k - 1]] = 0.0
+    p[k - 1] /= p[k - 1].sum()
+
+    def allocated(fn) -> int:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
+            fn()
+        return sum(max(0, e.self_cpu_memory_usage) for e in prof.events())
+
+    ours = allocated(lambda: accept_sampling(draft, qs, p, make_generator(0)))
+    dense = allocated(lambda: _accept_dense(draft, [_dense(q, vocab) for q in qs], p, make_generator(0)))
+    assert accept_sampling(draft, qs, p, make_generator(0)).accepted == k - 1
+    row = vocab * 8
+    assert ours <= 3 * row, f"{ours / row:.1f} float64 vocabulary rows allocated"
+    assert dense >= k * row  # the measure sees the dense path's per-position arrays

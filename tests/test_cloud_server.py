@@ -649,7 +649,7 @@ def test_bytes_per_token_with_a_perfect_draft(backend, tiny_target, reference):
     client, gen = asyncio.run(main())
     assert gen.tokens == reference(prompt, 41)
     total = client.bytes_sent + client.bytes_received
-    round_bytes = gen.rounds * (30 + 4 * 4 + 46)  # Round with k=4, and its Verdict (docs/protocol.md)
+    round_bytes = gen.rounds * (30 + 4 * 4 + 52)  # Round with k=4, and its Verdict (docs/protocol.md)
     print(
         f"\nperfect draft, greedy k=4: {total / len(gen.tokens):.1f} bytes/token with the handshake, "
         f"{round_bytes / (len(gen.tokens) - 1):.1f} in steady state ({len(gen.tokens)} tokens, {gen.rounds} rounds)"

@@ -133,13 +133,16 @@ def references(tiny_target) -> list[list[int]]:
     return [hf_greedy(model, p, N_NEW) for p in PROMPTS]
 
 
-async def _generate(url: str, bundle: Path, on_delta=None, rounds: int = 1) -> list[list[GenerationResult]]:
-    """Every prompt on its own client, all at once; `rounds` generations per client, one after the other."""
+async def _generate(
+    url: str, bundle: Path, on_delta=None, until: threading.Event | None = None
+) -> list[list[GenerationResult]]:
+    """Every prompt on its own client, all at once; each client generates once, or again and again on its
+    connection until `until` is set."""
     clients = [AsyncEdgeClient(url, bundle, threads=1, resume_deadline_s=60) for _ in PROMPTS]
 
     async def one(i: int) -> list[GenerationResult]:
-        out = []
-        for _ in range(rounds):
+        out: list[GenerationResult] = []
+        while not out or (until is not None and not until.is_set()):
             async for _ in clients[i].stream(PROMPTS[i], max_new_tokens=N_NEW, controller=FixedK(2)):
                 if on_delta is not None:
                     on_delta(i)
@@ -183,18 +186,12 @@ def test_rolling_restart_fails_no_client(cluster, tiny_bundle, references):
         finally:
             restarted.set()  # also on a timeout: the clients stop, the assertions below fail
 
-    async def run() -> list[list[GenerationResult]]:
-        # Clients keep generating until both replicas were drained and restarted.
-        out: list[list[GenerationResult]] = [[] for _ in PROMPTS]
-        while not restarted.is_set():
-            for i, res in enumerate(await _generate(cluster.url, tiny_bundle)):
-                out[i] += res
-        return out
-
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     cluster.proc.send_signal(signal.SIGHUP)
-    results = asyncio.run(run())
+    # The clients keep their connections and generate until both replicas were drained and restarted, so the
+    # drained replica had live connections: their sessions must carry on elsewhere.
+    results = asyncio.run(_generate(cluster.url, tiny_bundle, until=restarted))
     watcher.join(5)
     new = cluster.replicas(2, after=mark)
     assert new is not None and all(n[0] != o[0] for n, o in zip(new, old, strict=True))  # both replaced

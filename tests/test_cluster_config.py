@@ -37,10 +37,13 @@ def _cluster_args(*argv: str) -> argparse.Namespace:
 def test_serve_flags_pass_to_the_replicas_except_the_clusters_own():
     args = _cluster_args(
         "--replicas", "3", "--target", "m", "--policy", "wisp", "--profile-on-start", "--port", "9000",
-        "--host", "127.0.0.1", "--device", "cuda",
+        "--host", "127.0.0.1", "--device", "cuda", "--tenant-weight", "a=2", "--tenant-weight", "b=0.5",
     )  # fmt: skip
     argv = serve_argv(args)
-    assert argv == ["--target", "m", "--policy", "wisp", "--profile-on-start"]
+    assert argv == [
+        "--target", "m", "--policy", "wisp", "--profile-on-start",
+        "--tenant-weight", "a=2.0", "--tenant-weight", "b=0.5",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("flag", [["--metrics-port", "9100"], ["--tls-cert", "c.pem"]])

@@ -71,7 +71,7 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
             "--max-batch",
             "16",
         ],  # fmt: skip
-        bundle=str(tiny_bundle),
+        draft=str(tiny_bundle),
         trace=str(trace),
         prompts=str(prompts),
         policies="centralized,sled,wisp",
@@ -83,7 +83,7 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         gap=0.2,
         slo_ttft_ms=5000.0,
         slo_tpot_ms=1000.0,
-        target=0.9,
+        attainment=0.9,
         stop_below=0.0,
         device_profile="instant",
         link="lan",

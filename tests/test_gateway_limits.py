@@ -309,3 +309,57 @@ def test_drain_finishes_rounds_in_flight_refuses_opens_then_closes_1001():
     err = next(a for a in answers if type(a).__name__ == "Error")
     assert err.code.value == "overloaded" and "draining" in err.message
     assert not ready and code == 1001
+
+
+def test_the_outbox_is_bounded_and_pushes_back():
+    """D1 after Hello: answers queued for a client that does not read stop its reader at half the outbox, and a
+    client that still lets `outbox_frames` answers pile up is cut (before: an unbounded queue). Unit-level on
+    `Connection`: over loopback the kernel's socket buffers swallow megabytes before the outbox ever fills."""
+    from wisp_cloud.gateway import Connection
+
+    class Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    class Socket:  # the websocket's part the outbox touches
+        transport = Transport()
+
+    async def main():
+        conn = Connection(Socket(), None, "peer", outbox_frames=8)  # type: ignore[arg-type]
+        flags = []
+        for i in range(20):
+            conn.send(b"x%d" % i)
+            flags.append(conn.writable.is_set())
+        return conn, flags
+
+    conn, flags = asyncio.run(main())
+    assert flags[:4] == [True] * 4 and not flags[4]  # the reader pauses past half the outbox
+    assert conn.overflowed and Socket.transport.aborted and conn.outbox.qsize() == 8
+
+
+def test_a_bad_frame_flood_logs_a_bounded_number_of_lines(caplog):
+    """D2: each refused frame is answered, but the log gets at most 20 lines a second (plus one line counting
+    the rest), and never a traceback. (Before: one line per frame, and a traceback per decode error.)"""
+
+    async def main():
+        async with Srv(max_bad_frames=10_000) as server:
+            ws = await _ws(server)
+            await _hello(ws)
+            t0 = time.monotonic()
+            for _ in range(600):
+                await ws.send('{"type":"close","session_id":"nope"')  # not JSON
+            answers = [decode_server(await ws.recv()) for _ in range(600)]
+            await ws.close()
+            await asyncio.sleep(1.1)
+            await _hello(await _ws(server))  # a later event flushes the suppressed count
+            return answers, time.monotonic() - t0
+
+    with caplog.at_level(logging.INFO, logger="wisp.server"):
+        answers, took = asyncio.run(main())
+    assert all(a.code.value == "bad_request" for a in answers)
+    lines = [r.getMessage() for r in caplog.records if r.name == "wisp.server"]
+    errors = [ln for ln in lines if ln.startswith("error_frame")]
+    assert 0 < len(errors) <= 20 * (int(took) + 2)
+    assert "Traceback" not in caplog.text

@@ -176,7 +176,7 @@ def test_resolve_model_accepts_folders_and_names(tmp_path, monkeypatch):
         fetch.resolve_model(folder)
     (folder / "config.json").write_text("{}")
     assert fetch.resolve_model(str(folder)) == folder
-    with pytest.raises(WispError, match="no such folder and not a known model"):
+    with pytest.raises(WispError, match="no such folder, not a known model"):
         fetch.resolve_model(tmp_path / "missing")
     with pytest.raises(WispError, match="is a file"):
         fetch.resolve_model(folder / "config.json")

@@ -334,3 +334,29 @@ def test_triton_kernels_in_interpreter(tiny_target):
         pytest.skip("this triton's interpreter does not run with this numpy")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_startup_keys_cover_every_decode_and_verify_batch(tiny_target):
+    """Every decode or verify batch within the server's limits finds its graph among the start-up buckets, so a
+    fleet's steady state replays graphs from its first step (keys only: capture needs CUDA)."""
+    be = PagedBackend(tiny_target, "cpu", kv_budget_tokens=4096, page_size=16)
+    be.max_graph_q, be.max_graph_batch, be.max_graph_tokens = 16, 64, 1024
+    max_batch, max_q, max_context = 48, 40, 3000  # items: decodes, verifies and prefill chunks up to 40
+    keys = be.startup_keys(max_batch, max_q, max_context)
+    assert len(keys) == len(set(keys))
+    have = set(keys)
+    rng = random.Random(7)
+    for _ in range(3000):
+        n = rng.randint(1, max_batch)
+        q_cap = 1 if rng.random() < 0.3 else rng.randint(2, 9) if rng.random() < 0.6 else max_q
+        q_lens = [rng.randint(1, q_cap) for _ in range(n)]
+        q_lens[0] = q_cap
+        if sum(q_lens) > be.max_graph_tokens:
+            continue
+        pages = [[0] * rng.randint(1, -(-max_context // 16)) for _ in range(n)]
+        key = be._key_of(q_lens, q_lens, pages, force=True)
+        assert key in have, (q_lens, key)
+    # padding stays bounded: at most 1/8 of the real tokens from 128 on (the issue's 12.5 %)
+    for t in range(128, 4097):
+        key = be._key(t, 1, 2, t, 1)
+        assert t <= key[0] <= t * 1.125

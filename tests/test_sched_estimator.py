@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -225,6 +226,32 @@ def test_admission_takes_an_unmeasured_session_like_the_median_measured_one():
     assert not dec.admit and "median device time per round 300 ms" in dec.reason
 
 
+def test_admission_uses_measured_tokens_per_round():
+    """An adaptive controller's rounds commit more than Σα^i of their mean draft length (it stops before likely
+    rejections): H200 runs 11-12, sessions drafting ~5 tokens committed 4.7 tokens per round and met a 60 ms
+    TPOT at 30-38 ms, while admission refused up to 80 % of them."""
+    est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.02, 0.00002])
+    adm = AdmissionController(est, target=0.9, max_batch=256)
+    fleet = [
+        SessionLoad(f"s{i}", tpot_s=0.06, draft_len=5, context_len=300, alpha=0.8, think_s=0.2)
+        for i in range(100)
+    ]
+    # a cycle of 200 ms on the device + ~1.5 x 21 ms at the GPU: 3.7 tokens by the formula (63 ms each, a
+    # miss), 4.7 measured (49 ms each)
+    assert adm.predict_attainment(fleet) == 0.0
+    measured = [replace(s, tokens_per_round=4.7) for s in fleet]
+    assert adm.predict_attainment(measured) == 1.0
+    cand = SessionLoad("new", tpot_s=0.06, draft_len=5, context_len=300, ttft_s=2.0, prompt_len=50)
+    assert not adm.admit(cand, fleet).admit
+    assert adm.admit(cand, measured).admit
+    # AcceptanceStats measures it
+    st = AcceptanceStats()
+    assert st.tokens_per_round is None
+    for drafted, accepted in ((6, 6), (4, 4), (5, 2), (0, 0)):
+        st.update(drafted, accepted)
+    assert st.tokens_per_round == pytest.approx((7 + 5 + 3 + 1) / 4, rel=0.03)
+
+
 def test_admission_checks_ttft_of_the_candidate():
     est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.01, 0.001])
     adm = AdmissionController(est)
@@ -294,3 +321,27 @@ def test_wisp_profile_cli_user_errors(tmp_path):
     from wisp_sdk.cli import main
 
     assert main(["profile", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "e.json")]) == 2
+
+
+def test_admission_rounds_spread_over_the_cycle():
+    """Devices finish drafting at different times, so the GPU verifies small batches often, not every session's
+    round in one batch. H200 run 12 (Qwen2.5-7B shape): 167 WISP sessions drafting ~6 tokens in 118 ms rode
+    batches of 13-74 rounds (6-11 ms), while a one-batch rotation of 63 ms made admission refuse them."""
+    est = VerifyTimeEstimator(features=("groups", "new"), coef=[0.005, 0.000025])  # 5 ms step + 25 µs a token
+    adm = AdmissionController(est, target=0.9, max_batch=256)
+    fleet = [
+        SessionLoad(
+            f"s{i}", tpot_s=0.06, draft_len=6, context_len=200, alpha=0.8, think_s=0.118, tokens_per_round=4.5
+        )
+        for i in range(167)
+    ]
+    g, w = adm.gpu_rotation(fleet)
+    assert g == pytest.approx(0.005 + 167 * 7 * 0.000025) and w == pytest.approx(0.005025)
+    cycles = adm.cycles(fleet)
+    # utilisation ~ 0.2: batches of ~6 ms, cycles ~127 ms, well under 60 ms x 4.5 tokens
+    assert 0.118 + 1.5 * w < cycles[0] < 0.118 + 1.5 * 0.008
+    assert adm.predict_attainment(fleet) == 1.0
+    # past saturation the GPU rotation bounds the cycle: 2000 such sessions need 355 ms per rotation
+    many = fleet * 12
+    assert adm.cycles(many)[0] >= adm.gpu_rotation(many)[0]
+    assert adm.predict_attainment(many) == 0.0

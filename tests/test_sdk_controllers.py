@@ -10,7 +10,7 @@ from wisp_sdk.controllers import Action, FixedK, LinkState, Wisp, make_controlle
 from wisp_sdk.draft_runner import DraftToken
 from wisp_sdk.errors import ProtocolError
 from wisp_sdk.predictor import FEATURES, RejectionPredictor, features, simulate_rounds
-from wisp_sdk.protocol import Opened, Resumed, Tokens, Verdict
+from wisp_sdk.protocol import Opened, Resumed, Switch, Tokens, Verdict
 from wisp_sdk.session import GenerationRequest, Session
 
 
@@ -195,3 +195,66 @@ def test_session_centralized_tokens_skip_duplicates():
     s.on_tokens(Tokens(session_id=SID, tokens=[4], committed_len=5))
     s.on_tokens(Tokens(session_id=SID, tokens=[3, 4, 5], committed_len=6))  # re-sent after a resume
     assert s.generated == [3, 4, 5]
+
+
+# ---- server price, truncated verification, mode switches ----
+
+
+def test_wisp_higher_price_gives_shorter_drafts():
+    stream = [tok(top1=0.85, ent=0.6)] * 40
+    lengths = []
+    for price in (0.0, 2.0, 8.0, 40.0):
+        link = LinkState(rtt_ms=30, wait_hint_ms=20, verify_ms=10, draft_ms=2, max_draft=32, price_ms=price)
+        lengths.append(run_round(Wisp(max_draft=32), stream, link)[0])
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1] >= 1
+
+
+def test_wisp_price_zero_is_the_unpriced_rule():
+    stream = [tok(top1=0.8, ent=0.8)] * 40
+    base = LinkState(rtt_ms=40, wait_hint_ms=10, verify_ms=5, draft_ms=3, max_draft=32)
+    priced = LinkState(rtt_ms=40, wait_hint_ms=10, verify_ms=5, draft_ms=3, max_draft=32, price_ms=0.0)
+    assert run_round(Wisp(max_draft=32), stream, base) == run_round(Wisp(max_draft=32), stream, priced)
+    # the rule itself, at price 0: keep drafting while S * rate * T > c * E
+    ctl = Wisp(max_draft=32, rate0=0.6)
+    sent, _ = run_round(ctl, stream, base)
+    s, e, t = ctl._survive, 1.0 + sum(ctl._survive), sent * 3 + 40 + 10 + 5
+    assert not s[-1] * ctl.rate * t > 3 * e
+
+
+def test_session_truncated_verdict_commits_the_verified_prefix():
+    s = make_session(max_new_tokens=50)
+    open_session(s)
+    s.make_round([tok(4), tok(5), tok(6), tok(7)])
+    # the server verified two of four, accepted both, and added its own token at the truncation point
+    v = Verdict(session_id=SID, round=1, committed_len=7, accepted=2, next_token=9, unverified=2)
+    assert s.on_verdict(v) == (2, "efj")
+    assert s.generated == [3, 4, 5, 9]
+    s.make_round([tok(4), tok(5)])
+    with pytest.raises(ProtocolError):  # accepted past the verified prefix
+        s.on_verdict(
+            Verdict(session_id=SID, round=2, committed_len=10, accepted=2, next_token=1, unverified=1)
+        )
+
+
+def test_session_switches_to_centralized_and_back():
+    s = make_session(max_new_tokens=50)
+    open_session(s)
+    s.make_round([tok(4)])
+    s.on_verdict(Verdict(session_id=SID, round=1, committed_len=6, accepted=1, next_token=5, centralize=True))
+    assert s.mode == "centralized" and s.inflight is None
+    s.on_tokens(Tokens(session_id=SID, tokens=[6], committed_len=7))
+    with pytest.raises(ProtocolError):
+        s.on_switch(Switch(session_id=SID, committed_len=99))
+    s.on_switch(Switch(session_id=SID, committed_len=7))
+    assert s.mode == "speculative" and s.switches == 2
+    assert s.make_round([tok(7)]).round == 2 and s.generated == [3, 4, 5, 6]
+
+
+def test_session_resume_picks_up_a_switch_made_while_the_link_was_down():
+    s = make_session(max_new_tokens=50)
+    open_session(s)
+    s.make_round([tok(4)])  # its verdict (centralize) and a Tokens frame were lost
+    assert s.on_resumed(Resumed(session_id=SID, committed_len=8, last_round=1, mode="centralized")) is None
+    assert s.mode == "centralized" and s.inflight is None and s.behind
+    s.on_tokens(Tokens(session_id=SID, tokens=[3, 4, 5, 6, 7], committed_len=8))
+    assert not s.behind and s.generated == [3, 4, 5, 6, 7]

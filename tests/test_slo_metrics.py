@@ -24,3 +24,15 @@ def test_windows_are_bounded_and_counts_exact():
     for key in ("sessions", "attained", "attainment", "goodput_tok_s", "throughput_tok_s", "round_misses"):
         assert a[key] == b[key], key
     assert a["sessions"] == 1000 and a["attainment"] == 0.5
+
+
+def test_sample_windows_roll_instead_of_freezing():
+    """D10: the round samples are the most recent ones (the old lists froze at their cap, so a server's latency
+    percentiles stopped moving after 100 k rounds)."""
+    m = SLOMetrics(max_samples=100)
+    m.open("s", ttft_ms=100, tpot_ms=100, now=0.0)
+    for i in range(1000):
+        latency = 0.001 if i < 900 else 0.050  # the server got slow for the last 100 rounds
+        m.round("s", latency, 0.001, met=True)
+    s = m.summary(1.0, include_live=True)
+    assert s["verify_p50_ms"] == 50.0 and s["inflation_mean"] == 50.0

@@ -65,6 +65,8 @@ def _json_vectors(p) -> list[dict]:
             ),
         ),
         ("resumed", p.Resumed(session_id=SID, committed_len=42, last_round=7)),
+        ("resumed_central", p.Resumed(session_id=SID, committed_len=42, last_round=7, mode="centralized")),
+        ("switch", p.Switch(session_id=SID, committed_len=50)),
         ("tokens", p.Tokens(session_id=SID, tokens=[5, 6, 7], committed_len=12)),
         ("tokens_done", p.Tokens(session_id=SID, tokens=[], committed_len=12, done=True)),
         ("closed", p.Closed(session_id=SID)),
@@ -142,6 +144,19 @@ def _verdict_vectors(p) -> list[dict]:
             "all_accepted",
             p.Verdict(session_id=SID, round=65535, committed_len=70000, accepted=16, next_token=-2),
         ),
+        (
+            "priced_truncated_centralize",
+            p.Verdict(
+                session_id=SID2,
+                round=3,
+                committed_len=40,
+                accepted=1,
+                next_token=77,
+                price_ms=12.5,
+                unverified=3,
+                centralize=True,
+            ),
+        ),
     ]
     out = []
     for name, msg in verdicts:
@@ -160,7 +175,7 @@ def _invalid_vectors(p) -> list[dict]:
     sparse[2] = p.FLAG_SPARSE_Q  # claims a distribution it does not carry
     cases = [
         ("round", "short_header", good_round[:3]),
-        ("round", "wrong_version", bytes([2]) + good_round[1:]),
+        ("round", "wrong_version", bytes([1]) + good_round[1:]),  # a v1 frame
         ("round", "wrong_kind", good_verdict),
         ("round", "truncated_fixed", good_round[:20]),
         ("round", "truncated_tokens", good_round[:-1]),
@@ -169,7 +184,7 @@ def _invalid_vectors(p) -> list[dict]:
         ("verdict", "too_short", good_verdict[:-1]),
         ("verdict", "too_long", good_verdict + b"\x00"),
         ("verdict", "wrong_kind", good_round),
-        ("verdict", "wrong_version", bytes([0]) + good_verdict[1:]),
+        ("verdict", "wrong_version", bytes([1]) + good_verdict[1:]),  # a v1 frame
     ]
     out = []
     for kind, name, data in cases:
@@ -243,6 +258,9 @@ def _controller_vectors() -> list[dict]:
     links = {
         "fast_link": dict(rtt_ms=1.0, wait_hint_ms=0.0, verify_ms=2.0, draft_ms=5.0, max_draft=16),
         "slow_link": dict(rtt_ms=120.0, wait_hint_ms=0.0, verify_ms=8.0, draft_ms=4.0, max_draft=16),
+        "slow_link_priced": dict(
+            rtt_ms=120.0, wait_hint_ms=0.0, verify_ms=8.0, draft_ms=4.0, max_draft=16, price_ms=30.0
+        ),
         "long_wait": dict(rtt_ms=30.0, wait_hint_ms=400.0, verify_ms=8.0, draft_ms=4.0, max_draft=16),
         "server_cap": dict(rtt_ms=200.0, wait_hint_ms=100.0, verify_ms=8.0, draft_ms=2.0, max_draft=3),
     }

@@ -84,8 +84,17 @@ def accept_greedy(draft: list[int], argmax: list[int]) -> Decision:
     return Decision(n, int(argmax[n]))
 
 
-def dense_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> torch.Tensor:
-    """Validate one sparse draft distribution and return it dense [vocab], normalized as the edge sampled."""
+@dataclass(frozen=True)
+class SparseQ:
+    """One draft position's q on its support (at most MAX_Q_SUPPORT entries): never a vocabulary-sized tensor."""
+
+    ids: torch.Tensor  # long [m], distinct, in [0, vocab)
+    probs: torch.Tensor  # float64 [m], normalized as the edge sampled
+    drafted: float  # q at the drafted token (> 0)
+
+
+def sparse_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> SparseQ:
+    """Validate one sparse draft distribution; normalized as the edge sampled it."""
     if len(q_ids) != len(q_probs) or not q_ids:
         raise DraftError("each draft position needs a non-empty q with one probability per id")
     ids = torch.tensor(q_ids, dtype=torch.long)
@@ -99,34 +108,46 @@ def dense_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> t
     total = float(probs.sum())
     if abs(total - 1.0) > Q_SUM_TOLERANCE:
         raise DraftError(f"q probabilities sum to {total:.6f}, not 1")
-    q = torch.zeros(vocab, dtype=torch.float64)
-    q[ids] = probs / total
-    if q[token] <= 0:
+    probs = probs / total
+    at = (ids == token).nonzero()
+    drafted = float(probs[at[0, 0]]) if at.numel() else 0.0
+    if drafted <= 0:
         raise DraftError(f"draft token {token} has q = 0: it cannot have been sampled from q")
-    return q
+    return SparseQ(ids, probs, drafted)
 
 
 def accept_sampling(
     draft: list[int],
-    q: list[torch.Tensor],
+    q: list[SparseQ],
     p: torch.Tensor,
     gen: torch.Generator,
 ) -> Decision:
-    """Speculative sampling. `q[i]` dense draft distribution at i, `p` [len(draft)+1, V] target probabilities."""
-    if p.shape[0] != len(draft) + 1 or len(q) != len(draft):
+    """Speculative sampling. `q[i]` sparse draft distribution at i, `p` [len(draft)+1, V] target probabilities.
+
+    Runs on q's support: the acceptance test needs q only at the drafted token, and the residual
+    max(0, p − q) equals p off the support, so only the rejected position's row of p is copied (float64) and
+    corrected on q's ids. The test ratios of the whole round are gathered at once.
+    """
+    k = len(draft)
+    if p.shape[0] != k + 1 or len(q) != k:
         raise ValueError("need one q per draft token and len(draft)+1 target distributions")
-    p64 = p.to(torch.float64)
-    for i, x in enumerate(draft):
-        px, qx = float(p64[i, x]), float(q[i][x])
+    dev = p.device  # p may stay where the backend computed it: only q's few entries move, and one row back
+    if k:
+        rows, cols = torch.arange(k, device=dev), torch.tensor(draft, dtype=torch.long, device=dev)
+        px = p[rows, cols].to(torch.float64).tolist()  # the round's test ratios in one gather (one sync)
+    for i in range(k):
+        qx = q[i].drafted
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
-        if u * qx < px:  # u < p/q without dividing; always true when p >= q
+        if u * qx < px[i]:  # u < p/q without dividing; always true when p >= q
             continue
-        residual = (p64[i] - q[i]).clamp_min(0.0)
+        residual = p[i].to(torch.float64, copy=True)
+        ids = q[i].ids.to(dev)
+        residual[ids] = (residual[ids] - q[i].probs.to(dev)).clamp_min(0.0)
         if float(residual.sum()) <= 0.0:
             # Only reachable through rounding when p == q on the support: then p is the exact residual.
-            residual = p64[i]
+            residual = p[i].to(torch.float64)
         return Decision(i, _sample(residual, gen))
-    return Decision(len(draft), _sample(p64[len(draft)], gen))
+    return Decision(k, _sample(p[k], gen))
 
 
 def sample_token(p: torch.Tensor, gen: torch.Generator) -> int:

@@ -54,8 +54,19 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
         if dest in _REFUSED:
             raise WispError(f"wisp cluster does not take {_REFUSED[dest]}")
         flag = "--" + dest.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):  # a repeatable flag (--tenant-weight A=2): once per value
+            for item in value:
+                argv += [flag, _text(item)]
+        else:
+            argv += [flag, _text(value)]
     return argv
+
+
+def _text(value: object) -> str:
+    """A parsed value back as its command-line text (`TENANT=W` pairs come back as tuples)."""
+    return "=".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.backends.factory import device_arg
 from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, Observation, VerifyTimeEstimator
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
@@ -255,7 +256,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads or clock == "cpu":
         torch.set_num_threads(args.threads or 1)
-    from wisp_cloud.backends.factory import native_backend, native_engine
+    from wisp_cloud.backends.factory import check_device, native_backend, native_engine
+
+    check_device(args.device)
 
     engine = native_engine(args)
     target = args.target or args.random_config
@@ -316,7 +319,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--kv-budget-tokens", type=int, default=None, help="paged engine: KV pool size (default: from memory)"
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument(
         "--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, bfloat16, float16"
     )

@@ -6,11 +6,14 @@ Only argparse at import time: the heavy imports (torch, transformers, websockets
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.backends.factory import native_backend
+from wisp_cloud.backends.base import Backend
+from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
+from wisp_cloud.config import ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
@@ -18,7 +21,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a target model: verify edge drafts in shared batches",
-        description="Serve a target model over websockets (wisp.v1). Prints `listening on ws://HOST:PORT` when ready.",
+        description="Serve a target model over websockets (wisp.v1), and the OpenAI-compatible API (/v1, docs/http.md) "
+        "on the same port. Prints `listening on ws://HOST:PORT` when ready.",
     )
     add_serve_args(p)
     p.set_defaults(func=run)
@@ -30,13 +34,20 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
     p.add_argument("--port", type=int, default=8765, help="port; 0 picks a free one")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--backend",
         default="native",
-        choices=["native", "sglang"],
-        help="model engine (sglang: its own environment, docs/sglang.md)",
+        choices=["native", "sglang", "fake"],
+        help="model engine (sglang: its own environment, docs/sglang.md; fake: no model, the deterministic "
+        "target of the tests, for host-path and soak benchmarks: give no --target)",
+    )
+    p.add_argument(
+        "--fake-step-ms",
+        type=float,
+        default=5.0,
+        help="--backend fake: each forward pass sleeps this long (GIL released, like a GPU pass)",
     )
     p.add_argument(
         "--engine",
@@ -83,6 +94,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "(0 disables admission control)",
     )
     p.add_argument(
+        "--tenant-weight",
+        action="append",
+        default=[],
+        type=parse_tenant_weight,
+        metavar="TENANT=W",
+        help="weighted fair share of the verifier for a tenant (repeatable): TENANT is the id the server logs "
+        "at Hello (owner=...; 16 hex digits of the token's SHA-256) or 'anon'; W > 0; others weigh 1",
+    )
+    p.add_argument(
         "--drain-s",
         type=float,
         default=30.0,
@@ -104,11 +124,44 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
     p.add_argument("--max-draft-len", type=int, default=32, help="draft tokens per round")
     p.add_argument("--max-context-len", type=int, default=8192, help="prompt + generated tokens per session")
+    p.add_argument(
+        "--graph-warmup-s",
+        type=float,
+        default=180.0,
+        help="paged engine on CUDA: seconds to spend at start-up capturing the CUDA graphs of every decode and "
+        "verify bucket (--max-batch, --max-draft-len, --max-context-len), so serving never runs a shape eagerly "
+        "or compiles mid-serving; 0: capture on a shape's second sight only",
+    )
     p.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest accepted frame")
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="server log lines: text (`time LEVEL logger: event k=v`) or json (one object per line; "
+        "client-supplied values are JSON strings)",
+    )
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="--policy wisp: never move a session to server-side decoding (the load-adaptive hybrid is on by "
+        "default; docs/scheduling.md)",
+    )
+    p.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
+    )
+    p.add_argument(
+        "--model-name",
+        help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
+    )
     p.add_argument("--debug-fault-token", type=int, help=argparse.SUPPRESS)
+    # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
+    p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
 
 
 def _resolve_target(target: str) -> Path:
@@ -126,11 +179,27 @@ def _resolve_target(target: str) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
+def _api_tokenizer(args: argparse.Namespace, target: Path):
+    """The target's tokenizer and chat template for the OpenAI routes, and the model id they serve."""
+    from wisp_sdk.tokenizer import DraftTokenizer
 
-    from wisp_cloud.config import ServerConfig, is_loopback, load_auth_tokens
+    folder = Path(args.tokenizer_from) if args.random_config and args.tokenizer_from else target
+    if args.model_name:
+        name = args.model_name
+    elif args.target:  # a folder by its name; a known name or hub id (org/name) as given
+        name = Path(args.target).name if Path(args.target).expanduser().exists() else args.target
+    else:
+        name = Path(args.random_config).name
+    if not (folder / "tokenizer.json").is_file():
+        return None, name  # e.g. --random-config without --tokenizer-from: the websocket only
+    return DraftTokenizer(folder), name
+
+
+def run(args: argparse.Namespace) -> int:
+    from wisp_cloud.config import bind, is_loopback, load_auth_tokens
+    from wisp_cloud.logs import use_log_format
+
+    use_log_format(args.log_format)
 
     cfg = ServerConfig(
         host=args.host,
@@ -151,7 +220,12 @@ def run(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
         admission_target=args.admission_target,
+        tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
+        hybrid=not args.no_hybrid,
+        truncate_drafts=not args.no_truncate,
+        hybrid_every=max(0, args.debug_hybrid_every),
+        verify_cap=args.debug_verify_cap,
     )
     if not 0.0 <= cfg.admission_target <= 1.0:
         raise WispError("--admission-target must be in [0, 1]")
@@ -168,13 +242,17 @@ def run(args: argparse.Namespace) -> int:
         raise WispError(
             f"refusing to serve on {cfg.host} without auth tokens; give --auth-tokens FILE or WISP_AUTH_TOKENS"
         )
+    if args.backend == "fake":
+        return _serve(args, cfg, _fake_backend(args), bind(cfg.host, cfg.port, "--port"), None)
     check_model_args(args)
     target = _resolve_target(args.target) if args.target else Path(args.random_config)
+    # Ports first: a busy port is one line now, not after a model load of minutes.
+    sock = bind(cfg.host, cfg.port, "--port")
+    if cfg.metrics_port is not None:  # prometheus binds its own; this probe only fails early
+        bind(cfg.metrics_host, cfg.metrics_port, "--metrics-port").close()
+    check_device(args.device)
 
     import torch
-
-    from wisp_cloud.estimator import VerifyTimeEstimator
-    from wisp_cloud.server import WispServer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,12 +272,38 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             backend = native_backend(args, target, cfg.kv_budget_tokens)
+            # an item is at most a prefill chunk plus a draft and its bonus token (planner.plan)
+            max_q = cfg.prefill_chunk + cfg.max_draft_len + 1
+            capture_startup_graphs(backend, cfg.max_batch, max_q, cfg.max_context_len, args.graph_warmup_s)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc
 
-    import logging
+    return _serve(args, cfg, backend, sock, target)
 
-    from wisp_cloud.metrics import log_event
+
+def _fake_backend(args: argparse.Namespace) -> Backend:
+    """`--backend fake`: the tests' model-free target (wisp_cloud/backends/fake.py), vocabulary 1000."""
+    if args.target or args.random_config:
+        raise WispError("--backend fake serves no model: drop --target / --random-config")
+    if not 0 <= args.fake_step_ms <= 10_000:
+        raise WispError("--fake-step-ms must be in [0, 10000]")
+    from wisp_cloud.backends.fake import FakeBackend
+
+    return FakeBackend(1000, base_s=args.fake_step_ms / 1000.0)
+
+
+def _serve(
+    args: argparse.Namespace, cfg: ServerConfig, backend: Backend, sock: socket.socket, target: Path | None
+) -> int:
+    """Serve `backend` on the bound `sock` until SIGINT (at once) or SIGTERM (drain first); `target`: the model
+    folder whose tokenizer the OpenAI routes use (None: no /v1 routes)."""
+    import asyncio
+    import logging
+    import signal
+
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.logs import log_event
+    from wisp_cloud.server import WispServer, tune_gc
 
     if logging.getLogger().level > logging.DEBUG:  # a balancer's health checks would log two lines a second
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
@@ -227,9 +331,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         estimator = VerifyTimeEstimator.default()
 
+    tokenizer, model_name = _api_tokenizer(args, target) if target is not None else (None, "fake")
+
     async def main() -> None:
-        server = WispServer(backend, cfg, estimator=estimator)
-        await server.start()
+        server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
+        await server.start(sock)
+        tune_gc()
         stop = asyncio.Event()
         drain = asyncio.Event()
         loop = asyncio.get_running_loop()

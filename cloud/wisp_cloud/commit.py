@@ -12,15 +12,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wisp_sdk.protocol import ErrorCode, Opened, pack_tokens, pack_verdict
+from wisp_sdk.protocol import ErrorCode, Opened, Switch, pack_tokens, pack_verdict
 
 from wisp_cloud.backends.base import BatchStats
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
-from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.logs import log_event
+from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, cut
 from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import VerifyPrice
 from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 
@@ -53,6 +56,7 @@ class Committer:
         eos: frozenset[int],
         max_context_len: int,
         enqueue: Callable[[Job], None],
+        hybrid: HybridRule | None = None,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -62,6 +66,8 @@ class Committer:
         self.kv_ops: list[tuple[str, int | None]] = []
         self._solo_memo: dict[tuple[int, int, bool], float] = {}
         self._solo_version = -1
+        self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
+        self.hybrid = hybrid  # None: sessions never switch mode
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -79,6 +85,7 @@ class Committer:
         self.queue.hints.finished(
             [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
         )
+        self.metrics.price_ms.set(self.price.update(self.queue.hints.last_shape, len(self.queue.waiting)))
         records: list[Committed] = []
         replies: list[Reply] = []
         for out in outcomes:
@@ -127,6 +134,7 @@ class Committer:
                 d.on_round(len(job.draft), accepted, now)
         conn = session.conn
         if job.kind == JobKind.round:
+            centralize = not done and self._centralize(session, job)
             queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
             verdict = pack_verdict(
                 session.sid_raw,
@@ -138,6 +146,9 @@ class Committer:
                 queue_ms,
                 1000.0 * job.forward_s,
                 self.wait_hint_ms(session, now),
+                self.price.price_ms,
+                job.unverified,
+                centralize,
             )
             session.last_round = job.round
             session.last_verdict = verdict
@@ -156,11 +167,72 @@ class Committer:
                     wait_hint_ms=self.wait_hint_ms(session, now),
                 )
                 replies.append(Reply(conn, opened))
-        elif conn is not None:  # centralized decode step
-            replies.append(Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done)))
+        else:  # centralized decode step
+            switch_back = not done and self._back_to_speculative(session)
+            if conn is not None:
+                replies.append(
+                    Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done))
+                )
+                if switch_back:
+                    replies.append(
+                        Reply(conn, Switch(session_id=session.id, committed_len=session.committed_len))
+                    )
         if session.mode == "centralized" and not done:
             self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
         return Committed(job, take, accepted, done, now)
+
+    def _centralize(self, session: Session, job: Job) -> bool:
+        """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""
+        if self.hybrid is None or not session.hybrid:
+            return False
+        session.mode_steps += 1
+        d = session.deadlines
+        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        k = round(session.k_mean) if session.k_mean is not None else len(job.draft)
+        round_ms, decode_ms = self._round_and_decode_ms(session, k)
+        if not self.hybrid.to_centralized(
+            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
+        ):
+            return False
+        session.mode, session.mode_steps = "centralized", 0
+        session.switches += 1
+        self.metrics.switches.labels("centralized").inc()
+        log_event(
+            log, "session_switch", session=session.id[:8], mode="centralized", price_ms=self.price.price_ms
+        )
+        return True
+
+    def _back_to_speculative(self, session: Session) -> bool:
+        """After a decode step of a switched session: hand it back to the edge?"""
+        if self.hybrid is None or not session.hybrid:
+            return False
+        session.mode_steps += 1
+        d = session.deadlines
+        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        k = round(session.k_mean) if session.k_mean is not None else DEFAULT_DRAFT_LEN
+        round_ms, decode_ms = self._round_and_decode_ms(session, k)
+        if not self.hybrid.to_speculative(
+            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
+        ):
+            return False
+        session.mode, session.mode_steps = "speculative", 0
+        session.switches += 1
+        self.metrics.switches.labels("speculative").inc()
+        log_event(
+            log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms
+        )
+        return True
+
+    def _round_and_decode_ms(self, session: Session, k: int) -> tuple[float | None, float | None]:
+        """A speculative round's time (the device's measured time between an answer and its next round, plus the
+        server's predicted step) and a server-side decode step's, for the hybrid's too-slow test."""
+        if session.think_s is None:
+            return None, None
+        now = time.monotonic()
+        hints = self.queue.hints
+        verify_ms = 1000.0 * hints.hint(ItemShape(k + 1, session.committed_len), now)
+        decode_ms = 1000.0 * hints.hint(ItemShape(1, session.committed_len), now)
+        return 1000.0 * session.think_s + verify_ms, decode_ms
 
     def finish(self, records: list[Committed]) -> None:
         """Phase 2, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""

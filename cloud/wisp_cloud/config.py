@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -35,6 +37,18 @@ class ServerConfig:
     # `--policy wisp` only: refuse a new session (`overloaded`) when the estimator predicts the admitted
     # sessions' SLO attainment would fall below this; 0 disables admission control.
     admission_target: float = 0.9
+    # Weighted fair sharing across tenants (sched/fairness.py): weight by tenant id (`sessions.owner_key` of the
+    # auth token, as logged at Hello; "anon" without auth). Tenants not named weigh 1.
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+    # `--policy wisp` only (docs/scheduling.md): the load-adaptive hybrid (switch a session to server-side decoding
+    # when its speculation costs the others more than it saves, and back when the load falls), and verifying only
+    # the prefix of a draft whose survival pays the verify price. `--no-hybrid`, `--no-truncate` turn them off.
+    hybrid: bool = True
+    truncate_drafts: bool = True
+    # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
+    # this many draft tokens of a round.
+    hybrid_every: int = 0
+    verify_cap: int | None = None
     # Bounded work per connection (docs/security.md): a connection must say Hello within `hello_timeout_s`; at
     # most `max_connections` at once and `max_connections_per_ip` from one address; closed after
     # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.
@@ -50,6 +64,18 @@ class ServerConfig:
     @property
     def scheme(self) -> str:
         return "wss" if self.tls_cert else "ws"
+
+
+def parse_tenant_weight(text: str) -> tuple[str, float]:
+    """`TENANT=W`, W a positive finite number (an argparse type: a bad one is one usage line, exit 2)."""
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = math.nan
+    if not sep or not name.strip() or not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TENANT=W with W a positive number")
+    return name.strip(), weight
 
 
 def load_auth_tokens(path: str | None) -> frozenset[str]:
@@ -68,6 +94,17 @@ def load_auth_tokens(path: str | None) -> frozenset[str]:
     env = os.environ.get(AUTH_ENV, "")
     tokens.update(t.strip() for t in env.split(",") if t.strip())
     return frozenset(tokens)
+
+
+def bind(host: str, port: int, flag: str) -> socket.socket:
+    """A listening socket, bound before any model loads: a busy port is one line at once, not after the load."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        why = (
+            os.strerror(exc.errno) if exc.errno else str(exc)
+        )  # create_server appends the address to strerror
+        raise WispError(f"{flag} {port}: cannot listen on {host}:{port}: {why}") from None
 
 
 def is_loopback(host: str) -> bool:

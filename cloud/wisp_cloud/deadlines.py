@@ -49,12 +49,22 @@ class AcceptanceStats:
     decay: float = 0.98
     accepted: float = 0.0
     tried: float = 0.0
+    rounds: float = 0.0  # decayed like the others
+    committed: float = 0.0  # tokens committed by those rounds (accepted + the target's own)
 
     @property
     def alpha(self) -> float:
         return (self.accepted + self.prior * self.prior_n) / (self.tried + self.prior_n)
 
+    @property
+    def tokens_per_round(self) -> float | None:
+        """Measured tokens a round commits, or None before the first round. An adaptive controller stops drafting
+        before likely rejections, so its rounds commit more than the i.i.d. Σα^i of its mean draft length."""
+        return self.committed / self.rounds if self.rounds > 0 else None
+
     def update(self, drafted: int, accepted: int) -> None:
+        self.rounds = self.rounds * self.decay + 1
+        self.committed = self.committed * self.decay + accepted + 1
         if drafted <= 0:
             return
         tried = accepted + (1 if accepted < drafted else 0)

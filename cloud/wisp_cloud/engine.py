@@ -34,18 +34,22 @@ from wisp_sdk.protocol import (
 )
 from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
-from wisp_cloud.acceptance import DraftError, dense_q
+from wisp_cloud.acceptance import DraftError, sparse_q
 from wisp_cloud.backends.base import Backend, BatchStats
-from wisp_cloud.commit import DEFAULT_DRAFT_LEN, Committed, Committer
+from wisp_cloud.commit import Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
-from wisp_cloud.metrics import Metrics, log_event
+from wisp_cloud.loads import candidate_load, session_load
+from wisp_cloud.logs import log_event
+from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
-from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, SessionLoad, make_policy
+from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, make_policy
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import verify_len
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 from wisp_cloud.step_stats import StepLog
@@ -81,7 +85,7 @@ class Engine:
         # Every policy but SLED chunks long prompts (SLED is the static-batching baseline: whole prompts).
         chunk = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
         self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **chunk)
-        self.queue = Scheduler(self.policy, self.estimator, learn=False)
+        self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (
             AdmissionController(self.estimator, target=config.admission_target, max_batch=config.max_batch)
             if config.policy == "wisp" and config.admission_target > 0
@@ -117,6 +121,14 @@ class Engine:
         self.steps = StepLog(log, graph_stats=lambda: getattr(backend, "graph_stats", None))
         self.deliver: Callable[[list[Reply]], None] = lambda replies: None
         self.runner = Runner(backend, config.fault_token)
+        wisp = config.policy == "wisp"
+        # The hybrid and the truncated verify are WISP's (docs/scheduling.md); the test hooks force them anywhere.
+        self.hybrid = (
+            HybridRule(every=config.hybrid_every)
+            if config.hybrid_every > 0 or (wisp and config.hybrid)
+            else None
+        )
+        self.truncate = config.verify_cap is not None or (wisp and config.truncate_drafts)
         self.committer = Committer(
             self.store,
             self.queue,
@@ -126,6 +138,7 @@ class Engine:
             self._eos,
             self.max_context_len,
             self._enqueue,
+            self.hybrid,
         )
 
     def close(self) -> None:
@@ -134,7 +147,7 @@ class Engine:
 
     # ---- work from the gateway (each validates against the session; a Refusal is the gateway's to send) ----
 
-    def open(self, owner: str, conn: Peer, msg: Open) -> None:
+    def open(self, owner: str, conn: Peer, msg: Open) -> Session:
         total = len(msg.prompt_ids) + len(msg.committed_ids)
         if total >= self.max_context_len:
             raise Refusal(
@@ -170,6 +183,7 @@ class Engine:
         except SessionLimitError as exc:
             raise Refusal(ErrorCode.overloaded, str(exc)) from exc
         session.conn = conn
+        session.hybrid = self.hybrid is not None and msg.mode == "speculative"
         session.deadlines = SessionDeadlines.from_slo(
             msg.slo, now, max_new_tokens=msg.max_new_tokens - len(msg.committed_ids)
         )
@@ -187,6 +201,7 @@ class Engine:
             rebuild=bool(msg.committed_ids),
         )
         self._enqueue(Job(session, JobKind.open))
+        return session
 
     def round(self, session: Session, conn: Peer, msg: Round, conn_open: bool) -> list[Reply]:
         sid, rnd = msg.session_id, msg.round
@@ -228,19 +243,38 @@ class Engine:
         if not session.sampling.greedy and msg.draft_ids:
             if msg.q_ids is None or msg.q_probs is None:
                 raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
+            if len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+                raise bad(ErrorCode.bad_request, "q_ids and q_probs need one entry per draft token")
             if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
                 raise bad(
                     ErrorCode.bad_request, f"q has more than {MAX_Q_SUPPORT} entries for a draft position"
                 )
             try:
                 q = [
-                    dense_q(ids, probs, self.backend.vocab_size, tok)
+                    sparse_q(ids, probs, self.backend.vocab_size, tok)
                     for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
                 ]
             except DraftError as exc:
                 raise bad(ErrorCode.bad_request, str(exc)) from exc
-        self._enqueue(Job(session, JobKind.round, round=rnd, draft=list(msg.draft_ids), q=q))
+        draft = list(msg.draft_ids)
+        m = self._verify_len(session, len(draft))
+        if m < len(draft):  # verify only the prefix that pays: acceptance on it is exactly a shorter draft's
+            draft, q = draft[:m], None if q is None else q[:m]
+        job = Job(session, JobKind.round, round=rnd, draft=draft, q=q, unverified=len(msg.draft_ids) - m)
+        if job.unverified:
+            self.metrics.unverified_tokens.inc(job.unverified)
+        self._enqueue(job)
         return []
+
+    def _verify_len(self, session: Session, k: int) -> int:
+        """How many of a round's k draft tokens to verify (sched/pricing.py, `verify_len`)."""
+        if not self.truncate:
+            return k
+        d = session.deadlines
+        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        m = verify_len(k, alpha, self.committer.price.price_ms, session.slo.tpot_ms)
+        cap = self.cfg.verify_cap
+        return m if cap is None else min(m, cap)
 
     def resume(self, session: Session, conn: Peer) -> list[Reply]:
         in_flight = session.pending is not None and session.pending.kind == JobKind.round
@@ -252,13 +286,16 @@ class Engine:
             Reply(
                 conn,
                 Resumed(
-                    session_id=session.id, committed_len=session.committed_len, last_round=session.last_round
+                    session_id=session.id,
+                    committed_len=session.committed_len,
+                    last_round=session.last_round,
+                    mode=session.mode,
                 ),
             )
         ]
-        if session.mode == "centralized" and session.opened:
-            # Streamed tokens sent to the dead connection are lost; resend them all (committed_len lets the
-            # client keep only what it lacks).
+        if (session.mode == "centralized" or session.switches) and session.opened:
+            # Streamed tokens sent to the dead connection are lost (and a switched session's verdict or Switch
+            # frame with them); resend them all (committed_len lets the client keep only what it lacks).
             tokens = Tokens(
                 session_id=session.id,
                 tokens=session.tokens[session.prompt_len :],
@@ -305,35 +342,9 @@ class Engine:
         """None to admit the session `msg` asks for, else why it is refused (`overloaded`)."""
         if self.admission is None:
             return None
-        active = [self._load(s) for s in self.store if not s.done]
-        known = sorted(load.draft_len for load in active if load.draft_len > 0)
-        central = msg.mode == "centralized"
-        context = len(msg.prompt_ids) + len(msg.committed_ids)
-        cand = SessionLoad(
-            "candidate",
-            tpot_s=msg.slo.tpot_ms / 1000.0,
-            draft_len=0 if central else known[len(known) // 2] if known else DEFAULT_DRAFT_LEN,
-            context_len=context,
-            think_s=0.0 if central else None,
-            ttft_s=msg.slo.ttft_ms / 1000.0,
-            prompt_len=context,
-        )
-        decision = self.admission.admit(cand, active)
+        active = [session_load(s) for s in self.store if not s.done]
+        decision = self.admission.admit(candidate_load(msg, active), active)
         return None if decision.admit else decision.reason
-
-    @staticmethod
-    def _load(s: Session) -> SessionLoad:
-        d = s.deadlines
-        central = s.mode == "centralized"
-        return SessionLoad(
-            s.id,
-            tpot_s=s.slo.tpot_ms / 1000.0,
-            draft_len=0 if central else round(s.k_mean if s.k_mean is not None else DEFAULT_DRAFT_LEN),
-            context_len=s.committed_len,
-            # None until the session has a verdict: admission fills in the other sessions' median
-            alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
-            think_s=0.0 if central else s.think_s,
-        )
 
     def _enqueue(self, job: Job) -> None:
         session = job.session
@@ -384,6 +395,7 @@ class Engine:
             expected_tokens=expected,
             cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
             payload=job,
+            tenant=s.owner,
         )
 
     # ---- the loop: schedule -> run -> postprocess ----

@@ -10,18 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from wisp_sdk.errors import ProtocolError, WispError
+from wisp_sdk.openai_http import OpenAIHttp
 from wisp_sdk.protocol import (
     PROTOCOL_VERSION,
     SUBPROTOCOL,
@@ -38,9 +39,11 @@ from wisp_sdk.protocol import (
     encode,
 )
 
+from wisp_cloud.api import ServeHttp
 from wisp_cloud.config import ServerConfig, is_loopback
 from wisp_cloud.engine import Engine
-from wisp_cloud.metrics import log_event
+from wisp_cloud.http_front import Sniffer
+from wisp_cloud.logs import log_event
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.sessions import Session, owner_key
 
@@ -124,8 +127,13 @@ class Gateway:
         self._open = 0
         self._closing: set[asyncio.Task] = set()
         engine.deliver = self.deliver
+        # Plain HTTP on the same port; WispServer gives it the OpenAI routes when it knows the target's tokenizer.
+        self.http: OpenAIHttp = ServeHttp(
+            None, config.auth_tokens, config.max_frame_bytes, self.ready, self.metrics_text
+        )
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` when given (bound early by `wisp serve`), else on the config's host and port."""
         cfg = self.cfg
         if not cfg.auth_tokens:
             if not is_loopback(cfg.host):
@@ -148,40 +156,35 @@ class Gateway:
         try:
             self._server = await serve(
                 self._handle,
-                cfg.host,
-                cfg.port,
+                None if sock else cfg.host,
+                None if sock else cfg.port,
+                sock=sock,
                 ssl=ssl_ctx,
                 # Hard cap well above our own limit, so a merely too-large frame still gets a too_large Error.
                 max_size=4 * cfg.max_frame_bytes,
                 compression=None,  # frames are already compact binary; deflate only adds latency
                 select_subprotocol=lambda _conn, offered: _SUBPROTOCOL if _SUBPROTOCOL in offered else None,
-                process_request=self._http,
+                create_connection=self._front,  # type: ignore[arg-type]
                 server_header="wisp-cloud",
             )
         except OSError as exc:
             raise WispError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from exc
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def _http(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Plain HTTP on the serve port, for load balancers and monitoring: `GET /health` (the process answers),
-        `GET /ready` (it takes sessions: 503 while draining or when the engine stopped) and `GET /metrics`
-        (Prometheus text). Anything else goes on to the websocket upgrade (plain HTTP gets 426)."""
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
-        path = request.path.split("?", 1)[0]
-        if path == "/health":
-            return conn.respond(HTTPStatus.OK, "ok\n")
-        if path == "/ready":
-            if self.ready():
-                return conn.respond(HTTPStatus.OK, "ready\n")
-            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
-        if path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    def _front(self, protocol: Any, server: Any, **kwargs: Any) -> Sniffer:
+        """websockets' connection factory: a `Sniffer` that becomes its `ServerConnection` on a websocket upgrade
+        and the HTTP routes (health, metrics, OpenAI) otherwise (http_front.py)."""
+        return Sniffer(
+            protocol,
+            lambda: ServerConnection(protocol, server, **kwargs),
+            self.http,
+            self.cfg.hello_timeout_s,
+        )
 
-            resp = conn.respond(HTTPStatus.OK, generate_latest(self.engine.metrics.registry).decode())
-            resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-            return resp
-        return None
+    def metrics_text(self) -> tuple[str, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.engine.metrics.registry).decode(), CONTENT_TYPE_LATEST
 
     def start_draining(self) -> None:
         self.draining = True
@@ -195,6 +198,7 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.http.close_connections()
             await self._server.wait_closed()
             self._server = None
 
@@ -354,7 +358,8 @@ class Gateway:
         if msg.protocol_version != PROTOCOL_VERSION:
             raise Refusal(
                 ErrorCode.bad_request,
-                f"protocol version {msg.protocol_version} not supported (server speaks {PROTOCOL_VERSION})",
+                f"protocol version {msg.protocol_version} not supported (server speaks {PROTOCOL_VERSION}): "
+                "upgrade the client SDK",
                 fatal=True,
             )
         token = conn.header_token or msg.auth_token

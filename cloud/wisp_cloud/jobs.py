@@ -10,8 +10,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
+from wisp_cloud.acceptance import SparseQ
 from wisp_cloud.estimator import ItemShape
 from wisp_cloud.sched.requests import Request
 from wisp_cloud.sessions import Session
@@ -29,7 +28,8 @@ class Job:
     kind: JobKind
     round: int = 0
     draft: list[int] = field(default_factory=list)
-    q: list[torch.Tensor] | None = None  # dense draft distributions (sampling rounds)
+    q: list[SparseQ] | None = None  # draft distributions on their support (sampling rounds)
+    unverified: int = 0  # draft tokens the client sent past `draft` (truncated: the tail did not pay)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # when its first batch began (queue wait ends)
     forward_s: float = 0.0  # model time spent on it so far, over all its batches

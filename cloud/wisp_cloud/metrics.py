@@ -1,12 +1,11 @@
-"""Observability: Prometheus metrics (one registry per server, so tests can run several) and key=value logs."""
+"""Observability: Prometheus metrics (one registry per server, so tests can run several); logs are in logs.py."""
 
 from __future__ import annotations
 
-import logging
-import re
 from collections import Counter as TallyCounter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from wisp_sdk.errors import WispError
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -31,22 +30,6 @@ _SLO_GAUGES = {
 }
 
 
-def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
-    """One structured line: `event k=v k=v`. A value with spaces, quotes, `=` or any control or non-ASCII character
-    is written as a Python string literal, so a client-supplied value (a Hello's `client`, an error message) can
-    never forge a line or a field."""
-    if not logger.isEnabledFor(level):
-        return
-    parts = [event]
-    for key, value in fields.items():
-        text = f"{value:.3f}" if isinstance(value, float) else str(value)
-        parts.append(f"{key}={text}" if _PLAIN.fullmatch(text) else f"{key}={text!r}")
-    logger.log(level, " ".join(parts))
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@,\[\]{}()<>|#%*]*")
-
-
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -61,6 +44,18 @@ class Metrics:
         self.rounds = Counter("wisp_rounds", "Verify rounds answered", registry=r)
         self.draft_tokens = Counter("wisp_draft_tokens", "Draft tokens received for verification", registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.unverified_tokens = Counter(
+            "wisp_unverified_tokens", "Draft tokens not verified (the tail did not pay the price)", registry=r
+        )
+        self.switches = Counter(
+            "wisp_session_switches",
+            "Sessions moved by the hybrid, by the mode they moved to",
+            ["to"],
+            registry=r,
+        )
+        self.price_ms = Gauge(
+            "wisp_verify_price_ms", "Price of one verified token in the last verdicts", registry=r
+        )
         self.committed_tokens = Counter(
             "wisp_committed_tokens", "Tokens committed (accepted + target)", registry=r
         )
@@ -102,7 +97,12 @@ class Metrics:
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise WispError(
+                f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         self._http = server
         return int(server.server_port)
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
+from wisp_sdk.tokenizer import DraftTokenizer
+
+from wisp_cloud.api import EngineCompleter
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.engine import Engine
 from wisp_cloud.estimator import VerifyTimeEstimator
 from wisp_cloud.gateway import Gateway
-from wisp_cloud.metrics import log_event
+from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 
@@ -30,11 +34,20 @@ log = logging.getLogger("wisp.server")
 
 class WispServer:
     def __init__(
-        self, backend: Backend, config: ServerConfig, estimator: VerifyTimeEstimator | None = None
+        self,
+        backend: Backend,
+        config: ServerConfig,
+        estimator: VerifyTimeEstimator | None = None,
+        tokenizer: DraftTokenizer | None = None,
+        model_name: str = "wisp",
     ) -> None:
+        """`tokenizer` (the target's, with its chat template) turns on the OpenAI routes, serving `model_name`."""
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
         self.gateway = Gateway(self.engine, config)
+        if tokenizer is not None:
+            auth = bool(config.auth_tokens)
+            self.gateway.http.completer = EngineCompleter(self.engine, model_name, tokenizer, auth)
         self.gateway.engine_alive = lambda: self._loop_task is not None and not self._loop_task.done()
         self._loop_task: asyncio.Task | None = None
         self.metrics_port: int | None = None
@@ -64,8 +77,9 @@ class WispServer:
     def url(self) -> str:
         return f"{self.cfg.scheme}://{self.cfg.host}:{self.port}"
 
-    async def start(self) -> None:
-        await self.gateway.start()
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """`sock`: the serve port, already bound (`wisp serve` binds before loading the model)."""
+        await self.gateway.start(sock)
         self._loop_task = asyncio.create_task(self.engine.run(), name="wisp-engine")
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve_http(self.cfg.metrics_port, self.cfg.metrics_host)
@@ -115,3 +129,15 @@ class WispServer:
             "estimator_correction": e.estimator.correction,
             "policy_counters": dict(e.policy.counters),
         }
+
+
+def tune_gc() -> None:
+    """For a serving process, once its long-lived objects exist (model, graphs, server): move them out of the
+    cyclic collector's sight (`gc.freeze`) and collect the young generation less often. A full collection scans
+    every object, torch's included: on the dev VM it took 266 ms, eight times in 11 s of a 256-session run, each
+    a stall of every session; frozen, none ran (docs/benchmarks.md, "Host path"). vLLM and SGLang do the same."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

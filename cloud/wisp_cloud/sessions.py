@@ -61,6 +61,12 @@ class Session:
     draft_len: int | None = None
     k_mean: float | None = None
     think_s: float | None = None
+    # The load-adaptive hybrid (sched/hybrid.py): whether the server may switch this session between speculative
+    # rounds and server-side decoding, how often it has, and rounds (speculative) or decoded tokens (centralized)
+    # since the last switch.
+    hybrid: bool = False
+    switches: int = 0
+    mode_steps: int = 0
     sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it
     work_sampling: Sampling = field(init=False, repr=False)  # the backend's plain copy of `sampling`
 

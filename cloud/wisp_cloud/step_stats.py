@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wisp_cloud.backends.base import BatchStats
-from wisp_cloud.metrics import log_event
+from wisp_cloud.logs import log_event
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 
@@ -41,3 +42,14 @@ def temperature(text: str) -> float:
     if 0.0 < value < 1e-3:
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least 0.001, not {text}")
     return float(value)
+
+
+def deprecated(new_flag: str) -> type[argparse.Action]:
+    """The action of an old flag name kept as a hidden alias: stores like `new_flag` and says to use it."""
+
+    class Deprecated(argparse._StoreAction):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"note: {option_string} is deprecated; use {new_flag}", file=sys.stderr)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Deprecated

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from wisp_sdk.errors import WispError
 
@@ -75,12 +75,22 @@ def tokenizer_fingerprint(tokenizer_json: str | Path | dict[str, Any]) -> str:
 
 
 def load_manifest(bundle_dir: str | Path) -> DraftManifest:
+    if not Path(bundle_dir).is_dir():
+        raise WispError(f"draft bundle {bundle_dir}: no such folder")
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise WispError(
             f"{bundle_dir} is not a draft bundle (no {MANIFEST_NAME}); make one with `wisp export`"
         )
-    manifest = DraftManifest.model_validate_json(path.read_text())
+    try:
+        manifest = DraftManifest.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise WispError(
+            f"{path} is corrupt ({where + ': ' if where else ''}{first['msg']}); export the bundle again "
+            "with `wisp export`"
+        ) from exc
     if manifest.format_version > BUNDLE_FORMAT_VERSION:
         raise WispError(
             f"bundle format {manifest.format_version} is newer than this SDK supports ({BUNDLE_FORMAT_VERSION})"

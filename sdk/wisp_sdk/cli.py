@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "profile": "wisp_cloud.cli_profile",
     "generate": "wisp_sdk.cli_generate",
     "calibrate": "wisp_sdk.cli_calibrate",
+    "edge": "wisp_sdk.cli_edge",
     "bench": "wisp_cloud.fleet.cli_bench",
     "simulate": "wisp_cloud.fleet.cli_simulate",
 }
@@ -37,7 +38,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
         importlib.import_module(module_name).add_parser(sub)
+    _show_defaults(parser)
     return parser
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not _has_default(action) or "default" in text.lower():
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+def _has_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and action.default not in (None, False, [], argparse.SUPPRESS)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's --help the defaults (subcommands are built in their own modules)."""
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if action.help is None and _has_default(action):
+            action.help = "(default: %(default)s)"  # argparse prints no help line at all for help=None
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 # The package a missing import comes from -> the extra that installs it (an edge install has none of these).

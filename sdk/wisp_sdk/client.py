@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,36 +36,24 @@ from wisp_sdk.errors import ServerError, WispError
 from wisp_sdk.predictor import RejectionPredictor
 from wisp_sdk.protocol import (
     SLO,
-    Close,
     Closed,
-    Error,
     ErrorCode,
     Mode,
     Opened,
     SamplingParams,
+    Switch,
     Tokens,
     Verdict,
     Welcome,
 )
 from wisp_sdk.session import GenerationRequest, Session
-from wisp_sdk.stats import GenerationStats, RoundStats
+from wisp_sdk.stats import GenerationResult, GenerationStats, RoundStats
 from wisp_sdk.tokenizer import DraftTokenizer
 from wisp_sdk.transport import Backoff, LinkDown, SessionLost, Transport, tls_context
 
 log = logging.getLogger("wisp.client")
 
 Prompt = str | list[dict[str, Any]] | list[int]
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str
-
-    def to_dict(self, rounds: bool = True) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict(rounds=rounds)}
 
 
 def _noop() -> None:
@@ -251,6 +238,15 @@ class AsyncEdgeClient:
         await self._transport.close()
         self._pool.shutdown(wait=False)
 
+    async def connect(self) -> None:
+        """Connect and say Hello now (a generation otherwise connects on demand): a down server, a refused token
+        or a tokenizer mismatch is reported here, as one `WispError`, instead of on the first generation."""
+        try:
+            if not self._transport.connected:
+                await self._transport.connect()
+        except LinkDown as exc:
+            raise WispError(str(exc)) from exc
+
     async def __aenter__(self) -> AsyncEdgeClient:
         return self
 
@@ -298,9 +294,16 @@ class AsyncEdgeClient:
                         continue
                     if sess.done:
                         break
-                    if req.mode == "centralized":
-                        msg, _ = await self._transport.recv_expect(sess, Tokens)
+                    if sess.mode == "centralized" or sess.behind:
+                        # Server-side decoding (asked for, or switched to by the server): tokens stream in until
+                        # the end or a Switch back; then the next round's sync catches the draft's KV up.
+                        msg, _ = await self._transport.recv_expect(sess, (Tokens, Switch))
                         deadline = None
+                        if isinstance(msg, Switch):
+                            sess.on_switch(msg)
+                            stats.switches = sess.switches
+                            predrafted = []
+                            continue
                         yield sess.on_tokens(msg)
                         continue
                     rs: RoundStats | None = None
@@ -340,13 +343,17 @@ class AsyncEdgeClient:
                         continue
                     accepted, delta = applied
                     deadline = None
-                    ctl.observe(sent_tokens, accepted)
+                    # Only the verified prefix was judged: an unverified tail is no rejection to learn from.
+                    ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
+                    link.price_ms = verdict.price_ms
+                    stats.switches = sess.switches
                     # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
                     if (
                         ahead
                         and accepted == len(sent_tokens)
                         and verdict.next_token == ahead[0].token
                         and not sess.done
+                        and sess.mode == "speculative"
                     ):
                         predrafted = ahead[1:]
                         rs.ahead_used = len(ahead)
@@ -360,6 +367,7 @@ class AsyncEdgeClient:
                         verdict.verify_ms,
                         verdict.wait_hint_ms,
                     )
+                    rs.price_ms, rs.unverified = verdict.price_ms, verdict.unverified
                     wasted_draft = sum(t.ms for i, t in enumerate(kept_all) if i >= max(accepted, 1))
                     rs.wasted_ms = wasted_draft + rs.idle_ms + (0.0 if rs.ahead_used else ahead_ms)
                     stats.rounds.append(rs)
@@ -431,18 +439,9 @@ class AsyncEdgeClient:
         if close is None or not self._transport.connected:
             return
         try:
-            await asyncio.wait_for(self._close_session(sess, close), 1.0)
+            await asyncio.wait_for(self._transport.close_session(close), 1.0)
         except BaseException:
             self._transport.drop()
-
-    async def _close_session(self, sess: Session, close: Close) -> None:
-        await self._transport.send(close)
-        while True:
-            msg, _ = await self._transport.recv()
-            if isinstance(msg, Closed) and msg.session_id == sess.session_id:
-                return
-            if isinstance(msg, Error) and msg.session_id == sess.session_id:
-                return  # already gone (expired, or closed by the server)
 
     def _update_link(self, link: LinkState, rs: RoundStats, tokens: list[DraftToken]) -> None:
         server_ms = rs.queue_ms + rs.verify_ms

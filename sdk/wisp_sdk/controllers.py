@@ -17,6 +17,11 @@ token is worth it iff it raises the rate E/T:  (E + S*a_next) / (T + c) > E / T 
 A long hinted wait or a slow link (large T) therefore buys more drafting; a fast link buys less. A token whose
 own predicted acceptance is low is not fed further (stop just before the predicted rejection), and is not even
 sent when it is below `min_send`.
+
+Server price. Each verdict carries `price_ms`: the GPU time one more verified token costs the server's other
+sessions right now (0 when the GPU is idle, rising with load; docs/scheduling.md, "Verify price"). A sent token
+is verified whether or not it survives, so it costs c + price, and the rule becomes S * a_next * T > (c + price)
+* E: under compute-bound load drafts shrink, and price 0 is the rule above.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class LinkState:
     verify_ms: float = 5.0  # server verify time per round
     draft_ms: float = 5.0  # draft forward time per token on this device
     max_draft: int = 16  # the server's per-round limit
+    price_ms: float = 0.0  # the server's price of one verified token (the last verdict's), in ms
 
 
 class Controller(ABC):
@@ -61,7 +67,7 @@ class Controller(ABC):
         """Decide about the last of `tokens` (just proposed; the others are kept)."""
 
     def observe(self, sent: list[DraftToken], accepted: int) -> None:  # noqa: B027 - optional hook
-        """Learn from a verdict: `accepted` of `sent` survived."""
+        """Learn from a verdict: `accepted` of `sent` survived (`sent`: the tokens the server verified)."""
 
     def ahead_budget(self) -> int:
         """How many tokens to draft ahead while the verdict is in flight (0: wait idle)."""
@@ -144,8 +150,9 @@ class Wisp(Controller):
         round_ms = len(tokens) * c + link.rtt_ms + link.wait_hint_ms + link.verify_ms
         # The next token's acceptance, before we see it: the session's running rate is the honest prior. A
         # predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
-        # long hinted wait) makes even a doubtful extra token worth its draft time.
-        if s * self.rate * round_ms > c * expected:
+        # long hinted wait) makes even a doubtful extra token worth its draft time. The server's price is paid
+        # for every verified token, accepted or not.
+        if s * self.rate * round_ms > (c + max(0.0, link.price_ms)) * expected:
             return Action.CONTINUE
         self._ended_confident = a >= 0.5 and s >= 0.5
         return Action.SEND

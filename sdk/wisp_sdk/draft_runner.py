@@ -65,7 +65,7 @@ class DraftRunner:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=self.providers)
+        self.session = _load_session(ort, model_path, opts, self.providers)
         self.io_binding = io_binding
         self._ort = ort
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -217,3 +217,24 @@ class DraftRunner:
             logits = outs[0]
             self._past = list(outs[1:])
         return logits[0] if want_all else logits[0, -1].copy()
+
+
+def _load_session(ort: Any, model_path: Path, opts: Any, providers: list[Any]) -> Any:
+    """An ONNX Runtime session, or one `WispError` line saying what is wrong with the bundle."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        InvalidProtobuf,
+        NoSuchFile,
+    )
+
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "external data" in text.lower():
+            hint = f"the bundle is incomplete: {model_path.name}'s weights file is missing; copy the whole folder"
+        else:
+            hint = "export the bundle again with `wisp export`"
+        raise WispError(f"cannot load the draft model {model_path}: {text}; {hint}") from exc

@@ -9,7 +9,7 @@ round of k draft tokens costs ~26 + 4k bytes. Layout (little-endian):
              n_draft * i token,
              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
-             f queue_ms, f verify_ms, f wait_hint_ms
+             f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified
 
 A session's committed context is prompt + every committed token. `Opened` and each `Verdict` commit exactly
 one target token (`next_token`) after any accepted draft tokens, so the edge always drafts from a context whose
@@ -28,18 +28,25 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from wisp_sdk.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
-SUBPROTOCOL = "wisp.v1"
+# 2: the Verdict carries the server's price and how much of the draft it verified, and the server can switch a
+# session to centralized decoding and back (Verdict flag, `Switch`). A v1 Hello is refused with one clear error.
+PROTOCOL_VERSION = 2
+SUBPROTOCOL = (
+    "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
+)
 
 FLAG_SPARSE_Q = 1  # Round carries the draft's sparse sampling distribution per position
 FLAG_EOS = 1  # Verdict: the committed token ends the sequence (EOS or max_new_tokens reached)
+FLAG_CENTRALIZE = (
+    2  # Verdict: from now on the server decodes this session itself (Tokens follow; send no rounds)
+)
 
 KIND_ROUND = 1
 KIND_VERDICT = 2
 
 _HEADER = struct.Struct("<BBH")
 _ROUND = struct.Struct("<16sIIH")
-_VERDICT = struct.Struct("<16sIIHifff")
+_VERDICT = struct.Struct("<16sIIHiffffH")
 _NNZ = struct.Struct("<H")
 
 # How a session generates: edge drafts verified by the server, or the server decoding alone (the baseline).
@@ -151,12 +158,27 @@ class Opened(_Msg):
 
 
 class Resumed(_Msg):
-    """State of a resumed session; `last_round` lets the client decide whether to re-send its round."""
+    """State of a resumed session; `last_round` lets the client decide whether to re-send its round.
+
+    `mode` is how the session generates now (the server may have switched it while the link was down); a session
+    that has ever been switched also gets a `Tokens` frame with every generated token after `Resumed`."""
 
     type: Literal["resumed"] = "resumed"
     session_id: str
     committed_len: int
     last_round: int
+    mode: Mode = "speculative"
+
+
+class Switch(_Msg):
+    """The server hands a centralized-decoded session back to the edge: draft again from `committed_len`
+    (catch the draft's KV up on the committed tokens first). The next round is `last_round + 1`. Sent after the
+    last `Tokens` frame of the centralized stretch; the switch the other way is the Verdict's FLAG_CENTRALIZE."""
+
+    type: Literal["switch"] = "switch"
+    session_id: str
+    mode: Literal["speculative"] = "speculative"
+    committed_len: int
 
 
 class Tokens(_Msg):
@@ -182,7 +204,9 @@ class Error(_Msg):
     round: int | None = None
 
 
-ServerMessage = Annotated[Welcome | Opened | Resumed | Tokens | Closed | Error, Field(discriminator="type")]
+ServerMessage = Annotated[
+    Welcome | Opened | Resumed | Tokens | Switch | Closed | Error, Field(discriminator="type")
+]
 
 _client_adapter: TypeAdapter = TypeAdapter(ClientMessage)
 _server_adapter: TypeAdapter = TypeAdapter(ServerMessage)
@@ -211,6 +235,13 @@ class Verdict(_Msg):
     queue_ms: float = 0.0
     verify_ms: float = 0.0
     wait_hint_ms: float = 0.0
+    # The server's current marginal GPU cost of one verified token, in ms of others' GPU time (0 when idle): the
+    # controller drafts a token only while its expected value covers its draft time plus this price.
+    price_ms: float = 0.0
+    # Draft tokens past the verified prefix (the server verified only draft[:k - unverified] because the tail
+    # did not pay): never judged, so not a rejection. `accepted <= k - unverified`.
+    unverified: int = Field(0, ge=0)
+    centralize: bool = False  # FLAG_CENTRALIZE: the server decodes this session from now on
 
 
 def new_session_id() -> str:
@@ -266,6 +297,9 @@ def encode_verdict(msg: Verdict) -> bytes:
         msg.queue_ms,
         msg.verify_ms,
         msg.wait_hint_ms,
+        msg.price_ms,
+        msg.unverified,
+        msg.centralize,
     )
 
 
@@ -279,10 +313,23 @@ def pack_verdict(
     queue_ms: float,
     verify_ms: float,
     wait_hint_ms: float,
+    price_ms: float = 0.0,
+    unverified: int = 0,
+    centralize: bool = False,
 ) -> bytes:
     """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
-    return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, FLAG_EOS if done else 0) + _VERDICT.pack(
-        sid, round, committed_len, accepted, next_token, queue_ms, verify_ms, wait_hint_ms
+    flags = (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0)
+    return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, flags) + _VERDICT.pack(
+        sid,
+        round,
+        committed_len,
+        accepted,
+        next_token,
+        queue_ms,
+        verify_ms,
+        wait_hint_ms,
+        price_ms,
+        unverified,
     )
 
 
@@ -354,8 +401,8 @@ def decode_verdict(data: bytes) -> Verdict:
     flags = _read_header(data, KIND_VERDICT)
     if len(data) != _HEADER.size + _VERDICT.size:
         raise ProtocolError("verdict frame has the wrong size")
-    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms = _VERDICT.unpack_from(
-        data, _HEADER.size
+    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms, price_ms, unverified = (
+        _VERDICT.unpack_from(data, _HEADER.size)
     )
     return Verdict(
         session_id=sid.hex(),
@@ -367,6 +414,9 @@ def decode_verdict(data: bytes) -> Verdict:
         queue_ms=queue_ms,
         verify_ms=verify_ms,
         wait_hint_ms=wait_ms,
+        price_ms=price_ms,
+        unverified=unverified,
+        centralize=bool(flags & FLAG_CENTRALIZE),
     )
 
 
@@ -401,7 +451,9 @@ def decode_client(frame: str | bytes) -> Hello | Open | Resume | Close | Round:
     return _decode_json(frame, _client_adapter)
 
 
-def decode_server(frame: str | bytes) -> Welcome | Opened | Resumed | Tokens | Closed | Error | Verdict:
+def decode_server(
+    frame: str | bytes,
+) -> Welcome | Opened | Resumed | Tokens | Switch | Closed | Error | Verdict:
     """Decode a frame the client received. Raises ProtocolError on anything malformed."""
     if isinstance(frame, bytes):
         return decode_verdict(frame)

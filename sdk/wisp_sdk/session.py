@@ -22,6 +22,7 @@ from wisp_sdk.protocol import (
     Resumed,
     Round,
     SamplingParams,
+    Switch,
     Tokens,
     Verdict,
 )
@@ -53,6 +54,11 @@ class Session:
         self.inflight_tokens: list[DraftToken] = []
         self.done = False
         self.finish_reason = ""
+        # How the session generates now: the server may switch a speculative session to centralized decoding
+        # (Verdict.centralize) and back (`Switch`); a session opened centralized stays so.
+        self.mode: Mode = request.mode
+        self.switches = 0
+        self.server_len = 0  # the server's committed_len at the last resume: Tokens must bring us up to it
         self._text = TextStream(tokenizer)
         self._emitted = 0  # characters of text handed out as deltas
         self._final_text: str | None = None
@@ -116,22 +122,53 @@ class Session:
         self.session_id = msg.session_id
         self.round_no = 0
         self.inflight = None
+        self.mode = self.request.mode  # a rebuilt session starts as it was asked for
+        self.server_len = 0
         return self._commit([msg.next_token], server_done=msg.done)
 
+    @property
+    def behind(self) -> bool:
+        """Tokens the server committed that we have not seen yet (lost with a dropped link): wait for `Tokens`."""
+        return len(self.context) < self.server_len
+
     def on_verdict(self, msg: Verdict) -> tuple[int, str] | None:
-        """Apply a verdict; returns (accepted, text delta), or None for a verdict that is not for our round."""
+        """Apply a verdict; returns (accepted, text delta), or None for a verdict that is not for our round.
+
+        `msg.unverified` tail tokens were never judged (the server verified a prefix); `verified(msg)` says how
+        many were. A verdict with `centralize` moves the session to centralized decoding: Tokens follow."""
         rnd = self.inflight
         if rnd is None or msg.session_id != self.session_id or msg.round != rnd.round:
             return None  # a duplicate answer to a re-sent round, or a stale one: never applied twice
-        if msg.accepted > len(rnd.draft_ids) or msg.committed_len != rnd.committed_len + msg.accepted + 1:
+        verified = len(rnd.draft_ids) - msg.unverified
+        if (
+            verified < 0
+            or msg.accepted > verified
+            or msg.committed_len != rnd.committed_len + msg.accepted + 1
+        ):
             raise ProtocolError(
                 f"verdict for round {msg.round} is inconsistent: accepted {msg.accepted} of "
-                f"{len(rnd.draft_ids)}, committed_len {msg.committed_len} after {rnd.committed_len}"
+                f"{len(rnd.draft_ids)} ({msg.unverified} unverified), committed_len {msg.committed_len} "
+                f"after {rnd.committed_len}"
             )
         self.inflight = None
         self.inflight_tokens = []
         delta = self._commit([*rnd.draft_ids[: msg.accepted], msg.next_token], server_done=msg.done)
+        if msg.centralize and self.mode != "centralized":
+            self.mode = "centralized"
+            self.switches += 1
         return msg.accepted, delta
+
+    def on_switch(self, msg: Switch) -> None:
+        """The server hands decoding back to the edge: draft from the committed context again."""
+        if msg.session_id != self.session_id:
+            return
+        if msg.committed_len != len(self.context):
+            raise ProtocolError(
+                f"switch at committed_len {msg.committed_len}, but {len(self.context)} tokens are committed"
+            )
+        if self.mode != "speculative":
+            self.mode = "speculative"
+            self.switches += 1
 
     def on_tokens(self, msg: Tokens) -> str:
         """Centralized mode: tokens stream in; positions we already hold (a re-sent frame) are skipped."""
@@ -144,12 +181,21 @@ class Session:
     def on_resumed(self, msg: Resumed) -> Round | None | bool:
         """After a reconnect: the round to re-send (None: nothing in flight), or False if states diverged."""
         rnd = self.inflight
-        if self.request.mode == "centralized":
-            # The server re-sends every streamed token after a resume; on_tokens keeps only what we lack.
-            return None if msg.committed_len >= len(self.context) else False
+        if msg.committed_len < len(self.context):
+            return False
+        if msg.mode != self.mode or self.mode == "centralized":
+            # A centralized or switched session: the server re-sends every generated token after `Resumed`
+            # (on_tokens keeps only what we lack). A round in flight when it switched was applied: those Tokens
+            # hold its commit, so it is not re-sent.
+            self.mode = msg.mode
+            self.inflight = None
+            self.inflight_tokens = []
+            self.server_len = msg.committed_len
+            self.round_no = msg.last_round  # the next round continues the server's count
+            return None
         if rnd is None:
             return None if msg.committed_len == len(self.context) else False
-        if msg.last_round == rnd.round:
+        if msg.last_round == rnd.round and msg.committed_len <= rnd.committed_len + len(rnd.draft_ids) + 1:
             return rnd  # the server applied it: re-sending gets the cached verdict
         if msg.last_round == rnd.round - 1 and msg.committed_len == rnd.committed_len:
             return rnd  # it never arrived (or was never answered): send it again

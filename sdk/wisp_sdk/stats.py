@@ -27,6 +27,8 @@ class RoundStats:
     queue_ms: float = 0.0  # server-reported
     verify_ms: float = 0.0  # server-reported
     wait_hint_ms: float = 0.0  # server's predicted wait for the next round
+    price_ms: float = 0.0  # server's price of one verified token at this verdict
+    unverified: int = 0  # sent draft tokens the server did not verify (the tail did not pay)
     resent: bool = False  # re-sent after a reconnect
 
     @property
@@ -45,6 +47,7 @@ class GenerationStats:
     reconnects: int = 0
     reopened: int = 0  # times the server had lost the session and it was rebuilt from the committed context
     refused: int = 0  # Opens refused with `overloaded` and retried (another replica, behind a balancer)
+    switches: int = 0  # times the server moved the session between speculative rounds and its own decoding
     finish_reason: str = ""
     rounds: list[RoundStats] = field(default_factory=list)
 
@@ -113,3 +116,14 @@ class GenerationStats:
             f"acceptance={self.acceptance_rate:.1%} ttft={self.ttft_ms:.1f}ms tpot={self.tpot_ms:.1f}ms "
             f"wasted_draft={self.wasted_ms:.1f}ms ({self.wasted_tokens} tokens) finish={self.finish_reason}"
         )
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finish_reason: str
+
+    def to_dict(self, rounds: bool = True) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict(rounds=rounds)}

@@ -61,6 +61,10 @@ class DraftTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 from wisp_sdk.errors import ProtocolError, ServerError, WispError
 from wisp_sdk.protocol import (
     SUBPROTOCOL,
+    Close,
+    Closed,
     Error,
     ErrorCode,
     Hello,
@@ -235,7 +237,7 @@ class Transport:
             raise ServerError(msg.code.value, msg.message)
         return msg, arrived
 
-    async def recv_expect(self, sess: Session, kind: type) -> tuple[Any, float]:
+    async def recv_expect(self, sess: Session, kind: type | tuple[type, ...]) -> tuple[Any, float]:
         """Skip frames that are not for us now (e.g. a stale verdict) until a `kind` message arrives."""
         while True:
             msg, arrived = await self.recv()
@@ -270,6 +272,14 @@ class Transport:
                 last = exc
                 self.drop()
                 await asyncio.sleep(min(backoff.next_s(), max(0.0, deadline - time.monotonic())))
+
+    async def close_session(self, close: Close) -> None:
+        """Send `close` and wait for its `Closed` (an Error for it, e.g. already expired, raises)."""
+        await self.send(close)
+        while True:
+            msg, _ = await self.recv()
+            if isinstance(msg, Closed) and msg.session_id == close.session_id:
+                return
 
     def forget_replica(self) -> None:
         """A replica refused a new session: drop the link and its cookie, so the balancer may pick another."""

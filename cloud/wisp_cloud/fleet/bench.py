@@ -254,7 +254,7 @@ def run_bench(args: Any) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(args.prompts)
-    tok = DraftTokenizer(args.bundle)
+    tok = DraftTokenizer(args.draft)
     prompt_ids = [
         tok.encode(tok.apply_chat_template([{"role": "user", "content": p["prompt"]}])) for p in prompts
     ]
@@ -290,7 +290,7 @@ def run_bench(args: Any) -> dict[str, Any]:
             "drain_s": args.drain,
             "mean_gap_s": args.gap,
             "slo": asdict(slo),
-            "target_attainment": args.target,
+            "target_attainment": args.attainment,
             "prompts": str(args.prompts),
             "lengths": lengths,
             "prompt_tokens": [len(p) for p in prompt_ids],
@@ -326,7 +326,7 @@ def run_bench(args: Any) -> dict[str, Any]:
                 print(f"[bench] {policy}: server at {server.url}", flush=True)
                 if truth is None:
                     t = time.time()
-                    truth = precompute_truth(server.url, args.bundle, prompt_ids, lengths)
+                    truth = precompute_truth(server.url, args.draft, prompt_ids, lengths)
                     print(
                         f"[bench] target continuations: {sum(map(len, truth.values()))} tokens "
                         f"in {time.time() - t:.1f}s",
@@ -342,7 +342,7 @@ def run_bench(args: Any) -> dict[str, Any]:
                                 pl.max_new_tokens = lengths[pl.prompt_index]
                         base = {
                             "url": server.url,
-                            "bundle": args.bundle,
+                            "bundle": args.draft,
                             "mode": "centralized" if policy == "centralized" else "speculative",
                             "controller": controller or None,
                             "prompt_ids": prompt_ids,
@@ -389,7 +389,7 @@ def run_bench(args: Any) -> dict[str, Any]:
                             break
     finally:
         fleet.close()
-    finalize(result, args.target)
+    finalize(result, args.attainment)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     if not args.no_plots:

@@ -1,7 +1,7 @@
 """`wisp bench`: capacity and goodput of wisp / sled / centralized with a real server and an emulated fleet.
 
     wisp bench trace --draft BUNDLE --target DIR --prompts FILE --out TRACE.json
-    wisp bench run --serve "--target DIR --device cuda" --bundle BUNDLE --trace TRACE.json --n 8,16,32 --out DIR
+    wisp bench run --serve "--target DIR --device cuda" --draft BUNDLE --trace TRACE.json --n 8,16,32 --out DIR
 
 Only argparse at import time (the dispatcher imports this for `wisp --help`).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from wisp_sdk.argtypes import deprecated
 from wisp_sdk.errors import WispError
 
 
@@ -36,8 +37,11 @@ def add_parser(subparsers) -> None:
         "and print `listening on ws://HOST:PORT`",
     )
     r.add_argument(
-        "--bundle", required=True, help="draft bundle (its manifest and tokenizer; no ONNX needed)"
+        "--draft",
+        metavar="BUNDLE",
+        help="draft bundle (its manifest and tokenizer; no ONNX needed); required",
     )
+    r.add_argument("--bundle", dest="draft", action=deprecated("--draft"), help=argparse.SUPPRESS)
     r.add_argument("--trace", required=True, help="acceptance trace from `wisp bench trace`")
     r.add_argument("--prompts", default="bench/prompts/code10.jsonl", help="prompt set (JSONL)")
     r.add_argument("--policies", default="centralized,sled,wisp", help="comma-separated, run in this order")
@@ -56,7 +60,10 @@ def add_parser(subparsers) -> None:
     r.add_argument("--gap", type=float, default=1.0, help="mean think time between a device's sessions (s)")
     r.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     r.add_argument("--slo-tpot-ms", type=float, default=60.0)
-    r.add_argument("--target", type=float, default=0.9, help="attainment that defines capacity")
+    r.add_argument("--attainment", type=float, default=0.9, help="SLO attainment that defines capacity (0-1)")
+    r.add_argument(
+        "--target", dest="attainment", type=float, action=deprecated("--attainment"), help=argparse.SUPPRESS
+    )
     r.add_argument("--stop-below", type=float, default=0.5, help="stop a sweep after 2 points below this")
     r.add_argument("--device-profile", default="jetson", help="jetson, phone, x86-2core, instant")
     r.add_argument("--link", default="wifi-metro", help="lan, wifi-metro, lte, none")
@@ -87,6 +94,8 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     from wisp_cloud.fleet.bench import run_bench
 
+    if not args.draft:
+        raise WispError("wisp bench run needs --draft BUNDLE")
     args.serve_args = shlex.split(args.serve)
     args.server_cmd = shlex.split(args.server_cmd) if args.server_cmd else None
     if args.server_cmd is None and not {"--target", "--random-config"} & set(args.serve_args):

@@ -14,6 +14,8 @@ import argparse
 
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.config import parse_tenant_weight
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -50,7 +52,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--procs", type=int, default=2, help="worker processes (GPUs are simulated in parallel)")
     p.add_argument("--sweep", default="", help="capacity sweeps on one GPU: any of rtt,draft,accept")
     p.add_argument("--validate", help="a bench.json: re-simulate its points and report the error")
+    p.add_argument(
+        "--tenants",
+        default="",
+        metavar="SHARES",
+        help="fair sharing: the devices split into tenants t0, t1, ... by these shares (e.g. 0.95,0.05); the "
+        "summary then has one entry per tenant",
+    )
+    p.add_argument(
+        "--tenant-weight",
+        action="append",
+        default=[],
+        type=parse_tenant_weight,
+        metavar="TENANT=W",
+        help="a tenant's weight in the fair share (repeatable, e.g. t1=2; others weigh 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-hybrid",
+        action="store_true",
+        help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 
@@ -60,4 +82,13 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.gpus < 1:
         raise WispError("--devices and --gpus must be >= 1")
+    try:
+        shares = tuple(float(x) for x in args.tenants.split(",") if x.strip())
+    except ValueError:
+        raise WispError(
+            f"--tenants {args.tenants}: expected comma-separated shares, e.g. 0.95,0.05"
+        ) from None
+    if shares and (any(x <= 0 for x in shares) or abs(sum(shares) - 1.0) > 1e-6):
+        raise WispError(f"--tenants {args.tenants}: shares must be > 0 and sum to 1")
+    args.tenant_shares = shares
     return run_cli(args)

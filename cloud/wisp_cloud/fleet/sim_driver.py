@@ -51,6 +51,9 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         noise=args.noise,
         seed=args.seed,
         balance=args.balance,
+        tenant_shares=args.tenant_shares,
+        tenant_weights=dict(args.tenant_weight),
+        hybrid=not args.no_hybrid,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
@@ -113,6 +116,12 @@ def run_cli(args: Any) -> int:
                     f"sessions per GPU ({s['wall_s']:.0f}s wall)",
                     flush=True,
                 )
+                for name, t in s.get("tenants", {}).items():
+                    print(
+                        f"[sim]   tenant {name}: {t['sessions']} sessions, attainment {t['attainment']:.3f}, "
+                        f"tpot p50 {t['tpot_p50_ms']:.0f} ms",
+                        flush=True,
+                    )
     finally:
         if pool is not None:
             pool.shutdown()

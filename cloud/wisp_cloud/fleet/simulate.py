@@ -12,13 +12,19 @@ way), the draft model (device profile's time per token; acceptance replayed from
 emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
 perfect Python loop, which is the main source of error against `wisp bench`).
 
+Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
+carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
+prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to server-side decoding (decode
+requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
+draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
+
 Scale, two ways (`SimConfig.balance`):
 - `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
   per-device key would) and each GPU's shard is an independent simulation, run in `--procs` processes.
-- `leastconn` / `roundrobin`: the load balancer of docs/deploy.md. G replicas (each its own queue, policy and
-  estimator) in ONE simulation; each session is assigned when it opens (HAProxy's `balance leastconn`: the
-  replica with the fewest live sessions, ties in turn; or plain round-robin) and stays there (the affinity
-  cookie). One process, so slower.
+- `leastconn` / `roundrobin`: the load balancer of docs/deploy.md. G replicas (each its own queue, policy,
+  estimator and verify price) in ONE simulation; each session is assigned when it opens (HAProxy's `balance
+  leastconn`: the replica with the fewest live sessions, ties in turn; or plain round-robin) and stays there
+  (the affinity cookie). One process, so slower.
 Arrivals are closed-loop per device: a session, then Exp(gap) think time, as in `wisp bench`.
 """
 
@@ -36,6 +42,8 @@ from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -62,20 +70,34 @@ class SimConfig:
     seed: int = 0
     policy_kw: dict | None = None
     drain_s: float = 10.0
+    # Tenants (fair sharing, sched/fairness.py): device d belongs to tenant "t{i}" where i is the share its index
+    # falls in (shares of the devices, in order; empty: one tenant). Weights by tenant name; others weigh 1.
+    tenant_shares: tuple[float, ...] = ()
+    tenant_weights: dict[str, float] | None = None
+    hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
+
+    def tenant_of(self, device: int) -> str:
+        edge = 0.0
+        for i, share in enumerate(self.tenant_shares):
+            edge += share * self.devices
+            if device < edge:
+                return f"t{i}"
+        return f"t{max(0, len(self.tenant_shares) - 1)}"
 
 
 BALANCE = ("device-hash", "leastconn", "roundrobin")
 
 
 class _Replica:
-    """One GPU's server: its own scheduler (queue, policy, estimator) and busy clock."""
+    """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
 
-    __slots__ = ("busy_until", "live", "sched", "wake_at")
+    __slots__ = ("busy_until", "live", "price", "sched", "wake_at")
 
-    def __init__(self, sched: Scheduler) -> None:
+    def __init__(self, sched: Scheduler, price: VerifyPrice) -> None:
         self.sched = sched
+        self.price = price
         self.busy_until = 0.0
         self.wake_at: float | None = None
         self.live = 0  # open sessions (what leastconn counts)
@@ -110,7 +132,11 @@ class _Sess:
         "kept",
         "n_drafted",
         "n_accepted",
-        "rep",
+        "central",  # the hybrid moved it to server-side decoding
+        "mode_steps",  # rounds / decoded tokens since the last switch
+        "catchup",  # tokens decoded by the server that the draft has not been fed yet
+        "k_mean",
+        "rep",  # the replica it opened on (sticky)
     )
 
 
@@ -119,7 +145,7 @@ def _ema(old: float, new: float, w: float = 0.3) -> float:
 
 
 def simulate_gpu(cfg: SimConfig) -> list[dict]:
-    """`cfg.replicas` GPUs and their devices; returns one record per session (same fields as `wisp bench`)."""
+    """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
 
@@ -131,8 +157,11 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     for _ in range(cfg.replicas):
         est = VerifyTimeEstimator.from_dict(cfg.estimator)
         policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
-        reps.append(_Replica(Scheduler(policy, est, learn=False)))
+        sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
+        # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
+        reps.append(_Replica(sched, VerifyPrice(est)))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
+    hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -184,6 +213,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
+        s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
@@ -194,7 +224,14 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             uplink_s=t_srv - now,
         )
         req = Request(
-            str(id(s)), "prefill", s.plen, 0, deadline=s.dl.prefill_deadline(), arrival=t_srv, payload=s
+            str(id(s)),
+            "prefill",
+            s.plen,
+            0,
+            deadline=s.dl.prefill_deadline(),
+            arrival=t_srv,
+            payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         push(t_srv, "submit", req)
         return s.rep
@@ -207,6 +244,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             {
                 "device": s.dev,
                 "replica": s.rep,
+                "tenant": cfg.tenant_of(s.dev),
                 "start_s": s.start,
                 "ttft_ms": ttft,
                 "tpot_ms": tpot,
@@ -238,7 +276,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         correct = True
         first = s.sent == 0
         while len(kept) < limit:
-            n_feed = (s.plen + 1) if (first and not kept) else 1
+            n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup)
             ms = dev_prof.step_s(rng, n_feed) * 1000
             t += ms / 1000
             j = (s.gen + len(kept)) % s.trace.n
@@ -251,6 +289,18 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             kept.append(tok)
             if action is Action.SEND:
                 break
+        s.catchup = 0
+        if hybrid is not None:  # the server verifies only the prefix that pays; the client judges only that
+            tried = s.dl.acceptance.tried > 0
+            kept = kept[
+                : verify_len(
+                    len(kept),
+                    s.dl.acceptance.alpha if tried else None,
+                    reps[s.rep].price.price_ms,
+                    cfg.slo_tpot_ms,
+                )
+            ]
+            s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
         s.kept = kept
         s.sent += 1
         t_dev_send = now + t
@@ -266,6 +316,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             arrival=t_srv,
             expected_tokens=s.dl.expected_tokens(k),
             payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         push(t_srv, "submit", req)
         if k > 1:  # as the client: the mean of the per-token times after the first
@@ -291,6 +342,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
+            elif s.central and _switch(s, back=True):
+                push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
             return
@@ -317,10 +370,29 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.link.wait_hint_ms = 1000 * reps[s.rep].sched.wait_hint(
             ItemShape(len(kept) + 1, s.plen + s.gen), finish
         )
+        s.link.price_ms = reps[s.rep].price.price_ms
         if s.gen >= s.max_new:
             push(arrive, "done", s)
+        elif _switch(s, back=False):
+            submit_decode(s, finish)  # FLAG_CENTRALIZE: the server decodes it from here
         else:
             push(arrive, "draft", s)
+
+    def _switch(s: _Sess, back: bool) -> bool:
+        """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session."""
+        if hybrid is None:
+            return False
+        s.mode_steps += 1
+        if back:
+            s.catchup += 1
+        acc = s.dl.acceptance
+        alpha = acc.alpha if acc.tried > 0 else None
+        k = round(s.k_mean) if s.k_mean is not None else 4
+        rule = hybrid.to_speculative if back else hybrid.to_centralized
+        if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms):
+            return False
+        s.central, s.mode_steps = not back, 0
+        return True
 
     def submit_decode(s: _Sess, now: float) -> None:
         req = Request(
@@ -331,6 +403,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             deadline=s.dl.round_deadline(0, now),
             arrival=now,
             payload=s,
+            tenant=cfg.tenant_of(s.dev),
         )
         reps[s.rep].sched.submit(req)
 
@@ -370,7 +443,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             r = obj.rep
         elif kind == "batch":
             r, batch, dur = obj
-            for out in reps[r].sched.complete(batch, dur, now):
+            rp = reps[r]
+            outs = rp.sched.complete(batch, dur, now)
+            rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting))
+            for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
         else:  # "wake": nothing but the try below
             r = obj
@@ -397,35 +473,38 @@ def _summ(records: list[dict], warmup: float, duration: float) -> dict[str, Any]
 def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolExecutor | None = None) -> dict:
     """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed).
     With a load balancer (`cfg.balance` leastconn/roundrobin) all GPUs are one simulation; else one per GPU."""
-    if cfg.balance != "device-hash" and gpus > 1:
-        t = time.perf_counter()
-        records = simulate_gpu(
-            SimConfig(**{**asdict(cfg), "replicas": gpus, "device": cfg.device, "link": cfg.link})
-        )
-        summ = _summ(records, cfg.warmup_s, cfg.duration_s)
-        summ.update(wall_s=round(time.perf_counter() - t, 2), n=cfg.devices, gpus=gpus, balance=cfg.balance)
-        summ.update(_replica_spread(records, gpus, cfg.warmup_s, cfg.duration_s))
-        return summ
-    per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
-    cfgs = [
-        SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
-    ]
-    for c in cfgs:  # asdict turned the profiles into dicts
-        c.device, c.link = cfg.device, cfg.link
     t = time.perf_counter()
-    if pool is not None and gpus > 1:
-        results = list(pool.map(simulate_gpu, cfgs))
+    if cfg.balance != "device-hash" and gpus > 1:
+        joint = SimConfig(**{**asdict(cfg), "replicas": gpus, "device": cfg.device, "link": cfg.link})
+        records = simulate_gpu(joint)
     else:
-        results = [simulate_gpu(c) for c in cfgs]
-    records = [r for rs in results for r in rs]
+        per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
+        cfgs = [
+            SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
+        ]
+        for c in cfgs:  # asdict turned the profiles into dicts
+            c.device, c.link = cfg.device, cfg.link
+        if pool is not None and gpus > 1:
+            results = list(pool.map(simulate_gpu, cfgs))
+        else:
+            results = [simulate_gpu(c) for c in cfgs]
+        for g, rs in enumerate(results):  # each shard numbered its one replica 0
+            for rec in rs:
+                rec["replica"] = g
+        records = [r for rs in results for r in rs]
     summ = _summ(records, cfg.warmup_s, cfg.duration_s)
+    if cfg.tenant_shares:  # the same summary per tenant (fair sharing)
+        names = sorted({r["tenant"] for r in records})
+        summ["tenants"] = {}
+        for name in names:
+            per = _summ([r for r in records if r["tenant"] == name], cfg.warmup_s, cfg.duration_s)
+            per.pop("tpot_ms", None)  # the raw per-session lists stay out of the summary, as run_cli does
+            per.pop("ttft_ms", None)
+            summ["tenants"][name] = per
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
-    summ["balance"] = "device-hash"
-    for g, rs in enumerate(results):  # each shard numbered its one replica 0
-        for rec in rs:
-            rec["replica"] = g
+    summ["balance"] = cfg.balance if gpus > 1 else "device-hash"
     summ.update(_replica_spread(records, gpus, cfg.warmup_s, cfg.duration_s))
     return summ
 

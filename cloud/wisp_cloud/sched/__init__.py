@@ -5,12 +5,14 @@ Pure and clock-injected (no asyncio, no torch):
   policies   one `Policy` base class with no-op hooks; `fifo`, `sled`, `centralized`, `wisp` (docs/scheduling.md)
   queue      `Scheduler`: the waiting queue around a policy (submit, next batch, complete)
   hints      `WaitHints`: the verdict's predicted wait for a session's next round
+  fairness   `FairShare`: weighted fair sharing across tenants (auth tokens), start-time fair queueing
   admission  `AdmissionController`: refuse a session that would push attainment below target
 The verify-time estimator (`wisp_cloud.estimator`) and the per-session deadlines (`wisp_cloud.deadlines`) are the
 scheduler's inputs and live beside it.
 """
 
 from wisp_cloud.sched.admission import AdmissionController, AdmissionDecision, SessionLoad
+from wisp_cloud.sched.fairness import ANON, FairShare
 from wisp_cloud.sched.hints import WaitHints
 from wisp_cloud.sched.policies import (
     POLICIES,
@@ -25,11 +27,13 @@ from wisp_cloud.sched.queue import Outcome, Scheduler, SchedulerStats
 from wisp_cloud.sched.requests import Batch, Kind, Request, Slot
 
 __all__ = [
+    "ANON",
     "POLICIES",
     "AdmissionController",
     "AdmissionDecision",
     "Batch",
     "CentralizedPolicy",
+    "FairShare",
     "FifoPolicy",
     "Kind",
     "Outcome",

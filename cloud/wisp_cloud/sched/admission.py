@@ -19,6 +19,9 @@ class SessionLoad:
     draft_len: int = 4
     context_len: int = 256
     alpha: float | None = None  # per-token acceptance (None: like the others)
+    tokens_per_round: float | None = (
+        None  # measured tokens committed per round (None: from draft_len and alpha)
+    )
     think_s: float | None = None  # device time per round: draft + network (None: like the others)
     ttft_s: float = math.inf
     prompt_len: int = 0
@@ -35,11 +38,12 @@ class AdmissionDecision:
 class AdmissionController:
     """Refuse a new session when the estimator predicts it pushes admitted sessions' attainment below target.
 
-    Steady-state model (docs/scheduling.md, "Admission"): one round per session per cycle; the GPU serves all n
-    rounds in ceil(n / max_batch) batches taking G seconds in all (T_b each on average). Session i's cycle is
+    Steady-state model (docs/scheduling.md, "Admission"): one round per session per cycle; rounds arrive spread
+    over the cycle, so batches last T_b = w / (1 − U) at GPU utilisation U (see `cycles`). Session i's cycle is
     max(think_i + 1.5·T_b, G) (its draft and network time, half a batch of queueing on average, its own batch;
-    and never faster than the GPU can rotate through everyone). It meets its SLO when
-    cycle_i ≤ tpot_i · E(k_i, α_i). The candidate's first token must also fit: G + its prefill ≤ ttft.
+    and never faster than the GPU can verify everyone once, G). It meets its SLO when
+    cycle_i ≤ tpot_i · E_i, E_i its measured tokens per round (else E(k_i, α_i) = Σα^i). The candidate's first
+    token must also fit: G + its prefill ≤ ttft.
     """
 
     estimator: VerifyTimeEstimator
@@ -65,7 +69,15 @@ class AdmissionController:
             if s.think_s is not None and (s.alpha is not None or s.draft_len == 0):
                 out.append(replace(s, alpha=s.alpha if s.alpha is not None else self.default_alpha))
             elif rep is not None and s.draft_len > 0:
-                out.append(replace(s, think_s=rep.think_s, draft_len=rep.draft_len, alpha=rep.alpha))
+                out.append(
+                    replace(
+                        s,
+                        think_s=rep.think_s,
+                        draft_len=rep.draft_len,
+                        alpha=rep.alpha,
+                        tokens_per_round=rep.tokens_per_round,
+                    )
+                )
             else:
                 think = s.think_s if s.think_s is not None else self.default_think_s
                 out.append(
@@ -74,23 +86,48 @@ class AdmissionController:
         return out
 
     def gpu_rotation(self, loads: Sequence[SessionLoad]) -> tuple[float, float]:
-        """(G, T_b): GPU seconds to verify one round of every session, and the mean batch time."""
+        """(G, w): GPU seconds to verify one round of every session back to back (in batches of `max_batch`),
+        and the fixed cost of one step (a batch of one short round: the weight read, launches)."""
         if not loads:
             return 0.0, 0.0
         shapes = sorted((ItemShape(s.draft_len + 1, s.context_len) for s in loads), key=lambda x: x.context)
         groups = [shapes[i : i + self.max_batch] for i in range(0, len(shapes), self.max_batch)]
         g = sum(self.estimator.predict(grp) for grp in groups)
-        return g, g / len(groups)
+        w = min(self.estimator.predict([ItemShape(1, shapes[len(shapes) // 2].context)]), g / len(groups))
+        return g, w
+
+    def cycles(self, loads: Sequence[SessionLoad]) -> list[float]:
+        """Each session's round-trip in steady state (its loads already profiled).
+
+        Rounds do not arrive together: each device sends its next round when its draft is done, and the GPU takes
+        whatever waits. With utilisation U = Σ_i c_i / C_i (c_i: the GPU time a round of session i adds on top of
+        the fixed step cost w), a batch lasts T_b = w / (1 − U), and a round waits half a batch and rides one:
+        C_i = think_i + 1.5·T_b, solved as a fixed point. A batch never exceeds everyone's rounds (T_b ≤ G per
+        group), and no session cycles faster than the GPU can verify everyone once (G).
+        """
+        g, w = self.gpu_rotation(loads)
+        n = len(loads)
+        marginal = max(g - w * -(-n // self.max_batch), 0.0) / n  # c_i, the same for all
+        thinks = [s.think_s or 0.0 for s in loads]
+        full = g / -(-n // self.max_batch)  # a batch never holds more than every session's round
+        tb = w
+        for _ in range(50):
+            u = sum(marginal / max(t + 1.5 * tb, g, 1e-9) for t in thinks)
+            new = min(w / (1.0 - u) if u < 1.0 else math.inf, full)
+            if abs(new - tb) <= 1e-6 * max(tb, 1e-3):
+                tb = new
+                break
+            tb = new
+        return [max(t + 1.5 * tb, g) for t in thinks]
 
     def predict_attainment(self, loads: Sequence[SessionLoad]) -> float:
         if not loads:
             return 1.0
         loads = self._profiles(loads)
-        g, tb = self.gpu_rotation(loads)
         ok = 0
-        for s in loads:
-            cycle = max((s.think_s or 0.0) + 1.5 * tb, g)
-            ok += cycle <= s.tpot_s * expected_committed(s.draft_len, s.alpha or 0.0)
+        for s, cycle in zip(loads, self.cycles(loads), strict=True):
+            e = s.tokens_per_round or expected_committed(s.draft_len, s.alpha or 0.0)
+            ok += cycle <= s.tpot_s * e
         return ok / len(loads)
 
     def admit(self, candidate: SessionLoad, active: Sequence[SessionLoad]) -> AdmissionDecision:

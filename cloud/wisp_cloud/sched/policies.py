@@ -46,6 +46,10 @@ class Policy:
         """The next batch from `waiting` (not modified). An empty batch means: wait until `wakeup`."""
         raise NotImplementedError
 
+    def rank(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        """The policy's preference order over `waiting` (fair sharing keeps it within a tenant): arrival."""
+        return sorted(waiting, key=lambda r: (r.arrival, r.rid))
+
     def _piece(self, r: Request) -> int:
         if r.kind == "prefill" and self.prefill_chunk:
             return min(r.remaining, self.prefill_chunk)
@@ -142,6 +146,15 @@ class _Cand:
 
 
 @dataclass
+class _Order:
+    order: list[_Cand]
+    n_protected: int  # forced + urgent at the head of `order`
+    horizon: float
+    by_arrival: list[_Cand]
+    relaxed: list[_Cand]
+
+
+@dataclass
 class WispPolicy(Policy):
     """The WISP scheduler: urgency first, then throughput density, deadline-safe greedy batch growth.
 
@@ -215,14 +228,12 @@ class WispPolicy(Policy):
         r.solo_s, r.marginal_s = solo, raw_marginal * corr
         return _Cand(r, n, shape, solo, due, slack, forced, urgency=urgency, marginal=raw_marginal * corr)
 
-    def select(self, waiting: Sequence[Request], now: float) -> Batch:
-        if not waiting:
-            return Batch([], now)
-        est = self.estimator
-        cands = [self._cand(r, self._piece(r), now) for r in waiting]
+    def _order(self, cands: list[_Cand], now: float) -> _Order:
+        """forced → urgent → hopeless → relaxed (docs/scheduling.md)."""
         by_arrival = sorted(cands, key=lambda c: (c.req.arrival, c.req.rid))
-        horizon = self.urgency_factor * est.predict([c.shape for c in by_arrival[: self.max_batch]])
-
+        horizon = self.urgency_factor * self.estimator.predict(
+            [c.shape for c in by_arrival[: self.max_batch]]
+        )
         forced = [c for c in by_arrival if c.forced]
         rest = [c for c in cands if not c.forced]
         urgent = sorted(
@@ -233,10 +244,28 @@ class WispPolicy(Policy):
         for c in relaxed:
             c.density = c.req.expected_tokens / max(c.marginal, 1e-9) if c.n == c.req.remaining else 0.0
         relaxed.sort(key=lambda c: (-c.density, c.slack, c.req.rid))
-        order = forced + urgent + hopeless + relaxed
-        n_protected = len(forced) + len(urgent)
+        return _Order(
+            forced + urgent + hopeless + relaxed, len(forced) + len(urgent), horizon, by_arrival, relaxed
+        )
+
+    def rank(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        return [c.req for c in self._order([self._cand(r, self._piece(r), now) for r in waiting], now).order]
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        if not waiting:
+            return Batch([], now)
+        est = self.estimator
+        cands = [self._cand(r, self._piece(r), now) for r in waiting]
+        plan = self._order(cands, now)
+        order, n_protected, horizon, by_arrival, relaxed = (
+            plan.order,
+            plan.n_protected,
+            plan.horizon,
+            plan.by_arrival,
+            plan.relaxed,
+        )
         self._hold_until = None
-        holdable = not forced and not urgent and not hopeless and len(cands) < self.max_batch
+        holdable = len(relaxed) == len(cands) < self.max_batch
         if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
             # release before anyone's latest start comes within one full pass of now
             until = min(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
+from wisp_cloud.sched.fairness import FairShare
 from wisp_cloud.sched.hints import WaitHints
 from wisp_cloud.sched.policies import Policy
 from wisp_cloud.sched.requests import Batch, Request
@@ -43,6 +45,9 @@ class Scheduler:
     Loop: `submit(req)` as requests arrive; when the backend is free, `batch = next_batch(now)`; if it is None,
     sleep until `wakeup(now)` or the next arrival; run the batch; `complete(batch, forward_s, now)` returns the
     finished requests (a non-final prefill chunk goes back to the queue by itself).
+
+    Tenants: when the waiting requests belong to several tenants, the policy is offered only the first
+    `max_batch` of their weighted fair merge (`FairShare`), each tenant's requests in the policy's own order.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class Scheduler:
         estimator: VerifyTimeEstimator | None = None,
         learn: bool = True,
         hint_ewma: float = 0.1,
+        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.policy = policy
         self.estimator = estimator or policy.estimator
@@ -58,6 +64,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.stats = SchedulerStats()
         self.hints = WaitHints(self.estimator, hint_ewma)
+        self.fair = FairShare(dict(tenant_weights or {}))
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -73,9 +80,14 @@ class Scheduler:
     def next_batch(self, now: float) -> Batch | None:
         if not self.waiting:
             return None
-        batch = self.policy.select(self.waiting, now)
+        pool = self.waiting
+        first = pool[0].tenant
+        if any(r.tenant != first for r in pool):
+            pool = self.fair.order(self.policy.rank(pool, now))[: self.policy.max_batch]
+        batch = self.policy.select(pool, now)
         if not batch.slots:
             return None
+        self.fair.charge(batch)
         chosen = {id(s.request) for s in batch.slots}
         self.waiting = [r for r in self.waiting if id(r) not in chosen]
         for s in batch.slots:

@@ -27,6 +27,7 @@ class Request:
     cache_miss: bool = False  # the cached prefix must be rebuilt first
     downlink_s: float = 0.0
     payload: Any = None
+    tenant: str = "anon"  # who pays for it in fair sharing (sched/fairness.py): the auth token's id
     done: int = 0  # tokens of new_tokens already processed (chunked prefill)
     first_scheduled: float | None = None
     rid: int = field(default_factory=lambda: next(_ids))

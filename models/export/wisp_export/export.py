@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wisp_sdk.bundle import DraftManifest, save_manifest, tokenizer_fingerprint
+from wisp_sdk.bundle import MANIFEST_NAME, DraftManifest, save_manifest, tokenizer_fingerprint
 from wisp_sdk.errors import WispError
 
 from wisp_export.hf import quiet_transformers
@@ -72,6 +72,21 @@ def check_output(out: Path, force: bool) -> None:
         raise WispError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise WispError(f"--out {out} is not empty; choose another folder or pass --force to overwrite it")
+
+
+def make_staging(out: Path, staging: Path) -> None:
+    """The empty folder the bundle is written into before it replaces --out."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise WispError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_weights(src: Path, model: str | Path) -> None:
+    if not any(p for g in WEIGHT_GLOBS for p in src.glob(g)):
+        raise WispError(f"--model {model}: no weight files in {src} (*.safetensors or pytorch_model*.bin)")
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -212,14 +227,20 @@ def export_bundle(
         raise WispError("--check-steps must be >= 0")
     out = Path(out).expanduser().absolute()
     check_output(out, force)
+    staging = out.with_name(f".{out.name}.partial")
+    make_staging(out, staging)  # before any download or model load: an unwritable --out fails at once
+    staging.rmdir()
     src = resolve_model(model)
+    if (src / MANIFEST_NAME).is_file():  # a common mix-up, named before its config is judged
+        raise WispError(
+            f"--model {model} is a draft bundle (made by `wisp export`), not an HF model folder; "
+            "give the model folder or name it was exported from"
+        )
     config = read_config(src)
     check_architecture(config, src)
+    check_weights(src, model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    make_staging(out, staging)
     try:
         # Work next to the output, not in /tmp: an fp32 export of a 1.5B model is ~7 GB.
         with tempfile.TemporaryDirectory(prefix=".wisp-export-", dir=out.parent) as work:

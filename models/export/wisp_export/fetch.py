@@ -29,6 +29,7 @@ from wisp_sdk.errors import WispError
 
 from wisp_export.cache import FETCH_MARKER, download_dir, is_cached, model_dir
 from wisp_export.hf import quiet_transformers
+from wisp_export.hub import is_hub_id, resolve_hub
 from wisp_export.progress import bar
 from wisp_export.registry import KNOWN_MODELS, KnownModel, get_known_model
 
@@ -246,7 +247,7 @@ def _version(package: str) -> str:
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
-    """An HF model folder given by path, or a known model name (fetched if needed)."""
+    """An HF model folder given by path, a known model name (fetched if needed), or a Hugging Face hub id."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
@@ -259,5 +260,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
         return path
     if text in KNOWN_MODELS:
         return fetch_model(text)
+    if is_hub_id(text):
+        return resolve_hub(text)
     known = ", ".join(sorted(KNOWN_MODELS))
-    raise WispError(f"{text}: no such folder and not a known model (known: {known})")
+    raise WispError(f"{text}: no such folder, not a known model (known: {known}) nor a hub id (org/name)")

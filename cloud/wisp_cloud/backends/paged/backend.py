@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +38,8 @@ from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
 from wisp_cloud.backends.kv_pages import PageTable
 from wisp_cloud.backends.paged import kernels as pk
 from wisp_cloud.backends.paged.attention import Attention
-from wisp_cloud.backends.paged.batch import Batch, Packer, bucket, views
-from wisp_cloud.backends.paged.graphs import GraphCache
+from wisp_cloud.backends.paged.batch import Batch, Packer, bucket, buckets_between, views, width_bucket
+from wisp_cloud.backends.paged.graphs import GraphCache, GraphOutputs
 from wisp_cloud.backends.paged.loader import (
     from_config,
     from_pretrained,
@@ -73,9 +74,9 @@ class PagedBackend:
         cuda_graphs: bool | None = None,
         kernels: str | None = None,
         max_graph_q: int = 16,
-        max_graph_batch: int = 256,
-        max_graph_tokens: int = 2048,
-        max_graphs: int = 512,
+        max_graph_batch: int = 512,
+        max_graph_tokens: int = 4096,
+        max_graphs: int = 2048,
         capture_after: int = 2,
         warmup: bool = True,
         prefill_tile_rows: int = 128,
@@ -205,6 +206,13 @@ class PagedBackend:
             self.pages, self.page_size, self._tile_tokens, torch_path=self.kernels != "triton"
         )
         self.graphs = GraphCache(self.device, max_graphs, capture_after)
+        # logits and argmax outputs shared by every CUDA graph (a plain bias-free lm_head only)
+        self.graph_out: GraphOutputs | None = None
+        if self.cuda_graphs and isinstance(self.lm_head, torch.nn.Linear) and self.lm_head.bias is None:
+            self.graph_out = GraphOutputs(
+                torch.empty((max_graph_tokens, self.vocab_size), dtype=self.dtype, device=self.device),
+                torch.empty((max_graph_tokens,), dtype=torch.int64, device=self.device),
+            )
         self.graph_stats = self.graphs.stats  # replays, captures (and their seconds), eager runs
         self.last_timing: dict[str, float] = {}
         self.pad_eager = False
@@ -330,19 +338,28 @@ class PagedBackend:
     ) -> tuple | None:
         if not (self.cuda_graphs or force) or len(q_lens) > self.max_graph_batch:
             return None
-        max_q = max(q_lens)
         t = sum(q_lens)
         if t > self.max_graph_tokens:
             return None
+        return self._key(t, len(q_lens), max(q_lens), sum(n_logits), max(map(len, page_lists)))
+
+    def _key(self, t: int, n: int, max_q: int, n_logits: int, pages: int) -> tuple:
+        """The bucket of a batch of `n` items, `t` tokens: few values per dimension, so that the buckets a
+        fleet uses can be captured at start-up (`capture_graphs`)."""
         T = bucket(t)
-        B = pk.next_pow2(len(q_lens))
-        W = max(16, pk.next_pow2(max(map(len, page_lists))))  # >= 16: see _pack
-        if max_q <= self.max_graph_q:  # verify / decode: one tile per sequence, every row may want logits
-            # tile rows bucketed to a power of two: a fleet's ragged draft lengths would otherwise ask for a
-            # graph (and Triton specialisation) per longest draft; shorter items are masked in the tile anyway
-            return (T, B, pk.next_pow2(max_q), W, T, B)
-        tok = self._tile_tokens(max_q)  # prefill chunks: tiles of `tok` tokens, few logit rows
-        R = bucket(sum(n_logits))
+        B = pk.next_pow2(n)
+        W = width_bucket(pages)
+        if max_q == 1:  # decodes: one query row per sequence
+            return (T, B, 1, W, T, B)
+        tok = self.max_graph_q
+        g = self.n_q_heads // self.n_kv_heads
+        if tok * g <= self.prefill_tile_rows:
+            # verifies and prefill chunks alike: tiles of `tok` query tokens (a verify fills one, a chunk
+            # several), room for every tile the T tokens can need, and logits for every row. So a fleet's
+            # mixed steps (new sessions' prompts riding with verifies) have as few keys as its verifies.
+            return (T, B, tok, W, T, -(-T // tok) + B)
+        tok = self._tile_tokens(max_q)  # wide GQA groups: the tile holds fewer tokens
+        R = T if max_q <= tok else min(T, max(8, pk.next_pow2(n_logits)))
         return (T, B, tok, W, R, -(-T // tok) + B)
 
     def _launch(
@@ -427,8 +444,17 @@ class PagedBackend:
         xr = x.index_select(0, rows)
         dr = delta.index_select(0, rows) if delta is not None else None
         _, h = self._add_norm(xr, dr, self.final_norm, triton)
-        logits = self.lm_head(h)
-        return logits.argmax(dim=-1), logits
+        out = self.graph_out
+        R = h.shape[0]
+        if out is None or R > out.argmax.shape[0]:
+            logits = self.lm_head(h)
+            return logits.argmax(dim=-1), logits
+        # every graph writes its logits into the same buffer: one graph runs at a time and its results are
+        # read before the next starts, so N graphs hold one [rows, vocab] buffer, not N of them
+        logits, argmax = out.logits[:R], out.argmax[:R]
+        torch.mm(h, self.lm_head.weight.t(), out=logits)
+        torch.argmax(logits, dim=-1, out=argmax)
+        return argmax, logits
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module, triton: bool):
         if triton:
@@ -459,6 +485,62 @@ class PagedBackend:
     def matmul_params(self) -> int:
         """Parameters that take part in a per-token matmul (all but the embedding table; lm_head included)."""
         return self.weight_bytes_per_step() // self.dtype.itemsize
+
+    def startup_keys(self, max_batch: int, max_q: int, max_context: int) -> list[tuple]:
+        """The graph keys a fleet's steps can ask for, most likely first: narrow block tables before wide ones,
+        decodes, then batches with items of up to `max_q` tokens (verifies, and prefill chunks of up to `max_q`)."""
+        nb = min(max_batch, self.max_graph_batch)
+        widths = [64]
+        while widths[-1] < -(-max_context // self.page_size):
+            widths.append(widths[-1] * 4)
+        keys: dict[tuple, None] = {}
+        for w in widths:
+            for n in range(1, nb + 1):
+                keys[self._key(n, n, 1, n, w)] = None
+            b = 1
+            while b // 2 + 1 <= nb:  # batches of n in (b/2, b] items, some of them over one token
+                lo, hi = b // 2 + 1, min(b, nb)
+                for t in buckets_between(lo + 1, min(hi * max_q, self.max_graph_tokens)):
+                    keys[self._key(t, hi, min(max_q, t), t, w)] = None
+                b *= 2
+        return list(keys)
+
+    def capture_graphs(self, keys: list[tuple], budget_s: float = 120.0) -> int:
+        """Capture these buckets' CUDA graphs now (start-up), within `budget_s` seconds, so that steady-state
+        serving replays graphs from its first step: no eager passes, no captures or Triton compiles mid-serving.
+        Graphs are captured on an all-padding batch (every write lands in the scratch page). Returns the number
+        captured; keys left over are captured on second sight while serving."""
+        if not self.cuda_graphs:
+            return 0
+        t0 = time.perf_counter()
+        done = 0
+        with torch.inference_mode():
+            for i, key in enumerate(keys):
+                if key in self.graphs.graphs or len(self.graphs.graphs) >= self.graphs.max_graphs:
+                    continue
+                if time.perf_counter() - t0 > budget_s:
+                    log.warning(
+                        "graph capture: start-up budget of %.0fs spent after %d of %d buckets; the rest are "
+                        "captured on second sight",
+                        budget_s,
+                        i,
+                        len(keys),
+                    )
+                    break
+                T, B, tok, W, R, n_tiles = key
+                batch = Batch(np.zeros(Batch.size(T, B, W, R, n_tiles), np.int32), T, B, W, R, n_tiles, tok)
+                batch.host_views()["tile_seq"][:] = -1  # padding tiles: attention computes nothing
+                self.graphs.graphs[key] = self.graphs.capture(key, batch, self._forward_tokens, warmups=1)
+                done += 1
+                if done % 100 == 0:
+                    log.info(
+                        "graph capture: %d of %d buckets (%.0fs)", done, len(keys), time.perf_counter() - t0
+                    )
+        took = time.perf_counter() - t0
+        self.graph_stats["captures"] += done
+        self.graph_stats["capture_s"] += took
+        log.info("graph capture: %d CUDA graphs captured at start-up in %.1fs", done, took)
+        return done
 
     def graph_buckets(self) -> list[tuple]:
         return sorted(self.graphs.graphs)

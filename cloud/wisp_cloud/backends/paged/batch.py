@@ -91,8 +91,31 @@ def views(buf: Any, batch: Batch) -> dict[str, Any]:
 
 
 def bucket(t: int) -> int:
-    """Packed-token buckets: powers of two to 16, then steps of 16 to 256, then of 64."""
-    return max(8, pk.next_pow2(t)) if t <= 16 else -(-t // 16) * 16 if t <= 256 else -(-t // 64) * 64
+    """Packed-token buckets: powers of two to 16, then steps of 16 to 512, of 32 to 1024, of 64 to 2048, then
+    of 128: padding at most 1/8 of the real tokens from 128 on (below, the weight read dominates a step)."""
+    if t <= 16:
+        return max(8, pk.next_pow2(t))
+    step = 16 if t <= 512 else 32 if t <= 1024 else 64 if t <= 2048 else 128
+    return -(-t // step) * step
+
+
+def buckets_between(lo: int, hi: int) -> list[int]:
+    """Every bucket value b with bucket(lo) <= b <= bucket(hi), ascending."""
+    out, b = [], bucket(max(1, lo))
+    while b <= bucket(hi):
+        out.append(b)
+        b = bucket(b + 1)
+    return out
+
+
+def width_bucket(pages: int) -> int:
+    """Block-table widths, in pages: 64, 256, 1024, ... (x4 steps). The width is the attention kernel's row
+    stride and caps its split count, so it is part of a CUDA graph's key: coarse steps keep a fleet's contexts
+    (which grow every round) on one or two graphs per batch shape."""
+    w = 64
+    while w < pages:
+        w *= 4
+    return w
 
 
 class Packer:

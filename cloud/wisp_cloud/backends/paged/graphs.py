@@ -31,6 +31,14 @@ class Graph:
     views: dict[str, np.ndarray] = field(default_factory=dict)  # of host_np, by field (the packer fills them)
 
 
+@dataclass
+class GraphOutputs:
+    """Logits and argmax buffers that every graph writes its rows into (the first R rows)."""
+
+    logits: torch.Tensor  # [max rows, vocab]
+    argmax: torch.Tensor  # [max rows] int64
+
+
 class GraphCache:
     """Graphs by bucket key, at most `max_graphs`; a key is captured once seen `capture_after` times."""
 
@@ -53,7 +61,7 @@ class GraphCache:
         # a shape seen once (a capture costs ~3 forwards), or enough graphs held: run it eagerly
         return None, len(self.graphs) < self.max_graphs and seen >= self.capture_after
 
-    def capture(self, key: tuple, batch: Batch, forward_tokens: ForwardFn) -> Graph:
+    def capture(self, key: tuple, batch: Batch, forward_tokens: ForwardFn, warmups: int = 2) -> Graph:
         """Capture the bucket's graph. The warm-up runs (Triton compiles, cuBLAS heuristics) see the real batch
         that asked for the bucket: they write the same K/V the replay will write again, so this is harmless."""
         host = torch.from_numpy(batch.host.copy()).pin_memory()
@@ -64,7 +72,7 @@ class GraphCache:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+            for _ in range(warmups):  # compile the Triton kernels and warm cuBLAS outside the capture
                 forward_tokens(dev_views, batch)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()

@@ -32,6 +32,8 @@ data class LinkState(
     var verifyMs: Double = 5.0,
     var draftMs: Double = 5.0,
     var maxDraft: Int = 16,
+    /** The server's price of one verified token (the last verdict's), in ms. */
+    var priceMs: Double = 0.0,
 )
 
 /** P(the verifier accepts the next draft token): logistic regression over top1, entropy, log1p(position), rate. */
@@ -200,7 +202,8 @@ class Wisp(
         // The next token's acceptance, before we see it: the session's running rate is the honest prior. A
         // predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
         // long hinted wait) makes even a doubtful extra token worth its draft time.
-        if (s * rate * roundMs > c * expected) return Action.CONTINUE
+        // The server's price is paid for every verified token, accepted or not.
+        if (s * rate * roundMs > (c + maxOf(0.0, link.priceMs)) * expected) return Action.CONTINUE
         endedConfident = a >= 0.5 && s >= 0.5
         return Action.SEND
     }

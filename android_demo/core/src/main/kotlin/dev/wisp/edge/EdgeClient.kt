@@ -55,6 +55,7 @@ class GenerationStats {
     var wastedMs = 0.0
     var reconnects = 0
     var rebuilds = 0
+    var switches = 0 // times the server moved the session between speculative rounds and its own decoding
 
     val acceptance: Double get() = if (drafted > 0) accepted.toDouble() / drafted else 0.0
     val meanAcceptedPerRound: Double get() = if (rounds > 0) accepted.toDouble() / rounds else 0.0
@@ -117,6 +118,10 @@ class EdgeClient(
         var round: Int = 0,
         val committed: MutableList<Int> = ArrayList(),
         var done: Boolean = false,
+        // "centralized" while the server decodes the session itself (Verdict.centralize .. Switch).
+        var mode: String = "speculative",
+        // The server's committed_len at the last resume: Tokens must bring us up to it before drafting.
+        var serverLen: Int = 0,
     ) {
         val output: List<Int> get() = committed.subList(prompt.size, committed.size)
     }
@@ -195,7 +200,11 @@ class EdgeClient(
             when (outcome) {
                 is Verdict -> {
                     accepted = outcome.accepted
-                    if (accepted > kept.size) throw ProtocolException("verdict accepts $accepted of ${kept.size} drafts")
+                    // The server may verify only a prefix (the tail did not pay its price): the rest is unjudged.
+                    val verified = kept.size - outcome.unverified
+                    if (verified < 0 || accepted > verified) {
+                        throw ProtocolException("verdict accepts $accepted of ${kept.size} drafts (${outcome.unverified} unverified)")
+                    }
                     val verdictTokens = kept.subList(0, accepted).map { it.token } + outcome.nextToken
                     if (outcome.committedLen != s.committed.size + verdictTokens.size) {
                         throw ProtocolException("verdict committed_len ${outcome.committedLen}, client has ${s.committed.size + verdictTokens.size}")
@@ -204,7 +213,12 @@ class EdgeClient(
                     s.done = s.done || outcome.done
                     queueMs = outcome.queueMs.toDouble()
                     verifyMs = outcome.verifyMs.toDouble()
-                    controller.observe(kept, accepted)
+                    controller.observe(kept.subList(0, verified), accepted)
+                    link.priceMs = outcome.priceMs.toDouble()
+                    if (outcome.centralize && !s.done) {
+                        s.mode = "centralized"
+                        stats.switches++
+                    }
                     link.verifyMs = ema(link.verifyMs, verifyMs, 0.7)
                     link.rttMs = ema(link.rttMs, maxOf(0.0, waitMs - queueMs - verifyMs), 0.7)
                     link.waitHintMs = outcome.waitHintMs.toDouble()
@@ -214,6 +228,10 @@ class EdgeClient(
                     newTokens = listOf(outcome.nextToken)
                     applyOpened(s, outcome)
                     if (outcome.nextToken in eos || s.output.size >= opts.maxNewTokens) s.done = true
+                }
+                is Tokens -> { // switched to server-side decoding while the link was down: Tokens hold the commit
+                    accepted = 0
+                    newTokens = emptyList()
                 }
                 else -> throw IllegalStateException("unexpected outcome $outcome")
             }
@@ -229,6 +247,18 @@ class EdgeClient(
             stats.tokens = s.output.size
             stats.totalMs = msSince(t0)
             listener?.onTokens(newTokens, stats)
+            if (!s.done && (s.mode == "centralized" || s.committed.size < s.serverLen)) {
+                // The server decodes this session now: take its tokens until the end or a Switch back (the next
+                // round's draft.sync then catches the draft's KV up on them).
+                val rebuilt = withReconnect(stats) { c -> centralStretch(c, s, eos, listener, stats) }
+                if (rebuilt is Opened) {
+                    applyOpened(s, rebuilt)
+                    s.mode = "speculative"
+                    s.serverLen = 0
+                    if (rebuilt.nextToken in eos || s.output.size >= opts.maxNewTokens) s.done = true
+                    listener?.onTokens(listOf(rebuilt.nextToken), stats)
+                }
+            }
         }
         stats.totalMs = msSince(t0)
         currentSession = null
@@ -270,8 +300,45 @@ class EdgeClient(
         }
     }
 
-    /** Send [round] and wait for its verdict; returns a Verdict, or an Opened if the session had to be rebuilt. */
+    /** Tokens (and a Switch back) of a stretch of server-side decoding; an Opened if the session was rebuilt. */
+    private fun centralStretch(
+        c: Connection, s: Session, eos: Set<Int>, listener: TokenListener?, stats: GenerationStats,
+    ): ServerMessage? {
+        while (!s.done && (s.mode == "centralized" || s.committed.size < s.serverLen)) {
+            when (val m = receive(c)) {
+                is Tokens -> if (m.sessionId == s.id) {
+                    val first = m.committedLen - m.tokens.size
+                    if (first > s.committed.size) {
+                        throw ProtocolException("tokens frame starts at $first, client has ${s.committed.size}")
+                    }
+                    val fresh = commitLocally(s, m.tokens.drop(s.committed.size - first), eos)
+                    s.done = s.done || m.done
+                    stats.tokens = s.output.size
+                    if (fresh.isNotEmpty()) listener?.onTokens(fresh, stats)
+                }
+                is Switch -> if (m.sessionId == s.id) {
+                    if (m.committedLen != s.committed.size) {
+                        throw ProtocolException("switch at committed_len ${m.committedLen}, client has ${s.committed.size}")
+                    }
+                    s.mode = "speculative"
+                    stats.switches++
+                }
+                is ErrorMsg -> {
+                    if (m.code == ErrorCode.UNKNOWN_SESSION) return rebuild(c, s)
+                    throw WispServerException(m.code, m.message)
+                }
+                else -> {}
+            }
+        }
+        return null
+    }
+
+    /**
+     * Send [round] and wait for its verdict; returns a Verdict, or an Opened if the session had to be rebuilt, or
+     * an empty Tokens if a resume found the session switched to server-side decoding (the round was applied).
+     */
     private fun exchange(c: Connection, s: Session, round: Round): ServerMessage {
+        if (s.mode == "centralized") return Tokens(s.id, emptyList(), s.committed.size)
         c.send(round.encode())
         while (true) {
             when (val m = receive(c)) {
@@ -395,6 +462,12 @@ class EdgeClient(
                     // same round gets the cached verdict. last_round == s.round - 1: it never got the round.
                     if (m.lastRound != s.round && m.lastRound != s.round - 1) {
                         throw ProtocolException("resumed at round ${m.lastRound}, client is at round ${s.round}")
+                    }
+                    if (m.mode != s.mode || s.mode == "centralized") {
+                        // Switched (or switched back) while the link was down: a Tokens frame with every generated
+                        // token follows, and brings us up to the server's committed_len.
+                        s.mode = m.mode
+                        s.serverLen = m.committedLen
                     }
                     return null
                 }

@@ -17,21 +17,22 @@ import java.nio.ByteOrder
  *              n_draft * i token,
  *              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
  *     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
- *              f queue_ms, f verify_ms, f wait_hint_ms
+ *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified
  *
  * The shared test vectors (`core/src/test/resources/vectors.json`, written by `tools/make_vectors.py` from the
  * Python module) keep the two implementations from drifting.
  */
 object Protocol {
-    const val VERSION = 1
+    const val VERSION = 2 // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode
     const val SUBPROTOCOL = "wisp.v1"
     const val FLAG_SPARSE_Q = 1
     const val FLAG_EOS = 1
+    const val FLAG_CENTRALIZE = 2 // Verdict: the server decodes this session from now on (Tokens follow)
     const val KIND_ROUND = 1
     const val KIND_VERDICT = 2
     const val HEADER_BYTES = 4
     const val ROUND_FIXED_BYTES = 16 + 4 + 4 + 2
-    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4
+    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2
 }
 
 class ProtocolException(message: String, cause: Throwable? = null) : RuntimeException(message, cause)
@@ -199,10 +200,22 @@ data class Opened(
         .put("queue_ms", queueMs).put("wait_hint_ms", waitHintMs)
 }
 
-data class Resumed(val sessionId: String, val committedLen: Int, val lastRound: Int) : ServerMessage {
+/** `mode`: how the session generates now (the server may have switched it while the link was down). */
+data class Resumed(
+    val sessionId: String,
+    val committedLen: Int,
+    val lastRound: Int,
+    val mode: String = "speculative",
+) : ServerMessage {
     fun toJson(): JSONObject = JSONObject()
         .put("type", "resumed").put("session_id", sessionId)
-        .put("committed_len", committedLen).put("last_round", lastRound)
+        .put("committed_len", committedLen).put("last_round", lastRound).put("mode", mode)
+}
+
+/** The server hands a centralized-decoded session back to the edge: draft again from `committedLen`. */
+data class Switch(val sessionId: String, val committedLen: Int, val mode: String = "speculative") : ServerMessage {
+    fun toJson(): JSONObject = JSONObject()
+        .put("type", "switch").put("session_id", sessionId).put("mode", mode).put("committed_len", committedLen)
 }
 
 data class Tokens(
@@ -333,14 +346,22 @@ data class Verdict(
     val queueMs: Float = 0f,
     val verifyMs: Float = 0f,
     val waitHintMs: Float = 0f,
+    /** The server's marginal GPU cost of one verified token now, in ms (0 when idle). */
+    val priceMs: Float = 0f,
+    /** Draft tokens past the verified prefix: never judged (not a rejection). */
+    val unverified: Int = 0,
+    /** FLAG_CENTRALIZE: the server decodes this session from now on; Tokens follow, send no rounds. */
+    val centralize: Boolean = false,
 ) : ServerMessage {
     fun encode(): ByteArray {
         val buf = ByteBuffer.allocate(Protocol.VERDICT_BYTES).order(ByteOrder.LITTLE_ENDIAN)
         buf.put(Protocol.VERSION.toByte()).put(Protocol.KIND_VERDICT.toByte())
-        buf.putShort((if (done) Protocol.FLAG_EOS else 0).toShort())
+        val flags = (if (done) Protocol.FLAG_EOS else 0) or (if (centralize) Protocol.FLAG_CENTRALIZE else 0)
+        buf.putShort(flags.toShort())
         buf.put(sessionIdBytes(sessionId))
         buf.putInt(round).putInt(committedLen).putShort(u16(accepted, "accepted")).putInt(nextToken)
-        buf.putFloat(queueMs).putFloat(verifyMs).putFloat(waitHintMs)
+        buf.putFloat(queueMs).putFloat(verifyMs).putFloat(waitHintMs).putFloat(priceMs)
+        buf.putShort(u16(unverified, "unverified"))
         return buf.array()
     }
 
@@ -361,6 +382,9 @@ data class Verdict(
                 queueMs = buf.float,
                 verifyMs = buf.float,
                 waitHintMs = buf.float,
+                priceMs = buf.float,
+                unverified = buf.short.toInt() and 0xFFFF,
+                centralize = flags and Protocol.FLAG_CENTRALIZE != 0,
             )
         }
     }
@@ -388,7 +412,11 @@ object Codec {
                     queueMs = o.optDouble("queue_ms", 0.0),
                     waitHintMs = o.optDouble("wait_hint_ms", 0.0),
                 )
-                "resumed" -> Resumed(o.reqString("session_id"), o.reqInt("committed_len"), o.reqInt("last_round"))
+                "resumed" -> Resumed(
+                    o.reqString("session_id"), o.reqInt("committed_len"), o.reqInt("last_round"),
+                    o.optString("mode", "speculative"),
+                )
+                "switch" -> Switch(o.reqString("session_id"), o.reqInt("committed_len"), o.optString("mode", "speculative"))
                 "tokens" -> Tokens(
                     o.reqString("session_id"), o.reqIntList("tokens"), o.reqInt("committed_len"),
                     o.optBoolean("done", false),
@@ -446,6 +474,7 @@ object Codec {
         is Opened -> msg.toJson().toString()
         is Resumed -> msg.toJson().toString()
         is Tokens -> msg.toJson().toString()
+        is Switch -> msg.toJson().toString()
         is Closed -> msg.toJson().toString()
         is ErrorMsg -> msg.toJson().toString()
     }

@@ -27,6 +27,29 @@ class EdgeClientTest {
     }
 
     @Test
+    fun switchesToServerDecodingAndBackKeepTheOutput() {
+        for (ctl in listOf(FixedK(4), Wisp())) {
+            val server = FakeServer(target).apply { hybridEvery = 2 }
+            val seen = ArrayList<Int>()
+            val res = client(server, ctl).generate(prompt, GenerateOptions(maxNewTokens = 40)) { toks, _ -> seen.addAll(toks) }
+            assertEquals(expected, res.tokens, "controller ${ctl.name}")
+            assertEquals(expected, seen, "every token streamed once")
+            assertTrue(res.stats.switches >= 4, "out and back at least twice: ${res.stats.switches}")
+            // Rounds continue their numbering after each stretch of server-side decoding.
+            assertEquals((1..server.roundsSeen.size).toList(), server.roundsSeen.map { it.round })
+        }
+    }
+
+    @Test
+    fun truncatedVerifyCommitsThePrefixAndIsNoRejection() {
+        val server = FakeServer(target).apply { verifyCap = 1 }
+        val ctl = Wisp()
+        val res = client(server, ctl).generate(prompt, GenerateOptions(maxNewTokens = 40))
+        assertEquals(expected, res.tokens)
+        assertTrue(res.rounds.all { it.accepted <= 1 })
+    }
+
+    @Test
     fun fixedKDraftsKAndAcceptanceIsCounted() {
         val server = FakeServer(target)
         val res = client(server, FixedK(4)).generate(prompt, GenerateOptions(maxNewTokens = 40))

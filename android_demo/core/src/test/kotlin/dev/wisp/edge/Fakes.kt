@@ -79,6 +79,11 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
     var forgetAtRound: Int? = null
     /** Refuse this many connection attempts. */
     var refuseConnects = 0
+    /** The hybrid, forced: every [hybridEvery]-th round's verdict centralizes the session, the fake decodes
+     * [hybridEvery] tokens itself (Tokens frames), then hands it back (Switch). 0: never. */
+    var hybridEvery = 0
+    /** Verify at most this many draft tokens of a round (the rest is `unverified`). */
+    var verifyCap: Int? = null
 
     inner class Conn : Connection {
         val inbox = LinkedBlockingQueue<Frame>()
@@ -184,13 +189,18 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
         require(r.draftIds.size <= 8) { "draft longer than the limit" }
         val remaining = s.maxNew - (s.tokens.size - s.promptLen)
         var accepted = 0
-        for (d in r.draftIds) {
+        val verified = minOf(r.draftIds.size, verifyCap ?: r.draftIds.size)
+        for (d in r.draftIds.subList(0, verified)) {
             if (accepted >= remaining - 1 || target.next(s.tokens) != d) break
             s.tokens.add(d)
             accepted++
         }
         val next = commit(s, target.next(s.tokens))
-        val v = Verdict(s.id, r.round, s.tokens.size, accepted, next, s.done, 0.5f, 1.0f, 2.0f)
+        val centralize = hybridEvery > 0 && r.round % hybridEvery == 0 && !s.done
+        val v = Verdict(
+            s.id, r.round, s.tokens.size, accepted, next, s.done, 0.5f, 1.0f, 2.0f,
+            priceMs = 3.0f, unverified = r.draftIds.size - verified, centralize = centralize,
+        )
         s.lastRound = r.round
         s.lastVerdict = v
         if (dropAtRound == r.round) { // applied, but the verdict never arrives
@@ -199,6 +209,15 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             return
         }
         c.reply(v)
+        if (centralize) {
+            repeat(hybridEvery) {
+                if (!s.done) {
+                    val t = commit(s, target.next(s.tokens))
+                    c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
+                }
+            }
+            if (!s.done) c.reply(Switch(s.id, s.tokens.size))
+        }
     }
 }
 

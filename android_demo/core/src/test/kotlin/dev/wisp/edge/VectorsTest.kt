@@ -80,6 +80,9 @@ class VectorsTest {
                 queueMs = f.getDouble("queue_ms").toFloat(),
                 verifyMs = f.getDouble("verify_ms").toFloat(),
                 waitHintMs = f.getDouble("wait_hint_ms").toFloat(),
+                priceMs = f.getDouble("price_ms").toFloat(),
+                unverified = f.getInt("unverified"),
+                centralize = f.getBoolean("centralize"),
             )
             assertEquals(expected, d)
             assertEquals(f.getDouble("wait_hint_ms"), d.waitHintMs.toDouble(), 0.0) // float32 values, exactly
@@ -129,7 +132,7 @@ class VectorsTest {
             for ((ri, r) in sess.getJSONArray("rounds").objects().withIndex()) {
                 ctl.startRound(
                     LinkState(l.getDouble("rtt_ms"), l.getDouble("wait_hint_ms"), l.getDouble("verify_ms"),
-                        l.getDouble("draft_ms"), l.getInt("max_draft")),
+                        l.getDouble("draft_ms"), l.getInt("max_draft"), l.optDouble("price_ms", 0.0)),
                 )
                 val kept = ArrayList<DraftToken>()
                 val actions = ArrayList<String>()

@@ -1,0 +1,76 @@
+"""Server logs that a client cannot forge: one structured event per line, as `key=value` text or as JSON.
+
+`log_event` logs a `LogEvent` object as the record's message: the text format renders it lazily as
+`event k=v k=v` (a value with spaces, quotes, `=`, control or non-ASCII characters is written as a Python string
+literal), and `JsonFormatter` (`wisp serve --log-format json`) writes one JSON object per line with the fields as
+JSON values (anything not a number, bool or null as a JSON string). Either way a client-supplied value (a Hello's
+`client`, an error message) can never start a line or add a field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/+\-@,\[\]{}()<>|#%*]*")
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One event and its fields; `str()` is the text format's line."""
+
+    event: str
+    fields: dict[str, object]
+
+    def __str__(self) -> str:
+        parts = [self.event]
+        for key, value in self.fields.items():
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            parts.append(f"{key}={text}" if _PLAIN.fullmatch(text) else f"{key}={text!r}")
+        return " ".join(parts)
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:
+    """One structured line: `event k=v k=v` (text) or `{"event": ..., "k": v}` (JSON)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, LogEvent(event, fields))
+
+
+def _json_value(value: object) -> object:
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, then the event and its fields, or `msg` for a
+    plain log call; a traceback (server faults only, never client errors) goes in `exc` as one string."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        out: dict[str, object] = {"ts": ts, "level": record.levelname, "logger": record.name}
+        if isinstance(record.msg, LogEvent):
+            out["event"] = record.msg.event
+            for key, value in record.msg.fields.items():
+                if key not in out:  # a field never overwrites the envelope
+                    out[key] = _json_value(value)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = "".join(traceback.format_exception(*record.exc_info))
+        return json.dumps(out, ensure_ascii=True, allow_nan=False)
+
+
+def use_log_format(fmt: str, root: logging.Logger | None = None) -> None:
+    """Give every handler of the root logger the chosen format (`wisp serve --log-format`)."""
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    for handler in (root or logging.getLogger()).handlers:
+        handler.setFormatter(formatter)

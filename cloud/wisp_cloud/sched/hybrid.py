@@ -1,0 +1,95 @@
+"""The load-adaptive hybrid: when to move a session from edge speculation to server-side decoding, and back.
+
+A speculative round of k drafts commits E(k, α) tokens but makes the GPU verify k + 1, so each committed token
+carries (k + 1)/E − 1 tokens of wasted verify compute; a centralized token carries none (it pays a share of the
+weight read instead, which a busy GPU shares among many sessions). Priced at the verify price (pricing.py), a
+session's speculation costs the others
+
+    cost = waste × price_ms / tpot_ms,   waste = (k + 1) / E(k, α) − 1
+
+GPU ms of waste per ms of its own TPOT budget. The rule, with hysteresis so a session does not flap:
+  - speculative → centralized when cost > `enter` (0.5), judged only after `min_rounds` rounds (α is measured);
+  - centralized → speculative when cost < `leave` (0.25) at the session's last measured α and k, after at least
+    `dwell_tokens` (16) decoded tokens: the load fell, drafting pays again.
+So drafts that are mostly rejected, on a GPU whose steps are shared by many sessions, go to the server, where
+every token is useful work; when the load falls they come back to the edge, which costs the GPU less per token.
+
+A second reason, independent of load: a session whose link and device are too slow for its SLO. A round takes
+round_ms (the device's time between a verdict and its next round, plus the server's) and commits E tokens; if
+round_ms / E > tpot_ms while a server-side decode step would take less than `slow_margin` (0.8) × tpot_ms,
+speculation cannot meet the SLO and decoding can: it moves too (after `min_rounds`), and comes back only when
+that no longer holds (the session's last measured round time is kept while it is decoded centrally).
+`every` is a test hook: switch every N rounds / decoded tokens regardless of load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wisp_cloud.deadlines import expected_committed
+
+
+@dataclass(frozen=True)
+class HybridRule:
+    enter: float = 0.5
+    leave: float = 0.25
+    min_rounds: int = 4
+    dwell_tokens: int = 16
+    every: int = 0  # test hook: > 0 switches every `every` rounds and back every `every` decoded tokens
+    slow_margin: float = 0.8
+
+    @staticmethod
+    def cost(k: int, alpha: float, price_ms: float, tpot_ms: float) -> float:
+        """GPU ms wasted on rejected drafts, per ms of the session's TPOT budget, per committed token."""
+        e = expected_committed(max(0, k), alpha)
+        waste = (k + 1) / max(e, 1.0) - 1.0
+        return waste * max(0.0, price_ms) / max(tpot_ms, 1e-6)
+
+    def too_slow(
+        self, k: int, alpha: float, tpot_ms: float, round_ms: float | None, decode_ms: float | None
+    ) -> bool:
+        """Speculation misses the TPOT SLO on this link and device, and a server-side decode step would meet it."""
+        if round_ms is None or decode_ms is None:
+            return False
+        per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
+        return per_token > tpot_ms and decode_ms < self.slow_margin * tpot_ms
+
+    def to_centralized(
+        self,
+        rounds: int,
+        k: int,
+        alpha: float | None,
+        price_ms: float,
+        tpot_ms: float,
+        round_ms: float | None = None,
+        decode_ms: float | None = None,
+    ) -> bool:
+        """After a verdict: switch this speculative session to server-side decoding?"""
+        if self.every:
+            return rounds >= self.every
+        if alpha is None or rounds < self.min_rounds:
+            return False
+        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter or self.too_slow(
+            k, alpha, tpot_ms, round_ms, decode_ms
+        )
+
+    def to_speculative(
+        self,
+        decoded: int,
+        k: int,
+        alpha: float | None,
+        price_ms: float,
+        tpot_ms: float,
+        round_ms: float | None = None,
+        decode_ms: float | None = None,
+    ) -> bool:
+        """After a decode step: hand this (switched) session back to the edge?"""
+        if self.every:
+            return decoded >= self.every
+        if decoded < self.dwell_tokens:
+            return False
+        if alpha is None:
+            return True
+        return self.cost(k, alpha, price_ms, tpot_ms) < self.leave and not self.too_slow(
+            k, alpha, tpot_ms, round_ms, decode_ms
+        )

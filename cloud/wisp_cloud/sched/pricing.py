@@ -1,0 +1,51 @@
+"""The verify price: what one more verified token costs the server's other sessions right now, in GPU ms.
+
+A verify step costs about w + T·f (weight read w, compute f per token). A token added to a step lengthens it by
+the estimator's marginal per-token cost f, and every other session in that step (or waiting for the GPU) waits
+f longer. So the price of one verified token is
+
+    price_ms = f_ms × others,   others = (sessions in the last batch − 1) + requests waiting
+
+It is 0 on an idle server (an extra token delays nobody), and rises with load: more sessions per step and a
+longer queue. Verdicts carry it (`Verdict.price_ms`); the edge's controller drafts a token only while its
+expected value covers its draft time plus this price, and the server verifies only the prefix of a draft whose
+survival probability pays for it (`verify_len`). Pure: no clock, no torch.
+"""
+
+from __future__ import annotations
+
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+
+
+class VerifyPrice:
+    def __init__(self, estimator: VerifyTimeEstimator) -> None:
+        self.estimator = estimator
+        self.price_ms = 0.0  # the current price, refreshed once per step (`update`)
+
+    def per_token_ms(self, shape: BatchShape) -> float:
+        """Marginal ms of one more verified token in a batch of `shape` (at its mean context)."""
+        ctx = shape.context_tokens // shape.batch_size if shape.batch_size else 0
+        one = shape.plus(ItemShape(1, ctx))
+        two = shape.plus(ItemShape(2, ctx))
+        return max(0.0, 1000.0 * (self.estimator.predict_shape(two) - self.estimator.predict_shape(one)))
+
+    def update(self, last_shape: BatchShape, waiting: int) -> float:
+        """Refresh the price from the batch that just ran and the queue behind it."""
+        others = max(0, last_shape.batch_size - 1) + max(0, waiting)
+        self.price_ms = self.per_token_ms(last_shape) * others if others else 0.0
+        return self.price_ms
+
+
+def verify_len(k: int, alpha: float | None, price_ms: float, value_ms: float) -> int:
+    """How many of k draft tokens are worth verifying: slot i (1-based) survives with probability alpha^i, and a
+    committed token is worth `value_ms` (the session's TPOT budget), so slot i is verified while
+    alpha^i × value_ms ≥ price_ms. Survival only falls with i, so the verified slots are a prefix."""
+    if alpha is None or price_ms <= 0.0 or k <= 0:
+        return k
+    m, survive = 0, 1.0
+    while m < k:
+        survive *= alpha
+        if survive * value_ms < price_ms:
+            break
+        m += 1
+    return m

@@ -1,0 +1,135 @@
+"""The hybrid's own rule (no test hooks) and the verify price under load: the real gateway and engine over loopback
+websockets with `FakeBackend` (the model does not matter here; the lossless tests use the tiny real model)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend, next_token
+from wisp_cloud.config import ServerConfig
+from wisp_cloud.server import WispServer
+from wisp_sdk.protocol import SLO, Hello, Open, Round, Switch, Tokens, Verdict
+from ws_client import Client
+
+VOCAB = 1000
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    prices: list[float] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)  # the mode after each switch
+
+
+def fake_greedy(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(next_token(seq[-1], len(seq) - 1, VOCAB))
+    return seq[len(prompt) :]
+
+
+async def drive(url: str, prompt: list[int], n: int, accept: float, k: int, tpot_ms: float, seed: int) -> Run:
+    """A client drafting k tokens per round, each right with probability `accept`, that follows the server's mode
+    switches (no draft model: the fake target's continuation is known)."""
+    rng = random.Random(seed)
+    c = await Client.connect(url)
+    await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+    opened = await c.request(Open(prompt_ids=prompt, max_new_tokens=n, slo=SLO(tpot_ms=tpot_ms)))
+    run = Run([opened.next_token])
+    done, rnd, central = opened.done, 0, False
+    while not done:
+        if central:
+            msg = await c.recv()
+            if isinstance(msg, Switch):
+                central = False
+                run.modes.append("speculative")
+                assert msg.committed_len == len(prompt) + len(run.tokens)
+            else:
+                assert isinstance(msg, Tokens), msg
+                run.tokens += msg.tokens
+                done = msg.done
+            continue
+        rnd += 1
+        seq = prompt + run.tokens
+        draft: list[int] = []
+        for _ in range(min(k, n - len(run.tokens) - 1)):
+            right = next_token(seq[-1], len(seq) - 1, VOCAB)
+            tok = right if rng.random() < accept else (right + 1) % VOCAB
+            draft.append(tok)
+            seq = seq + [tok]
+        v = await c.request(
+            Round(
+                session_id=opened.session_id,
+                round=rnd,
+                committed_len=len(prompt) + len(run.tokens),
+                draft_ids=draft,
+            )
+        )
+        assert isinstance(v, Verdict), v
+        run.prices.append(v.price_ms)
+        run.tokens += draft[: v.accepted] + [v.next_token]
+        done, central = v.done, v.centralize
+        if central:
+            run.modes.append("centralized")
+    await c.aclose()
+    return run
+
+
+def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decoding():
+    async def main():
+        backend = FakeBackend(VOCAB, base_s=0.002, per_token_s=0.0004)
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
+        await server.start()
+        try:
+            prompts = [[3 + i, 40 + i, 7] for i in range(24)]
+            # 23 short sessions with poor drafts and a tight TPOT load the GPU; one long one (a TPOT its link meets
+            # easily, so only the load can move it) outlives them
+            runs = await asyncio.gather(
+                *(
+                    drive(server.url, p, 160 if i == 0 else 60, 0.2, 6, 20.0 if i == 0 else 10.0, seed=i)
+                    for i, p in enumerate(prompts)
+                )
+            )
+            alone = await drive(server.url, [9, 9, 9], 40, 0.2, 6, 20.0, seed=99)
+            text = server.engine.metrics.registry
+            switched = text.get_sample_value("wisp_session_switches_total", {"to": "centralized"})
+            return prompts, runs, alone, switched
+        finally:
+            await server.stop()
+
+    prompts, runs, alone, switched = asyncio.run(main())
+    for p, r in zip(prompts, runs, strict=True):
+        assert r.tokens == fake_greedy(p, len(r.tokens))  # the fake target's continuation, switches or not
+    # Under load the verdicts carry a price; the wasteful sessions went to server-side decoding.
+    assert max(max(r.prices) for r in runs) > 0
+    assert switched and switched >= 12, [r.modes for r in runs]
+    # The long session outlived the load: it came back to the edge once the price fell.
+    assert runs[0].modes[:2] == ["centralized", "speculative"], runs[0].modes
+    # Alone on the server a session pays nothing and is never moved.
+    assert max(alone.prices) == 0.0 and alone.modes == []
+
+
+def test_a_v1_client_is_refused_with_one_clear_error():
+    from websockets.exceptions import ConnectionClosed
+    from wisp_sdk.protocol import Error
+
+    async def main():
+        server = WispServer(FakeBackend(VOCAB), ServerConfig(port=0))
+        await server.start()
+        try:
+            c = await Client.connect(server.url)
+            err = await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, protocol_version=1))
+            try:
+                await c.recv(timeout=5)
+                closed = False
+            except ConnectionClosed:
+                closed = True
+            return err, closed
+        finally:
+            await server.stop()
+
+    err, closed = asyncio.run(main())
+    assert isinstance(err, Error) and err.code.value == "bad_request" and closed
+    assert "protocol version 1 not supported (server speaks 2)" in err.message and "upgrade" in err.message

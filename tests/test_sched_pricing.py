@@ -1,0 +1,69 @@
+"""The verify price, the truncated-verify length and the hybrid's switch rule (pure, no model)."""
+
+from __future__ import annotations
+
+import pytest
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.pricing import VerifyPrice, verify_len
+
+
+def shape(n_sessions: int, k: int = 4, ctx: int = 500) -> BatchShape:
+    return BatchShape.of([ItemShape(k + 1, ctx)] * n_sessions)
+
+
+def test_price_is_zero_when_idle_and_rises_with_load():
+    price = VerifyPrice(VerifyTimeEstimator.default())
+    assert price.update(shape(1), waiting=0) == 0.0  # an extra token delays nobody
+    prices = [price.update(shape(n), waiting=w) for n, w in [(2, 0), (8, 0), (32, 0), (32, 16)]]
+    assert all(p > 0 for p in prices) and prices == sorted(prices)
+    # the marginal cost of a token times the sessions it delays
+    f = price.per_token_ms(shape(32))
+    assert prices[2] == pytest.approx(f * 31) and prices[3] == pytest.approx(f * 47)
+    assert f > 0
+
+
+def test_verify_len_keeps_the_prefix_that_pays():
+    assert verify_len(6, None, 10.0, 50.0) == 6  # no acceptance measured yet: verify all
+    assert verify_len(6, 0.8, 0.0, 50.0) == 6  # free: verify all
+    # slot i is kept while 0.5**i * 50 >= price
+    assert verify_len(6, 0.5, 10.0, 50.0) == 2  # 25, 12.5 pay; 6.25 does not
+    assert verify_len(6, 0.5, 60.0, 50.0) == 0  # not even the first: a plain decode step
+    lens = [verify_len(8, 0.7, p, 50.0) for p in (1.0, 5.0, 20.0, 40.0)]
+    assert lens == sorted(lens, reverse=True) and lens[0] > lens[-1]
+
+
+def test_hybrid_rule_switches_with_hysteresis():
+    rule = HybridRule()
+    # low acceptance and a high price: speculation wastes the GPU, switch out (once alpha is measured)
+    assert not rule.to_centralized(rounds=2, k=4, alpha=0.2, price_ms=40.0, tpot_ms=50.0)
+    assert rule.to_centralized(rounds=8, k=4, alpha=0.2, price_ms=40.0, tpot_ms=50.0)
+    # the same session on an idle server, or with a draft that is nearly always right, stays on the edge
+    assert not rule.to_centralized(rounds=8, k=4, alpha=0.2, price_ms=0.0, tpot_ms=50.0)
+    assert not rule.to_centralized(rounds=8, k=4, alpha=0.98, price_ms=40.0, tpot_ms=50.0)
+    # back only after the dwell, and only once the cost is under `leave` (below `enter`: no flapping)
+    assert not rule.to_speculative(decoded=4, k=4, alpha=0.2, price_ms=0.0, tpot_ms=50.0)
+    assert rule.to_speculative(decoded=32, k=4, alpha=0.2, price_ms=0.0, tpot_ms=50.0)
+    mid = HybridRule.cost(4, 0.2, 8.0, 50.0)
+    assert rule.leave < mid < rule.enter  # in the band: neither switch happens
+    assert not rule.to_centralized(rounds=8, k=4, alpha=0.2, price_ms=8.0, tpot_ms=50.0)
+    assert not rule.to_speculative(decoded=32, k=4, alpha=0.2, price_ms=8.0, tpot_ms=50.0)
+
+
+def test_hybrid_test_hook_switches_every_n():
+    rule = HybridRule(every=3)
+    assert [rule.to_centralized(r, 4, 0.99, 0.0, 50.0) for r in (1, 2, 3)] == [False, False, True]
+    assert [rule.to_speculative(d, 4, 0.0, 1e9, 50.0) for d in (1, 2, 3)] == [False, False, True]
+
+
+def test_hybrid_moves_a_session_whose_link_is_too_slow_for_its_slo():
+    rule = HybridRule()
+    # idle server (price 0), good drafts, but a 400 ms round for ~4 tokens against a 50 ms TPOT
+    assert rule.too_slow(4, 0.8, 50.0, round_ms=400.0, decode_ms=20.0)
+    assert rule.to_centralized(8, 4, 0.8, 0.0, 50.0, round_ms=400.0, decode_ms=20.0)
+    # not when the server's own decode step would miss the SLO too, nor on a fast link
+    assert not rule.to_centralized(8, 4, 0.8, 0.0, 50.0, round_ms=400.0, decode_ms=45.0)
+    assert not rule.to_centralized(8, 4, 0.8, 0.0, 50.0, round_ms=120.0, decode_ms=20.0)
+    # it stays on the server while the link is still that slow, even with the GPU idle
+    assert not rule.to_speculative(32, 4, 0.8, 0.0, 50.0, round_ms=400.0, decode_ms=20.0)
+    assert rule.to_speculative(32, 4, 0.8, 0.0, 50.0, round_ms=120.0, decode_ms=20.0)
