@@ -80,7 +80,7 @@ SERVE="--random-config $CONFIG --stable-argmax --tokenizer-from $BUNDLE --device
 bench() {  # bench OUTDIR N KV SERVER_CMD
   $PY -m wisp_sdk.cli bench run \
     --server-cmd "$4" --serve "$SERVE --kv-budget-tokens $3" \
-    --bundle "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
+    --draft "$BUNDLE" --trace bench/traces/qwen-coder.json --prompts bench/prompts/code10.jsonl \
     --policies wisp --n "$2" \
     --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
     --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \
