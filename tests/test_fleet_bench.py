@@ -146,3 +146,45 @@ def test_simulate_small_point(tiny_trace):
         assert s["sessions"] > 0 and 0.0 <= s["attainment"] <= 1.0, (policy, s)
         if policy != "centralized":
             assert s["acceptance"] is not None
+
+
+def test_simulate_replicas_behind_a_balancer(tiny_trace):
+    """`--balance leastconn` simulates all GPUs at once, each session sticky to the replica it opened on; the
+    live-session count keeps the replicas even, and every replica's own scheduler serves its sessions."""
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.fleet.profiles import get_device, get_link
+    from wisp_cloud.fleet.simulate import SimConfig, run_point, simulate_gpu
+    from wisp_cloud.fleet.trace import load_trace
+
+    trace, _ = tiny_trace
+    seqs = load_trace(trace)["sequences"]
+    cfg = SimConfig(
+        policy="wisp",
+        controller="wisp",
+        devices=60,
+        duration_s=8.0,
+        warmup_s=2.0,
+        gap_s=1.0,
+        slo_ttft_ms=2000.0,
+        slo_tpot_ms=80.0,
+        prompt_tokens=[30, 40, 50],
+        lengths=[64, 96, 128],
+        trace=seqs,
+        device=get_device("jetson"),
+        link=get_link("wifi-metro"),
+        estimator=VerifyTimeEstimator.default().to_dict(),
+    )
+    for balance in ("leastconn", "roundrobin", "device-hash"):
+        s = run_point(SimConfig(**{**cfg.__dict__, "balance": balance}), gpus=3)
+        assert s["balance"] == balance and s["sessions"] > 0 and s["attainment"] > 0.5, s
+        lo, hi = s["sessions_per_replica_min"], s["sessions_per_replica_max"]
+        assert lo > 0, s  # every replica served
+        if balance == "roundrobin":  # the window's sessions took consecutive turns
+            assert hi - lo <= 1, (balance, lo, hi)
+        if balance == "leastconn":  # it evens out live sessions; opens differ as session lengths do
+            assert hi - lo <= max(4, hi // 4), (balance, lo, hi)
+    # One replica in the joint loop is the one-GPU simulation: same seed, same records.
+    one = simulate_gpu(SimConfig(**{**cfg.__dict__, "devices": 20, "balance": "leastconn"}))
+    assert one == simulate_gpu(SimConfig(**{**cfg.__dict__, "devices": 20}))
+    with pytest.raises(ValueError, match="balance must be"):
+        simulate_gpu(SimConfig(**{**cfg.__dict__, "balance": "random"}))

@@ -185,3 +185,44 @@ def test_gives_up_with_a_clear_error_after_the_deadline(server, tiny_bundle):
             assert time.monotonic() - t0 < 60
     finally:
         proxy.close()
+
+
+def test_refused_open_is_retried_until_a_session_frees(tiny_target, tiny_bundle, target_model):
+    """`overloaded` is not final: the client retries on a new connection (behind a balancer, possibly another
+    replica) within `overload_retry_s`; with 0 it fails at once with the server's code."""
+    import asyncio
+
+    from wisp_sdk import ServerError
+    from wisp_sdk.client import AsyncEdgeClient
+
+    srv = ServerProcess(tiny_target, 0, "--threads", "1", "--max-sessions", "1")
+    holder_prompt, prompt = [5, 17, 33, 60], [7, 21, 40, 90]
+
+    async def main():
+        async with (
+            AsyncEdgeClient(srv.url, tiny_bundle, threads=1) as holder,
+            AsyncEdgeClient(srv.url, tiny_bundle, threads=1, overload_retry_s=0) as impatient,
+            AsyncEdgeClient(
+                srv.url, tiny_bundle, threads=1, overload_retry_s=60, backoff_max_s=0.2
+            ) as patient,
+        ):
+            held = holder.stream(holder_prompt, max_new_tokens=N_NEW, controller=FixedK(2))
+            await held.__anext__()  # the server's only session is taken
+            with pytest.raises(ServerError) as refused:
+                await impatient.generate(prompt, max_new_tokens=4)
+            assert refused.value.code == "overloaded"
+            waiting = asyncio.create_task(
+                patient.generate(prompt, max_new_tokens=N_NEW, controller=FixedK(2))
+            )
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            async for _ in held:  # the holder finishes and closes its session
+                pass
+            return await asyncio.wait_for(waiting, 60)
+
+    try:
+        res = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert res.token_ids == hf_greedy(target_model, prompt, N_NEW)
+    assert res.stats.refused >= 1 and res.stats.reopened == 0

@@ -24,6 +24,12 @@ def add_parser(subparsers) -> None:
         description="Serve a target model over websockets (wisp.v1), and the OpenAI-compatible API (/v1, docs/http.md) "
         "on the same port. Prints `listening on ws://HOST:PORT` when ready.",
     )
+    add_serve_args(p)
+    p.set_defaults(func=run)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """Every `wisp serve` flag (`wisp cluster` takes them all and hands them to its replicas)."""
     p.add_argument("--target", help="HF model folder, or a known model name (see `wisp models`)")
     add_random_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs auth tokens)")
@@ -156,7 +162,6 @@ def add_parser(subparsers) -> None:
     # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
     p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
 
 
 def _resolve_target(target: str) -> Path:
@@ -299,6 +304,9 @@ def _serve(
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.logs import log_event
     from wisp_cloud.server import WispServer, tune_gc
+
+    if logging.getLogger().level > logging.DEBUG:  # a balancer's health checks would log two lines a second
+        logging.getLogger("websockets.server").setLevel(logging.WARNING)
 
     log_event(
         logging.getLogger("wisp.serve"),

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "models": "wisp_export.cli_models",
     "export": "wisp_export.cli_export",
     "serve": "wisp_cloud.cli_serve",
+    "cluster": "wisp_cloud.cli_cluster",
     "profile": "wisp_cloud.cli_profile",
     "generate": "wisp_sdk.cli_generate",
     "calibrate": "wisp_sdk.cli_calibrate",

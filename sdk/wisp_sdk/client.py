@@ -1,14 +1,15 @@
 """EdgeClient / AsyncEdgeClient: draft on the device, verify in the cloud, over one websocket.
 
 The protocol state lives in `session.Session` (sans I/O); this module adds the socket, the timers, the draft
-model and the reconnect policy. Drafting runs in a worker thread (ONNX Runtime releases the GIL), so the event
+model and the reconnect policy (the socket, reconnects and a balancer's affinity cookie: transport.py). Drafting runs in a worker thread (ONNX Runtime releases the GIL), so the event
 loop keeps answering pings and can notice a verdict while the device drafts ahead.
 
 Resume policy: any connection failure (closed socket, refused connect, a response that does not come within
 `response_timeout_s`) starts a resume clock. The client reconnects with exponential backoff, sends `Resume` and
 re-sends the round in flight (the server answers a repeated round from its cache, so it is never applied
 twice). If the server no longer knows the session, the client opens a new one with its committed tokens. If no
-resume succeeds before `resume_deadline_s`, it raises `WispError`.
+resume succeeds before `resume_deadline_s`, it raises `WispError`. An `Open` refused with `overloaded` is
+retried on a new connection (behind a balancer: possibly another replica) for up to `overload_retry_s`.
 """
 
 from __future__ import annotations
@@ -23,63 +24,36 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from wisp_sdk.bundle import load_manifest
 from wisp_sdk.controllers import Action, Controller, LinkState, make_controller
 from wisp_sdk.draft_runner import DraftRunner, DraftToken
-from wisp_sdk.errors import ProtocolError, ServerError, WispError
+from wisp_sdk.errors import ServerError, WispError
 from wisp_sdk.predictor import RejectionPredictor
 from wisp_sdk.protocol import (
     SLO,
-    SUBPROTOCOL,
-    Close,
     Closed,
-    Error,
     ErrorCode,
-    Hello,
     Mode,
     Opened,
-    Resumed,
     SamplingParams,
     Switch,
     Tokens,
     Verdict,
     Welcome,
-    decode_server,
-    encode,
 )
 from wisp_sdk.session import GenerationRequest, Session
-from wisp_sdk.stats import GenerationStats, RoundStats
+from wisp_sdk.stats import GenerationResult, GenerationStats, RoundStats
 from wisp_sdk.tokenizer import DraftTokenizer
+from wisp_sdk.transport import Backoff, LinkDown, SessionLost, Transport, tls_context
 
 log = logging.getLogger("wisp.client")
 
 Prompt = str | list[dict[str, Any]] | list[int]
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str
-
-    def to_dict(self, rounds: bool = True) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict(rounds=rounds)}
-
-
-class _SessionLost(Exception):
-    """The server answered unknown_session: rebuild from the committed context."""
-
-
-class _LinkDown(Exception):
-    """No usable connection (closed, refused, or a response timed out)."""
 
 
 def _noop() -> None:
@@ -110,23 +84,13 @@ class AsyncEdgeClient:
         backoff_max_s: float = 1.0,
         response_timeout_s: float = 60.0,
         connect_timeout_s: float = 10.0,
+        overload_retry_s: float = 10.0,
         ca_file: str | Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if mode not in ("speculative", "centralized"):
             raise WispError(f"mode must be speculative or centralized, not {mode!r}")
-        url = urlparse(server)
-        if url.scheme not in ("ws", "wss") or not url.hostname:
-            raise WispError(f"server URL must look like ws://HOST:PORT or wss://HOST:PORT, not {server!r}")
-        if ca_file is not None and ssl_context is not None:
-            raise WispError("give ca_file or ssl_context, not both")
-        if ca_file is not None:
-            if url.scheme != "wss":
-                raise WispError("ca_file is for wss:// servers")
-            try:
-                ssl_context = ssl.create_default_context(cafile=str(ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                raise WispError(f"cannot load CA file {ca_file}: {exc}") from exc
+        ssl_context = tls_context(server, ca_file, ssl_context)
         self.ssl_context = ssl_context
         self.server = server
         self.bundle = Path(draft)
@@ -142,6 +106,17 @@ class AsyncEdgeClient:
         self.backoff_max_s = backoff_max_s
         self.response_timeout_s = response_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.overload_retry_s = overload_retry_s
+        self._transport = Transport(
+            server,
+            fingerprint=self.manifest.tokenizer_fingerprint,
+            token=token,
+            ssl_context=ssl_context,
+            connect_timeout_s=connect_timeout_s,
+            response_timeout_s=response_timeout_s,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+        )
         # The centralized baseline needs no draft model: don't pay for loading it.
         self.runner = (
             DraftRunner(
@@ -154,12 +129,14 @@ class AsyncEdgeClient:
             if mode == "speculative"
             else None
         )
-        self.welcome: Welcome | None = None
         self.last_result: GenerationResult | None = None
-        self._ws: Any = None
         self._lock: asyncio.Lock | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-draft")
-        self._connect_rtt_ms = 20.0
+
+    @property
+    def welcome(self) -> Welcome | None:
+        """The server's last Welcome (limits, policy); None before the first connect."""
+        return self._transport.welcome
 
     # ---- public API ----
 
@@ -258,160 +235,23 @@ class AsyncEdgeClient:
         return ids
 
     async def aclose(self) -> None:
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close()
-            self._ws = None
+        await self._transport.close()
         self._pool.shutdown(wait=False)
+
+    async def connect(self) -> None:
+        """Connect and say Hello now (a generation otherwise connects on demand): a down server, a refused token
+        or a tokenizer mismatch is reported here, as one `WispError`, instead of on the first generation."""
+        try:
+            if not self._transport.connected:
+                await self._transport.connect()
+        except LinkDown as exc:
+            raise WispError(str(exc)) from exc
 
     async def __aenter__(self) -> AsyncEdgeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    # ---- connection ----
-
-    async def connect(self) -> None:
-        """Connect and say Hello now (a generation otherwise connects on demand): a down server, a refused token
-        or a tokenizer mismatch is reported here, as one `WispError`, instead of on the first generation."""
-        try:
-            await self._ensure_connected()
-        except _LinkDown as exc:
-            raise WispError(str(exc)) from exc
-
-    async def _connect(self) -> None:
-        from websockets.asyncio.client import connect
-
-        if self._ws is not None:
-            with contextlib.suppress(Exception):
-                await self._ws.close()
-            self._ws = None
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        # websockets makes a default TLS context for wss:// when none is given (and refuses ssl=None)
-        tls: dict[str, Any] = {"ssl": self.ssl_context} if self.ssl_context is not None else {}
-        t0 = time.perf_counter()
-        try:
-            ws = await asyncio.wait_for(
-                connect(
-                    self.server,
-                    subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-                    additional_headers=headers,
-                    max_size=None,
-                    open_timeout=self.connect_timeout_s,
-                    **tls,
-                    ping_interval=10,
-                    ping_timeout=max(10.0, self.response_timeout_s),
-                    close_timeout=2.0,  # a dead peer must not hold up close()
-                ),
-                self.connect_timeout_s,
-            )
-        except ssl.SSLCertVerificationError as exc:  # retrying cannot fix it
-            raise WispError(
-                f"TLS verification of {self.server} failed: {exc.verify_message or exc}; "
-                "give the server's CA (ca_file=, or --ca-file)"
-            ) from exc
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise _LinkDown(f"cannot connect to {self.server}: {exc}") from exc
-        except Exception as exc:  # websockets' handshake errors (InvalidStatus on 401/403, ...)
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status in (401, 403) or "401" in str(exc) or "403" in str(exc):
-                raise ServerError("unauthorized", f"the server refused the connection: {exc}") from exc
-            if (
-                status is not None and 400 <= status < 500
-            ):  # a wrong path or not a WISP server: retrying won't help
-                raise WispError(f"{self.server} refused the websocket upgrade: {exc}") from exc
-            raise _LinkDown(f"websocket handshake with {self.server} failed: {exc}") from exc
-        self._ws = ws
-        await self._send(
-            Hello(tokenizer_fingerprint=self.manifest.tokenizer_fingerprint, auth_token=self.token)
-        )
-        msg, _ = await self._recv()
-        if not isinstance(msg, Welcome):
-            raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
-        self._connect_rtt_ms = (time.perf_counter() - t0) * 1000.0 / 2  # connect + hello ~ two round trips
-        self.welcome = msg
-
-    async def _ensure_connected(self) -> None:
-        if self._ws is None:
-            await self._connect()
-
-    async def _send(self, msg: Any) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        if self._ws is None:
-            raise _LinkDown("not connected")
-        try:
-            await self._ws.send(encode(msg))
-        except (ConnectionClosed, OSError) as exc:
-            raise _LinkDown(f"connection lost while sending: {exc}") from exc
-
-    async def _recv(self) -> tuple[Any, float]:
-        """The next server message and its arrival time; Error frames become exceptions."""
-        from websockets.exceptions import ConnectionClosed
-
-        if self._ws is None:
-            raise _LinkDown("not connected")
-        try:
-            frame = await asyncio.wait_for(self._ws.recv(), self.response_timeout_s)
-        except (ConnectionClosed, OSError) as exc:
-            raise _LinkDown(f"connection lost: {exc}") from exc
-        except asyncio.TimeoutError as exc:
-            raise _LinkDown(f"no answer from the server within {self.response_timeout_s:.0f}s") from exc
-        arrived = time.perf_counter()
-        msg = decode_server(frame)
-        if isinstance(msg, Error):
-            if msg.code == ErrorCode.unknown_session:
-                raise _SessionLost(msg.message)
-            raise ServerError(msg.code.value, msg.message)
-        return msg, arrived
-
-    async def _recv_expect(self, sess: Session, kind: type | tuple[type, ...]) -> tuple[Any, float]:
-        """Skip frames that are not for us now (e.g. a stale verdict) until a `kind` message arrives."""
-        while True:
-            msg, arrived = await self._recv()
-            if isinstance(msg, kind):
-                if isinstance(msg, Verdict) and (sess.inflight is None or msg.round != sess.inflight.round):
-                    continue
-                return msg, arrived
-            log.debug("ignoring %s while waiting for %s", type(msg).__name__, kind)
-
-    async def _recover(self, sess: Session, deadline: float, why: BaseException) -> str:
-        """Reconnect with backoff; returns 'resumed' or 'reopen'. Raises WispError after the deadline."""
-        self._drop_socket()
-        delay = self.backoff_initial_s
-        last: BaseException = why
-        while True:
-            if time.monotonic() > deadline:
-                if sess.session_id is None and not sess.generated:
-                    raise WispError(
-                        f"could not reach {self.server} within {self.resume_deadline_s:.0f}s ({last})"
-                    )
-                raise WispError(
-                    f"lost the connection to {self.server} and could not resume within "
-                    f"{self.resume_deadline_s:.0f}s (last error: {last})"
-                )
-            try:
-                await self._connect()
-                if sess.session_id is None:
-                    return "reopen"  # the session was never opened: nothing to resume
-                await self._send(sess.resume_message())
-                msg, _ = await self._recv_expect(sess, Resumed)
-                return "resumed" if sess.on_resumed(msg) is not False else "reopen"
-            except _SessionLost:
-                return "reopen"
-            except _LinkDown as exc:
-                last = exc
-                self._drop_socket()
-                await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, self.backoff_max_s)
-
-    def _drop_socket(self) -> None:
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            # Don't wait for a closing handshake on a dead link; let the transport go.
-            with contextlib.suppress(Exception):
-                ws.transport.abort()
 
     # ---- the generation loop ----
 
@@ -424,6 +264,8 @@ class AsyncEdgeClient:
         t_start = time.perf_counter()
         deadline: float | None = None  # resume clock, running only while the link is down
         need_open, need_send = True, False
+        refused_until: float | None = None  # overload retry clock, running only while Opens are refused
+        overload_backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
         predrafted: list[DraftToken] = []
         link = LinkState()
         finished = False
@@ -431,14 +273,19 @@ class AsyncEdgeClient:
             while True:
                 try:
                     if need_open:
-                        await self._ensure_connected()
-                        await self._send(sess.open_message())
-                        opened, _ = await self._recv_expect(sess, Opened)
+                        if not self._transport.connected:
+                            await self._transport.connect()
+                        await self._transport.send(sess.open_message())
+                        opened, _ = await self._transport.recv_expect(sess, Opened)
                         delta = sess.on_opened(opened)
                         need_open, need_send, predrafted = False, False, []
+                        refused_until, overload_backoff = (
+                            None,
+                            Backoff(self.backoff_initial_s, self.backoff_max_s),
+                        )
                         if not stats.ttft_ms:
                             stats.ttft_ms = (time.perf_counter() - t_start) * 1000.0
-                        link.rtt_ms = self._connect_rtt_ms
+                        link.rtt_ms = self._transport.rtt_ms
                         link.wait_hint_ms = opened.wait_hint_ms
                         if self.welcome is not None:
                             link.max_draft = self.welcome.limits.max_draft_len
@@ -450,7 +297,7 @@ class AsyncEdgeClient:
                     if sess.mode == "centralized" or sess.behind:
                         # Server-side decoding (asked for, or switched to by the server): tokens stream in until
                         # the end or a Switch back; then the next round's sync catches the draft's KV up.
-                        msg, _ = await self._recv_expect(sess, (Tokens, Switch))
+                        msg, _ = await self._transport.recv_expect(sess, (Tokens, Switch))
                         deadline = None
                         if isinstance(msg, Switch):
                             sess.on_switch(msg)
@@ -485,7 +332,7 @@ class AsyncEdgeClient:
                             round=sess.round_no, drafted=len(kept_all), accepted=0, committed=0, resent=True
                         )
                     if need_send:
-                        await self._send(sess.inflight)
+                        await self._transport.send(sess.inflight)
                         need_send = False
                     t_sent = time.perf_counter()
                     verdict, arrived, ahead, ahead_ms = await self._await_verdict(sess, ctl, rng)
@@ -526,11 +373,27 @@ class AsyncEdgeClient:
                     stats.rounds.append(rs)
                     self._update_link(link, rs, kept_all)
                     yield delta
-                except _SessionLost:
+                except SessionLost:
                     sess.lost()
                     stats.reopened += 1
                     need_open, predrafted = True, []
-                except _LinkDown as exc:
+                except ServerError as exc:
+                    if exc.code != ErrorCode.overloaded.value or sess.session_id is not None:
+                        raise
+                    # A refused Open is not final: retry on a new connection without the affinity cookie (a
+                    # balancer may pick another replica) until overload_retry_s has passed.
+                    now = time.monotonic()
+                    if refused_until is None:
+                        refused_until = now + self.overload_retry_s
+                    wait = overload_backoff.next_s()
+                    if now + wait > refused_until:
+                        raise
+                    log.info("session refused (%s); retrying in %.2fs", exc.message, wait)
+                    stats.refused += 1
+                    self._transport.forget_replica()
+                    await asyncio.sleep(wait)
+                    need_open, predrafted = True, []
+                except LinkDown as exc:
                     log.info("connection lost (%s); resuming", exc)
                     if deadline is None:
                         # A session that never opened has nothing to resume: a down server fails within the
@@ -538,7 +401,7 @@ class AsyncEdgeClient:
                         window = self.connect_timeout_s if sess.session_id is None else self.resume_deadline_s
                         deadline = time.monotonic() + window
                     stats.reconnects += 1
-                    outcome = await self._recover(sess, deadline, exc)
+                    outcome = await self._transport.recover(sess, deadline, exc, self.resume_deadline_s)
                     predrafted = []
                     if outcome == "reopen":
                         if sess.session_id is not None:
@@ -551,10 +414,10 @@ class AsyncEdgeClient:
             stats.total_ms = (time.perf_counter() - t_start) * 1000.0
             # Tell the server we're done (it frees the KV now instead of at the TTL); never fail the result over it.
             close = sess.close_message()
-            if close is not None and self._ws is not None:
+            if close is not None and self._transport.connected:
                 with contextlib.suppress(Exception):
-                    await self._send(close)
-                    await asyncio.wait_for(self._recv_expect(sess, Closed), 2.0)
+                    await self._transport.send(close)
+                    await asyncio.wait_for(self._transport.recv_expect(sess, Closed), 2.0)
             stats.finish_reason = sess.finish_reason
             self.last_result = GenerationResult(
                 text=sess.text, token_ids=list(sess.generated), stats=stats, finish_reason=sess.finish_reason
@@ -573,21 +436,12 @@ class AsyncEdgeClient:
         with contextlib.suppress(BaseException):
             await loop.run_in_executor(self._pool, _noop)  # FIFO: runs after the drafting step in flight
         close = sess.close_message()
-        if close is None or self._ws is None:
+        if close is None or not self._transport.connected:
             return
         try:
-            await asyncio.wait_for(self._close_session(sess, close), 1.0)
+            await asyncio.wait_for(self._transport.close_session(close), 1.0)
         except BaseException:
-            self._drop_socket()
-
-    async def _close_session(self, sess: Session, close: Close) -> None:
-        await self._send(close)
-        while True:
-            msg, _ = await self._recv()
-            if isinstance(msg, Closed) and msg.session_id == sess.session_id:
-                return
-            if isinstance(msg, Error) and msg.session_id == sess.session_id:
-                return  # already gone (expired, or closed by the server)
+            self._transport.drop()
 
     def _update_link(self, link: LinkState, rs: RoundStats, tokens: list[DraftToken]) -> None:
         server_ms = rs.queue_ms + rs.verify_ms
@@ -640,10 +494,10 @@ class AsyncEdgeClient:
         """Wait for the verdict, drafting ahead meanwhile if the controller asks for it."""
         budget = ctl.ahead_budget() if self.runner is not None else 0
         if not budget or sess.inflight is None or not sess.inflight.draft_ids:
-            verdict, arrived = await self._recv_expect(sess, Verdict)
+            verdict, arrived = await self._transport.recv_expect(sess, Verdict)
             return verdict, arrived, [], 0.0
         loop = asyncio.get_running_loop()
-        recv = asyncio.create_task(self._recv_expect(sess, Verdict))
+        recv = asyncio.create_task(self._transport.recv_expect(sess, Verdict))
         base = sess.context + list(sess.inflight.draft_ids)
         ahead: list[DraftToken] = []
         ahead_ms = 0.0

@@ -46,6 +46,7 @@ class GenerationStats:
     total_ms: float = 0.0
     reconnects: int = 0
     reopened: int = 0  # times the server had lost the session and it was rebuilt from the committed context
+    refused: int = 0  # Opens refused with `overloaded` and retried (another replica, behind a balancer)
     switches: int = 0  # times the server moved the session between speculative rounds and its own decoding
     finish_reason: str = ""
     rounds: list[RoundStats] = field(default_factory=list)
@@ -102,6 +103,7 @@ class GenerationStats:
             "wasted_tokens": self.wasted_tokens,
             "reconnects": self.reconnects,
             "reopened": self.reopened,
+            "refused": self.refused,
             "finish_reason": self.finish_reason,
         }
         if rounds:
@@ -114,3 +116,14 @@ class GenerationStats:
             f"acceptance={self.acceptance_rate:.1%} ttft={self.ttft_ms:.1f}ms tpot={self.tpot_ms:.1f}ms "
             f"wasted_draft={self.wasted_ms:.1f}ms ({self.wasted_tokens} tokens) finish={self.finish_reason}"
         )
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    finish_reason: str
+
+    def to_dict(self, rounds: bool = True) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict(rounds=rounds)}

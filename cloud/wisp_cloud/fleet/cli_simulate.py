@@ -1,6 +1,7 @@
 """`wisp simulate`: discrete-event simulation of edge fleets and GPUs around the real scheduler code.
 
     wisp simulate --estimator EST.json --trace TRACE.json --devices 100000 --gpus 8 --gap 300
+    wisp simulate --estimator EST.json --devices 100000 --gpus 32 --balance leastconn --policies wisp
     wisp simulate --estimator EST.json --trace TRACE.json --sweep rtt,draft,accept --out runs/sim
     wisp simulate --estimator EST.json --validate runs/bench/bench.json
 
@@ -41,7 +42,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policies", default="centralized,sled,wisp")
     p.add_argument("--sled-k", default="2,4,6", help="FixedK values for sled (best reported)")
     p.add_argument("--devices", type=int, default=100_000, help="devices in total")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs, one verifier replica each")
+    p.add_argument(
+        "--balance",
+        default="device-hash",
+        choices=["device-hash", "leastconn", "roundrobin"],
+        help="which replica a new session opens on (then sticky, as with docs/deploy.md's affinity cookie): "
+        "device-hash = device d on GPU d mod G, GPUs simulated apart in --procs processes (fastest); leastconn "
+        "(HAProxy's, as `wisp cluster` configures it) or roundrobin = one simulation of all GPUs",
+    )
     p.add_argument("--gap", type=float, default=300.0, help="mean think time between a device's sessions (s)")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=5.0)

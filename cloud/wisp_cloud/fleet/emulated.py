@@ -7,7 +7,7 @@ generated position j it proposes the target's true token if the trace says the r
 accepted there, a wrong token otherwise, with the real draft's confidence (top-1 probability, entropy) at j,
 which is what the Wisp controller's predictor reads. Feeding tokens sleeps for the device profile's time.
 
-`ShapedClient` delays every frame by the link profile (RTT/2 + half-normal jitter + size/bandwidth), up on
+`ShapedTransport` (a `ShapedClient`'s link) delays every frame by the link profile (RTT/2 + half-normal jitter + size/bandwidth), up on
 send and down on receive, so the client's own RTT estimates and the user-visible TTFT/TPOT include the link.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 from wisp_sdk.client import AsyncEdgeClient
 from wisp_sdk.draft_runner import DraftToken
 from wisp_sdk.protocol import SamplingParams, encode
+from wisp_sdk.transport import Transport
 
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 
@@ -109,14 +110,33 @@ class EmulatedDraft:
         return DraftToken(token=token, prob=top1, entropy=ent, top1=top1)
 
 
+class ShapedTransport(Transport):
+    """`Transport` with the link profile applied to every frame, up on send and down on receive."""
+
+    link: LinkProfile | None = None
+    link_rng: random.Random
+
+    async def send(self, msg: Any) -> None:
+        link = self.link
+        if link is not None and (link.rtt_ms or link.jitter_ms):
+            await asyncio.sleep(link.one_way_s(self.link_rng, len(encode(msg)), up=True))
+        await super().send(msg)
+
+    async def recv(self) -> tuple[Any, float]:
+        msg, arrived = await super().recv()
+        link = self.link
+        if link is not None and (link.rtt_ms or link.jitter_ms):
+            await asyncio.sleep(link.one_way_s(self.link_rng, len(encode(msg)), up=False))
+            arrived = time.perf_counter()
+        return msg, arrived
+
+
 class ShapedClient(AsyncEdgeClient):
-    """`AsyncEdgeClient` with the link profile applied to every frame, and an optional emulated draft.
+    """`AsyncEdgeClient` with a `ShapedTransport`, and an optional emulated draft.
 
     Hook used: the client loads no ONNX model in centralized mode, so an emulated device is built as a
     centralized-mode client whose mode and runner are then set (no change to client.py needed).
     """
-
-    link: LinkProfile | None = None
 
     @classmethod
     def from_prototype(
@@ -133,28 +153,13 @@ class ShapedClient(AsyncEdgeClient):
         obj.__dict__.update(proto.__dict__)
         obj.mode = mode
         obj.runner = runner
-        obj.link = link
-        obj.link_rng = random.Random(seed)
-        obj.welcome = None
+        transport = ShapedTransport.like(proto._transport)
+        transport.link = link
+        transport.link_rng = random.Random(seed)
+        obj._transport = transport
         obj.last_result = None
-        obj._ws = None
         obj._lock = None
         obj._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-emu")
-        obj._connect_rtt_ms = 20.0
         if controller is not None:
             obj.controller_spec = controller
         return obj
-
-    async def _send(self, msg: Any) -> None:
-        link = self.link
-        if link is not None and (link.rtt_ms or link.jitter_ms):
-            await asyncio.sleep(link.one_way_s(self.link_rng, len(encode(msg)), up=True))
-        await super()._send(msg)
-
-    async def _recv(self) -> tuple[Any, float]:
-        msg, arrived = await super()._recv()
-        link = self.link
-        if link is not None and (link.rtt_ms or link.jitter_ms):
-            await asyncio.sleep(link.one_way_s(self.link_rng, len(encode(msg)), up=False))
-            arrived = time.perf_counter()
-        return msg, arrived

@@ -152,6 +152,7 @@ async def _shard_main(cfg: dict) -> list[dict]:
         mode="centralized",
         response_timeout_s=cfg.get("response_timeout_s", 60.0),
         resume_deadline_s=cfg.get("resume_deadline_s", 30.0),
+        overload_retry_s=0.0,  # a refusal is counted as one (the device retries after retry_backoff_s)
     )
     traces = [TraceSequence(s) for s in cfg["trace"]["sequences"]] if cfg.get("trace") else []
     # Align all shards on one wall-clock start.

@@ -24,7 +24,8 @@ def _variants(policy: str, sled_k: list[int]) -> list[str]:
     return ["wisp"]
 
 
-def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
+def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, **over: Any) -> SimConfig:
+    """A `SimConfig` from `wisp simulate`'s arguments, with `over` replacing fields."""
     seqs = trace["sequences"]
     prompts = load_prompts(args.prompts)
     # a workload file counts its prompts' tokens; a JSONL prompt set borrows the trace's counts
@@ -51,6 +52,7 @@ def _cfg(args: Any, policy: str, controller: str, trace: dict, est: dict, **over
         max_batch=args.max_batch,
         noise=args.noise,
         seed=args.seed,
+        balance=args.balance,
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
@@ -91,12 +93,18 @@ def run_cli(args: Any) -> int:
     if args.sweep:
         return sweeps(args, est, trace, policies, sled_k, out)
     pool = ProcessPoolExecutor(args.procs) if args.procs > 1 else None
-    result: dict[str, Any] = {"kind": "wisp-simulate", "devices": args.devices, "gpus": args.gpus, "runs": []}
+    result: dict[str, Any] = {
+        "kind": "wisp-simulate",
+        "devices": args.devices,
+        "gpus": args.gpus,
+        "balance": args.balance,
+        "runs": [],
+    }
     t_all = time.perf_counter()
     try:
         for policy in policies:
             for ctl in _variants(policy, sled_k):
-                cfg = _cfg(args, policy, ctl, trace, est)
+                cfg = sim_config(args, policy, ctl, trace, est)
                 s = run_point(cfg, gpus=args.gpus, procs=args.procs, pool=pool)
                 s.pop("tpot_ms", None)
                 s.pop("ttft_ms", None)
@@ -105,8 +113,9 @@ def run_cli(args: Any) -> int:
                 print(
                     f"[sim] {policy:<12}{ctl:<9} {args.devices} devices / {args.gpus} GPUs: "
                     f"{s['sessions']} sessions, attainment {s['attainment']:.3f}, "
-                    f"goodput {s['goodput_tok_s']:.0f} tok/s, tpot p50 {s['tpot_p50_ms']:.0f} ms "
-                    f"({s['wall_s']:.0f}s wall)",
+                    f"goodput {s['goodput_tok_s']:.0f} tok/s, tpot p50 {s['tpot_p50_ms']:.0f} ms, "
+                    f"{s['balance']}: {s['sessions_per_replica_min']}-{s['sessions_per_replica_max']} "
+                    f"sessions per GPU ({s['wall_s']:.0f}s wall)",
                     flush=True,
                 )
                 for name, t in s.get("tenants", {}).items():
@@ -160,7 +169,7 @@ def sweeps(args: Any, est: dict, trace: dict, policies: list[str], sled_k: list[
                     tr = trace
                     if param == "accept":
                         tr = {**trace, "sequences": resample_acceptance(trace["sequences"], value, args.seed)}
-                    cfg = _cfg(args, policy, ctl, tr, est, **over)
+                    cfg = sim_config(args, policy, ctl, tr, est, **over)
                     t = time.perf_counter()
                     cap, gp = find_capacity(cfg)
                     print(
@@ -197,7 +206,7 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
     link = LinkProfile(**c["link_profile"])
     rows = []
     for p in bench["points"]:
-        cfg = _cfg(
+        cfg = sim_config(
             args,
             p["policy"],
             p["controller"] or "",

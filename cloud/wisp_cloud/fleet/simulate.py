@@ -18,9 +18,14 @@ prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to serv
 requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
 draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
 
-Scale: devices are sharded over GPUs (device d → GPU d mod G; no cross-GPU load balancing) and each GPU's
-shard is an independent simulation, run in `--procs` processes. Arrivals are closed-loop per device: a session,
-then Exp(gap) think time, as in `wisp bench`.
+Scale, two ways (`SimConfig.balance`):
+- `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
+  per-device key would) and each GPU's shard is an independent simulation, run in `--procs` processes.
+- `leastconn` / `roundrobin`: the load balancer of docs/deploy.md. G replicas (each its own queue, policy,
+  estimator and verify price) in ONE simulation; each session is assigned when it opens (HAProxy's `balance
+  leastconn`: the replica with the fewest live sessions, ties in turn; or plain round-robin) and stays there
+  (the affinity cookie). One process, so slower.
+Arrivals are closed-loop per device: a session, then Exp(gap) think time, as in `wisp bench`.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ class SimConfig:
     tenant_shares: tuple[float, ...] = ()
     tenant_weights: dict[str, float] | None = None
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
+    replicas: int = 1  # GPUs simulated together in this one event loop
+    balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -78,6 +85,22 @@ class SimConfig:
             if device < edge:
                 return f"t{i}"
         return f"t{max(0, len(self.tenant_shares) - 1)}"
+
+
+BALANCE = ("device-hash", "leastconn", "roundrobin")
+
+
+class _Replica:
+    """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
+
+    __slots__ = ("busy_until", "live", "price", "sched", "wake_at")
+
+    def __init__(self, sched: Scheduler, price: VerifyPrice) -> None:
+        self.sched = sched
+        self.price = price
+        self.busy_until = 0.0
+        self.wake_at: float | None = None
+        self.live = 0  # open sessions (what leastconn counts)
 
 
 class _Trace:
@@ -113,6 +136,7 @@ class _Sess:
         "mode_steps",  # rounds / decoded tokens since the last switch
         "catchup",  # tokens decoded by the server that the draft has not been fed yet
         "k_mean",
+        "rep",  # the replica it opened on (sticky)
     )
 
 
@@ -125,12 +149,18 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
 
+    if cfg.balance not in BALANCE:
+        raise ValueError(f"balance must be one of {', '.join(BALANCE)}, not {cfg.balance!r}")
     rng = random.Random(cfg.seed)
-    est = VerifyTimeEstimator.from_dict(cfg.estimator)
     gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
-    policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
-    sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
-    price = VerifyPrice(est)  # each verdict's price_ms, as the server computes it (sched/pricing.py)
+    reps = []
+    for _ in range(cfg.replicas):
+        est = VerifyTimeEstimator.from_dict(cfg.estimator)
+        policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
+        sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
+        # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
+        reps.append(_Replica(sched, VerifyPrice(est)))
+    turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
@@ -154,11 +184,22 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     for d in range(cfg.devices):
         push(rng.uniform(0, cfg.gap_s), "start", d)
 
-    def start_session(d: int, now: float) -> None:
+    def assign(d: int) -> int:
+        n = len(reps)
+        if n == 1 or cfg.balance == "device-hash":
+            return d % n
+        t = next(turn)
+        if cfg.balance == "roundrobin":
+            return t % n
+        return min(range(n), key=lambda i: (reps[i].live, (i - t) % n))
+
+    def start_session(d: int, now: float) -> int | None:
         if now > cfg.duration_s:
-            return
+            return None
         s = _Sess()
         s.dev = d
+        s.rep = assign(d)
+        reps[s.rep].live += 1
         s.idx = rng.randrange(len(cfg.prompt_tokens))
         s.plen = cfg.prompt_tokens[s.idx]
         s.max_new = cfg.lengths[s.idx]
@@ -193,6 +234,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             tenant=cfg.tenant_of(s.dev),
         )
         push(t_srv, "submit", req)
+        return s.rep
 
     def record(s: _Sess, finished: bool) -> None:
         ttft = (s.first_dev - s.start) * 1000 if s.first_dev is not None else None
@@ -201,6 +243,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         records.append(
             {
                 "device": s.dev,
+                "replica": s.rep,
                 "tenant": cfg.tenant_of(s.dev),
                 "start_s": s.start,
                 "ttft_ms": ttft,
@@ -218,6 +261,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
 
     def finish_session(s: _Sess, now: float) -> None:
         active.pop(id(s), None)
+        reps[s.rep].live -= 1
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
@@ -250,7 +294,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             tried = s.dl.acceptance.tried > 0
             kept = kept[
                 : verify_len(
-                    len(kept), s.dl.acceptance.alpha if tried else None, price.price_ms, cfg.slo_tpot_ms
+                    len(kept),
+                    s.dl.acceptance.alpha if tried else None,
+                    reps[s.rep].price.price_ms,
+                    cfg.slo_tpot_ms,
                 )
             ]
             s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
@@ -320,8 +367,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         wait_ms = (arrive - s.round_sent) * 1000
         s.link.rtt_ms = _ema(s.link.rtt_ms, max(0.0, wait_ms - queue_ms - verify_ms))
         s.link.verify_ms = _ema(s.link.verify_ms, verify_ms)
-        s.link.wait_hint_ms = 1000 * sched.wait_hint(ItemShape(len(kept) + 1, s.plen + s.gen), finish)
-        s.link.price_ms = price.price_ms
+        s.link.wait_hint_ms = 1000 * reps[s.rep].sched.wait_hint(
+            ItemShape(len(kept) + 1, s.plen + s.gen), finish
+        )
+        s.link.price_ms = reps[s.rep].price.price_ms
         if s.gen >= s.max_new:
             push(arrive, "done", s)
         elif _switch(s, back=False):
@@ -340,7 +389,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         alpha = acc.alpha if acc.tried > 0 else None
         k = round(s.k_mean) if s.k_mean is not None else 4
         rule = hybrid.to_speculative if back else hybrid.to_centralized
-        if not rule(s.mode_steps, k, alpha, price.price_ms, cfg.slo_tpot_ms):
+        if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms):
             return False
         s.central, s.mode_steps = not back, 0
         return True
@@ -356,49 +405,55 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             payload=s,
             tenant=cfg.tenant_of(s.dev),
         )
-        sched.submit(req)
+        reps[s.rep].sched.submit(req)
 
-    # ---- the GPU ----
-    busy_until = 0.0
-    wake_at: float | None = None
-
-    def try_run(now: float) -> None:
-        nonlocal busy_until, wake_at
-        if now < busy_until - 1e-12:
+    # ---- the GPUs ----
+    def try_run(r: int, now: float) -> None:
+        rp = reps[r]
+        if now < rp.busy_until - 1e-12:
             return
-        batch = sched.next_batch(now)
+        batch = rp.sched.next_batch(now)
         if batch is None:
-            w = sched.wakeup(now)
-            if w is not None and (wake_at is None or w < wake_at - 1e-12 or wake_at <= now):
-                wake_at = max(w, now + 1e-6)
-                push(wake_at, "wake", None)
+            w = rp.sched.wakeup(now)
+            if w is not None and (rp.wake_at is None or w < rp.wake_at - 1e-12 or rp.wake_at <= now):
+                rp.wake_at = max(w, now + 1e-6)
+                push(rp.wake_at, "wake", r)
             return
         dur = gpu_est.predict(batch.shapes)
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
-        busy_until = now + dur
-        push(busy_until, "batch", (batch, dur))
+        rp.busy_until = now + dur
+        push(rp.busy_until, "batch", (r, batch, dur))
 
     while heap:
         now, _, kind, obj = heapq.heappop(heap)
         if now > end:
             break
+        r: int | None = None  # the replica this event concerns
         if kind == "start":
-            start_session(obj, now)
+            r = start_session(obj, now)
         elif kind == "submit":
-            sched.submit(obj)
+            r = obj.payload.rep
+            reps[r].sched.submit(obj)
         elif kind == "draft":
             draft_round(obj, now)
+            r = obj.rep
         elif kind == "done":
             finish_session(obj, now)
+            r = obj.rep
         elif kind == "batch":
-            batch, dur = obj
-            outs = sched.complete(batch, dur, now)
-            price.update(sched.hints.last_shape, len(sched.waiting))
+            r, batch, dur = obj
+            rp = reps[r]
+            outs = rp.sched.complete(batch, dur, now)
+            rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting))
             for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
-        # "wake" needs nothing but the try below
-        try_run(now)
+        else:  # "wake": nothing but the try below
+            r = obj
+        if len(reps) == 1:
+            try_run(0, now)  # one GPU: after every event, as before replicas existed
+        elif r is not None:
+            try_run(r, now)
     for s in active.values():  # still running at the end of the drain: a miss, as in `wisp bench`
         record(s, False)
     return records
@@ -416,19 +471,27 @@ def _summ(records: list[dict], warmup: float, duration: float) -> dict[str, Any]
 
 
 def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolExecutor | None = None) -> dict:
-    """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed)."""
-    per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
-    cfgs = [
-        SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
-    ]
-    for c in cfgs:  # asdict turned the profiles into dicts
-        c.device, c.link = cfg.device, cfg.link
+    """`cfg.devices` devices in total over `gpus` GPUs; returns the bench-style summary (goodput summed).
+    With a load balancer (`cfg.balance` leastconn/roundrobin) all GPUs are one simulation; else one per GPU."""
     t = time.perf_counter()
-    if pool is not None and gpus > 1:
-        results = list(pool.map(simulate_gpu, cfgs))
+    if cfg.balance != "device-hash" and gpus > 1:
+        joint = SimConfig(**{**asdict(cfg), "replicas": gpus, "device": cfg.device, "link": cfg.link})
+        records = simulate_gpu(joint)
     else:
-        results = [simulate_gpu(c) for c in cfgs]
-    records = [r for rs in results for r in rs]
+        per = [cfg.devices // gpus + (1 if g < cfg.devices % gpus else 0) for g in range(gpus)]
+        cfgs = [
+            SimConfig(**{**asdict(cfg), "devices": n, "seed": cfg.seed * 1000 + g}) for g, n in enumerate(per)
+        ]
+        for c in cfgs:  # asdict turned the profiles into dicts
+            c.device, c.link = cfg.device, cfg.link
+        if pool is not None and gpus > 1:
+            results = list(pool.map(simulate_gpu, cfgs))
+        else:
+            results = [simulate_gpu(c) for c in cfgs]
+        for g, rs in enumerate(results):  # each shard numbered its one replica 0
+            for rec in rs:
+                rec["replica"] = g
+        records = [r for rs in results for r in rs]
     summ = _summ(records, cfg.warmup_s, cfg.duration_s)
     if cfg.tenant_shares:  # the same summary per tenant (fair sharing)
         names = sorted({r["tenant"] for r in records})
@@ -441,7 +504,18 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
+    summ["balance"] = cfg.balance if gpus > 1 else "device-hash"
+    summ.update(_replica_spread(records, gpus, cfg.warmup_s, cfg.duration_s))
     return summ
+
+
+def _replica_spread(records: list[dict], gpus: int, warmup: float, duration: float) -> dict[str, int]:
+    """Sessions opened per replica in the measured window: how even the balancing was."""
+    counts = [0] * gpus
+    for r in records:
+        if warmup <= r["start_s"] < duration:
+            counts[r["replica"]] += 1
+    return {"sessions_per_replica_min": min(counts), "sessions_per_replica_max": max(counts)}
 
 
 def find_capacity(
