@@ -60,7 +60,18 @@ def test_stable_argmax_is_batch_shape_invariant(tiny_target):
 def test_profile_random_config_reports_heldout_mape(tmp_path, tiny_target):
     out = tmp_path / "est.json"
     cmd = [sys.executable, "-m", "wisp_sdk.cli", "profile", "--random-config", str(tiny_target)]
-    cmd += ["--device", "cpu", "--grid", "quick", "--reps", "1", "--kv-budget-tokens", "20000", "--max-batch", "16"]
+    cmd += [
+        "--device",
+        "cpu",
+        "--grid",
+        "quick",
+        "--reps",
+        "1",
+        "--kv-budget-tokens",
+        "20000",
+        "--max-batch",
+        "16",
+    ]
     proc = subprocess.run(
         [*cmd, "--out", str(out), "--json", "--no-progress"], capture_output=True, text=True
     )
