@@ -169,7 +169,10 @@ def test_sdk_resumes_across_switches(hybrid_server, tiny_bundle, target_model, h
 
     proxy = CutProxy(hybrid_server.port)
     try:
-        with EdgeClient(proxy.url, tiny_bundle, threads=1, resume_deadline_s=60) as c:
+        # A dropped frame leaves the connection up (TCP never loses one without a cut): the client only notices
+        # when its response timeout fires, then resumes. 5 s, not the default 60, so a lost Switch or last Tokens
+        # frame costs seconds, not minutes (answers on the tiny model take milliseconds).
+        with EdgeClient(proxy.url, tiny_bundle, threads=1, resume_deadline_s=60, response_timeout_s=5) as c:
             for prompt in PROMPTS:
                 n = 0
                 for _ in c.stream(prompt, max_new_tokens=30, controller=FixedK(2)):
