@@ -249,7 +249,7 @@ def test_trace_from_a_workload_on_the_tiny_pair(tiny_bundle, tiny_target, tmp_pa
 
 
 def test_simulate_takes_the_workloads_lengths():
-    from wisp_cloud.fleet.sim_driver import _cfg
+    from wisp_cloud.fleet.sim_driver import sim_config
     from wisp_cloud.fleet.simulate import estimator_or_default
     from wisp_cloud.fleet.trace import load_trace
     from wisp_cloud.fleet.workload import resolve_workload_args
@@ -259,7 +259,7 @@ def test_simulate_takes_the_workloads_lengths():
         ["simulate", "--workload", "sharegpt", "--trace", str(REPO / "bench/traces/qwen-coder.json")]
     )
     resolve_workload_args(args, trace=True)
-    cfg = _cfg(args, "centralized", "", load_trace(args.trace), estimator_or_default(None))
+    cfg = sim_config(args, "centralized", "", load_trace(args.trace), estimator_or_default(None))
     reqs = load_prompts(args.prompts)
     assert cfg.prompt_tokens == [r["prompt_tokens"] for r in reqs]  # the workload's counts, not the trace's
     assert cfg.lengths == [r["max_new_tokens"] for r in reqs]
