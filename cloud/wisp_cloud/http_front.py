@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from wisp_sdk.openai_http import OpenAIHttp
 
@@ -47,10 +47,10 @@ class Sniffer(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a stream transport, though not always an asyncio.Transport subclass (uvloop's, which SGLang installs)
+        self._transport = cast(asyncio.Transport, transport)
         # A connection that never completes its head holds a descriptor and nothing else: closed at the deadline.
-        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, transport.abort)
+        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._transport.abort)
 
     def data_received(self, data: bytes) -> None:
         transport = self._transport
