@@ -187,6 +187,11 @@ def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.
         str(args.session_ttl),
         "--admission-target",
         "0",
+        # every client is anonymous, one tenant: room for all sessions plus the abandoned ones until their TTL
+        "--max-sessions-per-token",
+        str(4 * args.sessions),
+        "--max-sessions",
+        str(4 * args.sessions),
     ]
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
