@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wisp_sdk.protocol import ErrorCode, Opened, Switch, pack_tokens, pack_verdict
+from wisp_sdk.protocol import ErrorCode, Mode, Opened, Switch, pack_tokens, pack_verdict
 
 from wisp_cloud.backends.base import BatchStats
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
@@ -183,44 +183,31 @@ class Committer:
 
     def _centralize(self, session: Session, job: Job) -> bool:
         """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""
-        if self.hybrid is None or not session.hybrid:
-            return False
-        session.mode_steps += 1
-        d = session.deadlines
-        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
-        k = round(session.k_mean) if session.k_mean is not None else len(job.draft)
-        round_ms, decode_ms = self._round_and_decode_ms(session, k)
-        if not self.hybrid.to_centralized(
-            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
-        ):
-            return False
-        session.mode, session.mode_steps = "centralized", 0
-        session.switches += 1
-        self.metrics.switches.labels("centralized").inc()
-        log_event(
-            log, "session_switch", session=session.id[:8], mode="centralized", price_ms=self.price.price_ms
-        )
-        return True
+        return self._switch(session, "centralized", len(job.draft))
 
     def _back_to_speculative(self, session: Session) -> bool:
         """After a decode step of a switched session: hand it back to the edge?"""
+        return self._switch(session, "speculative", DEFAULT_DRAFT_LEN)
+
+    def _switch(self, session: Session, to: Mode, default_k: int) -> bool:
+        """Count one more step in the session's mode, ask the hybrid rule whether to move it `to` the other mode,
+        and if so switch it (the caller sends the frame that says so)."""
         if self.hybrid is None or not session.hybrid:
             return False
         session.mode_steps += 1
         d = session.deadlines
         alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
-        k = round(session.k_mean) if session.k_mean is not None else DEFAULT_DRAFT_LEN
+        k = round(session.k_mean) if session.k_mean is not None else default_k
         round_ms, decode_ms = self._round_and_decode_ms(session, k)
-        if not self.hybrid.to_speculative(
+        rule = self.hybrid.to_centralized if to == "centralized" else self.hybrid.to_speculative
+        if not rule(
             session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
         ):
             return False
-        session.mode, session.mode_steps = "speculative", 0
+        session.mode, session.mode_steps = to, 0
         session.switches += 1
-        self.metrics.switches.labels("speculative").inc()
-        log_event(
-            log, "session_switch", session=session.id[:8], mode="speculative", price_ms=self.price.price_ms
-        )
+        self.metrics.switches.labels(to).inc()
+        log_event(log, "session_switch", session=session.id[:8], mode=to, price_ms=self.price.price_ms)
         return True
 
     def _round_and_decode_ms(self, session: Session, k: int) -> tuple[float | None, float | None]:
