@@ -93,6 +93,15 @@ def device_profiles() -> dict[str, DeviceProfile]:
                 "prefill derived",
                 "published",
             ),
+            DeviceProfile(
+                "mac-m4",
+                1000.0 / 192.0,
+                1000.0 / 553.0,
+                "published: Mac mini M4 16 GB, mlx_lm, Qwen3.5-0.8B Q4_K_M: 192 tok/s generation, 553 tok/s "
+                "prompt (https://www.jitesh.dev/blog/qwen35-apple-silicon-benchmark.html, 2026-03-31); a faster "
+                "edge than the Jetson",
+                "published",
+            ),
             _measured_x86(),
             DeviceProfile(
                 "instant",
@@ -120,6 +129,15 @@ def link_profiles() -> dict[str, LinkProfile]:
                 20.0,
                 50.0,
                 "assumed setting: home broadband to an in-metro cloud region (swept in `wisp simulate`)",
+            ),
+            LinkProfile(
+                "metro-edge",
+                5.0,
+                1.0,
+                50.0,
+                100.0,
+                "assumed setting: a metro edge zone's 'single-digit millisecond latency' "
+                "(https://aws.amazon.com/about-aws/global-infrastructure/localzones/), 5 ms RTT",
             ),
             LinkProfile(
                 "lte",
