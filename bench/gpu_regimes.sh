@@ -19,6 +19,7 @@ if [ -d .whl ] && ! $PY -c "import websockets, pydantic" 2>/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export TPOT=${TPOT:-30,60}
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/cloud:$PWD/sdk:$PWD/models/export
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NCPU=$(nproc)
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/NVIDIA //' || true)

@@ -19,17 +19,18 @@ def table_rows(result: dict, model: str, gpu: str) -> list[str]:
     device = f"{dev['name']} ({dev['decode_ms']:.1f} ms/token), {link['name']} ({link['rtt_ms']:g} ms RTT)"
     rows = []
     for r in result["regimes"]:
-        p = r["policies"]
 
-        def cap(name: str) -> str:
+        def cap(name: str, p: dict = r["policies"]) -> str:
             d = p.get(name)
             if not d:
                 return "—"
             text = f"{d['capacity_interp']:.0f}" + ("+" if d["capacity_is_lower_bound"] else "")
-            return text + (f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else "")
+            return text + (
+                f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else ""
+            )
 
-        def ratio(key: str) -> str:
-            v = r["ratios"].get(key)
+        def ratio(key: str, ratios: dict = r["ratios"]) -> str:
+            v = ratios.get(key)
             return "—" if v is None else f"{v:.2f}×"
 
         rows.append(
@@ -48,12 +49,15 @@ def main() -> None:
     ap.add_argument("--gpu", default="?")
     ap.add_argument("--attainment", type=float, default=0.9)
     a = ap.parse_args()
-    parts = [json.loads(Path(p).read_text()) for p in a.inputs if Path(p).is_file()]
+    a.inputs = [p for p in a.inputs if Path(p).is_file()]
+    parts = [json.loads(Path(p).read_text()) for p in a.inputs]
     if not parts:
         raise SystemExit("merge_bench: none of the inputs exists")
     merged = dict(parts[0])
     merged["points"] = [pt for part in parts for pt in part["points"]]
-    merged["merged_from"] = [{"input": p, "config": part["config"]} for p, part in zip(a.inputs, parts)]
+    merged["merged_from"] = [
+        {"input": p, "config": part["config"]} for p, part in zip(a.inputs, parts, strict=True)
+    ]
     finalize(merged, a.attainment)
     Path(a.out).write_text(json.dumps(merged, indent=1))
     print_summary(merged)
