@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # the fixtures import torch lazily: SDK-only test modules never load it
+    from reference import GreedyReference
+    from transformers import PreTrainedModel
+    from wisp_cloud.backends.native import NativeBackend
+    from ws_client import Drafter
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -94,3 +101,38 @@ def real_q8_bundle(tmp_path_factory):
     result = export_bundle(name, tmp_path_factory.mktemp("real") / "bundle", quant="q8", check_steps=32)
     print(result.parity_table)
     return src, result
+
+
+# ---- the tiny pair in torch, for the server tests and the references they compare with ----
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_target) -> NativeBackend:
+    """The native backend on the tiny target, one per module: it holds KV state across a module's servers."""
+    from wisp_cloud.backends.native import NativeBackend
+
+    return NativeBackend(tiny_target)
+
+
+@pytest.fixture(scope="module")
+def drafter(tiny_draft) -> Drafter:
+    """The protocol-level test client's HF drafter on the tiny draft (memoizes logits per context)."""
+    from ws_client import Drafter
+
+    return Drafter(tiny_draft)
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny_target) -> PreTrainedModel:
+    """The tiny target in transformers, shared by the session: tests only read it (generate, forward)."""
+    from reference import load_target
+
+    return load_target(tiny_target)
+
+
+@pytest.fixture(scope="session")
+def reference(target_model) -> GreedyReference:
+    """`reference(prompt_ids, n)`: the target's greedy n tokens (transformers generate), memoized."""
+    from reference import GreedyReference
+
+    return GreedyReference(target_model)

@@ -11,13 +11,10 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
-from wisp_cloud.backends.native import NativeBackend
+from metrics_scrape import scrape_metrics
 from wisp_cloud.estimator import VerifyTimeEstimator
 from wisp_sdk.protocol import SLO, Open
 from ws_client import Client, Drafter, generate, running_server
@@ -26,34 +23,6 @@ MAX_NEW = 12
 N_SESSIONS = 20
 # Mixed SLOs: tight, medium and loose (TTFT ms, TPOT ms).
 SLOS = [SLO(ttft_ms=300, tpot_ms=30), SLO(ttft_ms=1000, tpot_ms=100), SLO(ttft_ms=5000, tpot_ms=1000)]
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_target) -> NativeBackend:
-    return NativeBackend(tiny_target)
-
-
-@pytest.fixture(scope="module")
-def drafter(tiny_draft) -> Drafter:
-    return Drafter(tiny_draft)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_target):
-    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-    cache: dict[tuple, list[int]] = {}
-
-    def ref(prompt: list[int]) -> list[int]:
-        key = tuple(prompt)
-        if key not in cache:
-            with torch.inference_mode():
-                out = model.generate(
-                    torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_NEW, attention_mask=None
-                )
-            cache[key] = out[0, len(prompt) :].tolist()
-        return cache[key]
-
-    return ref
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -65,16 +34,6 @@ def _prompts(n: int) -> list[list[int]]:
         rng.integers(3, 380, size=int(rng.integers(150, 300) if i % 7 == 3 else rng.integers(4, 30))).tolist()
         for i in range(n)
     ]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def _connect(server, backend) -> Client:
@@ -116,7 +75,7 @@ async def _speculative(client: Client, drafter: Drafter, prompt: list[int], k: i
 def test_three_policies_mixed_slos_identical_greedy_outputs(backend, drafter, reference):
     prompts = _prompts(N_SESSIONS)
     # Warm the draft's memo and the reference first (they are not what is measured).
-    refs = [reference(p) for p in prompts]
+    refs = [reference(p, MAX_NEW) for p in prompts]
 
     async def run(policy: str):
         async with running_server(
@@ -135,7 +94,7 @@ def test_three_policies_mixed_slos_identical_greedy_outputs(backend, drafter, re
 
             outs = await asyncio.gather(*(one(i) for i in range(N_SESSIONS)))
             await asyncio.sleep(0)
-            return outs, server.stats(), _scrape(server.metrics_port)
+            return outs, server.stats(), scrape_metrics(server.metrics_port)
 
     results = {}
     for policy in ("wisp", "sled", "centralized"):
@@ -185,7 +144,7 @@ def test_wisp_admission_refuses_with_overloaded(backend, drafter):
             for sid in opened:
                 assert (await client.close_session(sid)).type == "closed"
             again = await client.request(Open(prompt_ids=[5, 6, 7, 8], max_new_tokens=64, slo=slo))
-            stats, metrics = server.stats(), _scrape(server.metrics_port)
+            stats, metrics = server.stats(), scrape_metrics(server.metrics_port)
             await client.aclose()
             return opened, refused, again, stats, metrics
         finally:
@@ -263,7 +222,7 @@ def test_cli_serves_wisp_with_an_estimator_on_the_paged_engine(tiny_target, draf
     stderr = proc.stderr.read()
     assert rc == 0, stderr[-2000:]
     assert "engine backend=paged" in stderr and "policy=wisp" in stderr
-    assert gen.tokens == reference(prompt)
+    assert gen.tokens == reference(prompt, MAX_NEW)
     refined = VerifyTimeEstimator.load(est_out)  # the online-refined estimator was written on exit
     assert refined.features == VerifyTimeEstimator.load(est_in).features
 
@@ -309,4 +268,4 @@ def test_wisp_on_the_paged_engine(tiny_target, drafter, reference):
             return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
     for prompt, out in zip(prompts, asyncio.run(main()), strict=True):
-        assert out == reference(prompt)
+        assert out == reference(prompt, MAX_NEW)

@@ -5,53 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import urllib.request
 
 import numpy as np
 import pytest
-import torch
+from metrics_scrape import scrape_metrics
+from reference import pooled_counts, target_tree
 from scipy.stats import chi2, chisquare
-from transformers import AutoModelForCausalLM
-from wisp_cloud.backends.native import NativeBackend
 from wisp_sdk.errors import WispError
 from wisp_sdk.protocol import Close, Hello, Open, Resume, Round, SamplingParams, encode
 from wisp_sdk.sampling import sparse_q
 from ws_client import Client, Drafter, Generation, generate, run_round, running_server
 
 MAX_NEW = 16
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_target) -> NativeBackend:
-    return NativeBackend(tiny_target)
-
-
-@pytest.fixture(scope="module")
-def drafter(tiny_draft) -> Drafter:
-    return Drafter(tiny_draft)
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_target):
-    return AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def reference(target_model):
-    """Greedy continuations by transformers generate() of the target alone, memoized per (prompt, n)."""
-    cache: dict[tuple, list[int]] = {}
-
-    def ref(prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
-        key = (tuple(prompt), max_new)
-        if key not in cache:
-            with torch.inference_mode():
-                out = target_model.generate(
-                    torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, attention_mask=None
-                )
-            cache[key] = out[0, len(prompt) :].tolist()
-        return cache[key]
-
-    return ref
 
 
 def make_prompts(n: int, seed: int = 0, lo: int = 4, hi: int = 40) -> list[list[int]]:
@@ -68,16 +33,6 @@ async def connect(server, backend, token: str | None = None) -> Client:
 
 def kind(msg) -> str:
     return getattr(msg, "type", "verdict")  # Verdict is the one binary server message: it has no type field
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 # ---- greedy: 50 concurrent sessions, shared batches, identical to generate() ----
@@ -97,11 +52,11 @@ def test_fifty_sessions_greedy_identical_and_batched(backend, drafter, reference
                     await client.aclose()
 
             gens = await asyncio.gather(*(one(i) for i in range(50)))
-            return gens, scrape(server.metrics_port), server.stats()
+            return gens, scrape_metrics(server.metrics_port), server.stats()
 
     gens, metrics, stats = asyncio.run(main())
     for prompt, gen in zip(prompts, gens, strict=True):
-        assert gen.tokens == reference(prompt)
+        assert gen.tokens == reference(prompt, MAX_NEW)
     # Shared batches: most forward passes carried more than one session.
     assert metrics["wisp_verify_batch_size_count"] > metrics['wisp_verify_batch_size_bucket{le="1.0"}']
     assert max(stats["batch_sizes"]) >= 10, stats
@@ -133,7 +88,7 @@ def test_centralized_mode_streams_the_greedy_continuation(backend, reference):
             return await asyncio.gather(*(one(server, p) for p in prompts))
 
     for prompt, tokens in zip(prompts, asyncio.run(main()), strict=True):
-        assert tokens == reference(prompt)
+        assert tokens == reference(prompt, MAX_NEW)
 
 
 # ---- sampling: the committed continuation has the target's distribution ----
@@ -143,29 +98,9 @@ SAMPLE_PROMPT = [5, 17, 42, 99, 123]
 N_SAMPLING_RUNS = 1200
 
 
-def _target_tree(model, prompt, depth, sp):
-    """Exact probability of every continuation of `depth` tokens under the target's processed sampling."""
-    from test_cloud_acceptance import _hf_probs
-
-    probs: dict[tuple[int, ...], float] = {}
-
-    def walk(prefix: tuple[int, ...], mass: float):
-        if len(prefix) == depth:
-            probs[prefix] = mass
-            return
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1:].float()
-        p = _hf_probs(logits, sp)[0]
-        for tok in torch.nonzero(p).flatten().tolist():
-            walk(prefix + (tok,), mass * float(p[tok]))
-
-    walk((), 1.0)
-    return probs
-
-
 def _accept_always_tree(target_model, drafter, prompt, sp):
     """The continuation distribution a broken 'accept every draft token' verifier would produce (k=2)."""
-    target = _target_tree(target_model, prompt, 1, sp)
+    target = target_tree(target_model, prompt, 1, sp)
     out: dict[tuple[int, ...], float] = {}
     for (t1,), m in target.items():
         q1 = sparse_q(drafter.logits(prompt + [t1]), sp.temperature, sp.top_k, sp.top_p)
@@ -176,25 +111,8 @@ def _accept_always_tree(target_model, drafter, prompt, sp):
     return out
 
 
-def _merged(observed: dict, expected: dict, n: int, min_expected: float = 5.0):
-    """Observed/expected count vectors, cells with expected < min_expected pooled (plus unexpected ones)."""
-    obs, exp, pool_o, pool_e = [], [], 0, 0.0
-    for cell, prob in expected.items():
-        if prob * n >= min_expected:
-            obs.append(observed.get(cell, 0))
-            exp.append(prob * n)
-        else:
-            pool_o += observed.get(cell, 0)
-            pool_e += prob * n
-    pool_o += sum(c for cell, c in observed.items() if cell not in expected)
-    obs.append(pool_o)
-    exp.append(pool_e)
-    exp = np.array(exp)
-    return np.array(obs), exp * n / exp.sum()
-
-
 def test_sampling_matches_target_distribution(backend, drafter, target_model):
-    exact = _target_tree(target_model, SAMPLE_PROMPT, 3, SAMPLING)
+    exact = target_tree(target_model, SAMPLE_PROMPT, 3, SAMPLING)
     assert abs(sum(exact.values()) - 1) < 1e-5
 
     async def main():
@@ -219,13 +137,13 @@ def test_sampling_matches_target_distribution(backend, drafter, target_model):
 
     counts = asyncio.run(main())
     assert sum(counts.values()) == N_SAMPLING_RUNS
-    obs, exp = _merged(counts, exact, N_SAMPLING_RUNS)
+    obs, exp = pooled_counts(counts, exact, N_SAMPLING_RUNS)
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
 
     # The statistic has the power to catch a wrong verifier: under 'accept always' its expected value at this
     # sample size is far above the critical value.
     broken = _accept_always_tree(target_model, drafter, SAMPLE_PROMPT, SAMPLING)
-    b_obs, b_exp = _merged({c: p * N_SAMPLING_RUNS for c, p in broken.items()}, exact, N_SAMPLING_RUNS)
+    b_obs, b_exp = pooled_counts({c: p * N_SAMPLING_RUNS for c, p in broken.items()}, exact, N_SAMPLING_RUNS)
     noncentral = float((((b_obs - b_exp) ** 2) / b_exp).sum())
     assert noncentral > 3 * chi2.ppf(1 - 1e-3, len(b_exp) - 1), noncentral
 
@@ -421,7 +339,7 @@ def test_every_error_code_is_answered_and_isolated(backend, drafter, reference):
         "overloaded",
         "internal",
     }
-    assert gen.tokens == reference(prompt)
+    assert gen.tokens == reference(prompt, MAX_NEW)
 
 
 def test_non_loopback_without_tokens_is_refused(backend):
@@ -462,7 +380,7 @@ def test_evicted_sessions_resume_losslessly(backend, drafter, reference):
     gens, stats = asyncio.run(main())
     assert stats["evictions"] >= 6, stats
     for prompt, gen in zip(prompts, gens, strict=True):
-        assert gen.tokens == reference(prompt)
+        assert gen.tokens == reference(prompt, MAX_NEW)
 
 
 def test_resend_resume_and_rebuild_after_expiry(backend, drafter, reference):
@@ -511,7 +429,7 @@ def test_resend_resume_and_rebuild_after_expiry(backend, drafter, reference):
 
     gen, stats = asyncio.run(main())
     assert stats["expired"] == 1
-    assert gen.tokens == reference(prompt)
+    assert gen.tokens == reference(prompt, MAX_NEW)
 
 
 # ---- transport: TLS ----
@@ -535,7 +453,7 @@ def test_tls(backend, drafter, reference, tmp_path):
             await client.aclose()
             return gen
 
-    assert asyncio.run(main()).tokens == reference(prompt)
+    assert asyncio.run(main()).tokens == reference(prompt, MAX_NEW)
 
 
 def test_kv_memory_is_accounted_and_freed(backend):
@@ -629,8 +547,8 @@ def test_rounds_survive_drops_duplicates_and_closes_in_flight(backend, drafter, 
             return gen, third
 
     gen, third = asyncio.run(main())
-    assert gen.tokens == reference(prompts[0])
-    assert third.tokens == reference(prompts[2])
+    assert gen.tokens == reference(prompts[0], MAX_NEW)
+    assert third.tokens == reference(prompts[2], MAX_NEW)
 
 
 def test_bytes_per_token_with_a_perfect_draft(backend, tiny_target, reference):
@@ -691,4 +609,4 @@ def test_centralized_resume_and_close_mid_stream(backend, reference):
             await client.aclose()
             return tokens
 
-    assert asyncio.run(main()) == reference(prompt)
+    assert asyncio.run(main()) == reference(prompt, MAX_NEW)

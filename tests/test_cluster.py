@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_sdk_e2e import hf_greedy
 from wisp_sdk import FixedK
 from wisp_sdk.client import AsyncEdgeClient, GenerationResult
 
@@ -125,12 +124,8 @@ def cluster(tiny_target, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def references(tiny_target) -> list[list[int]]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-    return [hf_greedy(model, p, N_NEW) for p in PROMPTS]
+def references(reference) -> list[list[int]]:
+    return [reference(p, N_NEW) for p in PROMPTS]
 
 
 async def _generate(

@@ -11,38 +11,15 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
+from cli_process import ServerProcess
+from reference import pooled_counts, target_tree
 from scipy.stats import chisquare
-from test_cloud_server import _merged, _target_tree
-from transformers import AutoModelForCausalLM
-from wisp_cloud.backends.native import NativeBackend
 from wisp_sdk import AsyncEdgeClient, FixedK
 from wisp_sdk.protocol import SamplingParams, Switch, Tokens, Verdict
 from ws_client import Client, Drafter, running_server
 
 MAX_NEW = 20
 PROMPTS = [[5, 17, 42, 99, 123], [7, 8, 9, 10, 11, 12, 13, 200], [300, 12, 45]]
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_target) -> NativeBackend:
-    return NativeBackend(tiny_target)
-
-
-@pytest.fixture(scope="module")
-def drafter(tiny_draft) -> Drafter:
-    return Drafter(tiny_draft)
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_target):
-    return AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-
-
-def greedy_ref(model, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, attention_mask=None)
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize(
@@ -53,7 +30,7 @@ def greedy_ref(model, prompt: list[int], n: int) -> list[int]:
         {"hybrid_every": 3, "verify_cap": 2},
     ],
 )
-def test_sdk_greedy_is_identical_across_switches_and_truncation(backend, tiny_bundle, target_model, hooks):
+def test_sdk_greedy_is_identical_across_switches_and_truncation(backend, tiny_bundle, reference, hooks):
     async def main():
         async with running_server(backend, **hooks) as server:
             async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(4)) as client:
@@ -61,7 +38,7 @@ def test_sdk_greedy_is_identical_across_switches_and_truncation(backend, tiny_bu
 
     results = asyncio.run(main())
     for prompt, res in zip(PROMPTS, results, strict=True):
-        assert res.token_ids == greedy_ref(target_model, prompt, MAX_NEW)
+        assert res.token_ids == reference(prompt, MAX_NEW)
         rounds = res.stats.rounds
         if "hybrid_every" in hooks:
             assert res.stats.switches >= 2, res.stats  # out to the server and back at least once
@@ -72,7 +49,7 @@ def test_sdk_greedy_is_identical_across_switches_and_truncation(backend, tiny_bu
             assert all(r.accepted <= r.drafted - r.unverified for r in rounds)
 
 
-def test_sdk_wisp_controller_greedy_identical_under_the_wisp_policy(backend, tiny_bundle, target_model):
+def test_sdk_wisp_controller_greedy_identical_under_the_wisp_policy(backend, tiny_bundle, reference):
     """`--policy wisp` with the hybrid and truncation on by default (no hooks): output unchanged."""
 
     async def main():
@@ -81,7 +58,7 @@ def test_sdk_wisp_controller_greedy_identical_under_the_wisp_policy(backend, tin
                 return [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
 
     for prompt, res in zip(PROMPTS, asyncio.run(main()), strict=True):
-        assert res.token_ids == greedy_ref(target_model, prompt, MAX_NEW)
+        assert res.token_ids == reference(prompt, MAX_NEW)
 
 
 # ---- sampling: the committed continuation keeps the target's distribution through truncation and switches ----
@@ -122,7 +99,7 @@ async def _sampled_run(client: Client, drafter: Drafter, seed: int) -> tuple[lis
 
 
 def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, target_model):
-    exact = _target_tree(target_model, SAMPLE_PROMPT, 3, SAMPLING)
+    exact = target_tree(target_model, SAMPLE_PROMPT, 3, SAMPLING)
 
     async def main():
         async with running_server(backend, hybrid_every=1, verify_cap=1) as server:
@@ -146,7 +123,7 @@ def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, tar
     counts, switched = asyncio.run(main())
     assert sum(counts.values()) == N_RUNS
     assert switched > N_RUNS // 4  # a third token decoded by the server after a switch, in many runs
-    obs, exp = _merged(counts, exact, N_RUNS)
+    obs, exp = pooled_counts(counts, exact, N_RUNS)
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
 
 
@@ -155,15 +132,13 @@ def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, tar
 
 @pytest.fixture(scope="module")
 def hybrid_server(tiny_target):
-    from test_sdk_e2e import ServerProcess
-
     srv = ServerProcess(tiny_target, 0, "--debug-hybrid-every", "2")
     yield srv
     srv.stop()
 
 
 @pytest.mark.parametrize("how", ["cut", "drop"])
-def test_sdk_resumes_across_switches(hybrid_server, tiny_bundle, target_model, how):
+def test_sdk_resumes_across_switches(hybrid_server, tiny_bundle, reference, how):
     from test_sdk_faults import CutProxy
     from wisp_sdk import EdgeClient
 
@@ -184,7 +159,7 @@ def test_sdk_resumes_across_switches(hybrid_server, tiny_bundle, target_model, h
                             proxy.drop_next_downlink.set()
                 res = c.last_result
                 assert res is not None
-                assert res.token_ids == greedy_ref(target_model, prompt, 30), (how, prompt)
+                assert res.token_ids == reference(prompt, 30), (how, prompt)
                 assert res.stats.reopened == 0  # resumed every time, never rebuilt
                 assert res.stats.switches >= 2
         assert proxy.cuts >= 3

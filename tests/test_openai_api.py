@@ -5,63 +5,19 @@ subprocesses over loopback; with temperature 0 both must return the target's gre
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
-from test_sdk_e2e import ServerProcess, hf_greedy
+from cli_process import EdgeProcess, ServerProcess
+from metrics_scrape import scrape_metrics, wait_for_metric
 from wisp_sdk.tokenizer import DraftTokenizer
 
 KEY = "sk-wisp-test"
 PROMPT = "def fibonacci(n):\n"
 CHAT = [{"role": "user", "content": "Write a function that returns the sum of a list of numbers."}]
-
-
-class EdgeProcess:
-    """`wisp edge serve` in a subprocess; `base` once it printed `listening on http://HOST:PORT`."""
-
-    def __init__(self, server_url: str, bundle: Path, *extra: str, timeout: float = 120.0) -> None:
-        cmd = [sys.executable, "-m", "wisp_sdk.cli", "edge", "serve", "--server", server_url]
-        cmd += ["--draft", str(bundle), "--port", "0", "--threads", "1", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WISP_TOKEN": KEY}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.base = ""
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and not found.is_set():
-                    self.base = m.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or not self.base:
-            self.stop()
-            raise RuntimeError("wisp edge serve did not start:\n" + "".join(self.lines[-30:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +32,9 @@ def server(tiny_target, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def edge(server, tiny_bundle):
-    e = EdgeProcess(server.url, tiny_bundle, "--api-key", KEY)
+    e = EdgeProcess(server.url, tiny_bundle, "--api-key", KEY, token=KEY)
     yield e
     e.stop()
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_target):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +51,6 @@ def base(request, server, edge) -> str:
     return server.base if request.param == "serve" else edge.base
 
 
-def _sessions(server) -> float:
-    text = urllib.request.urlopen(server.base + "/metrics", timeout=5).read().decode()
-    return float(re.search(r"^wisp_sessions (\S+)$", text, re.M).group(1))
-
-
 def _model(base: str) -> str:
     return _client(base).models.list().data[0].id
 
@@ -118,9 +61,9 @@ def test_models_lists_one_model(server, edge):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_greedy_completion_is_the_targets(base, stream, tok, target_model):
+def test_greedy_completion_is_the_targets(base, stream, tok, reference):
     ids = tok.encode(PROMPT)
-    ref = hf_greedy(target_model, ids, 16)
+    ref = reference(ids, 16)
     c = _client(base)
     args = dict(model=_model(base), prompt=PROMPT, max_tokens=16, temperature=0)
     if stream:
@@ -140,9 +83,9 @@ def test_greedy_completion_is_the_targets(base, stream, tok, target_model):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_greedy_chat_uses_the_targets_template(base, stream, tok, target_model):
+def test_greedy_chat_uses_the_targets_template(base, stream, tok, reference):
     ids = tok.encode(tok.apply_chat_template(CHAT))
-    ref = hf_greedy(target_model, ids, 12)
+    ref = reference(ids, 12)
     c = _client(base)
     args = dict(model=_model(base), messages=CHAT, max_tokens=12, temperature=0)
     if stream:
@@ -231,22 +174,13 @@ def test_serve_refuses_max_tokens_past_the_context(server):
     assert err.value.body["code"] == "context_length_exceeded"
 
 
-def _wait_sessions(server, want: float, within: float) -> float:
-    end = time.monotonic() + within
-    n = _sessions(server)
-    while n != want and time.monotonic() < end:
-        time.sleep(0.02)
-        n = _sessions(server)
-    return n
-
-
 @pytest.mark.parametrize("side", ["serve", "edge"])
 def test_client_leaving_mid_stream_frees_the_server(side, server, edge):
     import http.client
     from urllib.parse import urlparse
 
     base = server.base if side == "serve" else edge.base
-    assert _wait_sessions(server, 0, 5.0) == 0
+    assert wait_for_metric(server.port, "wisp_sessions", 0, 5.0) == 0
     body = {"model": _model(base), "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
     url = urlparse(base)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
@@ -261,10 +195,10 @@ def test_client_leaving_mid_stream_frees_the_server(side, server, edge):
     events = 0
     while events < 3:
         events += r.readline().startswith(b"data: ")
-    assert _sessions(server) == 1  # still generating
+    assert scrape_metrics(server.port)["wisp_sessions"] == 1  # still generating
     conn.sock.close()  # the client goes away mid-stream
     conn.close()
-    assert _wait_sessions(server, 0, 1.0) == 0
+    assert wait_for_metric(server.port, "wisp_sessions", 0, 1.0) == 0
     # and the next generation runs at once
     t0 = time.monotonic()
     _client(base).completions.create(model=_model(base), prompt=PROMPT, max_tokens=4, temperature=0)

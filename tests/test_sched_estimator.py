@@ -156,6 +156,15 @@ def test_acceptance_stats_counts_first_rejection_as_a_try():
     assert a.alpha == pytest.approx(6 / 7)
 
 
+def test_measured_alpha_is_none_until_a_draft_token_is_tried():
+    a = AcceptanceStats()
+    assert a.alpha == pytest.approx(0.7) and a.measured_alpha is None  # the prior alone
+    a.update(drafted=0, accepted=0)  # a round with no draft tries nothing
+    assert a.measured_alpha is None
+    a.update(drafted=3, accepted=1)
+    assert a.measured_alpha == a.alpha == pytest.approx((1 + 0.7 * 4) / (2 + 4))
+
+
 def test_session_deadlines_rule():
     from wisp_sdk.protocol import SLO
 

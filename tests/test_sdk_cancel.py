@@ -4,12 +4,11 @@ session at once, and the next generation on the same client starts right away an
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import urllib.request
 
 import pytest
-from test_sdk_e2e import ServerProcess
+from cli_process import ServerProcess
+from metrics_scrape import wait_for_metric
 from wisp_sdk import EdgeClient
 from wisp_sdk.client import AsyncEdgeClient
 
@@ -30,30 +29,13 @@ def server(tiny_target):
     srv.stop()
 
 
-def _sessions(server) -> float:
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    )
-    return float(re.search(r"^wisp_sessions (\S+)$", text, re.M).group(1))
-
-
 def _wait_sessions(server, want: float, within: float = 1.0) -> float:
-    end = time.monotonic() + within
-    while True:
-        n = _sessions(server)
-        if n == want or time.monotonic() > end:
-            return n
-        time.sleep(0.02)
+    return wait_for_metric(server.metrics_port, "wisp_sessions", want, within)
 
 
 async def _await_sessions(server, want: float, within: float = 1.0) -> float:
     """As `_wait_sessions`, letting the event loop run meanwhile (a generator left by `break` is closed by it)."""
-    end = time.monotonic() + within
-    while True:
-        n = await asyncio.to_thread(_sessions, server)
-        if n == want or time.monotonic() > end:
-            return n
-        await asyncio.sleep(0.02)
+    return await asyncio.to_thread(_wait_sessions, server, want, within)
 
 
 def test_breaking_out_of_an_async_stream_closes_the_session(server, tiny_bundle):

@@ -8,90 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
+from cli_process import ServerProcess
+from reference import pooled_counts, target_tree
 from wisp_sdk import EdgeClient, FixedK, ServerError, Wisp
+from wisp_sdk.protocol import SamplingParams
 
 PROMPTS = [
     [{"role": "user", "content": "Write a function that returns the sum of a list of numbers."}],
     "def fibonacci(n):\n",
     [{"role": "user", "content": "Explain how binary search works."}],
 ]
-
-
-class ServerProcess:
-    """`wisp serve` in a subprocess; `url` once it printed `listening on ws://HOST:PORT`."""
-
-    def __init__(self, target: Path, port: int = 0, *extra: str, timeout: float = 180.0) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "wisp_sdk.cli",
-            "serve",
-            "--target",
-            str(target),
-            "--port",
-            str(port),
-            *extra,
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.url = ""
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                m = re.search(r"listening on (wss?://\S+)", line)
-                if m and not found.is_set():
-                    self.url = m.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(timeout) or not self.url:
-            self.kill()
-            raise RuntimeError("wisp serve did not start:\n" + "".join(self.lines[-30:]))
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    import torch
-
-    x = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +34,6 @@ def server(tiny_target):
 
 
 @pytest.fixture(scope="module")
-def target_model(tiny_target):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def client(server, tiny_bundle):
     c = EdgeClient(server.url, tiny_bundle, threads=1)
     yield c
@@ -117,10 +41,10 @@ def client(server, tiny_bundle):
 
 
 @pytest.mark.parametrize("controller", ["wisp", "fixed:4", "wisp+ahead"])
-def test_greedy_is_token_identical_to_transformers(client, target_model, controller):
+def test_greedy_is_token_identical_to_transformers(client, reference, controller):
     for prompt in PROMPTS:
         ids = client.encode_prompt(prompt)
-        ref = hf_greedy(target_model, ids, 24)
+        ref = reference(ids, 24)
         res = client.generate(prompt, max_new_tokens=24, controller=controller)
         assert res.token_ids == ref, f"{controller} on {prompt!r}"
         assert res.stats.new_tokens == len(ref)
@@ -136,7 +60,7 @@ def test_stream_yields_deltas_that_make_the_text(client):
     assert res is not None and "".join(deltas) == res.text and len(deltas) > 1
 
 
-def test_stop_string_ends_generation(client, target_model):
+def test_stop_string_ends_generation(client):
     full = client.generate(PROMPTS[1], max_new_tokens=24)
     text = full.text
     assert len(text) > 6
@@ -162,11 +86,11 @@ def test_wisp_wastes_fewer_draft_tokens_than_fixed8(client):
     assert draft_wasted_wisp < draft_wasted_fixed
 
 
-def test_centralized_mode_streams_the_targets_tokens(server, tiny_bundle, target_model):
+def test_centralized_mode_streams_the_targets_tokens(server, tiny_bundle, reference):
     with EdgeClient(server.url, tiny_bundle, mode="centralized") as c:
         ids = c.encode_prompt(PROMPTS[0])
         res = c.generate(PROMPTS[0], max_new_tokens=16)
-    assert res.token_ids == hf_greedy(target_model, ids, 16)
+    assert res.token_ids == reference(ids, 16)
     assert res.stats.mode == "centralized" and not res.stats.rounds
 
 
@@ -230,29 +154,6 @@ def test_cli_generate_json_and_stats_line(server, tiny_bundle):
     assert version.returncode == 0 and version.stdout.startswith("wisp ")
 
 
-def _target_joint(
-    model, prompt_ids: list[int], temperature: float, top_k: int, depth: int
-) -> dict[tuple, float]:
-    """Exact P(t1..t_depth) of the target under temperature + top-k (HF warper semantics)."""
-    import torch
-    from wisp_sdk.sampling import hf_reference_probs
-
-    out: dict[tuple, float] = {}
-
-    def walk(prefix: tuple, p: float) -> None:
-        if len(prefix) == depth:
-            out[prefix] = p
-            return
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1].numpy()
-        probs = hf_reference_probs(logits, temperature, top_k)
-        for t in np.nonzero(probs)[0]:
-            walk((*prefix, int(t)), p * float(probs[t]))
-
-    walk((), 1.0)
-    return out
-
-
 @pytest.mark.slow
 def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_model):
     """Chi-square of (t1, t2, t3) over seeded runs vs the target's exact joint: drafts, q and acceptance."""
@@ -278,21 +179,9 @@ def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_m
     assert sum(counts.values()) == n_runs
     with EdgeClient(server.url, tiny_bundle) as c:
         ids = c.encode_prompt(prompt)
-    joint = _target_joint(target_model, ids, temperature, top_k, 3)
+    joint = target_tree(target_model, ids, 3, SamplingParams(temperature=temperature, top_k=top_k))
     assert set(counts) <= set(joint), "sampled a sequence the target gives probability 0"
-    # Pool cells with small expectations so that the chi-square approximation holds.
-    cells = sorted(joint, key=lambda k: -joint[k])
-    obs, exp, acc_o, acc_e = [], [], 0.0, 0.0
-    for k in cells:
-        e = joint[k] * n_runs
-        if e >= 5:
-            obs.append(counts[k])
-            exp.append(e)
-        else:
-            acc_o += counts[k]
-            acc_e += e
-    obs.append(acc_o)
-    exp.append(acc_e)
+    obs, exp = pooled_counts(counts, joint, n_runs)
     stat, pvalue = chisquare(obs, exp)
     assert pvalue > 1e-3, (stat, pvalue, list(zip(obs, exp, strict=True)))
 

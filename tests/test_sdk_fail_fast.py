@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from test_sdk_e2e import ServerProcess
+from cli_process import ServerProcess
 from wisp_sdk import EdgeClient, WispError
 from wisp_sdk.client import AsyncEdgeClient
 

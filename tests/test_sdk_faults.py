@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from test_sdk_e2e import PROMPTS, ServerProcess, hf_greedy
+from cli_process import ServerProcess
+from test_sdk_e2e import PROMPTS
 from wisp_sdk import EdgeClient, FixedK, WispError
 
 N_NEW = 40
@@ -88,20 +89,12 @@ class CutProxy:
         self.cut()
 
 
-@pytest.fixture(scope="module")
-def target_model(tiny_target):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32).eval()
-
-
-def _reference(client: EdgeClient, target_model, prompt) -> list[int]:
-    return hf_greedy(target_model, client.encode_prompt(prompt), N_NEW)
+def _reference(client: EdgeClient, reference, prompt) -> list[int]:
+    return reference(client.encode_prompt(prompt), N_NEW)
 
 
 @pytest.mark.slow
-def test_server_killed_and_restarted_on_the_same_port(tiny_target, tiny_bundle, target_model):
+def test_server_killed_and_restarted_on_the_same_port(tiny_target, tiny_bundle, reference):
     srv = ServerProcess(tiny_target)
     port = srv.port
     replacement: list[ServerProcess] = []
@@ -109,7 +102,7 @@ def test_server_killed_and_restarted_on_the_same_port(tiny_target, tiny_bundle, 
         with EdgeClient(srv.url, tiny_bundle, threads=1, resume_deadline_s=180, backoff_max_s=0.5) as c:
             prompt = PROMPTS[0]
             undisturbed = c.generate(prompt, max_new_tokens=N_NEW, controller=FixedK(3))
-            assert undisturbed.token_ids == _reference(c, target_model, prompt)
+            assert undisturbed.token_ids == _reference(c, reference, prompt)
             restart = threading.Thread(target=lambda: replacement.append(ServerProcess(tiny_target, port)))
             deltas = []
             for delta in c.stream(prompt, max_new_tokens=N_NEW, controller=FixedK(3)):
@@ -136,12 +129,12 @@ def server(tiny_target):
     srv.stop()
 
 
-def test_cut_connections_resume_the_same_session(server, tiny_bundle, target_model):
+def test_cut_connections_resume_the_same_session(server, tiny_bundle, reference):
     proxy = CutProxy(server.port)
     try:
         with EdgeClient(proxy.url, tiny_bundle, threads=1, resume_deadline_s=60) as c:
             prompt = PROMPTS[1]
-            ref = _reference(c, target_model, prompt)
+            ref = _reference(c, reference, prompt)
             deltas = []
             for delta in c.stream(prompt, max_new_tokens=N_NEW, controller=FixedK(2)):
                 deltas.append(delta)
@@ -154,12 +147,12 @@ def test_cut_connections_resume_the_same_session(server, tiny_bundle, target_mod
         proxy.close()
 
 
-def test_lost_verdict_is_recovered_from_the_servers_cache(server, tiny_bundle, target_model):
+def test_lost_verdict_is_recovered_from_the_servers_cache(server, tiny_bundle, reference):
     proxy = CutProxy(server.port)
     try:
         with EdgeClient(proxy.url, tiny_bundle, threads=1, resume_deadline_s=60) as c:
             prompt = PROMPTS[2]
-            ref = _reference(c, target_model, prompt)
+            ref = _reference(c, reference, prompt)
             n = 0
             for _ in c.stream(prompt, max_new_tokens=N_NEW, controller=FixedK(2)):
                 n += 1
@@ -187,7 +180,7 @@ def test_gives_up_with_a_clear_error_after_the_deadline(server, tiny_bundle):
         proxy.close()
 
 
-def test_refused_open_is_retried_until_a_session_frees(tiny_target, tiny_bundle, target_model):
+def test_refused_open_is_retried_until_a_session_frees(tiny_target, tiny_bundle, reference):
     """`overloaded` is not final: the client retries on a new connection (behind a balancer, possibly another
     replica) within `overload_retry_s`; with 0 it fails at once with the server's code."""
     import asyncio
@@ -224,5 +217,5 @@ def test_refused_open_is_retried_until_a_session_frees(tiny_target, tiny_bundle,
         res = asyncio.run(main())
     finally:
         srv.stop()
-    assert res.token_ids == hf_greedy(target_model, prompt, N_NEW)
+    assert res.token_ids == reference(prompt, N_NEW)
     assert res.stats.refused >= 1 and res.stats.reopened == 0

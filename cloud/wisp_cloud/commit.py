@@ -196,7 +196,7 @@ class Committer:
             return False
         session.mode_steps += 1
         d = session.deadlines
-        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        alpha = d.acceptance.measured_alpha if d is not None else None
         k = round(session.k_mean) if session.k_mean is not None else default_k
         round_ms, decode_ms = self._round_and_decode_ms(session, k)
         rule = self.hybrid.to_centralized if to == "centralized" else self.hybrid.to_speculative

@@ -61,6 +61,12 @@ class AcceptanceStats:
         return (self.accepted + self.prior * self.prior_n) / (self.tried + self.prior_n)
 
     @property
+    def measured_alpha(self) -> float | None:
+        """α once a draft token was tried, else None: before that it is the prior alone, and callers (admission,
+        the hybrid rule, verify_len) fall back to their own defaults rather than trust it."""
+        return self.alpha if self.tried > 0 else None
+
+    @property
     def tokens_per_round(self) -> float | None:
         """Measured tokens a round commits, or None before `MIN_ROUNDS` rounds (one short round would make a new
         session look hopeless). An adaptive controller stops drafting before likely rejections, so its rounds

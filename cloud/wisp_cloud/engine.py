@@ -271,7 +271,7 @@ class Engine:
         if not self.truncate:
             return k
         d = session.deadlines
-        alpha = d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None
+        alpha = d.acceptance.measured_alpha if d is not None else None
         m = verify_len(k, alpha, self.committer.price.price_ms, session.slo.tpot_ms)
         cap = self.cfg.verify_cap
         return m if cap is None else min(m, cap)

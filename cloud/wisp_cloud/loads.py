@@ -19,7 +19,7 @@ def session_load(s: Session) -> SessionLoad:
         draft_len=0 if central else round(s.k_mean if s.k_mean is not None else DEFAULT_DRAFT_LEN),
         context_len=s.committed_len,
         # None until the session has a verdict: admission fills in the other sessions' median
-        alpha=d.acceptance.alpha if d is not None and d.acceptance.tried > 0 else None,
+        alpha=d.acceptance.measured_alpha if d is not None else None,
         tokens_per_round=None if d is None or central else d.acceptance.tokens_per_round,
         think_s=0.0 if central else s.think_s,
     )

@@ -58,6 +58,18 @@ class WorkItem:
     deadline: float | None = None
 
 
+def check_batch(items: list[WorkItem]) -> None:
+    """The batch contract every backend's `forward` enforces: each sequence once, at least one new token, and
+    no more output distributions than new tokens (ValueError names the first item that breaks it)."""
+    if len({it.seq_id for it in items}) != len(items):
+        raise ValueError("a batch may hold each sequence once")
+    for it in items:
+        if not it.new_tokens:
+            raise ValueError(f"work item for {it.seq_id} has no new tokens")
+        if not 0 <= it.n_logits <= len(it.new_tokens):
+            raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
+
+
 @dataclass
 class ItemResult:
     """Per item: argmax at each of the `n_logits` positions, and processed target probabilities when sampling.

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from wisp_cloud.acceptance import process_logits
-from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
+from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem, check_batch
 from wisp_cloud.backends.paged.loader import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -152,13 +152,7 @@ class NativeBackend:
     @torch.inference_mode()
     def forward(self, items: list[WorkItem]) -> tuple[list[ItemResult], BatchStats]:
         start = time.perf_counter()
-        if len({it.seq_id for it in items}) != len(items):
-            raise ValueError("a batch may hold each sequence once")
-        for it in items:
-            if not it.new_tokens:
-                raise ValueError(f"work item for {it.seq_id} has no new tokens")
-            if not 0 <= it.n_logits <= len(it.new_tokens):
-                raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
+        check_batch(items)
         cached = [self.cached_len(it.seq_id) for it in items]
         results: list[ItemResult | None] = [None] * len(items)
         for group in self._groups(items):

@@ -44,7 +44,7 @@ from typing import Any
 
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
+from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +295,8 @@ class SGLangBackend:
         start = time.perf_counter()
         if self._closed:
             raise RuntimeError("the SGLang backend is shut down")
-        if len({it.seq_id for it in items}) != len(items):
-            raise ValueError("a batch may hold each sequence once")
+        check_batch(items)
         for it in items:
-            if not it.new_tokens:
-                raise ValueError(f"work item for {it.seq_id} has no new tokens")
-            if not 0 <= it.n_logits <= len(it.new_tokens):
-                raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
             if it.n_logits and not it.sampling.greedy and self.sampling_mode == "refuse":
                 raise WispError(
                     "this server's SGLang backend refuses sampling (sampling=refuse): use temperature 0, or "

@@ -291,11 +291,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 break
         s.catchup = 0
         if hybrid is not None:  # the server verifies only the prefix that pays; the client judges only that
-            tried = s.dl.acceptance.tried > 0
             kept = kept[
                 : verify_len(
                     len(kept),
-                    s.dl.acceptance.alpha if tried else None,
+                    s.dl.acceptance.measured_alpha,
                     reps[s.rep].price.price_ms,
                     cfg.slo_tpot_ms,
                 )
@@ -385,8 +384,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.mode_steps += 1
         if back:
             s.catchup += 1
-        acc = s.dl.acceptance
-        alpha = acc.alpha if acc.tried > 0 else None
+        alpha = s.dl.acceptance.measured_alpha
         k = round(s.k_mean) if s.k_mean is not None else 4
         rule = hybrid.to_speculative if back else hybrid.to_centralized
         if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms):

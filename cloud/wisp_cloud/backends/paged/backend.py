@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem
+from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem, check_batch
 from wisp_cloud.backends.kv_pages import PageTable
 from wisp_cloud.backends.paged import kernels as pk
 from wisp_cloud.backends.paged.attention import Attention
@@ -271,16 +271,11 @@ class PagedBackend:
         if not items:
             return [], BatchStats(0, 0, 0, 0, 0, 0.0)
         seq_ids = [it.seq_id for it in items]
-        if len(set(seq_ids)) != len(items):
-            raise ValueError("a batch may hold each sequence once")
         q_lens = [len(it.new_tokens) for it in items]
         n_logits = [it.n_logits for it in items]
-        if not (min(q_lens) > 0 and min(n_logits) >= 0 and all(map(operator.le, n_logits, q_lens))):
-            for it, q, nl in zip(items, q_lens, n_logits, strict=True):
-                if not q:
-                    raise ValueError(f"work item for {it.seq_id} has no new tokens")
-                if not 0 <= nl <= q:
-                    raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
+        ok = min(q_lens) > 0 and min(n_logits) >= 0 and all(map(operator.le, n_logits, q_lens))
+        if not ok or len(set(seq_ids)) != len(items):
+            check_batch(items)  # vectorized above on the hot path; this names the item that breaks it
         pages = self.pages
         cached = [pages.lengths.get(s, 0) for s in seq_ids]
         totals = list(map(operator.add, cached, q_lens))
