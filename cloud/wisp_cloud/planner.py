@@ -63,6 +63,7 @@ def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
         sampling=session.work_sampling,
         context=session.tokens,
         deadline=job.deadline,
+        support=[q.ids.tolist() for q in job.q] if job.q else None,
     )
     return Planned(job, item, final=True, cached_before=cached)
 

@@ -14,6 +14,7 @@ from wisp_cloud.acceptance import accept_greedy, accept_sampling, sample_token
 from wisp_cloud.backends.base import Backend, BatchStats, ItemResult
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.planner import Outcome, Planned
+from wisp_cloud.sparse_acceptance import accept_sampling_sparse
 
 log = logging.getLogger("wisp.engine")
 
@@ -69,9 +70,13 @@ class Runner:
         if job.kind != JobKind.round or not job.draft:
             if session.sampling.greedy:
                 return 0, res.argmax[0]
+            if res.sparse is not None:
+                return 0, res.sparse.sample(0)
             return 0, sample_token(torch.as_tensor(res.probs)[0], session.gen)
         if session.sampling.greedy:
             d = accept_greedy(job.draft, res.argmax)
+        elif res.sparse is not None:
+            d = accept_sampling_sparse(job.draft, job.q or [], res.sparse, session.gen)
         else:
             d = accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
         return d.accepted, d.next_token
