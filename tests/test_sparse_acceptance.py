@@ -77,6 +77,9 @@ def _first_token_counts(n: int, seed: int, **kw: int) -> tuple[torch.Tensor, int
         rejected += dec.accepted == 0
         draws += target.draws
         dense += target.dense_calls
+        # The decision reports the loop's work (the engine counts it in /metrics): the forward's draw plus retries.
+        assert dec.dense_fallback == (target.dense_calls == 1)
+        assert dec.residual_draws == (0 if dec.accepted else 1 + target.draws)
     return counts, rejected, draws, dense
 
 

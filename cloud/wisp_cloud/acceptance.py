@@ -32,6 +32,8 @@ class DraftError(ValueError):
 class Decision:
     accepted: int  # number of draft tokens accepted
     next_token: int  # the correction (on rejection) or the bonus token (all accepted)
+    residual_draws: int = 0  # sparse sampling: draws from p the residual's rejection loop used
+    dense_fallback: bool = False  # sparse sampling: the loop ran out and the dense row of p was fetched
 
 
 def warp_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from wisp_cloud.acceptance import accept_greedy, accept_sampling, sample_token
+from wisp_cloud.acceptance import Decision, accept_greedy, accept_sampling, sample_token
 from wisp_cloud.backends.base import Backend, BatchStats, ItemResult
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.planner import Outcome, Planned
@@ -56,30 +56,30 @@ class Runner:
             out = Outcome(p, res)
             if p.final:
                 try:
-                    out.accepted, out.next_token = self._decide(p.job, res)
+                    d = self._decide(p.job, res)
+                    out.accepted, out.next_token = d.accepted, d.next_token
+                    out.residual_draws, out.dense_fallback = d.residual_draws, d.dense_fallback
                 except Exception as exc:
                     log.exception("acceptance failed for session %s", p.job.session.id[:8])
                     out.error = type(exc).__name__
             outcomes.append(out)
         return outcomes, stats
 
-    def _decide(self, job: Job, res: ItemResult) -> tuple[int, int]:
+    def _decide(self, job: Job, res: ItemResult) -> Decision:
         session = job.session
         if self.fault_token is not None and self.fault_token in job.draft:
             raise InjectedFault("debug fault token in draft")
         if job.kind != JobKind.round or not job.draft:
             if session.sampling.greedy:
-                return 0, res.argmax[0]
+                return Decision(0, res.argmax[0])
             if res.sparse is not None:
-                return 0, res.sparse.sample(0)
-            return 0, sample_token(torch.as_tensor(res.probs)[0], session.gen)
+                return Decision(0, res.sparse.sample(0))
+            return Decision(0, sample_token(torch.as_tensor(res.probs)[0], session.gen))
         if session.sampling.greedy:
-            d = accept_greedy(job.draft, res.argmax)
-        elif res.sparse is not None:
-            d = accept_sampling_sparse(job.draft, job.q or [], res.sparse, session.gen)
-        else:
-            d = accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
-        return d.accepted, d.next_token
+            return accept_greedy(job.draft, res.argmax)
+        if res.sparse is not None:
+            return accept_sampling_sparse(job.draft, job.q or [], res.sparse, session.gen)
+        return accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
 
 
 def _empty_stats(planned: list[Planned]) -> BatchStats:

@@ -111,8 +111,8 @@ def accept_sampling_sparse(
     for i in range(k):
         if _uniform(gen) * q[i].drafted < target.p_at(i, draft[i]):  # u < p/q without dividing
             continue
-        token, _used, _fell_back = sample_residual(
+        token, used, fell_back = sample_residual(
             i, q[i], target, gen, retry_batch=retry_batch, max_draws=max_draws
         )
-        return Decision(i, token)
+        return Decision(i, token, used, fell_back)
     return Decision(k, target.sample(k))

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,12 @@ def test_generate_sampling_sparse(servers, fixtures, reference):
         accepted += a["stats"]["accepted"]
         drafted += a["stats"]["drafted"]
     assert drafted > 0 and accepted < drafted
+    # Every rejection drew its residual from SGLang's samples: the server counted them (/metrics, same port).
+    url = servers["sglang"].url.replace("ws://", "http://").rstrip("/") + "/metrics"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    draws = re.search(r"^wisp_sampling_residual_draws_total (\S+)$", text, re.M)
+    assert draws and float(draws.group(1)) >= 1, text[-2000:]
 
 
 def test_generate_sampling_full_same_as_native(servers, fixtures, reference):
