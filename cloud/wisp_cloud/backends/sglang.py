@@ -29,7 +29,8 @@ Mapping onto the public Engine API (measured on sglang 0.5.23):
 * Engine calls run on the engine's own event loop, driven by a daemon thread (`asyncio.run()` from the caller's
   thread would hang: the tokenizer manager's receive loop lives on the engine's loop).
 
-sglang is imported only here (and in sglang_sampling.py, dill only), lazily: the rest of wisp_cloud never needs it.
+sglang is imported only here, lazily (sglang_sampling.py imports only dill, SGLang's own dependency): the rest of
+wisp_cloud never needs it.
 """
 
 from __future__ import annotations
@@ -309,11 +310,9 @@ class SGLangBackend:
             return reqs
         kw: dict[str, Any] = dict(input_ids=tokens, sampling_params={"max_new_tokens": 1, "temperature": 0.0})
         kw.update(self._tags(item.seq_id, m, item.deadline))
-        if m == 0:
-            pass
-        elif item.sampling.greedy:
+        if m and item.sampling.greedy:
             kw.update(return_logprob=True, logprob_start_len=len(tokens) - m, top_logprobs_num=1)
-        else:
+        elif m:
             kw.update(self._dense_kwargs(tokens, m))
         return [kw]
 
@@ -398,21 +397,27 @@ class SGLangBackend:
             self,
             item.seq_id,
             item.sampling,
+            item.deadline,
             prefixes=[kw["input_ids"] for kw in reqs],
             probs=probs,
             samples=[output_token(out) for out in outs],
         )
         return ItemResult(item.seq_id, [], sparse=target)
 
-    def draw(self, seq_id: str, prefix: list[int], sampling: Sampling, n: int) -> list[int]:
-        """`n` independent draws from p after `prefix` (the sparse residual's retries): n one-token requests."""
+    def draw(
+        self, seq_id: str, prefix: list[int], sampling: Sampling, n: int, deadline: float | None = None
+    ) -> list[int]:
+        """`n` independent draws from p after `prefix` (the sparse residual's retries): n one-token requests,
+        ordered in SGLang's queue by the round's deadline like its forward."""
         reqs = [position_request(prefix, sampling, [], self._warpers) for _ in range(n)]
         for kw in reqs:
-            kw.update(self._tags(seq_id, 1, None))
+            kw.update(self._tags(seq_id, 1, deadline))
         self.residual_draws += n
         return [output_token(out) for out in self._run(reqs)]
 
-    def dense_row(self, seq_id: str, prefix: list[int], sampling: Sampling) -> torch.Tensor:
+    def dense_row(
+        self, seq_id: str, prefix: list[int], sampling: Sampling, deadline: float | None = None
+    ) -> torch.Tensor:
         """p after `prefix` over the whole vocabulary (full-vocabulary logprobs): the sparse path's fallback."""
         self.residual_fallbacks += 1
         log.warning(
@@ -421,7 +426,9 @@ class SGLangBackend:
             self.residual_fallbacks,
         )
         kw = self._dense_kwargs(prefix, 1)
-        kw.update(sampling_params={"max_new_tokens": 1, "temperature": 0.0}, **self._tags(seq_id, 1, None))
+        kw.update(
+            sampling_params={"max_new_tokens": 1, "temperature": 0.0}, **self._tags(seq_id, 1, deadline)
+        )
         (out,) = self._run([kw])
         return self._dense_probs(out, 1, sampling)[0]
 

@@ -113,6 +113,7 @@ class SGLangSparseTarget(SparseTarget):
         backend: SGLangBackend,
         seq_id: str,
         sampling: Sampling,
+        deadline: float | None,
         prefixes: list[list[int]],
         probs: list[dict[int, float]],
         samples: list[int],
@@ -120,6 +121,7 @@ class SGLangSparseTarget(SparseTarget):
         self.backend = backend
         self.seq_id = seq_id
         self.sampling = sampling
+        self.deadline = deadline
         self.prefixes = prefixes
         self.probs = probs
         self.samples = samples
@@ -134,7 +136,7 @@ class SGLangSparseTarget(SparseTarget):
         return self.samples[pos]
 
     def draw(self, pos: int, n: int) -> list[int]:
-        return self.backend.draw(self.seq_id, self.prefixes[pos], self.sampling, n)
+        return self.backend.draw(self.seq_id, self.prefixes[pos], self.sampling, n, self.deadline)
 
     def dense(self, pos: int) -> torch.Tensor:
-        return self.backend.dense_row(self.seq_id, self.prefixes[pos], self.sampling)
+        return self.backend.dense_row(self.seq_id, self.prefixes[pos], self.sampling, self.deadline)
