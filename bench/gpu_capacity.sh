@@ -47,7 +47,7 @@ fi
   --draft "$BUNDLE" --workload "${WORKLOAD:-code10}" \
   --policies "${POLICIES:-centralized,sled,wisp}" --sled-k "${SLED_K:-3,5}" --n "$N" \
   --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
-  --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \
+  --slo-ttft-ms 2000 --slo-tpot-ms "${TPOT:-60}" --stop-below "${STOP_BELOW:-0.6}" \
   --device-profile "${DEVICE_PROFILE:-jetson}" --link "${LINK:-wifi-metro}" --procs "${PROCS:-12}" \
   --no-plots --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 tar -C "$OUT/bench" -czf "$OUT/records.tgz" records logs 2>/dev/null || true

@@ -85,7 +85,7 @@ bench() {  # bench OUTDIR N KV SERVER_CMD
     --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
     --slo-ttft-ms 2000 --slo-tpot-ms 60 --stop-below "${STOP_BELOW:-0.6}" \
     --device-profile "${DEVICE_PROFILE:-jetson}" --link "${LINK:-wifi-metro}" --procs "${PROCS:-12}" \
-    --no-plots --out "$1" 2>&1 | tee "$1.log"
+    --server-per-policy --no-plots --out "$1" 2>&1 | tee "$1.log"
 }
 
 echo "=== gpu_cluster: 1 replica ==="

@@ -56,7 +56,7 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
     est = tmp_path / "est.json"
     VerifyTimeEstimator.default().save(est)
     args = argparse.Namespace(
-        server_cmd=None,  # `wisp serve --policy P`, one fresh server per policy
+        server_cmd=None,  # one `wisp serve`, its policy switched between arms (--control-stdin)
         serve_args=[
             "--target",
             str(tiny_target),
@@ -82,7 +82,7 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         drain=20.0,
         gap=0.2,
         slo_ttft_ms=5000.0,
-        slo_tpot_ms=1000.0,
+        slo_tpot_ms="1000,2000",  # centralized and SLED judged at both from one sweep; WISP swept at each
         attainment=0.9,
         stop_below=0.0,
         device_profile="instant",
@@ -99,7 +99,18 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
     assert saved["ratios"] == result["ratios"]
     pts = result["points"]
     assert {p["policy"] for p in pts} == {"centralized", "sled", "wisp"}
-    assert len(pts) == 6
+    assert len(pts) == 8  # centralized 2 N, sled 2 N, wisp 2 N x 2 SLOs
+    assert sorted(p["slo_tpot_ms"] for p in pts if p["policy"] == "wisp") == [1000, 1000, 2000, 2000]
+    for p in pts:
+        # judged at the SLO its sessions asked for, the rejudged attainment is the fleet's own
+        assert p["judged"][f"{p['slo_tpot_ms']:g}"]["attainment"] == p["attainment"], p
+        assert set(p["judged"]) == ({"1000", "2000"} if p["policy"] != "wisp" else {f"{p['slo_tpot_ms']:g}"})
+    assert [r["slo_tpot_ms"] for r in result["regimes"]] == [1000.0, 2000.0]
+    for r in result["regimes"]:
+        assert set(r["policies"]) == {"centralized", "sled", "wisp"}
+    # one server process served every arm: each arm's switch is in its log
+    log = (tmp_path / "bench" / "logs" / "serve.log").read_text()
+    assert "policy_switch" in log and log.count("server_start") == 1
     for p in pts:
         assert p["sessions"] > 0, p
         assert p["errors"] == 0, p

@@ -88,7 +88,7 @@ def test_profile_random_config_reports_heldout_mape(tmp_path, tiny_target):
 
 def test_serve_random_config_speculative_equals_centralized(tmp_path, tiny_target, tiny_bundle):
     """`wisp serve --random-config --stable-argmax`: greedy outputs follow the map, whichever mode asks."""
-    from wisp_cloud.fleet.bench import ServerProc
+    from wisp_cloud.fleet.server_proc import ServerProc
     from wisp_cloud.random_model import next_token_map, special_ids
     from wisp_sdk.client import AsyncEdgeClient
 

@@ -71,7 +71,8 @@ def _maxconn(want: int = 20000) -> int:
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return want if hard == resource.RLIM_INFINITY else max(64, min(want, (hard - 100) // 2))
+    # HAProxy adds its own sockets (listeners, checks, one per thread) to 2 x maxconn: seen needing 109 more
+    return want if hard == resource.RLIM_INFINITY else max(64, min(want, (hard - 1000) // 2))
 
 
 def find_haproxy(binary: str) -> str:

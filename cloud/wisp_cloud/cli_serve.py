@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from pathlib import Path
 
 from wisp_sdk.errors import WispError
@@ -164,6 +165,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
     p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
+    # `wisp bench`: read `policy NAME` lines on stdin and switch (WispServer.switch_policy), answering
+    # `policy NAME ready` on stdout, so every arm shares one model load and one graph capture.
+    p.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
 def _resolve_target(target: str) -> Path:
@@ -337,9 +341,36 @@ def _serve(
 
     tokenizer, model_name = _api_tokenizer(args, target) if target is not None else (None, "fake")
 
+    servers: list[WispServer] = []
+
+    async def control(server: WispServer) -> None:
+        import threading
+
+        from wisp_cloud.sched import POLICIES
+
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def read() -> None:  # a daemon thread: a blocked read must not hold up the process's exit
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        threading.Thread(target=read, daemon=True, name="wisp-control").start()
+        while True:
+            words = (await lines.get()).split()
+            if len(words) != 2 or words[0] != "policy" or words[1] not in POLICIES:
+                print(
+                    f"control error: expected `policy NAME` (NAME one of {', '.join(POLICIES)})", flush=True
+                )
+                continue
+            await server.switch_policy(words[1])
+            print(f"policy {words[1]} ready", flush=True)
+
     async def main() -> None:
         server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
+        servers.append(server)
         await server.start(sock)
+        tasks = [asyncio.create_task(control(server), name="wisp-control")] if args.control_stdin else []
         tune_gc()
         stop = asyncio.Event()
         drain = asyncio.Event()
@@ -352,12 +383,14 @@ def _serve(
             if drain.is_set() and args.drain_s > 0:  # SIGTERM: finish the rounds in flight first
                 await server.drain(args.drain_s)
         finally:
+            for task in tasks:
+                task.cancel()
             await server.stop()
 
     try:
         asyncio.run(main())
         if args.save_estimator:
-            estimator.save(args.save_estimator)
+            (servers[0].estimator if servers else estimator).save(args.save_estimator)
     finally:
         shutdown = getattr(backend, "shutdown", None)
         if shutdown is not None:

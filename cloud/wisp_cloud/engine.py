@@ -316,6 +316,11 @@ class Engine:
         self.metrics.sessions.set(len(self.store))
         log_event(log, "session_close", session=session.id[:8], generated=session.generated)
 
+    def release_closed(self) -> None:
+        """Free the KV of closed sessions now; only while the loop is stopped (the backend is the loop's)."""
+        while self._to_release:
+            self.backend.release(self._to_release.pop())
+
     def busy(self) -> bool:
         """Work waiting or in flight."""
         return bool(self.queue.waiting) or any(s.pending is not None for s in self.store)
@@ -508,8 +513,7 @@ class Engine:
 
     def _apply_kv_ops(self) -> None:
         """KV changes queued while a forward ran (the backend is only touched between forwards)."""
-        while self._to_release:
-            self.backend.release(self._to_release.pop())
+        self.release_closed()
         ops, self.committer.kv_ops = self.committer.kv_ops, []
         for sid, length in ops:
             if length is None:

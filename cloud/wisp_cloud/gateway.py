@@ -132,6 +132,11 @@ class Gateway:
             None, config.auth_tokens, config.max_frame_bytes, self.ready, self.metrics_text
         )
 
+    def rebind(self, engine: Engine) -> None:
+        """Hand new work to `engine` (WispServer.switch_policy; no session of the old one is left)."""
+        self.engine = engine
+        engine.deliver = self.deliver
+
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on `sock` when given (bound early by `wisp serve`), else on the config's host and port."""
         cfg = self.cfg

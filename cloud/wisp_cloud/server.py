@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -44,6 +45,7 @@ class WispServer:
         """`tokenizer` (the target's, with its chat template) turns on the OpenAI routes, serving `model_name`."""
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
+        self._estimator0 = self.engine.estimator.to_dict()  # what switch_policy starts each arm from
         self.gateway = Gateway(self.engine, config)
         if tokenizer is not None:
             auth = bool(config.auth_tokens)
@@ -113,6 +115,31 @@ class WispServer:
             self._loop_task = None
         self.engine.close()
         log_event(log, "server_stop", sessions=len(self.engine.store))
+
+    async def switch_policy(self, policy: str, idle_timeout_s: float = 60.0) -> None:
+        """Benchmarks only (`wisp serve --control-stdin`): serve the next arm with `policy` on the same loaded
+        model and captured graphs. Waits up to `idle_timeout_s` for the sessions to end, closes any left, then
+        builds a fresh engine (empty queue, metrics and SLO windows) with a fresh copy of the start-up estimator, so
+        every arm starts from the same state but the model load and graph capture are paid once."""
+        end = time.monotonic() + idle_timeout_s
+        while len(self.engine.store) and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+        old = self.engine
+        for session in list(old.store):
+            old.close_session(session)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        old.close()  # waits for a forward still on the worker thread
+        old.release_closed()
+        self.cfg = dataclasses.replace(self.cfg, policy=policy)
+        self.engine = Engine(old.backend, self.cfg, VerifyTimeEstimator.from_dict(self._estimator0))
+        self.gateway.rebind(self.engine)
+        if isinstance(self.gateway.http.completer, EngineCompleter):
+            self.gateway.http.completer.engine = self.engine
+        self._loop_task = asyncio.create_task(self.engine.run(), name="wisp-engine")
+        log_event(log, "policy_switch", policy=self.engine.policy.name, previous=old.policy.name)
 
     def stats(self) -> dict:
         """A snapshot for tests and the CLI's --json output."""

@@ -16,96 +16,20 @@ the judged window. Capacity = the largest N swept with attainment ≥ --target (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import re
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wisp_sdk.errors import WispError
-
+from wisp_cloud.fleet.capacity import SLO_BLIND, finalize, judge, print_summary
 from wisp_cloud.fleet.profiles import get_device, get_link
+from wisp_cloud.fleet.server_proc import ServerProc
 from wisp_cloud.fleet.workload import SLOSpec, load_prompts, plan_sessions
-
-_LISTEN = re.compile(r"listening on (wss?://\S+)")
-
-
-# ---------------------------------------------------------------- the server under test
-
-
-class ServerProc:
-    """`wisp serve ... --policy P --port 0` as a subprocess; its log goes to `log_path`."""
-
-    def __init__(
-        self,
-        serve_args: list[str],
-        policy: str,
-        log_path: Path,
-        startup_s: float = 600.0,
-        server_cmd: list[str] | None = None,
-    ) -> None:
-        prefix = server_cmd or [sys.executable, "-m", "wisp_sdk.cli", "serve"]
-        self.cmd = [*prefix, *serve_args, "--policy", policy, "--port", "0"]
-        self.lines: list[str] = []
-        self.log_path = log_path
-        self.startup_s = startup_s
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def __enter__(self) -> ServerProc:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(
-            self.cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            bufsize=1,
-            env=os.environ.copy(),
-        )
-        found: list[str] = []
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.lines.append(line.strip())
-                m = _LISTEN.search(line)
-                if m and not found:
-                    found.append(m.group(1))
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + self.startup_s
-        while not found:
-            if self.proc.poll() is not None:
-                self._log.flush()
-                tail = self.log_path.read_text()[-2000:]
-                raise WispError(f"server exited ({self.proc.returncode}): {' '.join(self.cmd)}\n{tail}")
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise WispError(f"server did not start within {self.startup_s:.0f}s: {' '.join(self.cmd)}")
-            time.sleep(0.1)
-        self.url = found[0]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if getattr(self, "_log", None):
-            self._log.close()
-
 
 # ---------------------------------------------------------------- target continuations
 
@@ -118,12 +42,20 @@ def precompute_truth(
 
     from wisp_sdk.client import AsyncEdgeClient
 
-    async def one(i: int) -> tuple[int, list[int]]:
-        async with AsyncEdgeClient(url, bundle, mode="centralized", response_timeout_s=timeout_s) as c:
-            res = await c.generate(prompt_ids[i], max_new_tokens=lengths[i])
-            return i, res.token_ids
+    from wisp_cloud.fleet.emulated import ShapedClient
 
     async def main() -> dict[int, list[int]]:
+        # one prototype: loading the bundle's tokenizer per prompt took 150 s for 256 ShareGPT prompts
+        proto = AsyncEdgeClient(url, bundle, mode="centralized", response_timeout_s=timeout_s)
+
+        async def one(i: int) -> tuple[int, list[int]]:
+            c = ShapedClient.from_prototype(proto, "centralized")
+            try:
+                res = await c.generate(prompt_ids[i], max_new_tokens=lengths[i])
+            finally:
+                await c.aclose()
+            return i, res.token_ids
+
         pairs = await asyncio.gather(*(one(i) for i in range(len(prompt_ids))))
         return dict(pairs)
 
@@ -220,29 +152,82 @@ class Fleet:
 # ---------------------------------------------------------------- the sweep
 
 
-def capacity(points: list[dict], target: float) -> tuple[int, float]:
-    """(largest N with attainment ≥ target, its goodput); (0, 0) if none."""
-    ok = [p for p in points if p["attainment"] >= target]
-    if not ok:
-        return 0, 0.0
-    best = max(ok, key=lambda p: p["n"])
-    return best["n"], best["goodput_tok_s"]
+def _run_point(
+    args: Any,
+    fleet: Fleet,
+    url: str,
+    policy: str,
+    controller: str,
+    k: int | None,
+    n: int,
+    asked: float,
+    judge_at: list[float],
+    prompts: list[dict],
+    prompt_ids: list[list[int]],
+    lengths: list[int],
+    truth: dict[int, list[int]],
+    trace: dict,
+    device: Any,
+    link: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """One (policy, variant, SLO asked, N) point: the fleet's sessions, summarized and judged at `judge_at`."""
+    plans = plan_sessions(n, args.duration, prompts, args.gap, seed=args.seed)
+    for dev_plans in plans:
+        for pl in dev_plans:
+            pl.max_new_tokens = lengths[pl.prompt_index]
+    base = {
+        "url": url,
+        "bundle": args.draft,
+        "mode": "centralized" if policy == "centralized" else "speculative",
+        "controller": controller or None,
+        "prompt_ids": prompt_ids,
+        "truth": truth,
+        "trace": trace,
+        "device": device,
+        "link": link,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": asked,
+        "duration_s": args.duration,
+        "drain_s": args.drain,
+        "seed": args.seed,
+        "response_timeout_s": max(60.0, args.drain + args.duration),
+    }
+    label = policy + (f"+{controller}" if controller and policy == "sled" else "")
+    if len(judge_at) == 1 and len(_tpots(args)) > 1:
+        label += f"@{asked:g}"
+    t = time.time()
+
+    def progress(el: float) -> None:
+        print(
+            f"\r[bench] {label:<14} N={n:<5} {el:5.0f}/{args.duration + args.drain:.0f}s", end="", flush=True
+        )
+
+    recs = fleet.run(base, n, plans, progress if sys.stdout.isatty() else None)
+    summ = summarize(recs, args.warmup, args.duration)
+    judged = {f"{x:g}": judge(recs, args.warmup, args.duration, args.slo_ttft_ms, x) for x in judge_at}
+    point = {"policy": policy, "controller": controller, "k": k, "n": n, "slo_tpot_ms": asked, **summ}
+    point["judged"] = judged
+    (out / "records").mkdir(exist_ok=True)
+    (out / "records" / f"{label}-{n}.json").write_text(json.dumps(recs))
+    acc = summ["acceptance"]
+    attain = "  ".join(f"attain@{key} {j['attainment']:.2f}" for key, j in judged.items())
+    print(
+        f"\r[bench] {label:<14} N={n:<5} sessions {summ['sessions']:>4}  {attain}  "
+        f"goodput {summ['goodput_tok_s']:8.1f} tok/s  "
+        f"tpot p50/p90 {summ['tpot_p50_ms']:.0f}/{summ['tpot_p90_ms']:.0f} ms  "
+        f"refused {summ['refused']} err {summ['errors']}"
+        + (f"  accept {acc:.2f}" if acc is not None else "")
+        + (f" diverged {summ['diverged']}" if acc is not None else "")
+        + f"  ({time.time() - t:.0f}s)",
+        flush=True,
+    )
+    return point
 
 
-def capacity_interp(points: list[dict], target: float) -> tuple[float, bool]:
-    """(N where attainment crosses `target`, linear between the swept points around it; lower bound?).
-
-    The crossing after the largest passing N; if every point passes, that largest N, flagged as a lower bound.
-    """
-    pts = sorted(points, key=lambda p: p["n"])
-    ok = [i for i, p in enumerate(pts) if p["attainment"] >= target]
-    if not ok:
-        return 0.0, False
-    i = ok[-1]
-    if i == len(pts) - 1:
-        return float(pts[i]["n"]), True
-    (n0, a0), (n1, a1) = (pts[i]["n"], pts[i]["attainment"]), (pts[i + 1]["n"], pts[i + 1]["attainment"])
-    return n0 + (n1 - n0) * (a0 - target) / max(a0 - a1, 1e-9), False
+def _tpots(args: Any) -> list[float]:
+    """--slo-tpot-ms: one value or a comma-separated list (each judged; see capacity.py)."""
+    return [float(x) for x in str(args.slo_tpot_ms).split(",") if x.strip()]
 
 
 def run_bench(args: Any) -> dict[str, Any]:
@@ -262,9 +247,11 @@ def run_bench(args: Any) -> dict[str, Any]:
     trace = load_trace(args.trace)
     device = get_device(args.device_profile)
     link = get_link(args.link)
-    slo = SLOSpec(args.slo_ttft_ms, args.slo_tpot_ms)
+    tpots = _tpots(args)
+    slo = SLOSpec(args.slo_ttft_ms, tpots[0])
+    server_cmd = getattr(args, "server_cmd", None)
     if getattr(args, "drain", None) is None:
-        args.drain = slo.ttft_ms / 1000 + max(lengths) * slo.tpot_ms / 1000 + 1.0
+        args.drain = slo.ttft_ms / 1000 + max(lengths) * max(tpots) / 1000 + 1.0
     ns = sorted({int(x) for x in str(args.n).split(",") if x.strip()})
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     sled_ks = [int(k) for k in str(args.sled_k).split(",") if k.strip()]
@@ -290,6 +277,7 @@ def run_bench(args: Any) -> dict[str, Any]:
             "drain_s": args.drain,
             "mean_gap_s": args.gap,
             "slo": asdict(slo),
+            "slo_tpot_ms_judged": tpots,
             "target_attainment": args.attainment,
             "workload": getattr(args, "workload", None),
             "prompts": str(args.prompts),
@@ -307,8 +295,13 @@ def run_bench(args: Any) -> dict[str, Any]:
     truth: dict[int, list[int]] | None = None
     fleet = Fleet(args.procs)
     log_dir = out / "logs"
-    try:
+    one_server = not getattr(args, "server_per_policy", False)
+    with contextlib.ExitStack() as stack:
+        stack.callback(fleet.close)
+        shared: ServerProc | None = None
         for policy in policies:
+            # SLO-blind servers are judged at every SLO from one sweep; the others get one sweep per SLO
+            asks = [tpots[0]] if policy in SLO_BLIND else tpots
             variants = (
                 [(f"fixed:{k}", k) for k in sled_ks]
                 if policy == "sled"
@@ -317,13 +310,24 @@ def run_bench(args: Any) -> dict[str, Any]:
                 else [("", None)]
             )
             server_policy = args.server_policy.get(policy, policy) if args.server_policy else policy
-            # one fresh server per policy: same command, model and estimator file, no state carried over
-            with ServerProc(
-                serve_args,
-                server_policy,
-                log_dir / f"serve-{policy}.log",
-                server_cmd=getattr(args, "server_cmd", None),
-            ) as server:
+            if one_server and shared is None:
+                # one process for every arm: the model load and graph capture are paid once; each arm gets a
+                # fresh engine and a fresh copy of the start-up estimator (WispServer.switch_policy)
+                shared = stack.enter_context(
+                    ServerProc(
+                        serve_args, server_policy, log_dir / "serve.log", server_cmd=server_cmd, control=True
+                    )
+                )
+            with contextlib.ExitStack() as arm:
+                if shared is not None:
+                    shared.switch(server_policy)
+                    server = shared
+                else:  # one fresh server per policy, no state carried over
+                    server = arm.enter_context(
+                        ServerProc(
+                            serve_args, server_policy, log_dir / f"serve-{policy}.log", server_cmd=server_cmd
+                        )
+                    )
                 print(f"[bench] {policy}: server at {server.url}", flush=True)
                 if truth is None:
                     t = time.time()
@@ -334,62 +338,21 @@ def run_bench(args: Any) -> dict[str, Any]:
                         flush=True,
                     )
                     result["truth_lengths"] = [len(truth[i]) for i in range(len(prompt_ids))]
-                for controller, k in variants:
-                    below = 0
-                    for n in ns:
-                        plans = plan_sessions(n, args.duration, prompts, args.gap, seed=args.seed)
-                        for dev_plans in plans:
-                            for pl in dev_plans:
-                                pl.max_new_tokens = lengths[pl.prompt_index]
-                        base = {
-                            "url": server.url,
-                            "bundle": args.draft,
-                            "mode": "centralized" if policy == "centralized" else "speculative",
-                            "controller": controller or None,
-                            "prompt_ids": prompt_ids,
-                            "truth": truth,
-                            "trace": trace,
-                            "device": device,
-                            "link": link,
-                            "slo_ttft_ms": slo.ttft_ms,
-                            "slo_tpot_ms": slo.tpot_ms,
-                            "duration_s": args.duration,
-                            "drain_s": args.drain,
-                            "seed": args.seed,
-                            "response_timeout_s": max(60.0, args.drain + args.duration),
-                        }
-                        label = policy + (f"+{controller}" if controller and policy == "sled" else "")
-                        t = time.time()
-
-                        def progress(el: float, label: str = label, n: int = n) -> None:
-                            total = args.duration + args.drain
-                            print(
-                                f"\r[bench] {label:<14} N={n:<5} {el:5.0f}/{total:.0f}s", end="", flush=True
-                            )
-
-                        recs = fleet.run(base, n, plans, progress if sys.stdout.isatty() else None)
-                        summ = summarize(recs, args.warmup, args.duration)
-                        point = {"policy": policy, "controller": controller, "k": k, "n": n, **summ}
-                        (out / "records").mkdir(exist_ok=True)
-                        (out / "records" / f"{label}-{n}.json").write_text(json.dumps(recs))
-                        result["points"].append(point)
-                        acc = summ["acceptance"]
-                        print(
-                            f"\r[bench] {label:<14} N={n:<5} sessions {summ['sessions']:>4}  "
-                            f"attain {summ['attainment']:.2f}  goodput {summ['goodput_tok_s']:8.1f} tok/s  "
-                            f"tpot p50/p90 {summ['tpot_p50_ms']:.0f}/{summ['tpot_p90_ms']:.0f} ms  "
-                            f"refused {summ['refused']} err {summ['errors']}"
-                            + (f"  accept {acc:.2f}" if acc is not None else "")
-                            + (f" diverged {summ['diverged']}" if acc is not None else "")
-                            + f"  ({time.time() - t:.0f}s)",
-                            flush=True,
-                        )
-                        (out / "bench.json").write_text(json.dumps(result, indent=1))
-                        below = below + 1 if summ["attainment"] < args.stop_below else 0
-                        if below >= 2:
-                            break
-    finally:
-        fleet.close()
+                for asked in asks:
+                    judge_at = tpots if policy in SLO_BLIND else [asked]
+                    for controller, k in variants:
+                        below = 0
+                        for n in ns:
+                            point = _run_point(
+                                args, fleet, server.url, policy, controller, k, n, asked, judge_at,
+                                prompts, prompt_ids, lengths, truth, trace, device, link, out,
+                            )  # fmt: skip
+                            result["points"].append(point)
+                            (out / "bench.json").write_text(json.dumps(result, indent=1))
+                            best = max(j["attainment"] for j in point["judged"].values())
+                            below = below + 1 if best < args.stop_below else 0
+                            if below >= 2:
+                                break
     finalize(result, args.attainment)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
@@ -400,69 +363,3 @@ def run_bench(args: Any) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(result, indent=1))
     print_summary(result)
     return result
-
-
-def finalize(result: dict, target: float) -> None:
-    """Capacity and goodput per policy (sled: its best k), and the ratios against the goal."""
-    pts = result["points"]
-    per: dict[str, dict[str, Any]] = {}
-    for policy in dict.fromkeys(p["policy"] for p in pts):
-        mine = [p for p in pts if p["policy"] == policy]
-        by_ctl: dict[str, list[dict]] = {}
-        for p in mine:
-            by_ctl.setdefault(p["controller"] or "", []).append(p)
-        best = None
-        for ctl, ps in by_ctl.items():
-            cap, gp = capacity(ps, target)
-            peak = max(p["goodput_tok_s"] for p in ps)
-            interp, lower = capacity_interp(ps, target)
-            cand = {
-                "controller": ctl,
-                "capacity": cap,
-                "capacity_interp": round(interp, 1),
-                "capacity_is_lower_bound": lower,
-                "goodput_at_capacity": gp,
-                "peak_goodput": peak,
-            }
-            if best is None or (cap, peak) > (best["capacity"], best["peak_goodput"]):
-                best = cand
-            per.setdefault(policy, {}).setdefault("variants", []).append(cand)
-        per[policy].update(best or {})
-    result["policies"] = per
-
-    def ratio(a: str, b: str, key: str) -> float | None:
-        if a not in per or b not in per or not per[b].get(key):
-            return None
-        return per[a][key] / per[b][key]
-
-    result["ratios"] = {
-        "capacity_vs_centralized": ratio("wisp", "centralized", "capacity"),
-        "capacity_vs_sled": ratio("wisp", "sled", "capacity"),
-        "capacity_interp_vs_centralized": ratio("wisp", "centralized", "capacity_interp"),
-        "capacity_interp_vs_sled": ratio("wisp", "sled", "capacity_interp"),
-        "goodput_vs_centralized": ratio("wisp", "centralized", "peak_goodput"),
-        "goodput_vs_sled": ratio("wisp", "sled", "peak_goodput"),
-        "goal": {
-            "capacity_vs_centralized": 2.5,
-            "capacity_vs_sled": 5.0,
-            "capacity_interp_vs_centralized": 2.5,
-            "capacity_interp_vs_sled": 5.0,
-            "goodput_vs_centralized": 2.2,
-            "goodput_vs_sled": 4.0,
-        },
-    }
-
-
-def print_summary(result: dict) -> None:
-    print("[bench] capacity (largest N with attainment >= target) and goodput:")
-    for policy, d in result.get("policies", {}).items():
-        print(
-            f"  {policy:<12} capacity {d.get('capacity', 0):>5} (interpolated {d.get('capacity_interp', 0):.0f}"
-            + ("+, all swept N passed" if d.get("capacity_is_lower_bound") else "")
-            + f")  peak goodput {d.get('peak_goodput', 0):8.1f} tok/s"
-            + (f"  ({d['controller']})" if d.get("controller") else "")
-        )
-    for k, v in result.get("ratios", {}).items():
-        if k != "goal":
-            goal = result["ratios"]["goal"][k]
-            print(f"  {k:<26} {'n/a' if v is None else f'{v:.2f}x'}  (goal {goal}x)")

@@ -66,7 +66,19 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("--gap", type=float, default=1.0, help="mean think time between a device's sessions (s)")
     r.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    r.add_argument("--slo-tpot-ms", type=float, default=60.0)
+    r.add_argument(
+        "--slo-tpot-ms",
+        type=_tpot_list,
+        default="60",
+        help="TPOT SLO in ms, or a comma-separated list: centralized and SLED are judged at each from one sweep "
+        "(their servers ignore the SLO); WISP runs one sweep per SLO, its sessions asking that SLO",
+    )
+    r.add_argument(
+        "--server-per-policy",
+        action="store_true",
+        help="start a fresh `wisp serve` per policy (default: one server, its policy switched between arms, so "
+        "the model load and CUDA graph capture are paid once)",
+    )
     r.add_argument("--attainment", type=float, default=0.9, help="SLO attainment that defines capacity (0-1)")
     r.add_argument(
         "--target", dest="attainment", type=float, action=deprecated("--attainment"), help=argparse.SUPPRESS
@@ -116,6 +128,17 @@ def add_parser(subparsers) -> None:
     w.add_argument("--out", required=True, help="workload JSON to write")
     w.set_defaults(func=_workload)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _tpot_list(text: str) -> str:
+    """`60` or `30,60`: positive numbers, checked at parse time; kept as text (bench.py splits it)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive milliseconds, e.g. 60 or 30,60")
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _positive(text: str) -> int:

@@ -1,0 +1,68 @@
+"""Merge `wisp bench` results whose arms ran side by side (e.g. centralized + SLED on one GPU, WISP on another
+GPU of the same machine) into one bench.json, and print its regime-table rows (docs/benchmarks.md, "regimes").
+
+    python bench/merge_bench.py OUT.json A/bench.json B/bench.json --model "Qwen2.5-32B shape" --gpu H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from wisp_cloud.fleet.capacity import finalize, print_summary
+
+
+def table_rows(result: dict, model: str, gpu: str) -> list[str]:
+    cfg = result["config"]
+    dev, link = cfg["device_profile"], cfg["link_profile"]
+    device = f"{dev['name']} ({dev['decode_ms']:.1f} ms/token), {link['name']} ({link['rtt_ms']:g} ms RTT)"
+    rows = []
+    for r in result["regimes"]:
+
+        def cap(name: str, p: dict = r["policies"]) -> str:
+            d = p.get(name)
+            if not d:
+                return "—"
+            text = f"{d['capacity_interp']:.0f}" + ("+" if d["capacity_is_lower_bound"] else "")
+            return text + (
+                f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else ""
+            )
+
+        def ratio(key: str, ratios: dict = r["ratios"]) -> str:
+            v = ratios.get(key)
+            return "—" if v is None else f"{v:.2f}×"
+
+        rows.append(
+            f"| {model} | {gpu} | {r['slo_tpot_ms']:g} | {device} | {cfg.get('workload') or 'custom'} | "
+            f"{cap('centralized')} | {cap('sled')} | {cap('wisp')} | "
+            f"{ratio('capacity_interp_vs_centralized')} | {ratio('capacity_interp_vs_sled')} |"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--model", default="?")
+    ap.add_argument("--gpu", default="?")
+    ap.add_argument("--attainment", type=float, default=0.9)
+    a = ap.parse_args()
+    a.inputs = [p for p in a.inputs if Path(p).is_file()]
+    parts = [json.loads(Path(p).read_text()) for p in a.inputs]
+    if not parts:
+        raise SystemExit("merge_bench: none of the inputs exists")
+    merged = dict(parts[0])
+    merged["points"] = [pt for part in parts for pt in part["points"]]
+    merged["merged_from"] = [
+        {"input": p, "config": part["config"]} for p, part in zip(a.inputs, parts, strict=True)
+    ]
+    finalize(merged, a.attainment)
+    Path(a.out).write_text(json.dumps(merged, indent=1))
+    print_summary(merged)
+    print("\n".join(table_rows(merged, a.model, a.gpu)))
+
+
+if __name__ == "__main__":
+    main()
