@@ -6,18 +6,25 @@ tokens' law from p is the acceptance math's. The SGLang stage (tests/sglang) run
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from scipy.stats import chisquare
 from wisp_cloud import sparse_acceptance
-from wisp_cloud.acceptance import SparseQ, sparse_q
-from wisp_cloud.backends.base import SparseTarget
+from wisp_cloud.acceptance import SparseQ, make_generator, sparse_q
+from wisp_cloud.backends.base import BatchStats, ItemResult, SparseTarget, WorkItem
+from wisp_cloud.jobs import Job, JobKind
+from wisp_cloud.planner import plan
+from wisp_cloud.runner import Runner
+from wisp_cloud.sessions import Session
 from wisp_cloud.sparse_acceptance import (
     accept_sampling_sparse,
     first_kept,
     keep_prob,
     sample_residual,
 )
+from wisp_sdk.protocol import SLO, SamplingParams
 
 V = 8
 
@@ -147,3 +154,78 @@ def test_residual_returns_draw_count_and_bad_input_is_refused():
     assert token != 3 and used >= 1 and not fell_back
     with pytest.raises(ValueError):
         accept_sampling_sparse([3, 4], [q], target, gen)
+
+
+# ---- the runner settles sparse decisions side by side ----
+
+
+class SparseBackend:
+    """A backend whose sampling answers are `ExactTarget`s whose retries must meet: `draw` waits at a barrier that
+    only opens when two sessions ask at once, so a runner settling decisions one by one fails the test."""
+
+    name = "sparse-test"
+    vocab_size = V
+    eos_token_ids: list[int] = []
+    tokenizer_fingerprint = "test"
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=20)
+        self.gen = torch.Generator().manual_seed(8)
+
+    def forward(self, items: list[WorkItem]) -> tuple[list[ItemResult], BatchStats]:
+        backend = self
+        # Every draw of token 0 is refused (q(0) > p(0)), and the forward's own draw is token 0: a retry is certain.
+        p = torch.tensor([[0.5, 0.5] + [0.0] * (V - 2)] * 2, dtype=torch.float64)
+
+        class MeetingTarget(ExactTarget):
+            def draw(self, pos: int, n: int) -> list[int]:
+                backend.barrier.wait()
+                return [1] * n
+
+        results = []
+        for it in items:
+            target = MeetingTarget(p, it.support or [], self.gen)
+            target.first = [0, 0]
+            results.append(ItemResult(it.seq_id, [], sparse=target))
+        return results, BatchStats.of(items, [0] * len(items), 0.0)
+
+    def cached_len(self, seq_id: str) -> int:
+        return 0
+
+    def truncate(self, seq_id: str, length: int) -> None:
+        pass
+
+    def release(self, seq_id: str) -> None:
+        pass
+
+    def kv_bytes(self, seq_id: str | None = None) -> int:
+        return 0
+
+
+def test_runner_settles_sparse_decisions_side_by_side():
+    backend = SparseBackend()
+    planned = []
+    for i in range(2):
+        session = Session(
+            id=f"{i:032x}",
+            owner="anon",
+            tokens=[1, 2, 3],
+            prompt_len=3,
+            max_new_tokens=8,
+            sampling=SamplingParams(temperature=1.0, seed=i),
+            slo=SLO(),
+            mode="speculative",
+            stop_ids=frozenset(),
+            gen=make_generator(i),
+        )
+        # Draft token 7 (p = 0): always rejected; q(0) = 0.9 > p(0) = 0.5, so the forward's draw (0) is refused.
+        q = [sparse_q([0, 7], [0.9, 0.1], V, 7)]
+        job = Job(session, JobKind.round, round=1, draft=[7], q=q)
+        session.pending = job
+        planned.append(plan(job, backend, default_chunk=64))
+    assert planned[0].item.support == [[0, 7]]
+    outcomes, _stats = Runner(backend).run(planned)
+    for out in outcomes:
+        assert out.error is None, out.error
+        assert (out.accepted, out.next_token) == (0, 1)
+        assert out.residual_draws >= 2 and not out.dense_fallback

@@ -7,6 +7,7 @@ One job's failure is its own: a failed acceptance fails that job, and a failed f
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -18,6 +19,9 @@ from wisp_cloud.sparse_acceptance import accept_sampling_sparse
 
 log = logging.getLogger("wisp.engine")
 
+# Sparse sampling decisions settled at once (each may wait on the backend for residual draws).
+SPARSE_WORKERS = 32
+
 
 class InjectedFault(RuntimeError):
     """Raised by the debug fault hook (ServerConfig.fault_token)."""
@@ -27,6 +31,7 @@ class Runner:
     def __init__(self, backend: Backend, fault_token: int | None = None) -> None:
         self.backend = backend
         self.fault_token = fault_token  # debug: a draft holding this token fails inside the step
+        self._pool: ThreadPoolExecutor | None = None  # sparse sampling's acceptance, made on first use
 
     def run(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
         """Worker thread: run the batch; if the forward fails, roll back and run each item alone to find the culprit."""
@@ -51,19 +56,31 @@ class Runner:
     def _forward(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
         """Worker thread: the forward pass and acceptance (per job: one job's failure is its own)."""
         results, stats = self.backend.forward([p.item for p in planned])
-        outcomes = []
-        for p, res in zip(planned, results, strict=True):
-            out = Outcome(p, res)
-            if p.final:
-                try:
-                    d = self._decide(p.job, res)
-                    out.accepted, out.next_token = d.accepted, d.next_token
-                    out.residual_draws, out.dense_fallback = d.residual_draws, d.dense_fallback
-                except Exception as exc:
-                    log.exception("acceptance failed for session %s", p.job.session.id[:8])
-                    out.error = type(exc).__name__
-            outcomes.append(out)
+        outcomes = [Outcome(p, res) for p, res in zip(planned, results, strict=True)]
+        final = [out for out in outcomes if out.planned.final]
+        sparse = [out for out in final if out.result is not None and out.result.sparse is not None]
+        if len(sparse) > 1:
+            # A sparse sampling decision may ask the backend for more draws (a model call): settle them side by
+            # side, so the backend batches the retries of the whole step instead of one round trip per session.
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=SPARSE_WORKERS, thread_name_prefix="wisp-accept")
+            list(self._pool.map(self._settle, sparse))
+            final = [out for out in final if out.result is None or out.result.sparse is None]
+        for out in final:
+            self._settle(out)
         return outcomes, stats
+
+    def _settle(self, out: Outcome) -> None:
+        """Acceptance for one final item; its failure is its job's alone."""
+        job = out.planned.job
+        try:
+            assert out.result is not None
+            d = self._decide(job, out.result)
+            out.accepted, out.next_token = d.accepted, d.next_token
+            out.residual_draws, out.dense_fallback = d.residual_draws, d.dense_fallback
+        except Exception as exc:
+            log.exception("acceptance failed for session %s", job.session.id[:8])
+            out.error = type(exc).__name__
 
     def _decide(self, job: Job, res: ItemResult) -> Decision:
         session = job.session

@@ -171,8 +171,10 @@ class SGLangBackend:
         self._seqs: dict[str, list[int]] = {}
         self._serial = itertools.count()
         # Sparse sampling: extra draws from p sent by the residual loop, and positions that fell back to full p.
+        # (The runner settles sparse decisions on several threads: the counters take a lock.)
         self.residual_draws = 0
         self.residual_fallbacks = 0
+        self._count_lock = threading.Lock()
         # SGLang's own per-batch timings, as reported by the wisp plugin (most recent last).
         self.sglang_batches: deque[dict] = deque(maxlen=4096)
         fd, timings = tempfile.mkstemp(prefix="wisp-sglang-", suffix=".jsonl")
@@ -412,14 +414,16 @@ class SGLangBackend:
         reqs = [position_request(prefix, sampling, [], self._warpers) for _ in range(n)]
         for kw in reqs:
             kw.update(self._tags(seq_id, 1, deadline))
-        self.residual_draws += n
+        with self._count_lock:
+            self.residual_draws += n
         return [output_token(out) for out in self._run(reqs)]
 
     def dense_row(
         self, seq_id: str, prefix: list[int], sampling: Sampling, deadline: float | None = None
     ) -> torch.Tensor:
         """p after `prefix` over the whole vocabulary (full-vocabulary logprobs): the sparse path's fallback."""
-        self.residual_fallbacks += 1
+        with self._count_lock:
+            self.residual_fallbacks += 1
         log.warning(
             "sglang sparse sampling: residual draws ran out for %s; full-vocabulary p for one position (%d so far)",
             seq_id[:8],
