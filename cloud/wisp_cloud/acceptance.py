@@ -32,32 +32,39 @@ class DraftError(ValueError):
 class Decision:
     accepted: int  # number of draft tokens accepted
     next_token: int  # the correction (on rejection) or the bonus token (all accepted)
+    residual_draws: int = 0  # sparse sampling: draws from p the residual's rejection loop used
+    dense_fallback: bool = False  # sparse sampling: the loop ran out and the dense row of p was fetched
 
 
-def process_logits(logits: torch.Tensor, sampling: Sampling | SamplingParams) -> torch.Tensor:
-    """Target probabilities [n, V] from logits [n, V]: HF TemperatureLogitsWarper -> TopK -> TopP -> softmax.
+def warp_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """HF TemperatureLogitsWarper -> TopK -> TopP on logits [n, V]: the scaled scores, -inf where filtered.
 
     Mirrors transformers' warpers exactly, including which ones generate() adds (temperature only when != 1,
     top-k only when > 0, top-p only when < 1) and their tie behaviour (top-k keeps every token equal to the
-    k-th score).
+    k-th score). Shared by `process_logits` and the SGLang backend's logit processor, so both define one p.
     """
     scores = logits.float()
     if scores.dim() == 1:
         scores = scores.unsqueeze(0)
-    if sampling.temperature != 1.0:
-        scores = scores / sampling.temperature
-    if sampling.top_k > 0:
-        top_k = min(sampling.top_k, scores.size(-1))
-        kth = torch.topk(scores, top_k)[0][..., -1, None]
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        k = min(top_k, scores.size(-1))
+        kth = torch.topk(scores, k)[0][..., -1, None]
         scores = scores.masked_fill(scores < kth, -math.inf)
-    if sampling.top_p < 1.0:
+    if top_p < 1.0:
         sorted_logits, sorted_indices = torch.sort(scores, descending=False)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - sampling.top_p)
+        remove_sorted = cumulative <= (1 - top_p)
         remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
         scores = scores.masked_fill(remove, -math.inf)
-    return scores.softmax(dim=-1)
+    return scores
+
+
+def process_logits(logits: torch.Tensor, sampling: Sampling | SamplingParams) -> torch.Tensor:
+    """Target probabilities [n, V] from logits [n, V]: HF TemperatureLogitsWarper -> TopK -> TopP -> softmax."""
+    return warp_scores(logits, sampling.temperature, sampling.top_k, sampling.top_p).softmax(dim=-1)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -140,14 +147,19 @@ def accept_sampling(
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         if u * qx < px[i]:  # u < p/q without dividing; always true when p >= q
             continue
-        residual = p[i].to(torch.float64, copy=True)
-        ids = q[i].ids.to(dev)
-        residual[ids] = (residual[ids] - q[i].probs.to(dev)).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:
-            # Only reachable through rounding when p == q on the support: then p is the exact residual.
-            residual = p[i].to(torch.float64)
-        return Decision(i, _sample(residual, gen))
+        return Decision(i, _sample(residual(p[i], q[i]), gen))
     return Decision(k, _sample(p[k], gen))
+
+
+def residual(p: torch.Tensor, q: SparseQ) -> torch.Tensor:
+    """max(0, p - q) over the vocabulary (float64, unnormalized) for one row p [V]; only q's ids change."""
+    res = p.to(torch.float64, copy=True)
+    ids = q.ids.to(p.device)
+    res[ids] = (res[ids] - q.probs.to(p.device)).clamp_min(0.0)
+    if float(res.sum()) <= 0.0:
+        # Only reachable through rounding when p == q on the support: then p is the exact residual.
+        res = p.to(torch.float64)
+    return res
 
 
 def sample_token(p: torch.Tensor, gen: torch.Generator) -> int:

@@ -59,9 +59,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sglang-sampling",
-        default="exact",
-        choices=["exact", "refuse"],
-        help="sglang backend: exact sampling (full-vocabulary logprobs) or refuse sampling sessions",
+        default="sparse",
+        choices=["sparse", "full", "exact", "refuse"],
+        help="sglang backend: exact sampling from p at the draft's support plus SGLang's own draws (sparse, "
+        "default), exact sampling from full-vocabulary logprobs (full; `exact` is its old name), or refuse "
+        "sampling sessions",
     )
     p.add_argument("--sglang-tp", type=int, default=1, help="sglang backend: tensor-parallel GPUs")
     p.add_argument(

@@ -109,6 +109,10 @@ class Committer:
         if out.error is not None:
             replies += self.fail(job, out.error)
             return None
+        if out.residual_draws:
+            self.metrics.residual_draws.inc(out.residual_draws)
+        if out.dense_fallback:
+            self.metrics.dense_fallbacks.inc()
         if not out.planned.final:
             return None  # more prefill chunks to go: requeued as soon as the forward ended
         session.pending = None

@@ -60,6 +60,17 @@ class Metrics:
             "wisp_committed_tokens", "Tokens committed (accepted + target)", registry=r
         )
         self.batches = Counter("wisp_batches", "Forward passes run", registry=r)
+        # Sparse exact sampling (SGLang backend, --sglang-sampling sparse): the residual's rejection loop.
+        self.residual_draws = Counter(
+            "wisp_sampling_residual_draws",
+            "Draws from p tested by the sparse residual's rejection loop",
+            registry=r,
+        )
+        self.dense_fallbacks = Counter(
+            "wisp_sampling_dense_fallbacks",
+            "Rejected positions whose residual loop ran out of draws and fetched the full-vocabulary p",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "wisp_verify_batch_size", "Sessions per forward pass", buckets=_BATCH_BUCKETS, registry=r
         )

@@ -29,6 +29,8 @@ class Outcome:
     accepted: int = 0
     next_token: int = -1
     error: str | None = None
+    residual_draws: int = 0  # sparse sampling's residual loop (acceptance.Decision)
+    dense_fallback: bool = False
 
 
 def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
@@ -63,6 +65,7 @@ def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
         sampling=session.work_sampling,
         context=session.tokens,
         deadline=job.deadline,
+        support=[q.ids.tolist() for q in job.q] if job.q else None,
     )
     return Planned(job, item, final=True, cached_before=cached)
 

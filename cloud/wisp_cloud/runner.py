@@ -7,15 +7,20 @@ One job's failure is its own: a failed acceptance fails that job, and a failed f
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from wisp_cloud.acceptance import accept_greedy, accept_sampling, sample_token
+from wisp_cloud.acceptance import Decision, accept_greedy, accept_sampling, sample_token
 from wisp_cloud.backends.base import Backend, BatchStats, ItemResult
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.planner import Outcome, Planned
+from wisp_cloud.sparse_acceptance import accept_sampling_sparse
 
 log = logging.getLogger("wisp.engine")
+
+# Sparse sampling decisions settled at once (each may wait on the backend for residual draws).
+SPARSE_WORKERS = 32
 
 
 class InjectedFault(RuntimeError):
@@ -26,6 +31,7 @@ class Runner:
     def __init__(self, backend: Backend, fault_token: int | None = None) -> None:
         self.backend = backend
         self.fault_token = fault_token  # debug: a draft holding this token fails inside the step
+        self._pool: ThreadPoolExecutor | None = None  # sparse sampling's acceptance, made on first use
 
     def run(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
         """Worker thread: run the batch; if the forward fails, roll back and run each item alone to find the culprit."""
@@ -50,31 +56,47 @@ class Runner:
     def _forward(self, planned: list[Planned]) -> tuple[list[Outcome], BatchStats]:
         """Worker thread: the forward pass and acceptance (per job: one job's failure is its own)."""
         results, stats = self.backend.forward([p.item for p in planned])
-        outcomes = []
-        for p, res in zip(planned, results, strict=True):
-            out = Outcome(p, res)
-            if p.final:
-                try:
-                    out.accepted, out.next_token = self._decide(p.job, res)
-                except Exception as exc:
-                    log.exception("acceptance failed for session %s", p.job.session.id[:8])
-                    out.error = type(exc).__name__
-            outcomes.append(out)
+        outcomes = [Outcome(p, res) for p, res in zip(planned, results, strict=True)]
+        final = [out for out in outcomes if out.planned.final]
+        sparse = [out for out in final if out.result is not None and out.result.sparse is not None]
+        if len(sparse) > 1:
+            # A sparse sampling decision may ask the backend for more draws (a model call): settle them side by
+            # side, so the backend batches the retries of the whole step instead of one round trip per session.
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=SPARSE_WORKERS, thread_name_prefix="wisp-accept")
+            list(self._pool.map(self._settle, sparse))
+            final = [out for out in final if out.result is None or out.result.sparse is None]
+        for out in final:
+            self._settle(out)
         return outcomes, stats
 
-    def _decide(self, job: Job, res: ItemResult) -> tuple[int, int]:
+    def _settle(self, out: Outcome) -> None:
+        """Acceptance for one final item; its failure is its job's alone."""
+        job = out.planned.job
+        try:
+            assert out.result is not None
+            d = self._decide(job, out.result)
+            out.accepted, out.next_token = d.accepted, d.next_token
+            out.residual_draws, out.dense_fallback = d.residual_draws, d.dense_fallback
+        except Exception as exc:
+            log.exception("acceptance failed for session %s", job.session.id[:8])
+            out.error = type(exc).__name__
+
+    def _decide(self, job: Job, res: ItemResult) -> Decision:
         session = job.session
         if self.fault_token is not None and self.fault_token in job.draft:
             raise InjectedFault("debug fault token in draft")
         if job.kind != JobKind.round or not job.draft:
             if session.sampling.greedy:
-                return 0, res.argmax[0]
-            return 0, sample_token(torch.as_tensor(res.probs)[0], session.gen)
+                return Decision(0, res.argmax[0])
+            if res.sparse is not None:
+                return Decision(0, res.sparse.sample(0))
+            return Decision(0, sample_token(torch.as_tensor(res.probs)[0], session.gen))
         if session.sampling.greedy:
-            d = accept_greedy(job.draft, res.argmax)
-        else:
-            d = accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
-        return d.accepted, d.next_token
+            return accept_greedy(job.draft, res.argmax)
+        if res.sparse is not None:
+            return accept_sampling_sparse(job.draft, job.q or [], res.sparse, session.gen)
+        return accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
 
 
 def _empty_stats(planned: list[Planned]) -> BatchStats:

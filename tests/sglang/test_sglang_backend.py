@@ -140,8 +140,10 @@ def test_radix_cache_reuses_the_prefix(backend, reference):
     ],
     ids=["t1", "t0.7-topk20", "t1.3-topp0.8"],
 )
-def test_sampling_probs_equal_hf_processed_distribution(backend, reference, sampling):
-    """Exact sampling: p at every verified position (incl. the bonus) equals HF logits through the warpers."""
+def test_sampling_probs_equal_hf_processed_distribution(backend, reference, sampling, monkeypatch):
+    """Full-vocabulary sampling: p at every verified position (incl. the bonus) equals HF logits through the
+    warpers."""
+    monkeypatch.setattr(backend, "sampling_mode", "full")
     p = reference["prompts"][0]
     seq = p["ids"] + p["greedy"]
     m = len(p["logp_tail"])
@@ -167,7 +169,7 @@ def test_sampling_refusal_is_a_clear_error(backend, reference):
         (res,), _ = backend.forward([WorkItem("x", p["ids"], n_logits=1)])
         assert res.argmax == p["greedy"][:1]
     finally:
-        backend.sampling_mode = "exact"
+        backend.sampling_mode = "sparse"
         backend.release("x")
 
 
@@ -276,3 +278,120 @@ def test_timings_file_is_read_incrementally_and_rotated(tmp_path, monkeypatch):
     with b._timings_path.open("a") as f:
         f.write(line)
     assert len(b.drain_timings()) == 4 and len(b.estimator._recent) == 4
+
+
+# ---- sparse exact sampling (--sglang-sampling sparse, the default) ----
+
+
+SPARSE = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+
+
+def _sparse_setup(backend, reference, sampling):
+    """The context of prompt 0 and HF's p after it (the reference, not SGLang), processed for `sampling`."""
+    p = reference["prompts"][0]
+    seq = p["ids"] + p["greedy"]
+    m = len(p["logp_tail"])
+    ctx = seq[: len(seq) - m + 1]
+    want = process_logits(torch.tensor(p["logp_tail"]), sampling)
+    return ctx, seq[len(ctx)], want
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=1.3, top_p=0.8), SPARSE],
+    ids=["t1", "t1.3-topp0.8", "t0.7-topk20-topp0.9"],
+)
+def test_sparse_p_at_support_equals_hf(backend, reference, sampling):
+    """The sparse path's p at the asked ids (every 5th token, both positions) equals HF's processed p: the HFWarpers
+    processor reproduces HF's top-k/top-p (whose combined rule differs from SGLang's own sampler's)."""
+    assert backend.sampling_mode == "sparse"
+    ctx, nxt, want = _sparse_setup(backend, reference, sampling)
+    _open(backend, "sp", ctx)
+    support = [list(range(0, backend.vocab_size, 5))]
+    (res,), _ = backend.forward(
+        [WorkItem("sp", [ctx[-1], nxt], n_logits=2, sampling=sampling, context=ctx, support=support)]
+    )
+    assert res.probs is None and res.sparse is not None
+    got = torch.tensor([res.sparse.p_at(0, x) for x in support[0]], dtype=torch.float64)
+    assert torch.allclose(got, want[0, support[0]].double(), atol=2e-6, rtol=0), (
+        (got - want[0, support[0]]).abs().max()
+    )
+    for pos in (0, 1):  # the forward's own draws lie in p's support
+        assert want[pos, res.sparse.sample(pos)] > 0
+    with pytest.raises(KeyError):
+        res.sparse.p_at(0, 1)  # not asked for
+    dense = res.sparse.dense(0)  # the fallback: the full-vocabulary row
+    assert torch.allclose(dense, want[0], atol=2e-6, rtol=0)
+
+
+def _chi2(counts: dict[int, int], p: torch.Tensor, n: int) -> float:
+    """Chi-square p-value of token counts against p (tokens expected < 5 times lumped into one bin)."""
+    from scipy.stats import chisquare
+
+    big = [x for x in range(p.numel()) if float(p[x]) * n >= 5]
+    obs = [counts.get(x, 0) for x in big]
+    exp = [float(p[x]) * n for x in big]
+    rest_obs, rest_exp = n - sum(obs), n - sum(exp)
+    if rest_exp >= 1:
+        obs.append(rest_obs)
+        exp.append(rest_exp)
+    scale = sum(obs) / sum(exp)
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+def test_sparse_sampling_is_distribution_exact(backend, reference):
+    """End to end on the real engine: a one-token draft from a q that is mostly rejected (half its mass on a token
+    p filters out, half on p's argmax, above p there), so the first committed token comes from the residual
+    norm(max(0, p − q)) by rejection on SGLang's own draws most of the time, and the residual loop refuses
+    candidates (every draw of the argmax) and asks for more. The committed token's distribution must be HF's p
+    (chi-square). The same draws pushed through the wrong residual (resample p on rejection, the classic bug)
+    must fail the same test: the test has the power to see it."""
+    from wisp_cloud.acceptance import sparse_q
+    from wisp_cloud.sparse_acceptance import accept_sampling_sparse
+
+    sampling = SPARSE
+    ctx, _nxt, want = _sparse_setup(backend, reference, sampling)
+    p0 = want[0]
+    top = int(p0.argmax())
+    out_of_support = int((p0 == 0).nonzero()[0, 0])
+    q_ids, q_probs = [top, out_of_support], [0.5, 0.5]
+    assert float(p0[top]) < 0.5
+    gen = torch.Generator().manual_seed(7)
+    n_items, rounds = 100, 4
+    right: dict[int, int] = {}
+    wrong: dict[int, int] = {}
+    rejected = 0
+    draws_before = backend.residual_draws
+    for r in range(rounds):
+        sids = [f"x{r}-{i}" for i in range(n_items)]
+        backend.forward(
+            [WorkItem(sid, ctx[:-1], n_logits=0, context=ctx) for sid in sids]
+        )  # prefill (cached)
+        items, drafts = [], []
+        for sid in sids:
+            d = q_ids[int(torch.multinomial(torch.tensor(q_probs), 1, generator=gen))]
+            drafts.append(d)
+            items.append(
+                WorkItem(sid, [ctx[-1], d], n_logits=2, sampling=sampling, context=ctx, support=[q_ids])
+            )
+        results, _ = backend.forward(items)
+        for d, res in zip(drafts, results, strict=True):
+            q = [sparse_q(q_ids, q_probs, backend.vocab_size, d)]
+            # Same acceptance uniform for both rules: a copy of the generator's state.
+            state = gen.get_state()
+            dec = accept_sampling_sparse([d], q, res.sparse, gen)
+            tok = d if dec.accepted else dec.next_token
+            right[tok] = right.get(tok, 0) + 1
+            alt = torch.Generator()
+            alt.set_state(state)
+            accepted = float(torch.rand((), generator=alt, dtype=torch.float64)) * 0.5 < res.sparse.p_at(0, d)
+            bad = d if accepted else res.sparse.sample(0)
+            wrong[bad] = wrong.get(bad, 0) + 1
+            rejected += 0 if dec.accepted else 1
+        for sid in sids:
+            backend.release(sid)
+    n = n_items * rounds
+    assert rejected > n // 2, "the draft should mostly be rejected"
+    assert backend.residual_draws > draws_before, "the residual loop never asked SGLang for more draws"
+    assert _chi2(right, p0, n) > 1e-4, (right, p0)
+    assert _chi2(wrong, p0, n) < 1e-6, "the chi-square test cannot tell the wrong residual apart"

@@ -56,6 +56,34 @@ class WorkItem:
     # Absolute deadline (time.monotonic() seconds) of the job this item serves, None when it has none. A backend
     # with its own queue (sglang: request priority) orders by it; the native backend ignores it.
     deadline: float | None = None
+    # Sampling verifies: per draft token, the ids where p is needed (q's support, the drafted token among them).
+    # Backends that return the whole p ignore it.
+    support: list[list[int]] | None = None
+
+
+class SparseTarget:
+    """A sampling item's target p known only where it was asked, plus draws from p (the SGLang backend's
+    `--sglang-sampling sparse`): what `sparse_acceptance.accept_sampling_sparse` needs instead of a [n, V] p.
+
+    Positions count like `n_logits` (0 = after the last context token, k = the bonus after k draft tokens).
+    A backend that returns dense `probs` never makes one; this base answers nothing.
+    """
+
+    def p_at(self, pos: int, token: int) -> float:
+        """p(token) at `pos`, for a token the item asked about (`WorkItem.support`: draft token, q's support)."""
+        raise NotImplementedError
+
+    def sample(self, pos: int) -> int:
+        """One draw from p at `pos`, made with the forward (independent of everything else)."""
+        raise NotImplementedError
+
+    def draw(self, pos: int, n: int) -> list[int]:
+        """`n` further independent draws from p at `pos` (a model call)."""
+        raise NotImplementedError
+
+    def dense(self, pos: int) -> object:
+        """The whole row p at `pos` (float [V]): the expensive fallback."""
+        raise NotImplementedError
 
 
 def check_batch(items: list[WorkItem]) -> None:
@@ -72,14 +100,16 @@ def check_batch(items: list[WorkItem]) -> None:
 
 @dataclass
 class ItemResult:
-    """Per item: argmax at each of the `n_logits` positions, and processed target probabilities when sampling.
+    """Per item: argmax at each of the `n_logits` positions, and the target distribution when sampling.
 
-    `probs` is a float32 array-like of shape [n_logits, vocab] after temperature/top-k/top-p (None when greedy).
+    `probs` is a float32 array-like of shape [n_logits, vocab] after temperature/top-k/top-p (None when greedy);
+    a backend that never builds it returns `sparse` instead (argmax is then empty: only sampling items do this).
     """
 
     seq_id: str
     argmax: list[int]
     probs: object | None = None
+    sparse: SparseTarget | None = None
 
 
 @dataclass

@@ -12,12 +12,16 @@ Mapping onto the public Engine API (measured on sglang 0.5.23):
   tokens L-m .. L-2, and the distribution after the last token is the output position.
   - greedy: `top_logprobs_num=1` gives the argmax of entries 1..m-1; the generated token is the argmax after the
     last token (the bonus). Token-identical to HF / the native backend.
-  - sampling: SGLang's input logprobs are the raw log-softmax of the logits (no temperature / top-k / top-p).
-    The backend asks for the FULL vocabulary (`top_logprobs_num=vocab`) and appends one placeholder token so
-    that the last position is an input entry too; `acceptance.process_logits` then applies temperature, top-k
-    and top-p exactly as for the native backend (softmax is shift-invariant, so log-softmax in place of logits
-    gives the same p). Exact, but the cost grows with the vocabulary: `sampling="refuse"` turns sampling
-    sessions away with a clear error instead.
+  - sampling, `sampling="sparse"` (default): one request per verified position; SGLang draws from p and
+    returns p at q's support only (sglang_sampling.py); acceptance runs on that (sparse_acceptance.py, exact).
+  - sampling, `sampling="full"`: SGLang's input logprobs are the raw log-softmax of the logits (no
+    temperature / top-k / top-p). The backend asks for the FULL vocabulary (`top_logprobs_num=vocab`) and
+    appends one placeholder token so that the last position is an input entry too; `acceptance.process_logits`
+    then applies temperature, top-k and top-p exactly as for the native backend (softmax is shift-invariant, so
+    log-softmax in place of logits gives the same p). Exact, and seeded runs commit the native backend's tokens,
+    but the cost grows with the vocabulary (~0.4 s per position at 152k). The sparse path falls back to it for
+    one position when its residual rejection loop runs out of draws. `sampling="refuse"` turns sampling
+    sessions away with a clear error.
 * Ordering: each request carries `priority` = its deadline in integer milliseconds of the monotonic clock
   (the engine runs with `--enable-priority-scheduling --schedule-low-priority-values-first`), and the `wisp`
   SGLang plugin (sglang_plugin.py) reorders SGLang's waiting queue by WISP urgency/density and reports SGLang's
@@ -25,7 +29,8 @@ Mapping onto the public Engine API (measured on sglang 0.5.23):
 * Engine calls run on the engine's own event loop, driven by a daemon thread (`asyncio.run()` from the caller's
   thread would hang: the tokenizer manager's receive loop lives on the engine's loop).
 
-sglang is imported only here, lazily: the rest of wisp_cloud never needs it.
+sglang is imported only here, lazily (sglang_sampling.py imports only dill, SGLang's own dependency): the rest of
+wisp_cloud never needs it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 from wisp_sdk.errors import WispError
 
-from wisp_cloud.backends.base import BatchStats, ItemResult, WorkItem, check_batch
+from wisp_cloud.backends.base import BatchStats, ItemResult, Sampling, WorkItem, check_batch
+from wisp_cloud.backends.sglang_sampling import (
+    HFWarpers,
+    SGLangSparseTarget,
+    output_probs,
+    output_token,
+    position_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +70,8 @@ ENV_ESTIMATOR = "WISP_SGLANG_ESTIMATOR"  # optional estimator JSON the plugin st
 ENV_ORDER = "WISP_SGLANG_ORDER"  # "wisp" (default): urgency/density; "deadline": SGLang's priority order only
 RID_PREFIX = "wisp"
 
-_SAMPLING_MODES = ("exact", "refuse")
+_SAMPLING_MODES = ("sparse", "full", "refuse")
+_SAMPLING_ALIASES = {"exact": "full"}  # the full-vocabulary path's name before the sparse one existed
 _TIMINGS_ROTATE_BYTES = 8 << 20
 CPU_DEFAULT_MAX_TOTAL_TOKENS = (
     262_144  # SGLang KV pool size on CPU unless given (the server's default KV budget)
@@ -105,7 +119,7 @@ class SGLangBackend:
         device: str = "cpu",
         dtype: str = "auto",
         *,
-        sampling: str = "exact",
+        sampling: str = "sparse",
         tp_size: int = 1,
         dp_size: int = 1,
         mem_fraction_static: float | None = None,
@@ -120,6 +134,7 @@ class SGLangBackend:
     ) -> None:
         from wisp_sdk.bundle import tokenizer_fingerprint
 
+        sampling = _SAMPLING_ALIASES.get(sampling, sampling)
         if sampling not in _SAMPLING_MODES:
             raise WispError(f"sglang sampling mode {sampling!r}: use one of {', '.join(_SAMPLING_MODES)}")
         if order not in ("wisp", "deadline"):
@@ -155,6 +170,11 @@ class SGLangBackend:
         self.estimator = estimator
         self._seqs: dict[str, list[int]] = {}
         self._serial = itertools.count()
+        # Sparse sampling: extra draws from p sent by the residual loop, and positions that fell back to full p.
+        # (The runner settles sparse decisions on several threads: the counters take a lock.)
+        self.residual_draws = 0
+        self.residual_fallbacks = 0
+        self._count_lock = threading.Lock()
         # SGLang's own per-batch timings, as reported by the wisp plugin (most recent last).
         self.sglang_batches: deque[dict] = deque(maxlen=4096)
         fd, timings = tempfile.mkstemp(prefix="wisp-sglang-", suffix=".jsonl")
@@ -179,6 +199,7 @@ class SGLangBackend:
                 f"--backend sglang needs the sglang package ({exc}); install it in its own environment: "
                 "bash scripts/setup_sglang.sh (CPU) or see docs/sglang.md (GPU)"
             ) from exc
+        self._warpers = HFWarpers.to_str() if sampling == "sparse" else ""
 
         kwargs: dict[str, Any] = dict(
             model_path=str(path),
@@ -197,6 +218,8 @@ class SGLangBackend:
             kwargs.update(
                 attention_backend="torch_native", disable_cuda_graph=True, disable_overlap_schedule=True
             )
+        if sampling == "sparse":
+            kwargs["enable_custom_logit_processor"] = True  # HFWarpers: HF's top-k/top-p in SGLang's sampler
         if max_total_tokens is None and device == "cpu":
             # On CPU SGLang sizes its KV pool from a fraction of *system* memory (17 GB for the tiny test model on a
             # 24 GB machine): cap it at a token count instead.
@@ -269,27 +292,44 @@ class SGLangBackend:
 
     # ---- the forward pass ----
 
-    def _request(self, item: WorkItem, tokens: list[int]) -> tuple[dict, int]:
-        """Engine.async_generate kwargs for one item, and how many input-logprob entries to skip (0 or 1)."""
+    def _sparse(self, item: WorkItem) -> bool:
+        return item.n_logits > 0 and not item.sampling.greedy and self.sampling_mode == "sparse"
+
+    def _requests(self, item: WorkItem, tokens: list[int]) -> list[dict]:
+        """Engine.async_generate kwargs for one item: one request, or one per position on the sparse path."""
         m = item.n_logits
-        kw: dict[str, Any] = dict(
-            input_ids=tokens,
-            sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-            rid=make_rid(item.seq_id, next(self._serial), m),
-            priority=deadline_priority(getattr(item, "deadline", None)),
-        )
-        if m == 0:
-            return kw, 0
-        if item.sampling.greedy:
+        if self._sparse(item):
+            support = item.support or []
+            first = len(tokens) - m + 1  # position j follows tokens[: first + j]
+            reqs = [
+                position_request(
+                    tokens[: first + j], item.sampling, support[j] if j < len(support) else [], self._warpers
+                )
+                for j in range(m)
+            ]
+            for kw in reqs:
+                kw.update(self._tags(item.seq_id, 1, item.deadline))
+            return reqs
+        kw: dict[str, Any] = dict(input_ids=tokens, sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+        kw.update(self._tags(item.seq_id, m, item.deadline))
+        if m and item.sampling.greedy:
             kw.update(return_logprob=True, logprob_start_len=len(tokens) - m, top_logprobs_num=1)
-        else:
-            # One placeholder token after the last real one: its input entry is the distribution after the last
-            # token, so all m distributions come from the same (raw) input-logprob path.
-            kw["input_ids"] = tokens + [0]
-            kw.update(
-                return_logprob=True, logprob_start_len=len(tokens) - m, top_logprobs_num=self.vocab_size
-            )
-        return kw, 1
+        elif m:
+            kw.update(self._dense_kwargs(tokens, m))
+        return [kw]
+
+    def _tags(self, seq_id: str, n_logits: int, deadline: float | None) -> dict[str, Any]:
+        return dict(rid=make_rid(seq_id, next(self._serial), n_logits), priority=deadline_priority(deadline))
+
+    def _dense_kwargs(self, tokens: list[int], m: int) -> dict[str, Any]:
+        # One placeholder token after the last real one: its input entry is the distribution after the last token,
+        # so all m distributions come from the same (raw) input-logprob path.
+        return dict(
+            input_ids=tokens + [0],
+            return_logprob=True,
+            logprob_start_len=len(tokens) - m,
+            top_logprobs_num=self.vocab_size,
+        )
 
     def forward(self, items: list[WorkItem]) -> tuple[list[ItemResult], BatchStats]:
         start = time.perf_counter()
@@ -300,27 +340,32 @@ class SGLangBackend:
             if it.n_logits and not it.sampling.greedy and self.sampling_mode == "refuse":
                 raise WispError(
                     "this server's SGLang backend refuses sampling (sampling=refuse): use temperature 0, or "
-                    "run it with exact sampling (full-vocabulary logprobs)"
+                    "run it with --sglang-sampling sparse"
                 )
         cached = [self.cached_len(it.seq_id) for it in items]
         full = [
             self._seqs.get(it.seq_id, [])[:c] + list(it.new_tokens)
             for it, c in zip(items, cached, strict=True)
         ]
-        reqs = [self._request(it, toks) for it, toks in zip(items, full, strict=True)]
-        fut = asyncio.run_coroutine_threadsafe(self._submit([kw for kw, _ in reqs]), self._loop)
-        outs = fut.result(timeout=self.timeout_s)
+        reqs = [self._requests(it, toks) for it, toks in zip(items, full, strict=True)]
+        flat = self._run([kw for item_reqs in reqs for kw in item_reqs])
         results: list[ItemResult] = []
         sglang_cached = 0
         misses = 0
-        for it, toks, (_kw, _skip), out, c in zip(items, full, reqs, outs, cached, strict=True):
-            meta = out.get("meta_info", {})
+        at = 0
+        for it, toks, item_reqs, c in zip(items, full, reqs, cached, strict=True):
+            outs = flat[at : at + len(item_reqs)]
+            at += len(item_reqs)
+            meta = outs[0].get("meta_info", {})
             hit = int(meta.get("cached_tokens", 0) or 0)
             sglang_cached += hit
             # Rebuilding (rather than extending a warm prefix): the radix cache no longer held the context.
             if it.context is not None and c >= 1 and hit < c - 1 - it.n_logits:
                 misses += 1
-            results.append(self._result(it, out))
+            if self._sparse(it):
+                results.append(self._sparse_result(it, item_reqs, outs))
+            else:
+                results.append(self._result(it, outs[0]))
             self._seqs[it.seq_id] = toks
         stats = BatchStats(
             batch_size=len(items),
@@ -333,8 +378,58 @@ class SGLangBackend:
         self._drain_timings()
         return results, stats
 
+    def _run(self, requests: list[dict]) -> list[dict]:
+        """Submit requests together on the engine's loop (SGLang batches them) and wait for all answers."""
+        fut = asyncio.run_coroutine_threadsafe(self._submit(requests), self._loop)
+        return fut.result(timeout=self.timeout_s)
+
     async def _submit(self, requests: list[dict]) -> list[dict]:
         return list(await asyncio.gather(*(self.engine.async_generate(**kw) for kw in requests)))
+
+    def _sparse_result(self, item: WorkItem, reqs: list[dict], outs: list[dict]) -> ItemResult:
+        probs = [
+            output_probs(out, kw.get("token_ids_logprob") or []) for kw, out in zip(reqs, outs, strict=True)
+        ]
+        target = SGLangSparseTarget(
+            self,
+            item.seq_id,
+            item.sampling,
+            item.deadline,
+            prefixes=[kw["input_ids"] for kw in reqs],
+            probs=probs,
+            samples=[output_token(out) for out in outs],
+        )
+        return ItemResult(item.seq_id, [], sparse=target)
+
+    def draw(
+        self, seq_id: str, prefix: list[int], sampling: Sampling, n: int, deadline: float | None = None
+    ) -> list[int]:
+        """`n` independent draws from p after `prefix` (the sparse residual's retries): n one-token requests,
+        ordered in SGLang's queue by the round's deadline like its forward."""
+        reqs = [position_request(prefix, sampling, [], self._warpers) for _ in range(n)]
+        for kw in reqs:
+            kw.update(self._tags(seq_id, 1, deadline))
+        with self._count_lock:
+            self.residual_draws += n
+        return [output_token(out) for out in self._run(reqs)]
+
+    def dense_row(
+        self, seq_id: str, prefix: list[int], sampling: Sampling, deadline: float | None = None
+    ) -> torch.Tensor:
+        """p after `prefix` over the whole vocabulary (full-vocabulary logprobs): the sparse path's fallback."""
+        with self._count_lock:
+            self.residual_fallbacks += 1
+        log.warning(
+            "sglang sparse sampling: residual draws ran out for %s; full-vocabulary p for one position (%d so far)",
+            seq_id[:8],
+            self.residual_fallbacks,
+        )
+        kw = self._dense_kwargs(prefix, 1)
+        kw.update(
+            sampling_params={"max_new_tokens": 1, "temperature": 0.0}, **self._tags(seq_id, 1, deadline)
+        )
+        (out,) = self._run([kw])
+        return self._dense_probs(out, 1, sampling)[0]
 
     def _result(self, item: WorkItem, out: dict) -> ItemResult:
         m = item.n_logits
@@ -348,15 +443,16 @@ class SGLangBackend:
             if len(rows) != m - 1:
                 raise RuntimeError(f"SGLang returned {len(entries)} input logprob entries, expected {m}")
             argmax = [int(row[0][1]) for row in rows]
-            out_ids = out.get("output_ids") or [t[1] for t in meta.get("output_token_logprobs", [])]
-            if not out_ids:
-                raise RuntimeError("SGLang returned no output token")
-            argmax.append(int(out_ids[0]))
+            argmax.append(output_token(out))
             return ItemResult(item.seq_id, argmax)
-        import torch
+        probs = self._dense_probs(out, m, item.sampling)
+        return ItemResult(item.seq_id, probs.argmax(dim=-1).tolist(), probs)
 
+    def _dense_probs(self, out: dict, m: int, sampling: Sampling) -> torch.Tensor:
+        """Processed p [m, V] from a full-vocabulary request (`_dense_kwargs`)."""
         from wisp_cloud.acceptance import process_logits
 
+        entries = out["meta_info"].get("input_top_logprobs") or []
         rows = entries[1 : m + 1]
         if len(rows) != m:
             raise RuntimeError(f"SGLang returned {len(entries)} input logprob entries, expected {m + 1}")
@@ -369,8 +465,7 @@ class SGLangBackend:
             ids = torch.tensor([int(t[1]) for t in row], dtype=torch.long)
             vals = torch.tensor([float(t[0]) for t in row], dtype=torch.float32)
             logp[r, ids] = vals
-        probs = process_logits(logp, item.sampling)
-        return ItemResult(item.seq_id, logp.argmax(dim=-1).tolist(), probs)
+        return process_logits(logp, sampling)
 
     # ---- SGLang's own timings (from the wisp plugin) ----
 
