@@ -24,6 +24,8 @@ def table_rows(result: dict, model: str, gpu: str) -> list[str]:
             d = p.get(name)
             if not d:
                 return "—"
+            if not d["capacity_interp"]:  # even the smallest N swept missed the target
+                return f"< {min(pt['n'] for pt in result['points'] if pt['policy'] == name)}"
             text = f"{d['capacity_interp']:.0f}" + ("+" if d["capacity_is_lower_bound"] else "")
             return text + (
                 f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else ""
