@@ -156,6 +156,45 @@ def test_connection_caps_per_address():
     assert asyncio.run(main()) == 1013
 
 
+async def _http_get(
+    server: WispServer, path: str = "/health"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain-HTTP keep-alive connection to the serve port, after one answered request."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def _status(reader: asyncio.StreamReader) -> int:
+    line = await asyncio.wait_for(reader.readline(), 3.0)
+    return int(line.split()[1])
+
+
+def test_http_connections_count_against_the_caps():
+    """--max-connections covers the serve port's plain HTTP too: a flood of idle keep-alive HTTP connections (or
+    health checks) cannot hold descriptors past the cap, and they hold the websockets' slots while open."""
+
+    async def main():
+        async with Srv(max_connections=2) as server:
+            held = [await _http_get(server) for _ in range(2)]
+            assert [await _status(r) for r, _ in held] == [200, 200]  # keep-alive: both still open
+            ws = await _ws(server)
+            ws_code = await _closed_within(ws, 3.0)  # no slot left for a websocket
+            r3, w3 = await _http_get(server)
+            refused = await _status(r3)  # nor for a third HTTP connection
+            w3.close()
+            for _, w in held:
+                w.close()
+            await asyncio.sleep(0.2)
+            r4, w4 = await _http_get(server)
+            again = await _status(r4)  # the slots are free again
+            w4.close()
+            return ws_code, refused, again
+
+    assert asyncio.run(main()) == (1013, 503, 200)
+
+
 @pytest.mark.parametrize(
     "frame",
     [

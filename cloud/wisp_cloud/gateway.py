@@ -182,7 +182,7 @@ class Gateway:
         return Sniffer(
             protocol,
             lambda: ServerConnection(protocol, server, **kwargs),
-            self.http,
+            self._http,
             self.cfg.hello_timeout_s,
         )
 
@@ -237,19 +237,50 @@ class Gateway:
 
     # ---- connections ----
 
+    def _take_slot(self, peer: str) -> bool:
+        """A connection slot under --max-connections and --max-connections-per-ip (websocket and HTTP alike)."""
+        cfg = self.cfg
+        if self._open >= cfg.max_connections or self._per_ip.get(peer, 0) >= cfg.max_connections_per_ip:
+            if self._errors.allow():
+                log_event(log, "connection_refused", peer=peer, open=self._open)
+            return False
+        self._open += 1
+        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
+        return True
+
+    def _free_slot(self, peer: str) -> None:
+        self._open -= 1
+        left = self._per_ip.pop(peer, 1) - 1
+        if left:
+            self._per_ip[peer] = left
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A plain-HTTP connection (health checks, metrics, the OpenAI routes) holds a slot as a websocket does."""
+        address = writer.get_extra_info("peername")
+        peer = str(address[0]) if address else ""
+        if not self._take_slot(peer):
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 38\r\n"
+                b"connection: close\r\nretry-after: 1\r\n\r\ntoo many connections; try again later\n"
+            )
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+            return
+        try:
+            await self.http.handle(reader, writer)
+        finally:
+            self._free_slot(peer)
+
     async def _handle(self, ws: ServerConnection) -> None:
         cfg = self.cfg
         auth = ws.request.headers.get("Authorization") if ws.request else None
         header_token = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else None
         peer = str(ws.remote_address[0]) if ws.remote_address else ""
-        if self._open >= cfg.max_connections or self._per_ip.get(peer, 0) >= cfg.max_connections_per_ip:
-            if self._errors.allow():
-                log_event(log, "connection_refused", peer=peer, open=self._open)
+        if not self._take_slot(peer):
             with contextlib.suppress(ConnectionClosed):
                 await ws.close(1013, "too many connections; try again later")  # 1013: try again later
             return
-        self._open += 1
-        self._per_ip[peer] = self._per_ip.get(peer, 0) + 1
         conn = Connection(ws, header_token, peer, cfg.outbox_frames)
         writer = asyncio.create_task(self._writer(conn))
         # A connection that never says Hello holds a file descriptor and nothing else: closed at the deadline.
@@ -269,10 +300,7 @@ class Gateway:
             pass
         finally:
             hello_timer.cancel()
-            self._open -= 1
-            left = self._per_ip.pop(peer, 1) - 1
-            if left:
-                self._per_ip[peer] = left
+            self._free_slot(peer)
             self.engine.detach(conn)
             with contextlib.suppress(asyncio.QueueFull):
                 conn.outbox.put_nowait(None)

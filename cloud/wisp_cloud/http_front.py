@@ -11,10 +11,8 @@ and nothing per frame.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
-
-from wisp_sdk.openai_http import OpenAIHttp
 
 _MAX_HEAD = 16384
 
@@ -35,7 +33,7 @@ class Sniffer(asyncio.Protocol):
         self,
         protocol: Any,
         websocket: Callable[[], asyncio.Protocol],
-        http: OpenAIHttp,
+        http: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
         head_timeout_s: float,
     ) -> None:
         self.protocol = protocol  # websockets' sans-I/O protocol: its subprotocol hook checks it is ours
@@ -68,7 +66,7 @@ class Sniffer(asyncio.Protocol):
         if is_upgrade(bytes(self._buf[:end])):
             taker = self._websocket()
         else:
-            taker = asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=_MAX_HEAD), self._http.handle)
+            taker = asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=_MAX_HEAD), self._http)
         transport.set_protocol(taker)
         taker.connection_made(transport)
         taker.data_received(bytes(self._buf))
