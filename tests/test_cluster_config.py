@@ -59,6 +59,7 @@ def test_generated_config_is_valid_haproxy(tmp_path):
         "uri /ready",
         "option redispatch",
         "timeout tunnel",
+        "option forwardfor",
     ):
         assert must in cfg
     assert "server r1 127.0.0.1:9002 cookie r1" in cfg

@@ -156,6 +156,33 @@ def test_connection_caps_per_address():
     assert asyncio.run(main()) == 1013
 
 
+def test_per_address_cap_uses_the_forwarded_address_only_from_a_trusted_proxy():
+    """Behind a balancer (`wisp cluster`: HAProxy `option forwardfor`, replicas `--trusted-proxy 127.0.0.1`) the
+    per-address cap counts each client, not the balancer; from anyone else X-Forwarded-For is ignored."""
+
+    async def fwd(server: WispServer, client: str):
+        return await connect(
+            server.url,
+            subprotocols=[SUBPROTOCOL],
+            compression=None,
+            additional_headers={"X-Forwarded-For": f"203.0.113.9, {client}"},
+        )
+
+    async def run(trusted: frozenset[str]) -> list[int | None]:
+        async with Srv(max_connections_per_ip=2, trusted_proxies=trusted) as server:
+            held = [await fwd(server, "10.0.0.1"), await fwd(server, "10.0.0.1")]
+            for ws in held:
+                await _hello(ws)
+            same, other = await fwd(server, "10.0.0.1"), await fwd(server, "10.0.0.2")
+            codes = [await _closed_within(same, 1.0), await _closed_within(other, 1.0)]
+            for ws in (*held, same, other):
+                await ws.close()
+            return codes
+
+    assert asyncio.run(run(frozenset({"127.0.0.1"}))) == [1013, None]  # per client behind the proxy
+    assert asyncio.run(run(frozenset())) == [1013, 1013]  # untrusted: the TCP peer's address, shared
+
+
 async def _http_get(
     server: WispServer, path: str = "/health"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -43,6 +43,7 @@ def haproxy_config(
         f"    maxconn {maxconn}",
         "defaults",
         "    mode http",
+        "    option forwardfor",  # the replicas read the client's address (wisp serve --trusted-proxy)
         "    timeout connect 2s",
         "    timeout client 60s",
         "    timeout server 60s",

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from wisp_sdk.argtypes import number
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.base import Backend
@@ -138,6 +139,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest accepted frame")
     p.add_argument("--max-sessions", type=int, default=4096, help="sessions over all tokens")
     p.add_argument("--max-sessions-per-token", type=int, default=256, help="sessions per auth token")
+    p.add_argument(
+        "--max-connections",
+        type=number(int, min=1),
+        default=16384,
+        help="connections at once, websocket and HTTP (past it: close 1013 / HTTP 503)",
+    )
+    p.add_argument(
+        "--max-connections-per-ip",
+        type=number(int, min=1),
+        default=4096,
+        help="websocket connections from one client address (behind --trusted-proxy: the forwarded address)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a balancer's address (repeatable): for websockets from it, the client is the last "
+        "X-Forwarded-For address (HAProxy `option forwardfor`; `wisp cluster` sets both)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument(
         "--log-format",
@@ -225,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
         max_frame_bytes=args.max_frame_bytes,
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        trusted_proxies=frozenset(args.trusted_proxy),
         admission_target=args.admission_target,
         tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,

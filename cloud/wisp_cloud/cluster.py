@@ -73,7 +73,13 @@ class Cluster:
             envs = [{"CUDA_VISIBLE_DEVICES": ",".join(groups[i % len(groups)])} for i in range(replicas)]
             device = "cuda"  # each replica sees its GPUs from cuda:0
         self.replicas = [
-            Replica(i, [*serve_args, "--device", device], env=envs[i], log=self.log) for i in range(replicas)
+            Replica(
+                i,
+                [*serve_args, "--trusted-proxy", "127.0.0.1", "--device", device],
+                env=envs[i],
+                log=self.log,
+            )
+            for i in range(replicas)
         ]
         self.host = host
         self.port = port

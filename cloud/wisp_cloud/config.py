@@ -55,6 +55,9 @@ class ServerConfig:
     hello_timeout_s: float = 10.0
     max_connections: int = 16384
     max_connections_per_ip: int = 4096  # a benchmark fleet on one machine opens thousands from one address
+    # Balancers whose websockets carry the client's address in X-Forwarded-For (its last entry is the one the
+    # balancer added, so a client cannot forge it): the per-address cap and the logs use that address.
+    trusted_proxies: frozenset[str] = frozenset()
     max_bad_frames: int = 32
     outbox_frames: int = 1024
     # Debug only (hidden flag): a draft containing this token id fails inside the batch step, to exercise the

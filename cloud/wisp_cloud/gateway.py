@@ -277,6 +277,9 @@ class Gateway:
         auth = ws.request.headers.get("Authorization") if ws.request else None
         header_token = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else None
         peer = str(ws.remote_address[0]) if ws.remote_address else ""
+        forwarded = ws.request.headers.get("X-Forwarded-For") if ws.request else None
+        if forwarded and peer in cfg.trusted_proxies:
+            peer = forwarded.rsplit(",", 1)[-1].strip() or peer
         if not self._take_slot(peer):
             with contextlib.suppress(ConnectionClosed):
                 await ws.close(1013, "too many connections; try again later")  # 1013: try again later
