@@ -7,8 +7,9 @@
 # capture paid once). Centralized and SLED are judged at every TPOT SLO from one sweep (their servers ignore the
 # SLO); WISP runs one sweep per SLO. bench/merge_bench.py then merges the halves and prints the table rows.
 #
-# Env: OUT, CONFIG, MODEL (label), EST (required: an estimator of this model on this GPU kind), KV, TPOT,
-# DEVICE_PROFILE, LINK, WORKLOAD, N_BASE and N_WISP (device counts per half), DURATION, WARMUP, SLED_K, SERVE_EXTRA.
+# Env: OUT, CONFIG, MODEL (label), EST (required: an estimator of this model on this GPU kind), KV, TPOT (a list),
+# DEVICE_PROFILE and LINK (lists too: every (device, link) is a row; centralized runs once per link), WORKLOAD,
+# N_BASE and N_WISP (device counts per half), DURATION, WARMUP, SLED_K, SERVE_EXTRA.
 # CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N_BASE=2 N_WISP=2 EST=... bash bench/gpu_regimes.sh
 set -euo pipefail
 OUT=${OUT:-runs/regimes}

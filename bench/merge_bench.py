@@ -15,17 +15,28 @@ from wisp_cloud.fleet.capacity import finalize, print_summary
 
 def table_rows(result: dict, model: str, gpu: str) -> list[str]:
     cfg = result["config"]
-    dev, link = cfg["device_profile"], cfg["link_profile"]
-    device = f"{dev['name']} ({dev['decode_ms']:.1f} ms/token), {link['name']} ({link['rtt_ms']:g} ms RTT)"
+    devs = {d["name"]: d for d in cfg.get("device_profiles", [cfg["device_profile"]])}
+    links = {x["name"]: x for x in cfg.get("link_profiles", [cfg["link_profile"]])}
     rows = []
     for r in result["regimes"]:
+        dev = devs.get(r.get("device", ""), cfg["device_profile"])
+        link = links.get(r.get("link", ""), cfg["link_profile"])
+        device = (
+            f"{dev['name']} ({dev['decode_ms']:.1f} ms/token), {link['name']} ({link['rtt_ms']:g} ms RTT)"
+        )
+        swept = [
+            p
+            for p in result["points"]
+            if p.get("link", link["name"]) == link["name"]
+            and (p["policy"] == "centralized" or p.get("device", dev["name"]) == dev["name"])
+        ]
 
-        def cap(name: str, p: dict = r["policies"]) -> str:
+        def cap(name: str, p: dict = r["policies"], swept: list = swept) -> str:
             d = p.get(name)
             if not d:
                 return "—"
             if not d["capacity_interp"]:  # even the smallest N swept missed the target
-                return f"< {min(pt['n'] for pt in result['points'] if pt['policy'] == name)}"
+                return f"< {min(pt['n'] for pt in swept if pt['policy'] == name)}"
             text = f"{d['capacity_interp']:.0f}" + ("+" if d["capacity_is_lower_bound"] else "")
             return text + (
                 f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else ""

@@ -128,6 +128,52 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         assert Path(f).is_file() and Path(f).stat().st_size > 1000
 
 
+@pytest.mark.timeout(300)
+def test_bench_device_and_link_lists(tmp_path, tiny_target, tiny_bundle, tiny_trace):
+    """--device-profile and --link take lists: the drafting arms run per (device, link), centralized (which drafts
+    nothing) once per link, and every (SLO, device, link) gets its own regime with centralized in it."""
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.fleet.bench import run_bench
+
+    trace, prompts = tiny_trace
+    est = tmp_path / "est.json"
+    VerifyTimeEstimator.default().save(est)
+    serve = ["--target", str(tiny_target), "--device", "cpu", "--dtype", "float32", "--threads", "1"]
+    args = argparse.Namespace(
+        server_cmd=None,
+        serve_args=[*serve, "--estimator", str(est), "--max-batch", "16"],
+        draft=str(tiny_bundle),
+        trace=str(trace),
+        prompts=str(prompts),
+        policies="centralized,wisp",
+        n="1",
+        sled_k="2",
+        duration=1.5,
+        warmup=0.0,
+        drain=20.0,
+        gap=0.2,
+        slo_ttft_ms=5000.0,
+        slo_tpot_ms="1000",
+        attainment=0.9,
+        stop_below=0.0,
+        device_profile="instant,mac-m4",
+        link="lan",
+        length_scale=1.0,
+        procs=1,
+        seed=0,
+        server_policy={},
+        no_plots=True,
+        out=str(tmp_path / "bench"),
+    )
+    result = run_bench(args)
+    got = sorted((p["policy"], p["device"], p["link"]) for p in result["points"])
+    assert got == [("centralized", "instant", "lan"), ("wisp", "instant", "lan"), ("wisp", "mac-m4", "lan")]
+    assert [(r["device"], r["link"]) for r in result["regimes"]] == [("instant", "lan"), ("mac-m4", "lan")]
+    for r in result["regimes"]:
+        assert set(r["policies"]) == {"centralized", "wisp"}
+    assert {d["name"] for d in result["config"]["device_profiles"]} == {"instant", "mac-m4"}
+
+
 def test_simulate_small_point(tiny_trace):
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link

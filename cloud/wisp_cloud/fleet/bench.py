@@ -17,6 +17,7 @@ the judged window. Capacity = the largest N swept with attainment ≥ --target (
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wisp_cloud.fleet.capacity import SLO_BLIND, finalize, judge, print_summary
+from wisp_cloud.fleet.capacity import DEVICE_BLIND, SLO_BLIND, finalize, judge, print_summary
 from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.server_proc import ServerProc
 from wisp_cloud.fleet.workload import SLOSpec, load_prompts, plan_sessions
@@ -196,6 +197,8 @@ def _run_point(
     label = policy + (f"+{controller}" if controller and policy == "sled" else "")
     if len(judge_at) == 1 and len(_tpots(args)) > 1:
         label += f"@{asked:g}"
+    if "," in str(args.device_profile) or "," in str(args.link):
+        label += f"-{device.name}-{link.name}"
     t = time.time()
 
     def progress(el: float) -> None:
@@ -245,8 +248,9 @@ def run_bench(args: Any) -> dict[str, Any]:
     ]
     lengths = [max(2, int(round(p["max_new_tokens"] * args.length_scale))) for p in prompts]
     trace = load_trace(args.trace)
-    device = get_device(args.device_profile)
-    link = get_link(args.link)
+    devices = [get_device(x.strip()) for x in str(args.device_profile).split(",") if x.strip()]
+    links = [get_link(x.strip()) for x in str(args.link).split(",") if x.strip()]
+    device, link = devices[0], links[0]
     tpots = _tpots(args)
     slo = SLOSpec(args.slo_ttft_ms, tpots[0])
     server_cmd = getattr(args, "server_cmd", None)
@@ -287,6 +291,8 @@ def run_bench(args: Any) -> dict[str, Any]:
             "trace_summary": trace.get("summary"),
             "device_profile": asdict(device),
             "link_profile": asdict(link),
+            "device_profiles": [asdict(d) for d in devices],
+            "link_profiles": [asdict(x) for x in links],
             "procs": args.procs,
             "seed": args.seed,
         },
@@ -338,21 +344,25 @@ def run_bench(args: Any) -> dict[str, Any]:
                         flush=True,
                     )
                     result["truth_lengths"] = [len(truth[i]) for i in range(len(prompt_ids))]
-                for asked in asks:
+                # a centralized client drafts nothing: its device profile is never used, only its link
+                combos = [
+                    (dv, lk) for dv in (devices[:1] if policy in DEVICE_BLIND else devices) for lk in links
+                ]
+                for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
                     judge_at = tpots if policy in SLO_BLIND else [asked]
-                    for controller, k in variants:
-                        below = 0
-                        for n in ns:
-                            point = _run_point(
-                                args, fleet, server.url, policy, controller, k, n, asked, judge_at,
-                                prompts, prompt_ids, lengths, truth, trace, device, link, out,
-                            )  # fmt: skip
-                            result["points"].append(point)
-                            (out / "bench.json").write_text(json.dumps(result, indent=1))
-                            best = max(j["attainment"] for j in point["judged"].values())
-                            below = below + 1 if best < args.stop_below else 0
-                            if below >= 2:
-                                break
+                    below = 0
+                    for n in ns:
+                        point = _run_point(
+                            args, fleet, server.url, policy, controller, k, n, asked, judge_at,
+                            prompts, prompt_ids, lengths, truth, trace, dv, lk, out,
+                        )  # fmt: skip
+                        point["device"], point["link"] = dv.name, lk.name
+                        result["points"].append(point)
+                        (out / "bench.json").write_text(json.dumps(result, indent=1))
+                        best = max(j["attainment"] for j in point["judged"].values())
+                        below = below + 1 if best < args.stop_below else 0
+                        if below >= 2:
+                            break
     finalize(result, args.attainment)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))

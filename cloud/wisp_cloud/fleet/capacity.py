@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 SLO_BLIND = frozenset({"centralized", "sled", "fifo"})  # sched/policies.py: these never read a deadline
+DEVICE_BLIND = frozenset({"centralized"})  # its clients draft nothing: judged for every device profile
 # A point where fewer than N/4 sessions started in the judged window stalled: the devices were stuck in their
 # first, slow sessions and the few that started are the short ones, a biased sample (seen on the H200 at 32B:
 # 1 session judged at N=288, "attainment 1.00"). Capacity counts such a point as failed.
@@ -115,29 +116,53 @@ def _per_policy(pts: list[dict], target: float) -> tuple[dict[str, dict[str, Any
 
 
 def finalize(result: dict, target: float) -> None:
-    """Per TPOT SLO judged (`regimes`): capacity and goodput per policy and the ratios. `policies` and `ratios`
-    at the top are the first SLO's (what the plots show)."""
-    pts = result["points"]
-    regimes = []
-    for key in dict.fromkeys(k for p in pts for k in p.get("judged", {})):
-        at = [
-            {
-                **p,
-                "attainment": 0.0 if starved(p) else p["judged"][key]["attainment"],
-                "goodput_tok_s": p["judged"][key]["goodput_tok_s"],
+    """Per (TPOT SLO judged, device profile, link) — a `regime` — capacity and goodput per policy and the
+    ratios. Centralized points serve every device profile of their link (DEVICE_BLIND). `policies` and `ratios`
+    at the top are the first regime's (what the plots show)."""
+    cfg = result["config"]
+    dev0, link0 = cfg["device_profile"]["name"], cfg["link_profile"]["name"]
+    pts = [{**p, "device": p.get("device", dev0), "link": p.get("link", link0)} for p in result["points"]]
+    for p in pts:
+        if "judged" not in p:  # points from before `judged` existed
+            p["judged"] = {
+                f"{cfg['slo']['tpot_ms']:g}": {
+                    "attainment": p["attainment"],
+                    "goodput_tok_s": p["goodput_tok_s"],
+                }
             }
-            for p in pts
-            if key in p.get("judged", {})
-        ]
-        per, ratios = _per_policy(at, target)
-        regimes.append({"slo_tpot_ms": float(key), "policies": per, "ratios": ratios})
-    if not regimes:  # points from before `judged` existed
-        per, ratios = _per_policy(
-            [{**p, "attainment": 0.0 if starved(p) else p["attainment"]} for p in pts], target
-        )
-        regimes.append({"slo_tpot_ms": result["config"]["slo"]["tpot_ms"], "policies": per, "ratios": ratios})
+    devices = list(dict.fromkeys(p["device"] for p in pts if p["policy"] not in DEVICE_BLIND)) or [dev0]
+    links = list(dict.fromkeys(p["link"] for p in pts))
+    regimes = []
+    for key in dict.fromkeys(k for p in pts for k in p["judged"]):
+        for device in devices:
+            for link in links:
+                at = [
+                    {
+                        **p,
+                        "attainment": 0.0 if starved(p) else p["judged"][key]["attainment"],
+                        "goodput_tok_s": p["judged"][key]["goodput_tok_s"],
+                    }
+                    for p in pts
+                    if key in p["judged"]
+                    and p["link"] == link
+                    and (p["device"] == device or p["policy"] in DEVICE_BLIND)
+                ]
+                if not at:
+                    continue
+                per, ratios = _per_policy(at, target)
+                regimes.append(
+                    {
+                        "slo_tpot_ms": float(key),
+                        "device": device,
+                        "link": link,
+                        "policies": per,
+                        "ratios": ratios,
+                    }
+                )
     result["regimes"] = regimes
-    result["policies"], result["ratios"] = regimes[0]["policies"], regimes[0]["ratios"]
+    result["policies"], result["ratios"] = (
+        (regimes[0]["policies"], regimes[0]["ratios"]) if regimes else ({}, {})
+    )
 
 
 def print_summary(result: dict) -> None:
@@ -147,7 +172,8 @@ def print_summary(result: dict) -> None:
 
 def _print_regime(regime: dict) -> None:
     print(
-        f"[bench] TPOT SLO {regime['slo_tpot_ms']:g} ms: capacity (largest N with attainment >= target) and goodput:"
+        f"[bench] TPOT SLO {regime['slo_tpot_ms']:g} ms, {regime.get('device', '?')}, {regime.get('link', '?')}: "
+        "capacity (largest N with attainment >= target) and goodput:"
     )
     for policy, d in regime.get("policies", {}).items():
         print(

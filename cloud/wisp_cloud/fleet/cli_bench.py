@@ -84,8 +84,17 @@ def add_parser(subparsers) -> None:
         "--target", dest="attainment", type=float, action=deprecated("--attainment"), help=argparse.SUPPRESS
     )
     r.add_argument("--stop-below", type=float, default=0.5, help="stop a sweep after 2 points below this")
-    r.add_argument("--device-profile", default="jetson", help="jetson, phone, mac-m4, x86-2core, instant")
-    r.add_argument("--link", default="wifi-metro", help="lan, wifi-metro, metro-edge, lte, none")
+    r.add_argument(
+        "--device-profile",
+        default="jetson",
+        help="jetson, phone, mac-m4, x86-2core, instant; or a comma-separated list (the drafting arms run for each; "
+        "centralized, which drafts nothing, once)",
+    )
+    r.add_argument(
+        "--link",
+        default="wifi-metro",
+        help="lan, wifi-metro, metro-edge, lte, none; or a comma-separated list (every arm runs for each)",
+    )
     r.add_argument("--length-scale", type=float, default=1.0, help="scale the prompt set's output lengths")
     r.add_argument("--procs", type=int, default=1, help="fleet worker processes")
     r.add_argument("--seed", type=int, default=0)
