@@ -308,7 +308,9 @@ class PagedBackend:
             if nl and sampling is not None and not sampling.greedy:
                 from wisp_cloud.acceptance import process_logits
 
-                probs = process_logits(logits[lo:hi].float(), sampling).cpu()
+                # p stays on the device: acceptance gathers the k test ratios in one read and copies back at
+                # most one row (the residual's or the bonus token's), not [k+1, V] floats per item
+                probs = process_logits(logits[lo:hi].float(), sampling)
             results.append(ItemResult(it.seq_id, argmax[lo:hi], probs))
             lo = hi
         stats.forward_s = time.perf_counter() - start
