@@ -24,6 +24,7 @@ from wisp_cloud.fleet.simulate import estimator_or_default, run_point
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import resolve_workload_args
 from wisp_cloud.sched import Batch, Scheduler
+from wisp_cloud.sched.fill import fixed_cost
 
 
 class _Tally:
@@ -34,6 +35,9 @@ class _Tally:
         self.tokens = 0
         self.busy_s = 0.0
         self.holds = 0
+        self.fill_holds = 0
+        self.small = 0  # steps dominated by the fixed cost: predicted time < 2 × w (sched/fill.py)
+        self.sizes: list[int] = []
         self.t0: float | None = None
         self.t1 = 0.0
 
@@ -46,8 +50,11 @@ class _Tally:
             "decode_mean": round(self.decodes / n, 1),
             "tokens_mean": round(self.tokens / n, 1),
             "step_ms_mean": round(1000 * self.busy_s / n, 2),
+            "batch_p50": sorted(self.sizes)[len(self.sizes) // 2] if self.sizes else 0,
+            "fixed_dominated": round(self.small / n, 3),
             "busy": round(self.busy_s / span, 3),
             "holds": self.holds,
+            "fill_holds": self.fill_holds,
         }
 
 
@@ -63,12 +70,15 @@ class RecordingScheduler(Scheduler):
             t = TALLY
             t.steps += 1
             t.items += len(batch)
+            t.sizes.append(len(batch))
+            t.small += self.estimator.predict(batch.shapes) < 2 * fixed_cost(self.estimator)
             t.decodes += sum(1 for r in batch.requests if r.kind == "decode")
             t.tokens += sum(s.n_tokens for s in batch.slots)
             t.busy_s += float(forward_s)
             t.t0 = batch.formed_at if t.t0 is None else t.t0
             t.t1 = now
             t.holds = self.policy.counters["hold"]
+            t.fill_holds = self.policy.counters["fill_hold"]
         return super().complete(batch, forward_s, now)
 
 
@@ -78,7 +88,9 @@ def main(argv: list[str]) -> int:
     sub = root.add_subparsers(dest="command")
     cli_simulate.add_parser(sub)
     extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--policy-kw", default="{}", help="JSON: extra WispPolicy fields (e.g. {\"fill\": false})")
+    extra.add_argument(
+        "--policy-kw", default="{}", help='JSON: extra WispPolicy fields (e.g. {"fill": false})'
+    )
     known, rest = extra.parse_known_args(argv)
     args = root.parse_args(["simulate", *rest])
     resolve_workload_args(args, trace=True)
@@ -89,8 +101,8 @@ def main(argv: list[str]) -> int:
     for policy in [p for p in args.policies.split(",") if p.strip()]:
         ctl = "" if policy == "centralized" else ("fixed:4" if policy == "sled" else "wisp")
         cfg = sim_config(args, policy, ctl, trace, est)
-        if policy == "wisp":
-            cfg.policy_kw = json.loads(known.policy_kw)
+        if policy == "wisp" and json.loads(known.policy_kw):
+            cfg.policy_kw = {**(cfg.policy_kw or {}), **json.loads(known.policy_kw)}
         TALLY = _Tally()
         s = run_point(cfg, gpus=1)
         row = {

@@ -188,7 +188,8 @@ class WispPolicy(Policy):
     # server's per-pass work) under load. Prompts, urgent or forced work, or a full batch go at once. 0: never.
     hold_s: float = 0.01
     # Fill the weight read (docs/scheduling.md §10): decode items ride every batch together, and a small batch
-    # waits for announced rounds when the estimator says that serves more per GPU second (replaces hold_s).
+    # waits (beyond hold_s, or with urgent work that hold_s never holds) for announced rounds when the estimator
+    # says that serves more rounds per GPU second and no member misses its deadline.
     fill: bool = True
 
     def __post_init__(self) -> None:
@@ -281,11 +282,9 @@ class WispPolicy(Policy):
         )
         self._hold_until = None
         if self.fill:
-            if self._fill_hold(cands, now):
-                return Batch([], now)
             order, n_protected = self._gang(order, n_protected)
         holdable = len(relaxed) == len(cands) < self.max_batch
-        if not self.fill and self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
+        if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
             # release before anyone's latest start comes within one full pass of now
             until = min(
                 by_arrival[0].req.arrival + self.hold_s,
@@ -295,6 +294,8 @@ class WispPolicy(Policy):
                 self._hold_until = until
                 self.counters["hold"] += 1
                 return Batch([], now)
+        if self.fill and self._fill_hold(cands, now):  # past hold_s (or urgent work): announced company
+            return Batch([], now)
 
         # latest start of every feasible request from position i on: what a long batch must not push back
         suffix = [math.inf] * (len(order) + 1)
@@ -375,7 +376,7 @@ class WispPolicy(Policy):
         if hold is None:
             return False
         self._hold_until = hold.until
-        self.counters["hold"] += 1
+        self.counters["fill_hold"] += 1
         return True
 
     @staticmethod
