@@ -26,17 +26,24 @@ def test_fixed_cost_is_one_short_step():
 
 
 def test_decode_items_ride_one_batch_together():
-    """Urgent rounds fill a small max_batch ahead of server-decoded sessions' decodes; with fill every decode
-    goes in the same step (one token each on a step that reads the weights anyway), the rest after them."""
-    waiting = [verify(f"v{i}", 0.0, 0.03) for i in range(4)] + [decode(f"d{i}", 0.0, 0.06) for i in range(3)]
-    old = WispPolicy(GPU, max_batch=6, fill=False).select(waiting, 0.0)
-    assert sum(r.kind == "decode" for r in old.requests) == 2  # today's order splits the decodes
-    new = WispPolicy(GPU, max_batch=6).select(waiting, 0.0)
+    """Relaxed rounds (denser: 3 tokens for 0.45 ms) fill a small max_batch ahead of server-decoded sessions'
+    decodes; with fill every decode goes in the same step (one token each on a step that reads the weights
+    anyway), the rounds after them."""
+    waiting = [verify(f"v{i}", 0.0, 0.3) for i in range(6)] + [decode(f"d{i}", 0.0, 0.3) for i in range(3)]
+    old = WispPolicy(GPU, max_batch=6, fill=False, hold_s=0.0).select(waiting, 0.0)
+    assert sum(r.kind == "decode" for r in old.requests) == 0  # today's density order leaves them all out
+    new = WispPolicy(GPU, max_batch=6, hold_s=0.0).select(waiting, 0.0)
     assert sum(r.kind == "decode" for r in new.requests) == 3
     assert len(new) == 6
-    # every member still makes its deadline
-    end = new.predicted_s
-    assert all(end <= r.deadline for r in new.requests)
+
+
+def test_urgent_rounds_keep_their_place_ahead_of_the_decode_gang():
+    """Urgent rounds are checked first: the gang never pushes one out of its step."""
+    waiting = [verify(f"u{i}", 0.0, 0.03) for i in range(4)] + [decode(f"d{i}", 0.0, 0.3) for i in range(3)]
+    batch = WispPolicy(GPU, max_batch=6, hold_s=0.0).select(waiting, 0.0)
+    assert [r.session_id for r in batch.requests[:4]] == ["u0", "u1", "u2", "u3"]
+    assert sum(r.kind == "decode" for r in batch.requests) == 2
+    assert all(batch.predicted_s <= r.deadline for r in batch.requests)
 
 
 def test_small_batch_waits_for_announced_rounds():

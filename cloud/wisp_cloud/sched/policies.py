@@ -381,15 +381,15 @@ class WispPolicy(Policy):
 
     @staticmethod
     def _gang(order: list[_Cand], n_protected: int) -> tuple[list[_Cand], int]:
-        """Every waiting decode item first, in one gang (as the centralized policy steps them): one token on a
-        step that pays the weight read anyway costs next to nothing, while a decode left out waits a whole
-        step. The gang counts as protected (the growth check against later requests' latest starts is skipped)."""
-        gang = [c for c in order if c.req.kind == "decode"]
+        """Every waiting decode item right after the forced and urgent work, in one gang (as the centralized
+        policy steps them), ahead of late and relaxed rounds: one token on a step that pays the weight read
+        anyway costs next to nothing, while a decode left out waits a whole step. Urgent decodes keep their
+        place; the gang counts as protected (no check against later requests' latest starts)."""
+        gang = [c for c in order[n_protected:] if c.req.kind == "decode"]
         if not gang:
             return order, n_protected
-        protected = n_protected - sum(1 for c in order[:n_protected] if c.req.kind == "decode")
-        rest = [c for c in order if c.req.kind != "decode"]
-        return gang + rest, len(gang) + protected
+        rest = [c for c in order[n_protected:] if c.req.kind != "decode"]
+        return order[:n_protected] + gang + rest, n_protected + len(gang)
 
     def _sizes(self, c: _Cand) -> list[int]:
         if c.req.kind != "prefill" or not self.prefill_chunk:
