@@ -11,7 +11,8 @@ Policies (docs/scheduling.md):
                (and every request left waiting) within its deadline; cheap pieces may push members by a small
                tolerance; long prompts paced and in adaptive chunks; aging against starvation. With `fill`
                (docs/scheduling.md §10, sched/fill.py): every ready decode item of a server-decoded session
-               rides the batch first (a decode adds ~nothing to a step that pays the weight read anyway), and
+               rides the batch right after the urgent work (a decode adds ~nothing to a step that pays the
+               weight read anyway), and
                a small batch waits for rounds the server knows are on their way while that serves more items
                per GPU second and keeps every member within its deadline.
 
