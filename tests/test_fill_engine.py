@@ -53,3 +53,10 @@ def test_engine_announces_the_next_round_after_the_measured_device_time():
         assert at is not None
         # expected one device time after the verdict went out (the loopback adds little)
         assert 0.5 * THINK_S < at - got < 2.5 * THINK_S, (at - got, THINK_S)
+
+
+def test_no_fill_reaches_the_policy():
+    """`wisp serve --no-fill` (ServerConfig.fill) turns the rule off in the engine's policy; on by default."""
+    on = WispServer(FakeBackend(VOCAB), ServerConfig(port=0, policy="wisp"))
+    off = WispServer(FakeBackend(VOCAB), ServerConfig(port=0, policy="wisp", fill=False))
+    assert on.engine.policy.fill is True and off.engine.policy.fill is False
