@@ -212,12 +212,13 @@ def test_closed_loop_mixed_slos_wisp_beats_fifo_and_sled():
 
 
 def test_wisp_holds_a_small_relaxed_batch_but_not_urgent_work():
-    """Rounds with slack wait up to hold_s for company (one pass reads all weights); urgent ones go at once."""
-    pol = WispPolicy(linear_estimator(), max_batch=64, hold_s=0.01)
+    """Without `fill` (sched/fill.py replaces it): rounds with slack wait up to hold_s for company (one pass
+    reads all weights); urgent ones go at once."""
+    pol = WispPolicy(linear_estimator(), max_batch=64, hold_s=0.01, fill=False)
     relaxed = [verify(f"s{i}", 0.0, 0.5) for i in range(3)]
     assert not pol.select(relaxed, 0.001).slots
     assert pol.wakeup(relaxed, 0.001) == pytest.approx(0.01)
     assert len(pol.select(relaxed, 0.0105).slots) == 3  # the hold is over: everyone in one pass
     urgent = [*relaxed, verify("u", 0.0, 0.02)]  # 20 ms of slack: within the urgency horizon
     assert len(pol.select(urgent, 0.001).slots) == 4
-    assert len(WispPolicy(linear_estimator(), hold_s=0.0).select(relaxed, 0.001).slots) == 3
+    assert len(WispPolicy(linear_estimator(), hold_s=0.0, fill=False).select(relaxed, 0.001).slots) == 3

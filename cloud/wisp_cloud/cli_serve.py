@@ -179,6 +179,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
     )
     p.add_argument(
+        "--no-fill",
+        action="store_true",
+        help="--policy wisp: do not fill the weight read (decodes together, a small batch waiting for announced "
+        "rounds; docs/scheduling.md §10)",
+    )
+    p.add_argument(
         "--model-name",
         help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
     )
@@ -254,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         fault_token=args.debug_fault_token,
         hybrid=not args.no_hybrid,
         truncate_drafts=not args.no_truncate,
+        fill=not args.no_fill,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
     )

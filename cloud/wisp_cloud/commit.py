@@ -156,6 +156,9 @@ class Committer:
             )
             session.last_round = job.round
             session.last_verdict = verdict
+            if not done and not centralize and session.think_s is not None:
+                # its next round is expected after its measured device time: the policy may hold for it
+                self.queue.announce(session.id, now + session.think_s)
             if conn is not None:
                 replies.append(Reply(conn, verdict))
         elif job.kind == JobKind.open:

@@ -45,6 +45,9 @@ class ServerConfig:
     # the prefix of a draft whose survival pays the verify price. `--no-hybrid`, `--no-truncate` turn them off.
     hybrid: bool = True
     truncate_drafts: bool = True
+    # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
+    # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
+    fill: bool = True
     # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
     # this many draft tokens of a round.
     hybrid_every: int = 0

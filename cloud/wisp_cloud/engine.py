@@ -83,8 +83,10 @@ class Engine:
         # policy, the wait hints and admission, and the solo-time reference of the interference metric.
         self.estimator = estimator or VerifyTimeEstimator.default()
         # Every policy but SLED chunks long prompts (SLED is the static-batching baseline: whole prompts).
-        chunk = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
-        self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **chunk)
+        kw: dict[str, object] = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
+        if config.policy == "wisp":
+            kw["fill"] = config.fill
+        self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **kw)
         self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (
             AdmissionController(self.estimator, target=config.admission_target, max_batch=config.max_batch)

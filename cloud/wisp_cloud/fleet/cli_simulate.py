@@ -87,6 +87,11 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
+    p.add_argument(
+        "--no-fill",
+        action="store_true",
+        help="wisp policy: do not fill the weight read (as `wisp serve --no-fill`; docs/scheduling.md §10)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 

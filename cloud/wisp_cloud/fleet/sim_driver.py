@@ -56,6 +56,7 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
+        policy_kw={"fill": False} if policy == "wisp" and args.no_fill else None,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,

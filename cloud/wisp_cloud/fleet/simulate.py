@@ -137,6 +137,8 @@ class _Sess:
         "catchup",  # tokens decoded by the server that the draft has not been fed yet
         "k_mean",
         "rep",  # the replica it opened on (sticky)
+        "think",  # the server's EWMA of its device time (verdict sent → next round arrived), as the engine's
+        "answered",  # when the server sent its last verdict (None before the first round)
     )
 
 
@@ -214,6 +216,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.kept = []
         s.n_drafted = s.n_accepted = 0
         s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
+        s.think = s.answered = None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
@@ -370,12 +373,19 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             ItemShape(len(kept) + 1, s.plen + s.gen), finish
         )
         s.link.price_ms = reps[s.rep].price.price_ms
+        if s.answered is not None:  # the server measures device time from its answer to the next round
+            obs = req.arrival - s.answered
+            s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
+        s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)
         elif _switch(s, back=False):
+            s.answered = None  # its next round comes after the decoded stretch: no device time to learn
             submit_decode(s, finish)  # FLAG_CENTRALIZE: the server decodes it from here
         else:
             push(arrive, "draft", s)
+            if s.think is not None:  # announced: the policy may hold a small batch for it (sched/fill.py)
+                reps[s.rep].sched.announce(str(id(s)), finish + s.think)
 
     def _switch(s: _Sess, back: bool) -> bool:
         """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session."""

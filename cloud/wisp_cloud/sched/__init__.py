@@ -5,6 +5,7 @@ Pure and clock-injected (no asyncio, no torch):
   policies   one `Policy` base class with no-op hooks; `fifo`, `sled`, `centralized`, `wisp` (docs/scheduling.md)
   queue      `Scheduler`: the waiting queue around a policy (submit, next batch, complete)
   hints      `WaitHints`: the verdict's predicted wait for a session's next round
+  fill       `fill_hold`: how long a small batch waits for announced rounds (filling the weight read)
   fairness   `FairShare`: weighted fair sharing across tenants (auth tokens), start-time fair queueing
   admission  `AdmissionController`: refuse a session that would push attainment below target
 The verify-time estimator (`wisp_cloud.estimator`) and the per-session deadlines (`wisp_cloud.deadlines`) are the

@@ -9,7 +9,12 @@ Policies (docs/scheduling.md):
   wisp         SLO-aware: urgent requests (least slack) first, then late ones (best-effort), then the rest by
                throughput density; a piece is added only while the predicted batch time keeps every member
                (and every request left waiting) within its deadline; cheap pieces may push members by a small
-               tolerance; long prompts paced and in adaptive chunks; aging against starvation.
+               tolerance; long prompts paced and in adaptive chunks; aging against starvation. With `fill`
+               (docs/scheduling.md §10, sched/fill.py): every ready decode item of a server-decoded session
+               rides the batch right after the urgent work (a decode adds ~nothing to a step that pays the
+               weight read anyway), and
+               a small batch waits for rounds the server knows are on their way while that serves more items
+               per GPU second and keeps every member within its deadline.
 
 Pure and clock-injected (no asyncio, no torch): the engine and `wisp simulate` drive the same classes.
 """
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.sched.fill import fill_hold
 from wisp_cloud.sched.requests import Batch, Request, Slot
 
 _EMPTY = BatchShape()
@@ -80,6 +86,9 @@ class Policy:
     def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
         """When `select` may return something after returning an empty batch (None: on the next arrival)."""
         return None
+
+    def expect(self, arrivals: Sequence[float]) -> None:
+        """Times (sorted) at which rounds announced to the scheduler are expected; called before `select`."""
 
 
 @dataclass
@@ -179,9 +188,17 @@ class WispPolicy(Policy):
     # each pass pays the full weight read, so back-to-back passes of a few rounds waste the GPU (and the
     # server's per-pass work) under load. Prompts, urgent or forced work, or a full batch go at once. 0: never.
     hold_s: float = 0.01
+    # Fill the weight read (docs/scheduling.md §10): decode items ride every batch together, and a small batch
+    # waits (beyond hold_s, or with urgent work that hold_s never holds) for announced rounds when the estimator
+    # says that serves more rounds per GPU second and no member misses its deadline.
+    fill: bool = True
 
     def __post_init__(self) -> None:
         self._hold_until: float | None = None
+        self._arrivals: Sequence[float] = ()
+
+    def expect(self, arrivals: Sequence[float]) -> None:
+        self._arrivals = arrivals
 
     # -- per-request figures --
     def _rest_s(self, r: Request, after: int) -> float:
@@ -265,6 +282,8 @@ class WispPolicy(Policy):
             plan.relaxed,
         )
         self._hold_until = None
+        if self.fill:
+            order, n_protected = self._gang(order, n_protected)
         holdable = len(relaxed) == len(cands) < self.max_batch
         if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
             # release before anyone's latest start comes within one full pass of now
@@ -276,6 +295,8 @@ class WispPolicy(Policy):
                 self._hold_until = until
                 self.counters["hold"] += 1
                 return Batch([], now)
+        if self.fill and self._fill_hold(cands, now):  # past hold_s (or urgent work): announced company
+            return Batch([], now)
 
         # latest start of every feasible request from position i on: what a long batch must not push back
         suffix = [math.inf] * (len(order) + 1)
@@ -332,6 +353,44 @@ class WispPolicy(Policy):
 
     def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
         return self._hold_until if waiting else None
+
+    def _fill_hold(self, cands: list[_Cand], now: float) -> bool:
+        """Hold the whole queue for announced rounds (sched/fill.py) when all of it fits one batch, nothing is
+        a prompt piece, starved or already late, and waiting serves more rounds per GPU second."""
+        if not self._arrivals or len(cands) >= self.max_batch:
+            return False
+        if any(c.req.kind == "prefill" or c.forced or not c.feasible for c in cands):
+            return False
+        shape = BatchShape.of(c.shape for c in cands)
+        if self.max_batch_tokens is not None and shape.new_tokens >= self.max_batch_tokens:
+            return False
+        item = max((c for c in cands), key=lambda c: c.marginal).shape
+        hold = fill_hold(
+            self.estimator,
+            shape,
+            item,
+            now,
+            self._arrivals,
+            oldest=min(c.req.arrival for c in cands),
+            due=min(c.due for c in cands),
+        )
+        if hold is None:
+            return False
+        self._hold_until = hold.until
+        self.counters["fill_hold"] += 1
+        return True
+
+    @staticmethod
+    def _gang(order: list[_Cand], n_protected: int) -> tuple[list[_Cand], int]:
+        """Every waiting decode item right after the forced and urgent work, in one gang (as the centralized
+        policy steps them), ahead of late and relaxed rounds: one token on a step that pays the weight read
+        anyway costs next to nothing, while a decode left out waits a whole step. Urgent decodes keep their
+        place; the gang counts as protected (no check against later requests' latest starts)."""
+        gang = [c for c in order[n_protected:] if c.req.kind == "decode"]
+        if not gang:
+            return order, n_protected
+        rest = [c for c in order[n_protected:] if c.req.kind != "decode"]
+        return order[:n_protected] + gang + rest, n_protected + len(gang)
 
     def _sizes(self, c: _Cand) -> list[int]:
         if c.req.kind != "prefill" or not self.prefill_chunk:

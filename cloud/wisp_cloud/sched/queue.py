@@ -65,14 +65,22 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.hints = WaitHints(self.estimator, hint_ewma)
         self.fair = FairShare(dict(tenant_weights or {}))
+        # session id -> when its next round is expected (announce): the policy may hold a batch for it
+        self.announced: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.waiting)
 
     def submit(self, req: Request) -> None:
+        self.announced.pop(req.session_id, None)
         self.waiting.append(req)
 
+    def announce(self, session_id: str, at: float) -> None:
+        """The session's next round is expected at `at` (its answer went out; its device time is measured)."""
+        self.announced[session_id] = at
+
     def cancel(self, session_id: str) -> list[Request]:
+        self.announced.pop(session_id, None)
         gone = [r for r in self.waiting if r.session_id == session_id]
         self.waiting = [r for r in self.waiting if r.session_id != session_id]
         return gone
@@ -84,6 +92,9 @@ class Scheduler:
         first = pool[0].tenant
         if any(r.tenant != first for r in pool):
             pool = self.fair.order(self.policy.rank(pool, now))[: self.policy.max_batch]
+        if self.announced:  # forget rounds that are overdue: a silent device must not hold anyone again
+            self.announced = {k: t for k, t in self.announced.items() if t > now}
+        self.policy.expect(sorted(self.announced.values()))
         batch = self.policy.select(pool, now)
         if not batch.slots:
             return None
