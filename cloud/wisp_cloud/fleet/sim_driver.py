@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wisp_cloud.fleet.gpu_clock import resolve_host
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile, get_device, get_link
 from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
 from wisp_cloud.fleet.trace import load_trace
@@ -56,6 +57,8 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
+        host=resolve_host(est, args.host_time),
+        padded_clock=args.padded_clock,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
