@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "wisp": 0,
             },
         )
-        if r["policy"] == "wisp":
+        if r["policy"] == "wisp-hybrid":
+            row["wisp_hybrid"] = r["capacity"]
+        elif r["policy"] == "wisp":
             row["wisp"] = r["capacity"]
         elif r["capacity"] > row["sled"]:
             row["sled"], row["sled_k"] = r["capacity"], r["controller"]
@@ -76,6 +79,9 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["centralized"] = cen.get((key[0], key[1]), 0)
         row["wisp_over_centralized"] = _ratio(row["wisp"], row["centralized"])
         row["wisp_over_sled"] = _ratio(row["wisp"], row["sled"])
+        if "wisp_hybrid" in row:
+            row["wisp_hybrid_over_centralized"] = _ratio(row["wisp_hybrid"], row["centralized"])
+            row["wisp_hybrid_over_sled"] = _ratio(row["wisp_hybrid"], row["sled"])
     return list(rows.values())
 
 
@@ -103,6 +109,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for col, (key, ylabel) in enumerate(
             (("wisp_over_centralized", "WISP ÷ centralized"), ("wisp_over_sled", "WISP ÷ SLED (best k)"))
         ):
+            hkey = key.replace("wisp_", "wisp_hybrid_", 1)
+            hd = [r for r in dev_rows if hkey in r]
+            hl = [r for r in link_rows if hkey in r]
+            if hd:
+                xs_h = [get_device(r["device"]).decode_ms for r in hd]
+                axes[0][col].plot(xs_h, [r[hkey] or 0 for r in hd], "x--", color=c, alpha=0.7)
+            if hl:
+                axes[1][col].plot(
+                    [get_link(r["link"]).rtt_ms for r in hl],
+                    [r[hkey] or 0 for r in hl],
+                    "x--",
+                    color=c,
+                    alpha=0.7,
+                )
             xs = [get_device(r["device"]).decode_ms for r in dev_rows]
             axes[0][col].plot(
                 xs, [r[key] or 0 for r in dev_rows], "o-", color=c, label=f"{model}, TPOT ≤ {slo:g} ms"
@@ -115,19 +135,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
             )
             for x, r in zip(xl, link_rows, strict=True):
                 axes[1][col].annotate(r["link"], (x, r[key] or 0), fontsize=7, alpha=0.6)
-            axes[0][col].set_xlabel(f"draft time per token, ms (device profile; link {base_link})")
+            axes[0][col].set_xscale("log")
+            axes[0][col].set_xlabel(f"draft time per token, ms, log scale (device profile; link {base_link})")
             axes[1][col].set_xlabel(f"RTT, ms (link profile; device {base_dev})")
             for ax in (axes[0][col], axes[1][col]):
                 ax.set_ylabel(f"capacity {ylabel}")
                 ax.axhline(1.0, color="gray", lw=0.8, ls="--")
                 ax.grid(alpha=0.3)
                 ax.set_ylim(bottom=0)
+    axes[0][0].plot([], [], "k-o", label="WISP --no-hybrid (validated)")
+    axes[0][0].plot([], [], "k--x", alpha=0.7, label="WISP with the hybrid (not validated)")
     axes[0][0].legend(fontsize=8)
     ests = ", ".join(f"{m}: {Path(p).name}" for m, p in result["estimators"].items())
     fig.suptitle(
-        "Where edge speculation pays (wisp simulate, validated GPU clock; capacity = devices per GPU at ≥ 90 % "
-        f"attainment)\none simulated NVIDIA H200 per model ({ests}); TTFT ≤ 2 s; code10 prompts; "
-        f"{result['date']}",
+        "Where edge speculation pays: wisp simulate, capacity = devices per GPU at ≥ 90 % SLO attainment "
+        f"(GPU clock = forward + serial host time;\nwithin 15 % of the H200 bench at 32B, docs/benchmarks.md). One "
+        f"simulated NVIDIA H200 per model ({ests}); TTFT ≤ 2 s; code10 prompts;\nSLED k = "
+        f"{result.get('sled_k', '3')}; dev VM, {result['date']}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -145,6 +169,13 @@ def main() -> int:
     p.add_argument(
         "--sled-k", default="3", help="FixedK values for SLED (best reported); 3 was the better in runs 12/13"
     )
+    p.add_argument(
+        "--arms",
+        default="centralized,sled,wisp",
+        help="any of centralized,sled,wisp,wisp-hybrid (wisp-hybrid: the wisp policy with the load-adaptive hybrid "
+        "and truncated verify on, whatever --no-hybrid says)",
+    )
+    p.add_argument("--merge", help="a previous OUT.json: its searches are kept and shown with the new ones")
     p.add_argument("--out", default="runs/sim-regimes/regimes")
     own, rest = p.parse_known_args()
     rest = [a for a in rest if a != "--"]
@@ -157,6 +188,7 @@ def main() -> int:
     ests = dict(kv.split("=", 1) for kv in own.estimators.split(","))
     devices, links = own.devices.split(","), own.links.split(",")
     base = tuple(own.base.split(","))
+    arms = own.arms.split(",")
     tasks = []
     for model, path in ests.items():
         est = estimator_or_default(path)
@@ -172,14 +204,20 @@ def main() -> int:
                 c.device, c.link = get_device(dev), get_link(link)
                 return c
 
-            tasks.append({"model": model, "slo": slo, "device": "", "link": base[1], "policy": "centralized",
-                          "controller": "", "cfg": cfg("centralized", "", base[0], base[1])})  # fmt: skip
+            if "centralized" in arms:
+                tasks.append({"model": model, "slo": slo, "device": "", "link": base[1], "policy": "centralized",
+                              "controller": "", "cfg": cfg("centralized", "", base[0], base[1])})  # fmt: skip
             for dev, link in cells(devices, links, base):  # type: ignore[arg-type]
-                for ctl in [f"fixed:{k}" for k in own.sled_k.split(",")]:
+                for ctl in [f"fixed:{k}" for k in own.sled_k.split(",")] if "sled" in arms else []:
                     tasks.append({"model": model, "slo": slo, "device": dev, "link": link, "policy": "sled",
                                   "controller": ctl, "cfg": cfg("sled", ctl, dev, link)})  # fmt: skip
-                tasks.append({"model": model, "slo": slo, "device": dev, "link": link, "policy": "wisp",
-                              "controller": "wisp", "cfg": cfg("wisp", "wisp", dev, link)})  # fmt: skip
+                if "wisp" in arms:
+                    tasks.append({"model": model, "slo": slo, "device": dev, "link": link, "policy": "wisp",
+                                  "controller": "wisp", "cfg": cfg("wisp", "wisp", dev, link)})  # fmt: skip
+                if "wisp-hybrid" in arms:
+                    hyb = replace(cfg("wisp", "wisp", dev, link), hybrid=True)
+                    tasks.append({"model": model, "slo": slo, "device": dev, "link": link, "policy": "wisp-hybrid",
+                                  "controller": "wisp", "cfg": hyb})  # fmt: skip
     out = Path(own.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -189,8 +227,9 @@ def main() -> int:
         "estimators": ests,
         "like": own.like,
         "base": list(base),
+        "sled_k": own.sled_k,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "searches": [],
+        "searches": json.loads(Path(own.merge).read_text())["searches"] if own.merge else [],
     }
     t0 = time.perf_counter()
     print(f"[regimes] {len(tasks)} capacity searches on {args.procs} processes", flush=True)
@@ -213,7 +252,8 @@ def main() -> int:
         print(
             f"[regimes] {row['model']:<4} tpot≤{row['slo']:g} {row['device']:<7} {row['link']:<10} C {row['centralized']:>5} "
             f"S {row['sled']:>5} ({row['sled_k']}) W {row['wisp']:>5}  W/C {row['wisp_over_centralized']}  "
-            f"W/S {row['wisp_over_sled']}"
+            f"W/S {row['wisp_over_sled']}  hybrid W {row.get('wisp_hybrid', '-')} W/C "
+            f"{row.get('wisp_hybrid_over_centralized', '-')}"
         )
     print(
         f"[regimes] wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} ({result['wall_s']:.0f}s)"
