@@ -46,7 +46,12 @@ def _search(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
+    """a ÷ b; None when b is 0 or both are under 8 devices (a search's first step: noise, not a ratio)."""
+    return round(a / b, 3) if b and max(a, b) >= 8 else None
+
+
+def _y(v: float | None) -> float:
+    return float("nan") if v is None else v
 
 
 def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,27 +119,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
             hl = [r for r in link_rows if hkey in r]
             if hd:
                 xs_h = [get_device(r["device"]).decode_ms for r in hd]
-                axes[0][col].plot(xs_h, [r[hkey] or 0 for r in hd], "x--", color=c, alpha=0.7)
+                axes[0][col].plot(xs_h, [_y(r[hkey]) for r in hd], "x--", color=c, alpha=0.7)
             if hl:
                 axes[1][col].plot(
                     [get_link(r["link"]).rtt_ms for r in hl],
-                    [r[hkey] or 0 for r in hl],
+                    [_y(r[hkey]) for r in hl],
                     "x--",
                     color=c,
                     alpha=0.7,
                 )
             xs = [get_device(r["device"]).decode_ms for r in dev_rows]
             axes[0][col].plot(
-                xs, [r[key] or 0 for r in dev_rows], "o-", color=c, label=f"{model}, TPOT ≤ {slo:g} ms"
+                xs, [_y(r[key]) for r in dev_rows], "o-", color=c, label=f"{model}, TPOT ≤ {slo:g} ms"
             )
             for x, r in zip(xs, dev_rows, strict=True):
-                axes[0][col].annotate(r["device"], (x, r[key] or 0), fontsize=7, alpha=0.6)
+                axes[0][col].annotate(r["device"], (x, _y(r[key])), fontsize=7, alpha=0.6)
             xl = [get_link(r["link"]).rtt_ms for r in link_rows]
             axes[1][col].plot(
-                xl, [r[key] or 0 for r in link_rows], "o-", color=c, label=f"{model}, TPOT ≤ {slo:g} ms"
+                xl, [_y(r[key]) for r in link_rows], "o-", color=c, label=f"{model}, TPOT ≤ {slo:g} ms"
             )
             for x, r in zip(xl, link_rows, strict=True):
-                axes[1][col].annotate(r["link"], (x, r[key] or 0), fontsize=7, alpha=0.6)
+                axes[1][col].annotate(r["link"], (x, _y(r[key])), fontsize=7, alpha=0.6)
             axes[0][col].set_xscale("log")
             axes[0][col].set_xlabel(f"draft time per token, ms, log scale (device profile; link {base_link})")
             axes[1][col].set_xlabel(f"RTT, ms (link profile; device {base_dev})")
@@ -142,15 +147,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.set_ylabel(f"capacity {ylabel}")
                 ax.axhline(1.0, color="gray", lw=0.8, ls="--")
                 ax.grid(alpha=0.3)
-                ax.set_ylim(bottom=0)
+    for ax in axes.flat:
+        ax.set_ylim(bottom=0)
     axes[0][0].plot([], [], "k-o", label="WISP --no-hybrid (validated)")
     axes[0][0].plot([], [], "k--x", alpha=0.7, label="WISP with the hybrid (not validated)")
     axes[0][0].legend(fontsize=8)
     ests = ", ".join(f"{m}: {Path(p).name}" for m, p in result["estimators"].items())
     fig.suptitle(
-        "Where edge speculation pays: wisp simulate, capacity = devices per GPU at ≥ 90 % SLO attainment "
-        f"(GPU clock = forward + serial host time;\nwithin 15 % of the H200 bench at 32B, docs/benchmarks.md). One "
-        f"simulated NVIDIA H200 per model ({ests}); TTFT ≤ 2 s; code10 prompts;\nSLED k = "
+        "Where edge speculation pays (wisp simulate): capacity = devices per GPU at ≥ 90 % SLO attainment; "
+        "GPU clock = forward + serial host time\n(within 15 % of the H200 bench at 32B, docs/benchmarks.md); one "
+        f"simulated NVIDIA H200 per model\n({ests}); TTFT ≤ 2 s; code10 prompts; SLED k = "
         f"{result.get('sled_k', '3')}; dev VM, {result['date']}",
         fontsize=10,
     )
@@ -177,7 +183,14 @@ def main() -> int:
     )
     p.add_argument("--merge", help="a previous OUT.json: its searches are kept and shown with the new ones")
     p.add_argument("--out", default="runs/sim-regimes/regimes")
+    p.add_argument("--replot", help="an OUT.json: redraw its chart and table, run nothing")
     own, rest = p.parse_known_args()
+    if own.replot:
+        done = json.loads(Path(own.replot).read_text())
+        done["table"] = table(done["searches"])
+        Path(own.replot).write_text(json.dumps(done, indent=1))
+        plot(done, Path(own.replot).with_suffix(".png"))
+        return 0
     rest = [a for a in rest if a != "--"]
     sim = argparse.ArgumentParser()
     cli_simulate.add_parser(sim.add_subparsers())
