@@ -92,6 +92,19 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="wisp policy: do not fill the weight read (as `wisp serve --no-fill`; docs/scheduling.md §10)",
     )
+    p.add_argument(
+        "--host-time",
+        default="auto",
+        metavar="auto|default|off|FILE",
+        help="serial host time per engine step on the simulated GPU (fleet/gpu_clock.py): auto = the estimator "
+        "file's `host` block, else the default fitted from the H200 steps logs; off = none (the old perfect loop); "
+        "or a JSON file with a `host` block (bench/fit_host_time.py prints one)",
+    )
+    p.add_argument(
+        "--padded-clock",
+        action="store_true",
+        help="the GPU clock keeps a paged estimator's padded features (default: folded into their packed twins)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 

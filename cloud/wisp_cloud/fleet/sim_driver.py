@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wisp_cloud.fleet.gpu_clock import resolve_host
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile, get_device, get_link
 from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
 from wisp_cloud.fleet.trace import load_trace
@@ -57,6 +58,8 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
         policy_kw={"fill": False} if policy == "wisp" and args.no_fill else None,
+        host=resolve_host(est, args.host_time),
+        padded_clock=args.padded_clock,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
@@ -232,6 +235,8 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
         g = sum(s["goodput_tok_s"] for s in sims) / len(sims)
         a = sum(s["attainment"] for s in sims) / len(sims)
         tp = sum(s["tpot_p50_ms"] for s in sims) / len(sims)
+        ttft = sum(s["ttft_p50_ms"] or 0.0 for s in sims) / len(sims)
+        sess = sum(s["sessions"] for s in sims) / len(sims)
         err = (g - p["goodput_tok_s"]) / p["goodput_tok_s"] if p["goodput_tok_s"] else None
         rows.append(
             {
@@ -245,12 +250,17 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
                 "sim_attainment": a,
                 "bench_tpot_p50_ms": p["tpot_p50_ms"],
                 "sim_tpot_p50_ms": tp,
+                "bench_ttft_p50_ms": p.get("ttft_p50_ms"),
+                "sim_ttft_p50_ms": ttft,
+                "bench_sessions": p.get("sessions"),
+                "sim_sessions": sess,
             }
         )
         print(
             f"[validate] {p['policy']:<12}{(p['controller'] or ''):<9} N={p['n']:<5} goodput bench "
             f"{p['goodput_tok_s']:8.1f} sim {g:8.1f} ({'n/a' if err is None else f'{100 * err:+.0f}%'})  "
-            f"attain {p['attainment']:.2f}/{a:.2f}  tpot50 {p['tpot_p50_ms']:.0f}/{tp:.0f} ms",
+            f"attain {p['attainment']:.2f}/{a:.2f}  tpot50 {p['tpot_p50_ms']:.0f}/{tp:.0f} ms  "
+            f"ttft50 {p.get('ttft_p50_ms') or 0:.0f}/{ttft:.0f} ms  sessions {p.get('sessions')}/{sess:.0f}",
             flush=True,
         )
     errs = [abs(r["goodput_err"]) for r in rows if r["goodput_err"] is not None]

@@ -1,16 +1,17 @@
 """`wisp simulate`: a discrete-event model of devices, links and GPUs around the real scheduling code.
 
 What is real (imported, not re-implemented): `scheduler.make_policy` / `Scheduler` (the batch policies, queue,
-chunked prefill and wait hints), `VerifyTimeEstimator` (loaded from a `wisp profile` file; it is both the
-policy's estimator and the simulated GPU's clock: a batch takes `estimator.predict(batch)` seconds, optionally
-with multiplicative noise), `deadlines.SessionDeadlines` (each request's deadline, as the server sets it) and
+chunked prefill and wait hints), `VerifyTimeEstimator` (loaded from a `wisp profile` file; it is the policy's
+estimator and, through `gpu_clock.GpuClock`, the forward part of the simulated GPU's clock, optionally with
+multiplicative noise), `deadlines.SessionDeadlines` (each request's deadline, as the server sets it) and
 the SDK's controllers (`Wisp`, `FixedK`: every drafted token goes through `controller.step`, every verdict
 through `controller.observe`, and the link state is updated as `AsyncEdgeClient._update_link` does).
 
 What is simulated: time (an event heap), the network (link profile: RTT/2 + jitter + size/bandwidth each
 way), the draft model (device profile's time per token; acceptance replayed from the measured trace, as the
-emulated devices of `wisp bench` do), and server/client CPU time (not modelled: the simulated server is a
-perfect Python loop, which is the main source of error against `wisp bench`).
+emulated devices of `wisp bench` do), and the server's serial host time per step (`gpu_clock.py`: a batch holds
+the GPU for the estimator's forward plus host work fitted from the H200 `steps` logs). Client CPU time is not
+modelled.
 
 Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
 carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
@@ -40,6 +41,7 @@ from typing import Any
 
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
+from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
@@ -77,6 +79,8 @@ class SimConfig:
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
+    host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
+    padded_clock: bool = False  # the clock keeps a paged estimator's padded features (gpu_clock.varlen_view)
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -154,7 +158,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     if cfg.balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}, not {cfg.balance!r}")
     rng = random.Random(cfg.seed)
-    gpu_est = VerifyTimeEstimator.from_dict(cfg.estimator)
+    clock = GpuClock(cfg.estimator, cfg.host, varlen=not cfg.padded_clock)
     reps = []
     for _ in range(cfg.replicas):
         est = VerifyTimeEstimator.from_dict(cfg.estimator)
@@ -427,7 +431,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 rp.wake_at = max(w, now + 1e-6)
                 push(rp.wake_at, "wake", r)
             return
-        dur = gpu_est.predict(batch.shapes)
+        dur = clock.step_s(batch)
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
         rp.busy_until = now + dur
