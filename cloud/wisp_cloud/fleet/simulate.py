@@ -348,7 +348,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
-            elif s.central and _switch(s, back=True):
+            elif s.central and _switch(s, True, finish):
                 push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
@@ -383,7 +383,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)
-        elif _switch(s, back=False):
+        elif _switch(s, False, finish):
             s.answered = None  # its next round comes after the decoded stretch: no device time to learn
             submit_decode(s, finish)  # FLAG_CENTRALIZE: the server decodes it from here
         else:
@@ -391,8 +391,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if s.think is not None:  # announced: the policy may hold a small batch for it (sched/fill.py)
                 reps[s.rep].sched.announce(str(id(s)), finish + s.think)
 
-    def _switch(s: _Sess, back: bool) -> bool:
-        """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session."""
+    def _switch(s: _Sess, back: bool, now: float) -> bool:
+        """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session; with its
+        too-slow test fed as commit.py feeds it (the device's measured time plus the predicted verify step, and
+        the predicted decode step)."""
         if hybrid is None:
             return False
         s.mode_steps += 1
@@ -401,7 +403,12 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         alpha = s.dl.acceptance.measured_alpha
         k = round(s.k_mean) if s.k_mean is not None else 4
         rule = hybrid.to_speculative if back else hybrid.to_centralized
-        if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms):
+        round_ms = decode_ms = None
+        if s.think is not None:
+            ctx = s.plen + s.gen
+            round_ms = 1000 * (s.think + reps[s.rep].sched.wait_hint(ItemShape(k + 1, ctx), now))
+            decode_ms = 1000 * reps[s.rep].sched.wait_hint(ItemShape(1, ctx), now)
+        if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
             return False
         s.central, s.mode_steps = not back, 0
         return True
