@@ -149,7 +149,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-connections-per-ip",
         type=number(int, min=1),
         default=4096,
-        help="websocket connections from one client address (behind --trusted-proxy: the forwarded address)",
+        help="connections from one client address (a websocket through a --trusted-proxy: the forwarded one)",
     )
     p.add_argument(
         "--trusted-proxy",
