@@ -211,6 +211,18 @@ def test_closed_loop_mixed_slos_wisp_beats_fifo_and_sled():
     )
 
 
+def test_wisp_never_holds_server_decoded_sessions():
+    """A decode of a server-decoded (hybrid) session is due every step, as under the centralized policy: no hold
+    (hold_s or fill) may wait with one, or every token of that session pays the hold (simulated: TPOT p50 34 ->
+    46 ms for phone-class devices moved to server decoding)."""
+    for fill in (False, True):
+        pol = WispPolicy(linear_estimator(), max_batch=64, hold_s=0.01, fill=fill)
+        decodes = [Request(f"d{i}", "decode", 1, 100, deadline=0.5, arrival=0.0) for i in range(3)]
+        assert len(pol.select(decodes, 0.001).slots) == 3
+        mixed = [*decodes, verify("v", 0.0, 0.5)]
+        assert len(pol.select(mixed, 0.001).slots) == 4
+
+
 def test_wisp_holds_a_small_relaxed_batch_but_not_urgent_work():
     """Without `fill` (sched/fill.py replaces it): rounds with slack wait up to hold_s for company (one pass
     reads all weights); urgent ones go at once."""

@@ -17,8 +17,8 @@ every token is useful work; when the load falls they come back to the edge, whic
 A second reason, independent of load: a session whose link and device are too slow for its SLO. A round takes
 round_ms (the device's time between a verdict and its next round, plus the server's) and commits E tokens; if
 round_ms / E > tpot_ms while a server-side decode step would take less than `slow_margin` (0.8) × tpot_ms,
-speculation cannot meet the SLO and decoding can: it moves too (after `min_rounds`), and comes back only when
-that no longer holds (the session's last measured round time is kept while it is decoded centrally).
+speculation cannot meet the SLO and decoding can: it moves too, judged from its first measured round (at
+`prior_alpha` until α is measured), and comes back only when that no longer holds (the session's last measured round time is kept while it is decoded centrally).
 `every` is a test hook: switch every N rounds / decoded tokens regardless of load.
 """
 
@@ -37,6 +37,9 @@ class HybridRule:
     dwell_tokens: int = 16
     every: int = 0  # test hook: > 0 switches every `every` rounds and back every `every` decoded tokens
     slow_margin: float = 0.8
+    # α assumed by the too-slow test before it is measured: the real Qwen2.5-Coder 0.5B→1.5B pair's per-token
+    # acceptance on ShareGPT (0.794, docs/workloads.md), the lower of the two public workloads
+    prior_alpha: float = 0.794
 
     @staticmethod
     def cost(k: int, alpha: float, price_ms: float, tpot_ms: float) -> float:
@@ -67,11 +70,13 @@ class HybridRule:
         """After a verdict: switch this speculative session to server-side decoding?"""
         if self.every:
             return rounds >= self.every
+        # Too slow is judged from the first measured round, at the prior α until α is measured: a session that
+        # waits `min_rounds` slow rounds has already spent most of a short generation's TPOT budget.
+        if self.too_slow(k, self.prior_alpha if alpha is None else alpha, tpot_ms, round_ms, decode_ms):
+            return True
         if alpha is None or rounds < self.min_rounds:
             return False
-        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter or self.too_slow(
-            k, alpha, tpot_ms, round_ms, decode_ms
-        )
+        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter
 
     def to_speculative(
         self,
