@@ -67,3 +67,16 @@ def test_hybrid_moves_a_session_whose_link_is_too_slow_for_its_slo():
     # it stays on the server while the link is still that slow, even with the GPU idle
     assert not rule.to_speculative(32, 4, 0.8, 0.0, 50.0, round_ms=400.0, decode_ms=20.0)
     assert rule.to_speculative(32, 4, 0.8, 0.0, 50.0, round_ms=120.0, decode_ms=20.0)
+
+
+def test_too_slow_has_a_margin_and_needs_a_faster_decode():
+    """A phone-class device (one 60 ms draft, 20 ms RTT, 20 ms verify: ~56 ms a token at α ≈ 0.8) is at risk of a
+    60 ms SLO and moves when a server decode is faster; a Jetson's ~32 ms a token does not; nor does a session whose
+    decode would be slower than its rounds."""
+    rule = HybridRule()
+    assert rule.too_slow(1, 0.794, 60.0, 100.0, 34.0)
+    assert not rule.too_slow(4, 0.794, 60.0, 110.0, 34.0)
+    assert not rule.too_slow(1, 0.794, 60.0, 100.0, 58.0)
+    # before α is measured the prior is used, from the first measured round
+    assert rule.to_centralized(1, 1, None, 0.0, 60.0, 100.0, 34.0)
+    assert not rule.to_centralized(1, 1, None, 0.0, 60.0, None, None)

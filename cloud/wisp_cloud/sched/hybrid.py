@@ -15,10 +15,12 @@ So drafts that are mostly rejected, on a GPU whose steps are shared by many sess
 every token is useful work; when the load falls they come back to the edge, which costs the GPU less per token.
 
 A second reason, independent of load: a session whose link and device are too slow for its SLO. A round takes
-round_ms (the device's time between a verdict and its next round, plus the server's) and commits E tokens; if
-round_ms / E > tpot_ms while a server-side decode step would take less than `slow_margin` (0.8) × tpot_ms,
-speculation cannot meet the SLO and decoding can: it moves too, judged from its first measured round (at
-`prior_alpha` until α is measured), and comes back only when that no longer holds (the session's last measured round time is kept while it is decoded centrally).
+round_ms (the device's time between a verdict and its next round, plus the server's) and commits E tokens. If
+round_ms / E > `slow_margin` (0.8) × tpot_ms while a server-side decode step would take less than both that and
+round_ms / E, speculation is at risk of missing the SLO and decoding is safer and faster: the session moves. It is
+judged from its first measured round (at `prior_alpha` until α is measured) and comes back only when that no
+longer holds (the session's last measured round time is kept while it is decoded centrally). Simulated, phone-
+class drafts (60 ms/token) at a 60 ms SLO went from 14–21 devices to the centralized capacity (docs/benchmarks.md).
 `every` is a test hook: switch every N rounds / decoded tokens regardless of load.
 """
 
@@ -55,7 +57,9 @@ class HybridRule:
         if round_ms is None or decode_ms is None:
             return False
         per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
-        return per_token > tpot_ms and decode_ms < self.slow_margin * tpot_ms
+        return per_token > self.slow_margin * tpot_ms and decode_ms < min(
+            per_token, self.slow_margin * tpot_ms
+        )
 
     def to_centralized(
         self,
