@@ -47,52 +47,51 @@ def tiny_trace(tmp_path_factory, tiny_bundle, tiny_target) -> tuple[Path, Path]:
     return out, prompts
 
 
-@pytest.mark.timeout(300)
-def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_trace):
+def _bench_args(tmp_path: Path, tiny_target, tiny_bundle, tiny_trace, **over) -> argparse.Namespace:
+    """`wisp bench run`'s arguments for the tiny pair on CPU (one `wisp serve`, its policy switched between arms);
+    `over` replaces any of them."""
     from wisp_cloud.estimator import VerifyTimeEstimator
-    from wisp_cloud.fleet.bench import run_bench
 
     trace, prompts = tiny_trace
     est = tmp_path / "est.json"
     VerifyTimeEstimator.default().save(est)
-    args = argparse.Namespace(
-        server_cmd=None,  # one `wisp serve`, its policy switched between arms (--control-stdin)
-        serve_args=[
-            "--target",
-            str(tiny_target),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--threads",
-            "1",
-            "--estimator",
-            str(est),
-            "--max-batch",
-            "16",
-        ],  # fmt: skip
-        draft=str(tiny_bundle),
-        trace=str(trace),
-        prompts=str(prompts),
-        policies="centralized,sled,wisp",
-        n="1,2",
-        sled_k="2",
-        duration=2.0,
-        warmup=0.0,
-        drain=20.0,
-        gap=0.2,
-        slo_ttft_ms=5000.0,
-        slo_tpot_ms="1000,2000",  # centralized and SLED judged at both from one sweep; WISP swept at each
-        attainment=0.9,
-        stop_below=0.0,
-        device_profile="instant",
-        link="lan",
-        length_scale=1.0,
-        procs=1,
-        seed=0,
-        server_policy={},
-        no_plots=False,
-        out=str(tmp_path / "bench"),
+    serve = ["--target", str(tiny_target), "--device", "cpu", "--dtype", "float32", "--threads", "1"]
+    args = {
+        "server_cmd": None,
+        "serve_args": [*serve, "--estimator", str(est), "--max-batch", "16"],
+        "draft": str(tiny_bundle),
+        "trace": str(trace),
+        "prompts": str(prompts),
+        "policies": "centralized,sled,wisp",
+        "n": "1,2",
+        "sled_k": "2",
+        "duration": 2.0,
+        "warmup": 0.0,
+        "drain": 20.0,
+        "gap": 0.2,
+        "slo_ttft_ms": 5000.0,
+        "slo_tpot_ms": "1000",
+        "attainment": 0.9,
+        "stop_below": 0.0,
+        "device_profile": "instant",
+        "link": "lan",
+        "length_scale": 1.0,
+        "procs": 1,
+        "seed": 0,
+        "server_policy": {},
+        "no_plots": True,
+        "out": str(tmp_path / "bench"),
+    }
+    return argparse.Namespace(**{**args, **over})
+
+
+@pytest.mark.timeout(300)
+def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_trace):
+    from wisp_cloud.fleet.bench import run_bench
+
+    # centralized and SLED judged at both SLOs from one sweep; WISP swept at each
+    args = _bench_args(
+        tmp_path, tiny_target, tiny_bundle, tiny_trace, slo_tpot_ms="1000,2000", no_plots=False
     )
     result = run_bench(args)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
@@ -132,38 +131,17 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
 def test_bench_device_and_link_lists(tmp_path, tiny_target, tiny_bundle, tiny_trace):
     """--device-profile and --link take lists: the drafting arms run per (device, link), centralized (which drafts
     nothing) once per link, and every (SLO, device, link) gets its own regime with centralized in it."""
-    from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.bench import run_bench
 
-    trace, prompts = tiny_trace
-    est = tmp_path / "est.json"
-    VerifyTimeEstimator.default().save(est)
-    serve = ["--target", str(tiny_target), "--device", "cpu", "--dtype", "float32", "--threads", "1"]
-    args = argparse.Namespace(
-        server_cmd=None,
-        serve_args=[*serve, "--estimator", str(est), "--max-batch", "16"],
-        draft=str(tiny_bundle),
-        trace=str(trace),
-        prompts=str(prompts),
+    args = _bench_args(
+        tmp_path,
+        tiny_target,
+        tiny_bundle,
+        tiny_trace,
         policies="centralized,wisp",
         n="1",
-        sled_k="2",
         duration=1.5,
-        warmup=0.0,
-        drain=20.0,
-        gap=0.2,
-        slo_ttft_ms=5000.0,
-        slo_tpot_ms="1000",
-        attainment=0.9,
-        stop_below=0.0,
         device_profile="instant,mac-m4",
-        link="lan",
-        length_scale=1.0,
-        procs=1,
-        seed=0,
-        server_policy={},
-        no_plots=True,
-        out=str(tmp_path / "bench"),
     )
     result = run_bench(args)
     got = sorted((p["policy"], p["device"], p["link"]) for p in result["points"])
