@@ -22,7 +22,7 @@ from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, cut
 from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
-from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice
 from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
@@ -205,7 +205,10 @@ class Committer:
         d = session.deadlines
         alpha = d.acceptance.measured_alpha if d is not None else None
         k = round(session.k_mean) if session.k_mean is not None else default_k
-        round_ms, decode_ms = self._round_and_decode_ms(session, k)
+        now = time.monotonic()
+        round_ms, decode_ms = round_and_decode_ms(
+            session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
+        )
         rule = self.hybrid.to_centralized if to == "centralized" else self.hybrid.to_speculative
         if not rule(
             session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
@@ -216,17 +219,6 @@ class Committer:
         self.metrics.switches.labels(to).inc()
         log_event(log, "session_switch", session=session.id[:8], mode=to, price_ms=self.price.price_ms)
         return True
-
-    def _round_and_decode_ms(self, session: Session, k: int) -> tuple[float | None, float | None]:
-        """A speculative round's time (the device's measured time between an answer and its next round, plus the
-        server's predicted step) and a server-side decode step's, for the hybrid's too-slow test."""
-        if session.think_s is None:
-            return None, None
-        now = time.monotonic()
-        hints = self.queue.hints
-        verify_ms = 1000.0 * hints.hint(ItemShape(k + 1, session.committed_len), now)
-        decode_ms = 1000.0 * hints.hint(ItemShape(1, session.committed_len), now)
-        return 1000.0 * session.think_s + verify_ms, decode_ms
 
     def finish(self, records: list[Committed]) -> None:
         """Phase 2, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""

@@ -44,7 +44,7 @@ from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
-from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
@@ -403,11 +403,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         alpha = s.dl.acceptance.measured_alpha
         k = round(s.k_mean) if s.k_mean is not None else 4
         rule = hybrid.to_speculative if back else hybrid.to_centralized
-        round_ms = decode_ms = None
-        if s.think is not None:
-            ctx = s.plen + s.gen
-            round_ms = 1000 * (s.think + reps[s.rep].sched.wait_hint(ItemShape(k + 1, ctx), now))
-            decode_ms = 1000 * reps[s.rep].sched.wait_hint(ItemShape(1, ctx), now)
+        round_ms, decode_ms = round_and_decode_ms(
+            s.think, lambda item: reps[s.rep].sched.wait_hint(item, now), k, s.plen + s.gen
+        )
         if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
             return False
         s.central, s.mode_steps = not back, 0

@@ -26,9 +26,11 @@ class drafts (60 ms/token) at a 60 ms SLO went from 14–21 devices to the centr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wisp_cloud.deadlines import expected_committed
+from wisp_cloud.estimator import ItemShape
 
 
 @dataclass(frozen=True)
@@ -101,3 +103,16 @@ class HybridRule:
         return self.cost(k, alpha, price_ms, tpot_ms) < self.leave and not self.too_slow(
             k, alpha, tpot_ms, round_ms, decode_ms
         )
+
+
+def round_and_decode_ms(
+    think_s: float | None, hint: Callable[[ItemShape], float], k: int, context_len: int
+) -> tuple[float | None, float | None]:
+    """The too-slow test's inputs, as the server (commit.py) and the simulator feed them: a speculative round's
+    time (the device's measured time between an answer and its next round, plus the predicted verify step) and a
+    server-side decode step's, both in ms; (None, None) until the device time is measured. `hint`: predicted
+    seconds from an item's arrival to its answer (the scheduler's wait hint)."""
+    if think_s is None:
+        return None, None
+    verify_ms = 1000.0 * hint(ItemShape(k + 1, context_len))
+    return 1000.0 * think_s + verify_ms, 1000.0 * hint(ItemShape(1, context_len))
