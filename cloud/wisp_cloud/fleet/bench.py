@@ -171,8 +171,10 @@ def _run_point(
     device: Any,
     link: Any,
     out: Path,
+    label: str,
 ) -> dict[str, Any]:
-    """One (policy, variant, SLO asked, N) point: the fleet's sessions, summarized and judged at `judge_at`."""
+    """One (policy, variant, SLO asked, N) point: the fleet's sessions, summarized and judged at `judge_at`;
+    `label` names it in the progress lines and its records file."""
     plans = plan_sessions(n, args.duration, prompts, args.gap, seed=args.seed)
     for dev_plans in plans:
         for pl in dev_plans:
@@ -194,11 +196,6 @@ def _run_point(
         "seed": args.seed,
         "response_timeout_s": max(60.0, args.drain + args.duration),
     }
-    label = policy + (f"+{controller}" if controller and policy == "sled" else "")
-    if len(judge_at) == 1 and len(_tpots(args)) > 1:
-        label += f"@{asked:g}"
-    if "," in str(args.device_profile) or "," in str(args.link):
-        label += f"-{device.name}-{link.name}"
     t = time.time()
 
     def progress(el: float) -> None:
@@ -228,11 +225,6 @@ def _run_point(
     return point
 
 
-def _tpots(args: Any) -> list[float]:
-    """--slo-tpot-ms: one value or a comma-separated list (each judged; see capacity.py)."""
-    return [float(x) for x in str(args.slo_tpot_ms).split(",") if x.strip()]
-
-
 def run_bench(args: Any) -> dict[str, Any]:
     from wisp_sdk.tokenizer import DraftTokenizer
 
@@ -251,7 +243,7 @@ def run_bench(args: Any) -> dict[str, Any]:
     devices = [get_device(x.strip()) for x in str(args.device_profile).split(",") if x.strip()]
     links = [get_link(x.strip()) for x in str(args.link).split(",") if x.strip()]
     device, link = devices[0], links[0]
-    tpots = _tpots(args)
+    tpots = [float(x) for x in str(args.slo_tpot_ms).split(",") if x.strip()]  # each judged: capacity.py
     slo = SLOSpec(args.slo_ttft_ms, tpots[0])
     server_cmd = getattr(args, "server_cmd", None)
     if getattr(args, "drain", None) is None:
@@ -272,7 +264,7 @@ def run_bench(args: Any) -> dict[str, Any]:
         "kind": "wisp-bench",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_begin)),
         "config": {
-            "serve": [*(getattr(args, "server_cmd", None) or ["wisp", "serve"]), *serve_args],
+            "serve": [*(server_cmd or ["wisp", "serve"]), *serve_args],
             "policies": policies,
             "n": ns,
             "sled_k": sled_ks,
@@ -350,11 +342,14 @@ def run_bench(args: Any) -> dict[str, Any]:
                 ]
                 for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
                     judge_at = tpots if policy in SLO_BLIND else [asked]
+                    label = policy + (f"+{controller}" if controller and policy == "sled" else "")
+                    label += f"@{asked:g}" if len(asks) > 1 else ""
+                    label += f"-{dv.name}-{lk.name}" if len(devices) * len(links) > 1 else ""
                     below = 0
                     for n in ns:
                         point = _run_point(
                             args, fleet, server.url, policy, controller, k, n, asked, judge_at,
-                            prompts, prompt_ids, lengths, truth, trace, dv, lk, out,
+                            prompts, prompt_ids, lengths, truth, trace, dv, lk, out, label,
                         )  # fmt: skip
                         point["device"], point["link"] = dv.name, lk.name
                         result["points"].append(point)
