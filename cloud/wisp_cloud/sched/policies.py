@@ -12,9 +12,8 @@ Policies (docs/scheduling.md):
                tolerance; long prompts paced and in adaptive chunks; aging against starvation. With `fill`
                (docs/scheduling.md §10, sched/fill.py): every ready decode item of a server-decoded session
                rides the batch right after the urgent work (a decode adds ~nothing to a step that pays the
-               weight read anyway), and
-               a small batch waits for rounds the server knows are on their way while that serves more items
-               per GPU second and keeps every member within its deadline.
+               weight read anyway), and a small batch waits for rounds the server knows are on their way while
+               that serves more items per GPU second and keeps every member within its deadline.
 
 Pure and clock-injected (no asyncio, no torch): the engine and `wisp simulate` drive the same classes.
 """
@@ -286,8 +285,9 @@ class WispPolicy(Policy):
             order, n_protected = self._gang(order, n_protected)
         # Only rounds wait for company: a decode of a server-decoded session is due every step (as under the
         # centralized policy), and every hold would add to each of its tokens' time (simulated: TPOT p50 34 -> 46 ms)
-        holdable = len(relaxed) == len(cands) < self.max_batch and all(c.req.kind == "verify" for c in cands)
-        if self.hold_s > 0 and holdable:
+        decoding = any(c.req.kind == "decode" for c in cands)
+        holdable = len(relaxed) == len(cands) < self.max_batch and not decoding
+        if self.hold_s > 0 and holdable and all(c.req.kind != "prefill" for c in cands):
             # release before anyone's latest start comes within one full pass of now
             until = min(
                 by_arrival[0].req.arrival + self.hold_s,
@@ -297,7 +297,7 @@ class WispPolicy(Policy):
                 self._hold_until = until
                 self.counters["hold"] += 1
                 return Batch([], now)
-        if self.fill and not any(c.req.kind == "decode" for c in cands) and self._fill_hold(cands, now):
+        if self.fill and not decoding and self._fill_hold(cands, now):
             return Batch([], now)  # past hold_s (or urgent work): announced company
 
         # latest start of every feasible request from position i on: what a long batch must not push back
