@@ -152,6 +152,43 @@ def test_bench_device_and_link_lists(tmp_path, tiny_target, tiny_bundle, tiny_tr
     assert {d["name"] for d in result["config"]["device_profiles"]} == {"instant", "mac-m4"}
 
 
+@pytest.mark.timeout(300)
+def test_bench_ablation_arms_and_server_stats(tmp_path, tiny_target, tiny_bundle, tiny_trace):
+    """An arm `wisp+fixed:2~no-fill~no-hybrid` runs the wisp server policy with those switches off (for that arm
+    only) and FixedK(2) clients; every point records the engine's counters."""
+    from wisp_cloud.fleet.bench import run_bench
+
+    args = _bench_args(
+        tmp_path, tiny_target, tiny_bundle, tiny_trace, policies="wisp+fixed:2~no-fill~no-hybrid,wisp", n="1"
+    )
+    result = run_bench(args)
+    pts = {p["policy"]: p for p in result["points"]}
+    assert set(pts) == {"wisp+fixed:2~no-fill~no-hybrid", "wisp"}
+    assert pts["wisp+fixed:2~no-fill~no-hybrid"]["controller"] == "fixed:2"
+    for p in pts.values():
+        st = p["server"]
+        assert st["steps"] > 0 and st["batch_mean"] >= 1.0, st
+        assert isinstance(st["policy_counters"], dict) and isinstance(st["session_switches"], dict)
+    log = (tmp_path / "bench" / "logs" / "serve.log").read_text()
+    switches = [line for line in log.splitlines() if "policy_switch" in line]
+    # the ablated arm turned fill and the hybrid off; the next arm starts from the server's own switches again
+    assert "fill=False" in switches[0] and "hybrid=False" in switches[0], switches
+    assert "fill=" not in switches[1], switches
+
+
+@pytest.mark.parametrize(
+    "spec", ["sled+fixed:3", "centralized~no-fill", "wisp~no-such", "wisp+fixed:x", "wisp+magic"]
+)
+def test_bench_rejects_bad_arm(spec):
+    from wisp_cloud.fleet.bench import parse_arm
+    from wisp_sdk.errors import WispError
+
+    with pytest.raises(WispError, match="arm"):
+        parse_arm(spec)
+    assert parse_arm("wisp+fixed:3~no-fill") == ("wisp", "fixed:3", ("no-fill",))
+    assert parse_arm("sled") == ("sled", "", ())
+
+
 def test_simulate_small_point(tiny_trace):
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link

@@ -6,6 +6,7 @@ Only argparse at import time: the heavy imports (torch, transformers, websockets
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from pathlib import Path
@@ -389,12 +390,18 @@ def _serve(
         threading.Thread(target=read, daemon=True, name="wisp-control").start()
         while True:
             words = (await lines.get()).split()
-            if len(words) != 2 or words[0] != "policy" or words[1] not in POLICIES:
+            if words == ["stats"]:  # one JSON line: what the bench records after each point
+                print("stats " + json.dumps(server.stats()), flush=True)
+                continue
+            options = _arm_flags(words[2:])
+            if len(words) < 2 or words[0] != "policy" or words[1] not in POLICIES or options is None:
                 print(
-                    f"control error: expected `policy NAME` (NAME one of {', '.join(POLICIES)})", flush=True
+                    f"control error: expected `policy NAME [{'] ['.join(ARM_FLAGS)}]` (NAME one of "
+                    f"{', '.join(POLICIES)}) or `stats`",
+                    flush=True,
                 )
                 continue
-            await server.switch_policy(words[1])
+            await server.switch_policy(words[1], options=options)
             print(f"policy {words[1]} ready", flush=True)
 
     async def main() -> None:
@@ -427,3 +434,14 @@ def _serve(
         if shutdown is not None:
             shutdown()
     return 0
+
+
+# `wisp bench` arm options on the control line (`policy wisp no-fill`): flag -> ServerConfig switch turned off
+ARM_FLAGS = {"no-fill": "fill", "no-hybrid": "hybrid", "no-truncate": "truncate_drafts"}
+
+
+def _arm_flags(words: list[str]) -> dict[str, bool] | None:
+    """ServerConfig overrides from a control line's flags; None if one is unknown."""
+    if any(w not in ARM_FLAGS for w in words):
+        return None
+    return {ARM_FLAGS[w]: False for w in words}

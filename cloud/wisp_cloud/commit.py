@@ -7,6 +7,7 @@ forwards.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -60,6 +61,7 @@ class Committer:
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
+        self.switch_counts: collections.Counter[str] = collections.Counter()  # by the mode moved to (stats)
         self._eos, self.max_context_len = eos, max_context_len
         self._enqueue = enqueue  # a centralized session's next decode step goes straight back in the queue
         # KV changes for the engine to apply between forwards: (session, truncate length; None = release)
@@ -216,6 +218,7 @@ class Committer:
             return False
         session.mode, session.mode_steps = to, 0
         session.switches += 1
+        self.switch_counts[to] += 1
         self.metrics.switches.labels(to).inc()
         log_event(log, "session_switch", session=session.id[:8], mode=to, price_ms=self.price.price_ms)
         return True

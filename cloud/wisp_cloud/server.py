@@ -30,6 +30,9 @@ from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 
+# ServerConfig switches an arm of `wisp bench` may override (switch_policy's `options`)
+ARM_OPTIONS = ("fill", "hybrid", "truncate_drafts")
+
 log = logging.getLogger("wisp.server")
 
 
@@ -46,6 +49,7 @@ class WispServer:
         self.cfg = config
         self.engine = Engine(backend, config, estimator)
         self._estimator0 = self.engine.estimator.to_dict()  # what switch_policy starts each arm from
+        self._arm_base = {k: getattr(config, k) for k in ARM_OPTIONS}  # and the switches it starts from
         self.gateway = Gateway(self.engine, config)
         if tokenizer is not None:
             auth = bool(config.auth_tokens)
@@ -116,11 +120,15 @@ class WispServer:
         self.engine.close()
         log_event(log, "server_stop", sessions=len(self.engine.store))
 
-    async def switch_policy(self, policy: str, idle_timeout_s: float = 60.0) -> None:
+    async def switch_policy(
+        self, policy: str, idle_timeout_s: float = 60.0, options: dict[str, bool] | None = None
+    ) -> None:
         """Benchmarks only (`wisp serve --control-stdin`): serve the next arm with `policy` on the same loaded
         model and captured graphs. Waits up to `idle_timeout_s` for the sessions to end, closes any left, then
         builds a fresh engine (empty queue, metrics and SLO windows) with a fresh copy of the start-up estimator, so
-        every arm starts from the same state but the model load and graph capture are paid once."""
+        every arm starts from the same state but the model load and graph capture are paid once. `options`: the
+        WISP policy's switches for this arm (ServerConfig's `fill`, `hybrid`, `truncate_drafts`), for ablations."""
+        opts = self._arm_options(options or {})  # a bad option fails here, before the old engine is closed
         end = time.monotonic() + idle_timeout_s
         while len(self.engine.store) and time.monotonic() < end:
             await asyncio.sleep(0.1)
@@ -134,12 +142,23 @@ class WispServer:
         old.close()  # waits for a forward still on the worker thread
         old.release_closed()
         self.cfg = dataclasses.replace(self.cfg, policy=policy)
+        for name, on in opts.items():  # ServerConfig's bool switches (ARM_OPTIONS)
+            setattr(self.cfg, name, on)
         self.engine = Engine(old.backend, self.cfg, VerifyTimeEstimator.from_dict(self._estimator0))
         self.gateway.rebind(self.engine)
         if isinstance(self.gateway.http.completer, EngineCompleter):
             self.gateway.http.completer.engine = self.engine
         self._loop_task = asyncio.create_task(self.engine.run(), name="wisp-engine")
-        log_event(log, "policy_switch", policy=self.engine.policy.name, previous=old.policy.name)
+        log_event(
+            log, "policy_switch", policy=self.engine.policy.name, previous=old.policy.name, **(options or {})
+        )
+
+    def _arm_options(self, options: dict[str, bool]) -> dict[str, bool]:
+        """Every arm starts from the start-up switches; an arm's options override them for that arm only."""
+        bad = set(options) - set(ARM_OPTIONS)
+        if bad:
+            raise ValueError(f"unknown arm option(s) {sorted(bad)}: use {', '.join(ARM_OPTIONS)}")
+        return {**self._arm_base, **options}
 
     def stats(self) -> dict:
         """A snapshot for tests and the CLI's --json output."""
@@ -155,7 +174,15 @@ class WispServer:
             "slo": e.slo_summary(time.monotonic()),
             "estimator_correction": e.estimator.correction,
             "policy_counters": dict(e.policy.counters),
+            "session_switches": dict(e.committer.switch_counts),
+            "steps": sum(e.metrics.batch_size_tally.values()),
+            "batch_mean": _mean_of_tally(e.metrics.batch_size_tally),
         }
+
+
+def _mean_of_tally(tally: dict[int, int]) -> float | None:
+    n = sum(tally.values())
+    return round(sum(k * v for k, v in tally.items()) / n, 2) if n else None
 
 
 def tune_gc() -> None:

@@ -6,6 +6,8 @@ set, trace, device and link profiles and SLO:
   centralized  server --policy centralized, clients in centralized mode (no drafting)
   sled         server --policy sled, clients with FixedK(k), for each k of --sled-k (the best k is reported)
   wisp         server --policy wisp, clients with the Wisp controller
+  wisp+C~F     ablation arms: the wisp server policy with clients' controller C (fixed:K, wisp+ahead) and the
+               server switches F turned off for this arm (no-fill, no-hybrid, no-truncate)
 
 For each (policy, N) the fleet runs `--duration` seconds of Poisson-like session arrivals (each device starts a
 session, then waits Exp(--gap) after it ends); sessions that start after `--warmup` are judged. A session meets
@@ -26,6 +28,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from wisp_sdk.controllers import make_controller
+from wisp_sdk.errors import WispError
 
 from wisp_cloud.fleet.capacity import DEVICE_BLIND, SLO_BLIND, finalize, judge, print_summary
 from wisp_cloud.fleet.profiles import get_device, get_link
@@ -225,6 +230,37 @@ def _run_point(
     return point
 
 
+ARM_FLAGS = ("no-fill", "no-hybrid", "no-truncate")  # `wisp serve` flags an arm may add (WISP policy only)
+
+
+def parse_arm(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """`POLICY[+CONTROLLER][~FLAG...]` -> (policy, controller or "", flags), e.g. `wisp+fixed:3~no-fill`."""
+    head, *flags = spec.split("~")
+    policy, _, controller = head.partition("+")
+    bad = [f for f in flags if f not in ARM_FLAGS]
+    if bad or ((flags or controller) and policy != "wisp"):
+        raise WispError(
+            f"arm {spec!r}: only a wisp arm takes a controller (+fixed:K, +wisp+ahead) or flags "
+            f"(~{', ~'.join(ARM_FLAGS)}); sweep SLED's k with --sled-k"
+        )
+    if controller:
+        try:
+            make_controller(controller)
+        except ValueError as e:
+            raise WispError(f"arm {spec!r}: {e}") from None
+    return policy, controller, tuple(flags)
+
+
+def _fixed_k(controller: str) -> int | None:
+    return int(controller.split(":", 1)[1]) if controller.startswith("fixed:") else None
+
+
+def _server_stats(server: ServerProc) -> dict[str, Any]:
+    st = server.stats()
+    keep = ("policy_counters", "session_switches", "steps", "batch_mean", "estimator_correction")
+    return {k: st.get(k) for k in keep}
+
+
 def run_bench(args: Any) -> dict[str, Any]:
     from wisp_sdk.tokenizer import DraftTokenizer
 
@@ -250,6 +286,8 @@ def run_bench(args: Any) -> dict[str, Any]:
         args.drain = slo.ttft_ms / 1000 + max(lengths) * max(tpots) / 1000 + 1.0
     ns = sorted({int(x) for x in str(args.n).split(",") if x.strip()})
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for spec in policies:
+        parse_arm(spec)  # a bad arm fails before any server starts
     sled_ks = [int(k) for k in str(args.sled_k).split(",") if k.strip()]
     serve_args = list(args.serve_args)
     # every device is one client of one server: no per-token session cap, short TTL for abandoned sessions
@@ -297,11 +335,16 @@ def run_bench(args: Any) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         stack.callback(fleet.close)
         shared: ServerProc | None = None
-        for policy in policies:
+        for spec in policies:
+            # an arm: a server policy, optionally with the clients' controller (`wisp+fixed:3`) and WISP switches
+            # turned off for this arm (`wisp~no-fill~no-hybrid`); its points carry the whole spec as their policy
+            policy, arm_controller, flags = parse_arm(spec)
             # SLO-blind servers are judged at every SLO from one sweep; the others get one sweep per SLO
             asks = [tpots[0]] if policy in SLO_BLIND else tpots
             variants = (
-                [(f"fixed:{k}", k) for k in sled_ks]
+                [(arm_controller, _fixed_k(arm_controller))]
+                if arm_controller
+                else [(f"fixed:{k}", k) for k in sled_ks]
                 if policy == "sled"
                 else [("wisp", None)]
                 if policy == "wisp"
@@ -318,15 +361,18 @@ def run_bench(args: Any) -> dict[str, Any]:
                 )
             with contextlib.ExitStack() as arm:
                 if shared is not None:
-                    shared.switch(server_policy)
+                    shared.switch(server_policy, flags)
                     server = shared
                 else:  # one fresh server per policy, no state carried over
                     server = arm.enter_context(
                         ServerProc(
-                            serve_args, server_policy, log_dir / f"serve-{policy}.log", server_cmd=server_cmd
+                            [*serve_args, *(f"--{f}" for f in flags)],
+                            server_policy,
+                            log_dir / f"serve-{spec}.log",
+                            server_cmd=server_cmd,
                         )
                     )
-                print(f"[bench] {policy}: server at {server.url}", flush=True)
+                print(f"[bench] {spec}: server at {server.url}", flush=True)
                 if truth is None:
                     t = time.time()
                     truth = precompute_truth(server.url, args.draft, prompt_ids, lengths)
@@ -342,7 +388,9 @@ def run_bench(args: Any) -> dict[str, Any]:
                 ]
                 for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
                     judge_at = tpots if policy in SLO_BLIND else [asked]
-                    label = policy + (f"+{controller}" if controller and policy == "sled" else "")
+                    label = spec + (
+                        f"+{controller}" if controller and policy == "sled" and not arm_controller else ""
+                    )
                     label += f"@{asked:g}" if len(asks) > 1 else ""
                     label += f"-{dv.name}-{lk.name}" if len(devices) * len(links) > 1 else ""
                     below = 0
@@ -351,7 +399,10 @@ def run_bench(args: Any) -> dict[str, Any]:
                             args, fleet, server.url, policy, controller, k, n, asked, judge_at,
                             prompts, prompt_ids, lengths, truth, trace, dv, lk, out, label,
                         )  # fmt: skip
+                        point["policy"] = spec
                         point["device"], point["link"] = dv.name, lk.name
+                        if shared is not None:  # the engine's counters, cumulative over the arm
+                            point["server"] = _server_stats(shared)
                         result["points"].append(point)
                         (out / "bench.json").write_text(json.dumps(result, indent=1))
                         best = max(j["attainment"] for j in point["judged"].values())

@@ -51,7 +51,12 @@ def add_parser(subparsers) -> None:
     r.add_argument("--bundle", dest="draft", action=deprecated("--draft"), help=argparse.SUPPRESS)
     add_workload_args(r)
     r.add_argument("--trace", help="acceptance trace from `wisp bench trace` (default: the workload's)")
-    r.add_argument("--policies", default="centralized,sled,wisp", help="comma-separated, run in this order")
+    r.add_argument(
+        "--policies",
+        default="centralized,sled,wisp",
+        help="comma-separated arms, run in this order; a wisp arm may name its clients' controller and turn WISP "
+        "switches off for itself, for ablations: wisp+fixed:3, wisp~no-fill, wisp~no-hybrid~no-truncate",
+    )
     r.add_argument("--n", default="4,8,16,32", help="device counts to sweep (comma-separated)")
     r.add_argument(
         "--sled-k", default="2,4,6", help="FixedK draft lengths swept for sled (best one reported)"

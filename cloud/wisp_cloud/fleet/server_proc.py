@@ -1,12 +1,14 @@
 """The server under test of `wisp bench`: `wisp serve ... --policy P --port 0` as a subprocess.
 
-With `control=True` the server reads `policy NAME` lines on stdin (`wisp serve --control-stdin`): the bench then
-loads the model and captures its CUDA graphs once and switches the policy between arms (a fresh engine and a
-fresh copy of the start-up estimator each time; WispServer.switch_policy).
+With `control=True` the server reads `policy NAME [FLAG...]` lines on stdin (`wisp serve --control-stdin`): the bench
+then loads the model and captures its CUDA graphs once and switches the policy between arms (a fresh engine and a
+fresh copy of the start-up estimator each time; WispServer.switch_policy; FLAGs such as `no-fill` turn a WISP
+switch off for one arm). A `stats` line answers with the engine's counters (WispServer.stats) as one JSON line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,6 +21,7 @@ from wisp_sdk.errors import WispError
 
 _LISTEN = re.compile(r"listening on (wss?://\S+)")
 _READY = re.compile(r"^policy (\S+) ready$")
+_STATS = "stats "
 
 
 class ServerProc:
@@ -44,6 +47,8 @@ class ServerProc:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self._ready: list[str] = []
+        self._stats: list[dict] = []
+        self.flags: tuple[str, ...] = ()
 
     def __enter__(self) -> ServerProc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +74,8 @@ class ServerProc:
                 r = _READY.match(line.strip())
                 if r:
                     self._ready.append(r.group(1))
+                elif line.startswith(_STATS):
+                    self._stats.append(json.loads(line[len(_STATS) :]))
 
         threading.Thread(target=read, daemon=True).start()
         self._wait(lambda: bool(found), self.startup_s, "start")
@@ -88,16 +95,25 @@ class ServerProc:
                 raise WispError(f"server did not {what} within {timeout_s:.0f}s: {' '.join(self.cmd)}")
             time.sleep(0.1)
 
-    def switch(self, policy: str, timeout_s: float = 120.0) -> None:
-        """The next arm: the same process serves `policy` (needs `control=True`)."""
-        if policy == self.policy:
+    def switch(self, policy: str, flags: tuple[str, ...] = (), timeout_s: float = 120.0) -> None:
+        """The next arm: the same process serves `policy` with `flags` (needs `control=True`)."""
+        if policy == self.policy and tuple(flags) == self.flags:
             return
         assert self.control and self.proc is not None and self.proc.stdin is not None
         n = len(self._ready)
-        self.proc.stdin.write(f"policy {policy}\n")
+        self.proc.stdin.write(" ".join(["policy", policy, *flags]) + "\n")
         self.proc.stdin.flush()
         self._wait(lambda: len(self._ready) > n, timeout_s, f"switch to {policy}")
-        self.policy = policy
+        self.policy, self.flags = policy, tuple(flags)
+
+    def stats(self, timeout_s: float = 30.0) -> dict:
+        """The engine's counters now (policy counters, session switches, steps, mean batch): cumulative per arm."""
+        assert self.control and self.proc is not None and self.proc.stdin is not None
+        n = len(self._stats)
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        self._wait(lambda: len(self._stats) > n, timeout_s, "answer stats")
+        return self._stats[-1]
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
