@@ -16,7 +16,7 @@ from wisp_sdk.errors import WispError
 
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
-from wisp_cloud.config import ServerConfig, parse_tenant_weight
+from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 
@@ -186,6 +186,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "rounds; docs/scheduling.md §10)",
     )
     p.add_argument(
+        "--no-refuse",
+        action="store_true",
+        help="--policy wisp: rounds and decodes always join the next batch, even when that pushes a member past "
+        "its deadline (prompt pieces are still checked)",
+    )
+    p.add_argument(
         "--model-name",
         help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
     )
@@ -262,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         hybrid=not args.no_hybrid,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
+        refuse=not args.no_refuse,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
     )
@@ -434,10 +441,6 @@ def _serve(
         if shutdown is not None:
             shutdown()
     return 0
-
-
-# `wisp bench` arm options on the control line (`policy wisp no-fill`): flag -> ServerConfig switch turned off
-ARM_FLAGS = {"no-fill": "fill", "no-hybrid": "hybrid", "no-truncate": "truncate_drafts"}
 
 
 def _arm_flags(words: list[str]) -> dict[str, bool] | None:

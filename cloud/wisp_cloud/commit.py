@@ -209,7 +209,11 @@ class Committer:
         k = round(session.k_mean) if session.k_mean is not None else default_k
         now = time.monotonic()
         round_ms, decode_ms = round_and_decode_ms(
-            session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
+            session.think_s,
+            lambda item: self.queue.wait_hint(item, now),
+            self.queue.step_hint,
+            k,
+            session.committed_len,
         )
         rule = self.hybrid.to_centralized if to == "centralized" else self.hybrid.to_speculative
         if not rule(

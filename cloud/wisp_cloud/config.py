@@ -48,6 +48,10 @@ class ServerConfig:
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
     fill: bool = True
+    # `--policy wisp`: a round is left out of a batch when joining would push a member past its deadline (the
+    # interference WISP prevents). `--no-refuse`: rounds and decodes always join (prompt pieces are still checked);
+    # a round left out waits a whole step, which at 32B costs more than the few ms it adds to a step.
+    refuse: bool = True
     # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
     # this many draft tokens of a round.
     hybrid_every: int = 0
@@ -126,3 +130,13 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+# ServerConfig's WISP switches that `wisp serve --no-X` turns off, and that an arm of `wisp bench` may turn off for
+# itself (`wisp~no-fill`; WispServer.switch_policy): flag -> field
+ARM_FLAGS: dict[str, str] = {
+    "no-fill": "fill",
+    "no-hybrid": "hybrid",
+    "no-truncate": "truncate_drafts",
+    "no-refuse": "refuse",
+}

@@ -86,6 +86,7 @@ class Engine:
         kw: dict[str, object] = {"prefill_chunk": config.prefill_chunk} if config.policy != "sled" else {}
         if config.policy == "wisp":
             kw["fill"] = config.fill
+            kw["refuse"] = config.refuse
         self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **kw)
         self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (

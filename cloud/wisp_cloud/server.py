@@ -22,7 +22,7 @@ from wisp_sdk.tokenizer import DraftTokenizer
 
 from wisp_cloud.api import EngineCompleter
 from wisp_cloud.backends.base import Backend
-from wisp_cloud.config import ServerConfig
+from wisp_cloud.config import ARM_FLAGS, ServerConfig
 from wisp_cloud.engine import Engine
 from wisp_cloud.estimator import VerifyTimeEstimator
 from wisp_cloud.gateway import Gateway
@@ -30,8 +30,7 @@ from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 
-# ServerConfig switches an arm of `wisp bench` may override (switch_policy's `options`)
-ARM_OPTIONS = ("fill", "hybrid", "truncate_drafts")
+ARM_OPTIONS = tuple(ARM_FLAGS.values())  # ServerConfig switches an arm of `wisp bench` may override
 
 log = logging.getLogger("wisp.server")
 

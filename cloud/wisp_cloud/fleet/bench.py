@@ -7,7 +7,7 @@ set, trace, device and link profiles and SLO:
   sled         server --policy sled, clients with FixedK(k), for each k of --sled-k (the best k is reported)
   wisp         server --policy wisp, clients with the Wisp controller
   wisp+C~F     ablation arms: the wisp server policy with clients' controller C (fixed:K, wisp+ahead) and the
-               server switches F turned off for this arm (no-fill, no-hybrid, no-truncate)
+               server switches F turned off for this arm (config.ARM_FLAGS: no-fill, no-hybrid, no-truncate, no-refuse)
 
 For each (policy, N) the fleet runs `--duration` seconds of Poisson-like session arrivals (each device starts a
 session, then waits Exp(--gap) after it ends); sessions that start after `--warmup` are judged. A session meets
@@ -32,6 +32,7 @@ from typing import Any
 from wisp_sdk.controllers import make_controller
 from wisp_sdk.errors import WispError
 
+from wisp_cloud.config import ARM_FLAGS
 from wisp_cloud.fleet.capacity import DEVICE_BLIND, SLO_BLIND, finalize, judge, print_summary
 from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.server_proc import ServerProc
@@ -228,9 +229,6 @@ def _run_point(
         flush=True,
     )
     return point
-
-
-ARM_FLAGS = ("no-fill", "no-hybrid", "no-truncate")  # `wisp serve` flags an arm may add (WISP policy only)
 
 
 def parse_arm(spec: str) -> tuple[str, str, tuple[str, ...]]:

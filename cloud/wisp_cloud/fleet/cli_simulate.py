@@ -88,6 +88,11 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
     p.add_argument(
+        "--no-refuse",
+        action="store_true",
+        help="wisp policy: rounds and decodes always join the next batch (as `wisp serve --no-refuse`)",
+    )
+    p.add_argument(
         "--no-fill",
         action="store_true",
         help="wisp policy: do not fill the weight read (as `wisp serve --no-fill`; docs/scheduling.md §10)",

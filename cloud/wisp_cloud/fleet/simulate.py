@@ -403,8 +403,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         alpha = s.dl.acceptance.measured_alpha
         k = round(s.k_mean) if s.k_mean is not None else 4
         rule = hybrid.to_speculative if back else hybrid.to_centralized
+        sched = reps[s.rep].sched
         round_ms, decode_ms = round_and_decode_ms(
-            s.think, lambda item: reps[s.rep].sched.wait_hint(item, now), k, s.plen + s.gen
+            s.think, lambda item: sched.wait_hint(item, now), sched.step_hint, k, s.plen + s.gen
         )
         if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
             return False
