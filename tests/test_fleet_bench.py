@@ -177,7 +177,8 @@ def test_bench_ablation_arms_and_server_stats(tmp_path, tiny_target, tiny_bundle
 
 
 @pytest.mark.parametrize(
-    "spec", ["sled+fixed:3", "centralized~no-fill", "wisp~no-such", "wisp+fixed:x", "wisp+magic"]
+    "spec",
+    ["sled+fixed:3", "centralized~no-fill", "wisp~no-such", "wisp+fixed:x", "wisp+magic", "wisp~no-refuse"],
 )
 def test_bench_rejects_bad_arm(spec):
     from wisp_cloud.fleet.bench import parse_arm

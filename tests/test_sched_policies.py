@@ -236,15 +236,15 @@ def test_wisp_holds_a_small_relaxed_batch_but_not_urgent_work():
     assert len(WispPolicy(linear_estimator(), hold_s=0.0, fill=False).select(relaxed, 0.001).slots) == 3
 
 
-def test_no_refuse_lets_every_round_join_but_still_checks_prompt_pieces():
-    """A member whose deadline the next round would break: by default the round is left out (it waits a step);
-    with refuse=False it joins anyway, while a prompt piece that would break it is still held back."""
+def test_every_round_joins_unless_refuse_but_prompt_pieces_are_checked():
+    """A member whose deadline the next round would break: with refuse=True the round is left out (it waits a
+    step); by default it joins anyway, while a prompt piece that would break it is still held back."""
     gpu = linear_estimator(const=0.010, per_item=0.004, per_token=0.0)
     tight = verify("tight", 0.0, 0.0145)  # alone: 14 ms of 14.5; with any other item: 18 ms
     late = verify("other", 0.0, 1.0)
     chunk = prefill("p", 0.0, 64, ttft=5.0)
-    guarded = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False).select([tight, late], 0.0)
+    guarded = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False, refuse=True).select([tight, late], 0.0)
     assert [s.request.session_id for s in guarded.slots] == ["tight"]
-    open_ = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False, refuse=False)
+    open_ = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False)  # the default
     assert {s.request.session_id for s in open_.select([tight, late], 0.0).slots} == {"tight", "other"}
     assert [s.request.session_id for s in open_.select([tight, chunk], 0.0).slots] == ["tight"]

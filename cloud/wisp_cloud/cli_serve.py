@@ -186,10 +186,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "rounds; docs/scheduling.md §10)",
     )
     p.add_argument(
-        "--no-refuse",
+        "--refuse",
         action="store_true",
-        help="--policy wisp: rounds and decodes always join the next batch, even when that pushes a member past "
-        "its deadline (prompt pieces are still checked)",
+        help="--policy wisp: leave a round or decode out of a batch when joining would push a member past its "
+        "deadline (prompt pieces are always checked; off by default, docs/scheduling.md)",
     )
     p.add_argument(
         "--model-name",
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         hybrid=not args.no_hybrid,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
-        refuse=not args.no_refuse,
+        refuse=args.refuse,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
     )
@@ -447,4 +447,4 @@ def _arm_flags(words: list[str]) -> dict[str, bool] | None:
     """ServerConfig overrides from a control line's flags; None if one is unknown."""
     if any(w not in ARM_FLAGS for w in words):
         return None
-    return {ARM_FLAGS[w]: False for w in words}
+    return dict(ARM_FLAGS[w] for w in words)

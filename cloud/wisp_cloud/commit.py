@@ -211,7 +211,6 @@ class Committer:
         round_ms, decode_ms = round_and_decode_ms(
             session.think_s,
             lambda item: self.queue.wait_hint(item, now),
-            self.queue.step_hint,
             k,
             session.committed_len,
         )

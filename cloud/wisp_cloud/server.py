@@ -30,7 +30,9 @@ from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 
-ARM_OPTIONS = tuple(ARM_FLAGS.values())  # ServerConfig switches an arm of `wisp bench` may override
+ARM_OPTIONS = tuple(
+    field for field, _ in ARM_FLAGS.values()
+)  # ServerConfig switches an arm of `wisp bench` may override
 
 log = logging.getLogger("wisp.server")
 

@@ -88,9 +88,9 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
     p.add_argument(
-        "--no-refuse",
+        "--refuse",
         action="store_true",
-        help="wisp policy: rounds and decodes always join the next batch (as `wisp serve --no-refuse`)",
+        help="wisp policy: a round or decode may be left out of a batch for a member's deadline (as `wisp serve --refuse`)",
     )
     p.add_argument(
         "--no-fill",

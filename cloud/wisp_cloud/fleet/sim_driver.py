@@ -57,7 +57,7 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
-        policy_kw={"fill": not args.no_fill, "refuse": not args.no_refuse} if policy == "wisp" else None,
+        policy_kw={"fill": not args.no_fill, "refuse": args.refuse} if policy == "wisp" else None,
         host=resolve_host(est, args.host_time),
         padded_clock=args.padded_clock,
         drain_s=args.drain

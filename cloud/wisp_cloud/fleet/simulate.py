@@ -405,7 +405,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         rule = hybrid.to_speculative if back else hybrid.to_centralized
         sched = reps[s.rep].sched
         round_ms, decode_ms = round_and_decode_ms(
-            s.think, lambda item: sched.wait_hint(item, now), sched.step_hint, k, s.plen + s.gen
+            s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
         )
         if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
             return False

@@ -35,8 +35,7 @@ class WaitHints:
         self.queue_s += self.ewma * (queue_s - self.queue_s)
 
     def step(self, item: ItemShape) -> float:
-        """Predicted time of a step like the last one with `item` added: how often a session decoded on the server
-        gets a token (its decode rides every step, re-queued as the step ends), with no queueing wait."""
+        """Predicted time of a step like the last one with `item` added (no queueing wait)."""
         return self.estimator.predict_shape(self.last_shape.plus(item))
 
     def hint(self, item: ItemShape, now: float) -> float:

@@ -108,18 +108,19 @@ class HybridRule:
 def round_and_decode_ms(
     think_s: float | None,
     hint: Callable[[ItemShape], float],
-    step: Callable[[ItemShape], float],
     k: int,
     context_len: int,
 ) -> tuple[float | None, float | None]:
     """The too-slow test's inputs, as the server (commit.py) and the simulator feed them: a speculative round's
     time (the device's measured time between an answer and its next round, plus the predicted wait and verify
-    step) and a server-side decode's time per token, both in ms; (None, None) until the device time is measured.
-    `hint`: predicted seconds from an item's arrival to its answer (the scheduler's wait hint); `step`: predicted
-    seconds of one step with the item in it. A decoded session is re-queued as its step ends and rides the next
-    one, so it pays no arrival wait: charging it the rounds' queueing wait (as before) made decoding look slower
-    than it is and kept sessions speculating past their SLO."""
+    step) and a server-side decode's, both in ms; (None, None) until the device time is measured. `hint`:
+    predicted seconds from an item's arrival to its answer (the scheduler's wait hint).
+
+    A decode is charged the same queueing wait as a round, although a decoded session rides the very next step.
+    Measured (H200, 7B, TPOT 30, docs/benchmarks.md run 19): charging it one step only (`step`) moved many more
+    sessions to the server and attainment at 224 devices fell from 0.92 (no hybrid) to 0.39: the wait errs on
+    the side of keeping sessions on the edge."""
     if think_s is None:
         return None, None
     verify_ms = 1000.0 * hint(ItemShape(k + 1, context_len))
-    return 1000.0 * think_s + verify_ms, 1000.0 * step(ItemShape(1, context_len))
+    return 1000.0 * think_s + verify_ms, 1000.0 * hint(ItemShape(1, context_len))

@@ -191,10 +191,11 @@ class WispPolicy(Policy):
     # waits (beyond hold_s, or with urgent work that hold_s never holds) for announced rounds when the estimator
     # says that serves more rounds per GPU second and no member misses its deadline.
     fill: bool = True
-    # False (`--no-refuse`): rounds and decodes always join (up to max_batch and max_batch_tokens); only prompt
-    # pieces are checked against deadlines. A round left out waits a whole step (at 32B ≈ 19 ms of weight read),
-    # far more than the ≈ 0.5 ms it would add to the members' step.
-    refuse: bool = True
+    # True (`--refuse`): a round or decode is left out when joining would push a member past its deadline. Off by
+    # default: rounds and decodes always join (up to max_batch and max_batch_tokens), only prompt pieces are
+    # checked. A round left out waits a whole step (at 32B ≈ 19 ms of weight read), far more than the ≈ 0.5 ms it
+    # would add to the members' step (ServerConfig.refuse has the measurement).
+    refuse: bool = False
 
     def __post_init__(self) -> None:
         self._hold_until: float | None = None

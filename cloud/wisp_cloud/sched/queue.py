@@ -137,10 +137,6 @@ class Scheduler:
             done.append(Outcome(r, now, met, queue_s, best_effort=s.best_effort))
         return done
 
-    def step_hint(self, item: ItemShape) -> float:
-        """Predicted seconds between two tokens of a server-decoded session (WaitHints.step)."""
-        return self.hints.step(item)
-
     def wait_hint(self, item: ItemShape, now: float) -> float:
         """Predicted seconds from a round's arrival to its verdict: typical queueing plus its batch's time."""
         return self.hints.hint(item, now)
