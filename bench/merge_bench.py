@@ -31,25 +31,38 @@ def table_rows(result: dict, model: str, gpu: str) -> list[str]:
             and (p["policy"] == "centralized" or p.get("device", dev["name"]) == dev["name"])
         ]
 
-        def cap(name: str, p: dict = r["policies"], swept: list = swept) -> str:
+        def bound(name: str, p: dict = r["policies"], swept: list = swept) -> tuple[float, str] | None:
+            """(capacity, "=" | "<" | ">="): below the smallest N swept, at least the largest, or interpolated."""
             d = p.get(name)
             if not d:
-                return "—"
+                return None
             if not d["capacity_interp"]:  # even the smallest N swept missed the target
-                return f"< {min(pt['n'] for pt in swept if pt['policy'] == name)}"
-            text = f"{d['capacity_interp']:.0f}" + ("+" if d["capacity_is_lower_bound"] else "")
+                return float(min(pt["n"] for pt in swept if pt["policy"] == name)), "<"
+            return float(d["capacity_interp"]), ">=" if d["capacity_is_lower_bound"] else "="
+
+        def cap(name: str, p: dict = r["policies"]) -> str:
+            b = bound(name)
+            if b is None:
+                return "—"
+            text = {"<": f"< {b[0]:.0f}", ">=": f"≥ {b[0]:.0f}", "=": f"{b[0]:.0f}"}[b[1]]
+            d = p[name]
             return text + (
                 f" (k={d['controller'].split(':')[1]})" if name == "sled" and d.get("controller") else ""
             )
 
-        def ratio(key: str, ratios: dict = r["ratios"]) -> str:
-            v = ratios.get(key)
-            return "—" if v is None else f"{v:.2f}×"
+        def ratio(base: str) -> str:
+            """WISP ÷ base, with the side the bounds allow ("—" when both are bounds, or either is missing)."""
+            w, b = bound("wisp"), bound(base)
+            if w is None or b is None or not b[0] or (w[1] != "=" and b[1] != "="):
+                return "—"
+            v = f"{w[0] / b[0]:.2f}×"
+            side = {("=", "="): "", ("<", "="): "< ", (">=", "="): "≥ ", ("=", "<"): "> ", ("=", ">="): "≤ "}
+            return side[(w[1], b[1])] + v
 
         rows.append(
             f"| {model} | {gpu} | {r['slo_tpot_ms']:g} | {device} | {cfg.get('workload') or 'custom'} | "
             f"{cap('centralized')} | {cap('sled')} | {cap('wisp')} | "
-            f"{ratio('capacity_interp_vs_centralized')} | {ratio('capacity_interp_vs_sled')} |"
+            f"{ratio('centralized')} | {ratio('sled')} |"
         )
     return rows
 
