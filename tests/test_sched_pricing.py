@@ -82,3 +82,14 @@ def test_too_slow_has_a_margin_and_needs_a_faster_decode():
     # before α is measured the prior is used, from the first measured round
     assert rule.to_centralized(1, 1, None, 0.0, 60.0, 100.0, 34.0)
     assert not rule.to_centralized(1, 1, None, 0.0, 60.0, None, None)
+
+
+def test_the_dwell_doubles_per_round_trip():
+    """A session that keeps coming back (measured on the GPU: thousands of moves each way per arm) waits twice as
+    many decoded tokens after every round trip before it may return, up to 2^backoff times the dwell."""
+    rule = HybridRule(dwell_tokens=16, backoff=2)
+    back = [
+        min(d for d in range(1, 200) if rule.to_speculative(d, 4, 0.9, 0.0, 50.0, trips=trips))
+        for trips in range(5)
+    ]
+    assert back == [16, 32, 64, 64, 64]

@@ -214,10 +214,12 @@ class Committer:
             k,
             session.committed_len,
         )
-        rule = self.hybrid.to_centralized if to == "centralized" else self.hybrid.to_speculative
-        if not rule(
-            session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
-        ):
+        args = (session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms)
+        if to == "centralized":
+            moved = self.hybrid.to_centralized(*args)
+        else:  # session.switches counts both directions: a round trip is two
+            moved = self.hybrid.to_speculative(*args, trips=session.switches // 2)
+        if not moved:
             return False
         session.mode, session.mode_steps = to, 0
         session.switches += 1

@@ -138,6 +138,7 @@ class _Sess:
         "n_accepted",
         "central",  # the hybrid moved it to server-side decoding
         "mode_steps",  # rounds / decoded tokens since the last switch
+        "trips",  # times it went to server-side decoding and came back (the hybrid's dwell doubles per trip)
         "catchup",  # tokens decoded by the server that the draft has not been fed yet
         "k_mean",
         "rep",  # the replica it opened on (sticky)
@@ -219,7 +220,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
-        s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
+        s.central, s.mode_steps, s.catchup, s.k_mean, s.trips = False, 0, 0, None, 0
         s.think = s.answered = None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
@@ -402,14 +403,15 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.catchup += 1
         alpha = s.dl.acceptance.measured_alpha
         k = round(s.k_mean) if s.k_mean is not None else 4
-        rule = hybrid.to_speculative if back else hybrid.to_centralized
         sched = reps[s.rep].sched
         round_ms, decode_ms = round_and_decode_ms(
             s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
         )
-        if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
+        args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
+        if not (hybrid.to_speculative(*args, trips=s.trips) if back else hybrid.to_centralized(*args)):
             return False
         s.central, s.mode_steps = not back, 0
+        s.trips += back
         return True
 
     def submit_decode(s: _Sess, now: float) -> None:

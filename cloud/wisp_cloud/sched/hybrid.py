@@ -10,7 +10,11 @@ session's speculation costs the others
 GPU ms of waste per ms of its own TPOT budget. The rule, with hysteresis so a session does not flap:
   - speculative → centralized when cost > `enter` (0.5), judged only after `min_rounds` rounds (α is measured);
   - centralized → speculative when cost < `leave` (0.25) at the session's last measured α and k, after at least
-    `dwell_tokens` (16) decoded tokens: the load fell, drafting pays again.
+    `dwell_tokens` (16) decoded tokens, doubled for each round trip the session already made (up to 2^`backoff`):
+    the load fell, drafting pays again. The doubling is measured, not designed: on an H200 (7B, TPOT 30 and 60,
+    docs/benchmarks.md runs 19–20) a 7B arm logged 1570–2341 moves to the server and 1037–1570 back, every return
+    costing the device a catch-up feed of the decoded tokens (16 × 5.2 ms on a Mac-mini-class draft) and, for a
+    session still too slow, another slow round before it moves again.
 So drafts that are mostly rejected, on a GPU whose steps are shared by many sessions, go to the server, where
 every token is useful work; when the load falls they come back to the edge, which costs the GPU less per token.
 
@@ -39,6 +43,9 @@ class HybridRule:
     leave: float = 0.25
     min_rounds: int = 4
     dwell_tokens: int = 16
+    backoff: int = (
+        4  # the dwell doubles per round trip already made, at most 2^backoff times (16 -> 256 tokens)
+    )
     every: int = 0  # test hook: > 0 switches every `every` rounds and back every `every` decoded tokens
     slow_margin: float = 0.8
     # α assumed by the too-slow test before it is measured: the real Qwen2.5-Coder 0.5B→1.5B pair's per-token
@@ -92,11 +99,13 @@ class HybridRule:
         tpot_ms: float,
         round_ms: float | None = None,
         decode_ms: float | None = None,
+        trips: int = 0,
     ) -> bool:
-        """After a decode step: hand this (switched) session back to the edge?"""
+        """After a decode step: hand this (switched) session back to the edge? `trips`: how many times it already
+        went to the server and came back."""
         if self.every:
             return decoded >= self.every
-        if decoded < self.dwell_tokens:
+        if decoded < self.dwell_tokens << min(max(0, trips), self.backoff):
             return False
         if alpha is None:
             return True
