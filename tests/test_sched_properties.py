@@ -87,8 +87,9 @@ def test_every_request_served_once_in_order_within_limits(reqs, kw):
 def test_wisp_keeps_every_request_that_was_feasible_when_scheduled(reqs, max_batch, slip):
     """A single-piece request that wisp put into a batch while it could still make its deadline (and that was
     not forced in by aging) is never pushed past it by the others in the batch. With `slip_frac` > 0, cheap
-    additions may push it at most slip_frac × its budget past it (and with 0 not at all)."""
-    policy = make_policy("wisp", GPU, max_batch=max_batch, starve_s=10.0, slip_frac=slip)
+    additions may push it at most slip_frac × its budget past it (and with 0 not at all). This is the guarantee
+    of `refuse=True` (`wisp serve --refuse`); by default rounds always join and only prompt pieces are checked."""
+    policy = make_policy("wisp", GPU, max_batch=max_batch, starve_s=10.0, slip_frac=slip, refuse=True)
     trace = simulate(policy, reqs, GPU)
     outcome = {o.request.rid: o for o in trace.outcomes}
     for start, batch in trace.batches:
