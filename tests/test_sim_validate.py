@@ -138,3 +138,19 @@ def test_a_fully_accepted_draft_feeds_its_last_token_with_the_next():
         return float(s["tpot_p50_ms"])
 
     assert tpot(40.0) - tpot(2.0) > 6.0
+
+
+def test_device_round_time_is_paid_once_per_round():
+    """`--device-round-ms`: time on the device per round besides drafting delays every round's send."""
+    always = [{"accepted": [1] * 400, "top1": [0.9] * 400, "entropy": [0.2] * 400}]
+    cfg = _base(
+        policy="sled",
+        controller="fixed:3",
+        devices=8,
+        trace=always,
+        lengths=[40] * 30,
+        prompt_tokens=[1] * 30,
+    )
+    t0 = run_point(cfg)["tpot_p50_ms"]
+    t20 = run_point(replace(cfg, device_round_ms=20.0))["tpot_p50_ms"]
+    assert 3.5 < t20 - t0 < 7.0  # 20 ms per 4-token round

@@ -97,14 +97,24 @@ def _err(sim: float | None, bench: float | None) -> float | None:
     return (sim - bench) / bench if sim is not None and bench else None
 
 
-def validate_points(bench: dict, base: SimConfig) -> tuple[list[dict], list[str]]:
-    """(one row per point and SLO judged, notes on skipped points)."""
+def parse_arm_policy(spec: str) -> str:
+    """An arm spec's server policy (`wisp~no-fill` -> wisp), even for a spec `parse_arm` no longer accepts."""
+    return spec.split("~")[0].split("+")[0]
+
+
+def validate_points(
+    bench: dict, base: SimConfig, only: frozenset[str] = frozenset()
+) -> tuple[list[dict], list[str]]:
+    """(one row per point and SLO judged, notes on skipped points); `only`: these server policies only."""
     c = bench["config"]
     devices = _profiles(c, "device_profiles", "device_profile", DeviceProfile)
     links = _profiles(c, "link_profiles", "link_profile", LinkProfile)
     rows: list[dict] = []
     notes: list[str] = []
+    moved: dict[str, int] = {}
     for p in bench["points"]:
+        if only and parse_arm_policy(p["policy"]) not in only:
+            continue
         asked = float(p.get("slo_tpot_ms") or c["slo"]["tpot_ms"])
         label = f"{p['policy']} {p['controller'] or ''} N={p['n']} @{asked:g}"
         try:
@@ -141,6 +151,10 @@ def validate_points(bench: dict, base: SimConfig) -> tuple[list[dict], list[str]
             "bench_tokens_per_round": p.get("tokens_per_round"),
             "sim_tokens_per_round": _mean(sims, "tokens_per_round"),
         }
+        # the server's counters are cumulative over an arm: this point's moves are the rise since the last point
+        cum = ((p.get("server") or {}).get("session_switches") or {}).get("centralized", 0)
+        common.update(bench_moves=cum - moved.get(p["policy"], 0), sim_moves=_mean(sims, "moves_to_server"))
+        moved[p["policy"]] = cum
         common["tpot_err"] = _err(common["sim_tpot_p50_ms"], p["tpot_p50_ms"])
         for key, j in judged.items():
             g = sum(s["judged"][key]["goodput_tok_s"] for s in sims) / len(sims)
@@ -163,7 +177,8 @@ def validate_points(bench: dict, base: SimConfig) -> tuple[list[dict], list[str]
                 f"{p['tpot_p50_ms']:.1f}/{common['sim_tpot_p50_ms'] or 0:.1f} ms  ttft50 "
                 f"{p.get('ttft_p50_ms') or 0:.0f}/{common['sim_ttft_p50_ms'] or 0:.0f} ms  tok/round "
                 f"{p.get('tokens_per_round') or 0:.2f}/{common['sim_tokens_per_round'] or 0:.2f}  sessions "
-                f"{p.get('sessions')}/{common['sim_sessions'] or 0:.0f}",
+                f"{p.get('sessions')}/{common['sim_sessions'] or 0:.0f}  moves {common['bench_moves']}/"
+                f"{common['sim_moves'] or 0:.0f}",
                 flush=True,
             )
     mark_saturation(rows)
@@ -198,7 +213,8 @@ def summarize_rows(rows: list[dict]) -> dict[str, Any]:
 
 def validate(args: Any, base: SimConfig, bench_path: str, out: Path) -> int:
     bench = json.loads(Path(bench_path).read_text())
-    rows, notes = validate_points(bench, base)
+    only = frozenset(x.strip() for x in args.policies.split(",") if x.strip())
+    rows, notes = validate_points(bench, base, only)
     summary = summarize_rows(rows)
     (out / "validate.json").write_text(
         json.dumps(

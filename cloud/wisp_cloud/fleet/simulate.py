@@ -141,6 +141,7 @@ class _Sess:
         "start",
         "trace",
         "kept",
+        "moves",  # times the hybrid moved it to server-side decoding
         "n_drafted",
         "n_accepted",
         "central",  # the hybrid moved it to server-side decoding
@@ -230,7 +231,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.kept = []
         s.n_drafted = s.n_accepted = 0
         s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
-        s.unfed, s.tail_unfed = 0, False
+        s.unfed, s.tail_unfed, s.moves = 0, False, 0
         s.think = s.answered = None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
@@ -274,6 +275,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 "drafted": s.n_drafted,
                 "accepted": s.n_accepted,
                 "wasted_ms": 0.0,
+                "moves": s.moves,
             }
         )
 
@@ -426,7 +428,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         )
         if not rule(s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms):
             return False
-        s.central, s.mode_steps = not back, 0
+        s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
         return True
 
     def submit_decode(s: _Sess, now: float) -> None:
@@ -536,6 +538,7 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
             per.pop("tpot_ms", None)  # the raw per-session lists stay out of the summary, as run_cli does
             per.pop("ttft_ms", None)
             summ["tenants"][name] = per
+    summ["moves_to_server"] = sum(r["moves"] for r in records)  # the bench's session_switches["centralized"]
     if cfg.judge_tpot_ms:  # as `wisp bench` judges a point at every SLO of --slo-tpot-ms (fleet/capacity.py)
         summ["judged"] = {
             f"{x:g}": judge(records, cfg.warmup_s, cfg.duration_s, cfg.slo_ttft_ms, x)
