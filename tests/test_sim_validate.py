@@ -154,3 +154,14 @@ def test_device_round_time_is_paid_once_per_round():
     t0 = run_point(cfg)["tpot_p50_ms"]
     t20 = run_point(replace(cfg, device_round_ms=20.0))["tpot_p50_ms"]
     assert 3.5 < t20 - t0 < 7.0  # 20 ms per 4-token round
+
+
+def test_a_file_that_is_no_bench_result_is_one_clear_error(tmp_path, capsys):
+    from wisp_sdk.cli import main
+
+    bad = tmp_path / "bench.json"
+    bad.write_text('{"kind": "something else"}')
+    for path in (bad, tmp_path / "missing.json"):
+        assert main(["simulate", "--validate", str(path), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "not a readable `wisp bench` result" in err and "Traceback" not in err

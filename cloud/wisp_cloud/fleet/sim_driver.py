@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wisp_sdk.errors import WispError
+
 from wisp_cloud.fleet.gpu_clock import resolve_host
 from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
@@ -209,8 +211,12 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
     from wisp_cloud.fleet.sim_validate import bench_trace
     from wisp_cloud.fleet.sim_validate import validate as run_validate
 
-    bench = json.loads(Path(args.validate).read_text())
-    c = bench["config"]
+    try:
+        bench = json.loads(Path(args.validate).read_text())
+        c = bench["config"]
+        bench["points"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WispError(f"--validate {args.validate}: not a readable `wisp bench` result ({exc!r})") from None
     trace = bench_trace(bench, args.trace_given, trace)
     base = sim_config(
         args, "centralized", "", trace, est, prompt_tokens=c["prompt_tokens"], lengths=c["lengths"]
@@ -223,4 +229,4 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
         gap_s=c["mean_gap_s"],
         slo_ttft_ms=c["slo"]["ttft_ms"],
     )
-    return run_validate(args, base, args.validate, out)
+    return run_validate(args, base, bench, args.validate, out)

@@ -211,8 +211,7 @@ def summarize_rows(rows: list[dict]) -> dict[str, Any]:
     }
 
 
-def validate(args: Any, base: SimConfig, bench_path: str, out: Path) -> int:
-    bench = json.loads(Path(bench_path).read_text())
+def validate(args: Any, base: SimConfig, bench: dict, bench_path: str, out: Path) -> int:
     only = frozenset(x.strip() for x in args.policies.split(",") if x.strip())
     rows, notes = validate_points(bench, base, only)
     summary = summarize_rows(rows)

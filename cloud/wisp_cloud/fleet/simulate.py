@@ -9,9 +9,9 @@ through `controller.observe`, and the link state is updated as `AsyncEdgeClient.
 
 What is simulated: time (an event heap), the network (link profile: RTT/2 + jitter + size/bandwidth each
 way), the draft model (device profile's time per token; acceptance replayed from the measured trace, as the
-emulated devices of `wisp bench` do), and the server's serial host time per step (`gpu_clock.py`: a batch holds
-the GPU for the estimator's forward plus host work fitted from the H200 `steps` logs). Client CPU time is not
-modelled.
+emulated devices of `wisp bench` do; a fully accepted draft's last token is fed with the next, as DraftRunner.sync
+does), the server's serial host time per step (`gpu_clock.py`: forward plus host work fitted from the H200 `steps`
+logs) and, only if given, `device_round_ms` of client work per round (0 by default: not fitted, docs/benchmarks.md).
 
 Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
 carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
