@@ -152,9 +152,12 @@ def validate_points(
             "sim_tokens_per_round": _mean(sims, "tokens_per_round"),
         }
         # the server's counters are cumulative over an arm: this point's moves are the rise since the last point
-        cum = ((p.get("server") or {}).get("session_switches") or {}).get("centralized", 0)
-        common.update(bench_moves=cum - moved.get(p["policy"], 0), sim_moves=_mean(sims, "moves_to_server"))
-        moved[p["policy"]] = cum
+        # (None where the bench predates the counters, runs before 19)
+        server = p.get("server")
+        cum = (server.get("session_switches") or {}).get("centralized", 0) if server else None
+        bench_moves = cum - moved.get(p["policy"], 0) if cum is not None else None
+        common.update(bench_moves=bench_moves, sim_moves=_mean(sims, "moves_to_server"))
+        moved[p["policy"]] = cum or 0
         common["tpot_err"] = _err(common["sim_tpot_p50_ms"], p["tpot_p50_ms"])
         for key, j in judged.items():
             g = sum(s["judged"][key]["goodput_tok_s"] for s in sims) / len(sims)
