@@ -63,7 +63,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="relative noise on simulated batch times")
     p.add_argument("--procs", type=int, default=2, help="worker processes (GPUs are simulated in parallel)")
     p.add_argument("--sweep", default="", help="capacity sweeps on one GPU: any of rtt,draft,accept")
-    p.add_argument("--validate", help="a bench.json: re-simulate its points and report the error")
+    p.add_argument(
+        "--validate",
+        help="a bench.json: re-simulate each point with its own arm, SLO, device, link and trace, and report the "
+        "error per point and SLO judged (fleet/sim_validate.py)",
+    )
     p.add_argument(
         "--tenants",
         dest="tenant_shares",
@@ -88,6 +92,11 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
     p.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
+    )
+    p.add_argument(
         "--refuse",
         action="store_true",
         help="wisp policy: a round or decode may be left out of a batch for a member's deadline (as `wisp serve --refuse`)",
@@ -110,6 +119,12 @@ def add_parser(subparsers) -> None:
         action="store_true",
         help="the GPU clock keeps a paged estimator's padded features (default: folded into their packed twins)",
     )
+    p.add_argument(
+        "--device-round-ms",
+        type=float,
+        default=0.0,
+        help="per-round time on the device besides drafting (client/SDK work, the fleet's event loops)",
+    )
     p.add_argument("--out", default="runs/sim")
     p.set_defaults(func=_run)
 
@@ -119,5 +134,6 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.devices < 1 or args.gpus < 1:
         raise WispError("--devices and --gpus must be >= 1")
+    args.trace_given = args.trace  # --validate replays the bench's own trace unless one is given
     resolve_workload_args(args, trace=True)
     return run_cli(args)

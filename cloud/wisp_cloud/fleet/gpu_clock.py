@@ -13,6 +13,8 @@ at B ≈ 200, as long as the forward itself) and ≈ 0.4 ms + 24 µs per item fo
   next to a 50-token prompt chunk) is no longer charged B × max(new) rows that a varlen engine never computes.
 - host: `HostTime`, from the estimator file's `host` block when it has one, else `HostTime.default()` (the fit
   above, `bench/fit_host_time.py`), or none (`--host-time off`: the perfect loop of the simulator before this).
+  The engine of H200 runs 18–20 spends less: `--host-time bench/results/sim_validation/host-run18-fit.json`
+  (decode host time × 0.571, fitted on run 18, checked on run 20; docs/benchmarks.md).
 
 The scheduler's own estimator is untouched: it stays what the server believed; only the clock is physics.
 """

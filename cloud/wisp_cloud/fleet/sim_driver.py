@@ -10,8 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from wisp_sdk.errors import WispError
+
 from wisp_cloud.fleet.gpu_clock import resolve_host
-from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile, get_device, get_link
+from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import load_prompts
@@ -57,9 +59,11 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_shares=args.tenant_shares,
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
+        truncate=not (args.no_hybrid or args.no_truncate),
         policy_kw={"fill": not args.no_fill, "refuse": args.refuse} if policy == "wisp" else None,
         host=resolve_host(est, args.host_time),
         padded_clock=args.padded_clock,
+        device_round_ms=args.device_round_ms,
         drain_s=args.drain
         if args.drain is not None
         else args.slo_ttft_ms / 1000 + max(lengths) * args.slo_tpot_ms / 1000 + 1.0,
@@ -203,81 +207,26 @@ def sweeps(args: Any, est: dict, trace: dict, policies: list[str], sled_k: list[
 
 
 def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
-    """Re-simulate every point of a bench.json with its own config; report goodput/attainment error."""
-    bench = json.loads(Path(args.validate).read_text())
-    c = bench["config"]
-    dev = DeviceProfile(**c["device_profile"])
-    link = LinkProfile(**c["link_profile"])
-    rows = []
-    for p in bench["points"]:
-        cfg = sim_config(
-            args,
-            p["policy"],
-            p["controller"] or "",
-            trace,
-            est,
-            prompt_tokens=c["prompt_tokens"],
-            lengths=c["lengths"],
-        )
-        cfg = replace(
-            cfg,
-            devices=p["n"],
-            duration_s=c["duration_s"],
-            warmup_s=c["warmup_s"],
-            drain_s=c["drain_s"],
-            gap_s=c["mean_gap_s"],
-            slo_ttft_ms=c["slo"]["ttft_ms"],
-            slo_tpot_ms=c["slo"]["tpot_ms"],
-            device=dev,
-            link=link,
-        )
-        sims = [run_point(replace(cfg, seed=s)) for s in range(3)]
-        g = sum(s["goodput_tok_s"] for s in sims) / len(sims)
-        a = sum(s["attainment"] for s in sims) / len(sims)
-        tp = sum(s["tpot_p50_ms"] for s in sims) / len(sims)
-        ttft = sum(s["ttft_p50_ms"] or 0.0 for s in sims) / len(sims)
-        sess = sum(s["sessions"] for s in sims) / len(sims)
-        err = (g - p["goodput_tok_s"]) / p["goodput_tok_s"] if p["goodput_tok_s"] else None
-        rows.append(
-            {
-                "policy": p["policy"],
-                "controller": p["controller"],
-                "n": p["n"],
-                "bench_goodput": p["goodput_tok_s"],
-                "sim_goodput": g,
-                "goodput_err": err,
-                "bench_attainment": p["attainment"],
-                "sim_attainment": a,
-                "bench_tpot_p50_ms": p["tpot_p50_ms"],
-                "sim_tpot_p50_ms": tp,
-                "bench_ttft_p50_ms": p.get("ttft_p50_ms"),
-                "sim_ttft_p50_ms": ttft,
-                "bench_sessions": p.get("sessions"),
-                "sim_sessions": sess,
-            }
-        )
-        print(
-            f"[validate] {p['policy']:<12}{(p['controller'] or ''):<9} N={p['n']:<5} goodput bench "
-            f"{p['goodput_tok_s']:8.1f} sim {g:8.1f} ({'n/a' if err is None else f'{100 * err:+.0f}%'})  "
-            f"attain {p['attainment']:.2f}/{a:.2f}  tpot50 {p['tpot_p50_ms']:.0f}/{tp:.0f} ms  "
-            f"ttft50 {p.get('ttft_p50_ms') or 0:.0f}/{ttft:.0f} ms  sessions {p.get('sessions')}/{sess:.0f}",
-            flush=True,
-        )
-    errs = [abs(r["goodput_err"]) for r in rows if r["goodput_err"] is not None]
-    summary = {
-        "points": len(rows),
-        "goodput_mape": sum(errs) / len(errs) if errs else None,
-        "goodput_max_err": max(errs) if errs else None,
-        "within_10pct": sum(e <= 0.10 for e in errs),
-    }
-    (out / "validate.json").write_text(
-        json.dumps(
-            {"kind": "wisp-simulate-validate", "bench": args.validate, "summary": summary, "rows": rows},
-            indent=1,
-        )
+    """Re-simulate every point of a bench.json with its own config (fleet/sim_validate.py)."""
+    from wisp_cloud.fleet.sim_validate import bench_trace
+    from wisp_cloud.fleet.sim_validate import validate as run_validate
+
+    try:
+        bench = json.loads(Path(args.validate).read_text())
+        c = bench["config"]
+        bench["points"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WispError(f"--validate {args.validate}: not a readable `wisp bench` result ({exc!r})") from None
+    trace = bench_trace(bench, args.trace_given, trace)
+    base = sim_config(
+        args, "centralized", "", trace, est, prompt_tokens=c["prompt_tokens"], lengths=c["lengths"]
     )
-    print(
-        f"[validate] goodput mean |error| {summary['goodput_mape']}, within 10%: "
-        f"{summary['within_10pct']}/{len(errs)}"
+    base = replace(
+        base,
+        duration_s=c["duration_s"],
+        warmup_s=c["warmup_s"],
+        drain_s=c["drain_s"],
+        gap_s=c["mean_gap_s"],
+        slo_ttft_ms=c["slo"]["ttft_ms"],
     )
-    return 0
+    return run_validate(args, base, bench, args.validate, out)

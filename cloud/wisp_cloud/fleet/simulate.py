@@ -9,15 +9,16 @@ through `controller.observe`, and the link state is updated as `AsyncEdgeClient.
 
 What is simulated: time (an event heap), the network (link profile: RTT/2 + jitter + size/bandwidth each
 way), the draft model (device profile's time per token; acceptance replayed from the measured trace, as the
-emulated devices of `wisp bench` do), and the server's serial host time per step (`gpu_clock.py`: a batch holds
-the GPU for the estimator's forward plus host work fitted from the H200 `steps` logs). Client CPU time is not
-modelled.
+emulated devices of `wisp bench` do; a fully accepted draft's last token is fed with the next, as DraftRunner.sync
+does), the server's serial host time per step (`gpu_clock.py`: forward plus host work fitted from the H200 `steps`
+logs) and, only if given, `device_round_ms` of client work per round (0 by default: not fitted, docs/benchmarks.md).
 
 Server price and hybrid (`--policy wisp`, as the server does it; docs/scheduling.md §9): each simulated verdict
 carries the verify price (`sched.pricing`) and the `Wisp` controller pays it; the server verifies only the
 prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to server-side decoding (decode
 requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
-draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
+draft before its next proposal. `SimConfig.hybrid=False` / `truncate=False` turn them off, as `--no-hybrid` /
+`--no-truncate`.
 
 Scale, two ways (`SimConfig.balance`):
 - `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
@@ -41,6 +42,7 @@ from typing import Any
 
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
+from wisp_cloud.fleet.capacity import judge
 from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
@@ -76,11 +78,16 @@ class SimConfig:
     # falls in (shares of the devices, in order; empty: one tenant). Weights by tenant name; others weigh 1.
     tenant_shares: tuple[float, ...] = ()
     tenant_weights: dict[str, float] | None = None
-    hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid and the truncated verify, as `wisp serve`
+    hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
+    truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
     padded_clock: bool = False  # the clock keeps a paged estimator's padded features (gpu_clock.varlen_view)
+    device_round_ms: float = (
+        0.0  # per round, between a verdict's arrival and the next round's send, besides drafting
+    )
+    judge_tpot_ms: tuple[float, ...] = ()  # also judge the records at these TPOT SLOs (summary["judged"])
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -134,12 +141,14 @@ class _Sess:
         "start",
         "trace",
         "kept",
+        "moves",  # times the hybrid moved it to server-side decoding
         "n_drafted",
         "n_accepted",
         "central",  # the hybrid moved it to server-side decoding
         "mode_steps",  # rounds / decoded tokens since the last switch
-        "trips",  # times it went to server-side decoding and came back (the hybrid's dwell doubles per trip)
         "catchup",  # tokens decoded by the server that the draft has not been fed yet
+        "unfed",  # 1 when the last round's draft was all accepted: its last token still to feed
+        "tail_unfed",  # this round's last draft token was proposed but not fed (no DROP after it)
         "k_mean",
         "rep",  # the replica it opened on (sticky)
         "think",  # the server's EWMA of its device time (verdict sent → next round arrived), as the engine's
@@ -169,6 +178,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         reps.append(_Replica(sched, VerifyPrice(est)))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
+    truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -220,7 +230,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
-        s.central, s.mode_steps, s.catchup, s.k_mean, s.trips = False, 0, 0, None, 0
+        s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
+        s.unfed, s.tail_unfed, s.moves = 0, False, 0
         s.think = s.answered = None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
@@ -264,6 +275,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 "drafted": s.n_drafted,
                 "accepted": s.n_accepted,
                 "wasted_ms": 0.0,
+                "moves": s.moves,
             }
         )
 
@@ -280,11 +292,13 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         remaining = s.max_new - s.gen
         limit = max(0, min(remaining - 1, s.link.max_draft, ctl.max_draft))
         kept: list[Any] = []
-        t = 0.0
+        t = cfg.device_round_ms / 1000
         correct = True
         first = s.sent == 0
         while len(kept) < limit:
-            n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup)
+            # a round's first feed: the verdict's token, the decoded catch-up, and the last draft token when the
+            # whole draft was accepted (never fed: drafting stopped after proposing it), as DraftRunner.sync does
+            n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup + s.unfed)
             ms = dev_prof.step_s(rng, n_feed) * 1000
             t += ms / 1000
             j = (s.gen + len(kept)) % s.trace.n
@@ -297,8 +311,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             kept.append(tok)
             if action is Action.SEND:
                 break
-        s.catchup = 0
-        if hybrid is not None:  # the server verifies only the prefix that pays; the client judges only that
+        s.catchup = s.unfed = 0
+        n_drafted = len(kept)
+        s.tail_unfed = bool(kept) and (len(kept) == limit or action is Action.SEND)
+        if truncate:  # the server verifies only the prefix that pays; the client judges only that
             kept = kept[
                 : verify_len(
                     len(kept),
@@ -307,7 +323,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                     cfg.slo_tpot_ms,
                 )
             ]
-            s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
+            s.tail_unfed = s.tail_unfed and len(kept) == n_drafted
+        s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
         s.kept = kept
         s.sent += 1
         t_dev_send = now + t
@@ -363,6 +380,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         room = s.max_new - s.gen
         commit = min(accepted + 1, room)
         s.gen += commit
+        s.unfed = int(s.tail_unfed and accepted == len(kept))
         s.n_drafted += len(kept)
         s.n_accepted += accepted
         s.dl.on_round(len(kept), accepted, finish)
@@ -408,10 +426,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
         )
         args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
-        if not (hybrid.to_speculative(*args, trips=s.trips) if back else hybrid.to_centralized(*args)):
+        # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
+        if not (hybrid.to_speculative(*args, trips=s.moves - 1) if back else hybrid.to_centralized(*args)):
             return False
-        s.central, s.mode_steps = not back, 0
-        s.trips += back
+        s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
         return True
 
     def submit_decode(s: _Sess, now: float) -> None:
@@ -521,6 +539,12 @@ def run_point(cfg: SimConfig, gpus: int = 1, procs: int = 1, pool: ProcessPoolEx
             per.pop("tpot_ms", None)  # the raw per-session lists stay out of the summary, as run_cli does
             per.pop("ttft_ms", None)
             summ["tenants"][name] = per
+    summ["moves_to_server"] = sum(r["moves"] for r in records)  # the bench's session_switches["centralized"]
+    if cfg.judge_tpot_ms:  # as `wisp bench` judges a point at every SLO of --slo-tpot-ms (fleet/capacity.py)
+        summ["judged"] = {
+            f"{x:g}": judge(records, cfg.warmup_s, cfg.duration_s, cfg.slo_ttft_ms, x)
+            for x in cfg.judge_tpot_ms
+        }
     summ["wall_s"] = round(time.perf_counter() - t, 2)
     summ["n"] = cfg.devices
     summ["gpus"] = gpus
@@ -574,9 +598,3 @@ def estimator_or_default(path: str | None) -> dict:
     if path:
         return VerifyTimeEstimator.load(path).to_dict()
     return VerifyTimeEstimator.default().to_dict()
-
-
-def expected_rate(cfg: SimConfig) -> float:
-    """Rough sessions per second per device (for sizing printouts)."""
-    mean_len = sum(cfg.lengths) / len(cfg.lengths)
-    return 1.0 / (cfg.gap_s + mean_len * cfg.slo_tpot_ms / 1000)
