@@ -346,6 +346,7 @@ class AsyncEdgeClient:
                     # Only the verified prefix was judged: an unverified tail is no rejection to learn from.
                     ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
                     link.price_ms = verdict.price_ms
+                    link.launch_in_ms = verdict.launch_in_ms
                     stats.switches = sess.switches
                     # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
                     if (

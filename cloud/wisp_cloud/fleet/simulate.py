@@ -81,6 +81,7 @@ class SimConfig:
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
     padded_clock: bool = False  # the clock keeps a paged estimator's padded features (gpu_clock.varlen_view)
+    align: bool = True  # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve`
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -168,6 +169,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         reps.append(_Replica(sched, VerifyPrice(est)))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
+    align = cfg.align and cfg.policy == "wisp"
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -448,6 +450,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if now > end:
             break
         r: int | None = None  # the replica this event concerns
+        verdicts: list[_Sess] = []  # sessions answered with a verdict by this event
         if kind == "start":
             r = start_session(obj, now)
         elif kind == "submit":
@@ -466,12 +469,18 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting))
             for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
+                if out.request.kind == "verify":
+                    verdicts.append(out.request.payload)
         else:  # "wake": nothing but the try below
             r = obj
         if len(reps) == 1:
             try_run(0, now)  # one GPU: after every event, as before replicas existed
         elif r is not None:
             try_run(r, now)
+        if align and r is not None:  # the verdicts go out after the next launch, with its hint (engine.py)
+            launch_ms = 1000.0 * reps[r].sched.hints.launch_in(now)
+            for vs in verdicts:
+                vs.link.launch_in_ms = launch_ms
     for s in active.values():  # still running at the end of the drain: a miss, as in `wisp bench`
         record(s, False)
     return records
