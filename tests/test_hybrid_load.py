@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-
-import pytest
 from dataclasses import dataclass, field
 
+import pytest
 from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend, next_token
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.server import WispServer
