@@ -7,7 +7,7 @@ verdicts' launch hint and without it (`--no-align`), per cell (model, TPOT SLO, 
         -- --workload sharegpt --gap 1 --duration 10 --warmup 3 --max-batch 256
 
 Per cell and arm: a capacity search (`simulate.find_capacity`: largest N devices on one GPU with ≥ 90 % SLO
-attainment), then one run of both arms at the no-align capacity, with the batches counted as `sim_batches.py` counts
+attainment, doubling from 32 devices), then one run of both arms at the no-align capacity, with the batches counted as `sim_batches.py` counts
 them (same load, so the mean batch compares like with like). Any `wisp simulate` flag can follow `--`. Writes
 OUT.json, one entry per cell, updated as each finishes.
 """
@@ -31,10 +31,12 @@ from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capa
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import resolve_workload_args
 
+LO = 32  # the search starts here: at 8-16 devices a 7 s window judges 2-6 sessions, and one miss fails it
+
 
 def _capacity(cfg: SimConfig) -> dict[str, Any]:
     t = time.perf_counter()
-    cap, gp = find_capacity(cfg)
+    cap, gp = find_capacity(cfg, lo=LO)
     return {"capacity": cap, "goodput": round(gp, 1), "wall_s": round(time.perf_counter() - t, 1)}
 
 

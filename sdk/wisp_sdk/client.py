@@ -302,6 +302,7 @@ class AsyncEdgeClient:
                         if isinstance(msg, Switch):
                             sess.on_switch(msg)
                             stats.switches = sess.switches
+                            link.launch_in_ms = 0.0  # the last verdict's launch is long past
                             predrafted = []
                             continue
                         yield sess.on_tokens(msg)

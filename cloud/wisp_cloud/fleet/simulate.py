@@ -351,6 +351,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
             elif s.central and _switch(s, True, finish):
+                s.link.launch_in_ms = 0.0  # the last verdict's launch is long past
                 push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
