@@ -19,6 +19,10 @@ prefix of a draft that pays (`verify_len`); `HybridRule` moves a session to serv
 requests, Tokens downlinks) and back, and a session that comes back feeds the tokens decoded meanwhile to its
 draft before its next proposal. `SimConfig.hybrid=False` turns the last two off, as `--no-hybrid --no-truncate`.
 
+Launch alignment (`--policy wisp`, docs/scheduling.md §11): a batch's verdicts carry the time until the batch
+launched right after it ends (`WaitHints.launch_in`, as the engine stamps it after its next launch), and the
+`Wisp` controller drafts up to that launch. `SimConfig.align=False` (`--no-align`) sends 0.
+
 Scale, two ways (`SimConfig.balance`):
 - `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
   per-device key would) and each GPU's shard is an independent simulation, run in `--procs` processes.
