@@ -28,7 +28,7 @@ from typing import Any
 from wisp_cloud.fleet import cli_simulate
 from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.sim_driver import sim_config
-from wisp_cloud.fleet.simulate import estimator_or_default, find_capacity
+from wisp_cloud.fleet.sim_search import estimator_or_default, find_capacity
 from wisp_cloud.fleet.trace import load_trace
 
 

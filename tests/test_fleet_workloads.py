@@ -250,7 +250,7 @@ def test_trace_from_a_workload_on_the_tiny_pair(tiny_bundle, tiny_target, tmp_pa
 
 def test_simulate_takes_the_workloads_lengths():
     from wisp_cloud.fleet.sim_driver import sim_config
-    from wisp_cloud.fleet.simulate import estimator_or_default
+    from wisp_cloud.fleet.sim_search import estimator_or_default
     from wisp_cloud.fleet.trace import load_trace
     from wisp_cloud.fleet.workload import resolve_workload_args
     from wisp_sdk.cli import build_parser

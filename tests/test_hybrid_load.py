@@ -7,6 +7,7 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
+import pytest
 from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend, next_token
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.server import WispServer
@@ -111,7 +112,8 @@ def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decod
     assert max(alone.prices) == 0.0 and alone.modes == []
 
 
-def test_a_v1_client_is_refused_with_one_clear_error():
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_client_is_refused_with_one_clear_error(version):
     from websockets.exceptions import ConnectionClosed
     from wisp_sdk.protocol import Error
 
@@ -120,7 +122,7 @@ def test_a_v1_client_is_refused_with_one_clear_error():
         await server.start()
         try:
             c = await Client.connect(server.url)
-            err = await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, protocol_version=1))
+            err = await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT, protocol_version=version))
             try:
                 await c.recv(timeout=5)
                 closed = False
@@ -132,4 +134,7 @@ def test_a_v1_client_is_refused_with_one_clear_error():
 
     err, closed = asyncio.run(main())
     assert isinstance(err, Error) and err.code.value == "bad_request" and closed
-    assert "protocol version 1 not supported (server speaks 2)" in err.message and "upgrade" in err.message
+    assert (
+        f"protocol version {version} not supported (server speaks 3)" in err.message
+        and "upgrade" in err.message
+    )

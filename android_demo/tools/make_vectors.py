@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -157,6 +158,12 @@ def _verdict_vectors(p) -> list[dict]:
                 centralize=True,
             ),
         ),
+        (
+            "launch_hint",
+            p.Verdict(
+                session_id=SID, round=7, committed_len=90, accepted=3, next_token=5, price_ms=2.5, launch_in_ms=18.75
+            ),
+        ),
     ]
     out = []
     for name, msg in verdicts:
@@ -185,6 +192,8 @@ def _invalid_vectors(p) -> list[dict]:
         ("verdict", "too_long", good_verdict + b"\x00"),
         ("verdict", "wrong_kind", good_round),
         ("verdict", "wrong_version", bytes([1]) + good_verdict[1:]),  # a v1 frame
+        ("verdict", "v2_frame", bytes([2]) + good_verdict[1:-4]),  # a v2 frame: no launch_in_ms
+        ("verdict", "negative_launch", good_verdict[:-4] + struct.pack("<f", -1.0)),
     ]
     out = []
     for kind, name, data in cases:
@@ -263,6 +272,13 @@ def _controller_vectors() -> list[dict]:
         ),
         "long_wait": dict(rtt_ms=30.0, wait_hint_ms=400.0, verify_ms=8.0, draft_ms=4.0, max_draft=16),
         "server_cap": dict(rtt_ms=200.0, wait_hint_ms=100.0, verify_ms=8.0, draft_ms=2.0, max_draft=3),
+        # launch hints (docs/scheduling.md §11): room for many tokens before the launch; a launch close ahead
+        "aligned": dict(
+            rtt_ms=10.0, wait_hint_ms=0.0, verify_ms=8.0, draft_ms=4.0, max_draft=16, price_ms=1.0, launch_in_ms=40.0
+        ),
+        "aligned_tight": dict(
+            rtt_ms=10.0, wait_hint_ms=0.0, verify_ms=8.0, draft_ms=4.0, max_draft=16, price_ms=3.0, launch_in_ms=12.0
+        ),
     }
     sessions = []
     for ctl_name in ("wisp", "fixed:4", "fixed:0"):

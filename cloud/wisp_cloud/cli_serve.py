@@ -192,6 +192,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "deadline (prompt pieces are always checked; off by default, docs/scheduling.md)",
     )
     p.add_argument(
+        "--no-align",
+        action="store_true",
+        help="--policy wisp: send no launch hint in verdicts (launch_in_ms 0), so devices do not align their "
+        "rounds with the next step (docs/scheduling.md §11)",
+    )
+    p.add_argument(
         "--model-name",
         help="the model id of the OpenAI routes (/v1, docs/http.md; default: the --target folder's name)",
     )
@@ -269,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,
+        align=not args.no_align,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
     )

@@ -13,7 +13,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wisp_sdk.protocol import ErrorCode, Mode, Opened, Switch, pack_tokens, pack_verdict
+from wisp_sdk.protocol import (
+    ErrorCode,
+    Mode,
+    Opened,
+    Switch,
+    pack_tokens,
+    pack_verdict,
+    with_launch_hint,
+)
 
 from wisp_cloud.backends.base import BatchStats
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
@@ -70,6 +78,8 @@ class Committer:
         self._solo_version = -1
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
+        # The last commit's verdicts: their launch hint is stamped once the next step has launched (`stamp_launch`)
+        self._verdicts: list[tuple[Session, Reply]] = []
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -90,6 +100,7 @@ class Committer:
         self.metrics.price_ms.set(self.price.update(self.queue.hints.last_shape, len(self.queue.waiting)))
         records: list[Committed] = []
         replies: list[Reply] = []
+        self._verdicts = []
         for out in outcomes:
             rec = self._commit_one(out, stats, now, replies)
             if rec is not None:
@@ -162,7 +173,9 @@ class Committer:
                 # its next round is expected after its measured device time: the policy may hold for it
                 self.queue.announce(session.id, now + session.think_s)
             if conn is not None:
-                replies.append(Reply(conn, verdict))
+                reply = Reply(conn, verdict)
+                replies.append(reply)
+                self._verdicts.append((session, reply))
         elif job.kind == JobKind.open:
             session.opened = True
             if conn is not None:
@@ -189,6 +202,17 @@ class Committer:
         if session.mode == "centralized" and not done:
             self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
         return Committed(job, take, accepted, done, now)
+
+    def stamp_launch(self, launch_in_ms: float) -> None:
+        """Set the last commit's verdicts' `launch_in_ms` (docs/scheduling.md §11): the engine knows it only once
+        the next step has launched, and the answers are sent only then anyway (the loop does not yield before)."""
+        for session, reply in self._verdicts:
+            old = reply.message
+            assert isinstance(old, bytes)
+            reply.message = with_launch_hint(old, launch_in_ms)
+            if session.last_verdict is old:  # a re-sent round gets the same frame
+                session.last_verdict = reply.message
+        self._verdicts = []
 
     def _centralize(self, session: Session, job: Job) -> bool:
         """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""

@@ -132,6 +132,7 @@ class Engine:
             else None
         )
         self.truncate = config.verify_cap is not None or (wisp and config.truncate_drafts)
+        self.align = wisp and config.align  # verdicts carry the next launch (docs/scheduling.md §11)
         self.committer = Committer(
             self.store,
             self.queue,
@@ -419,6 +420,7 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         prev: _Ran | None = None
+        unsent: list[Reply] = []  # the last step's answers, sent once the next step has launched
         t_free = time.perf_counter()  # when the device last became free with work waiting
         while True:
             now = time.monotonic()
@@ -438,6 +440,11 @@ class Engine:
                 log.exception("batch scheduling failed")
                 self._fail_all(planned)
                 planned = []
+            if unsent:
+                if self.align:  # the launch just made (or none: 0) is what a new round can join next
+                    self.committer.stamp_launch(1000.0 * self.queue.hints.launch_in(time.monotonic()))
+                self.deliver(unsent)
+                unsent = []
             if prev is not None:
                 self._finish(prev)  # overlaps the forward just launched
                 prev = None
@@ -471,11 +478,11 @@ class Engine:
                 self._fail_all(planned)
                 t_free = time.perf_counter()
                 continue
-            self.deliver(replies)
+            unsent = replies  # delivered after the next launch: nothing is sent before the loop yields anyway
             prev = _Ran(records, stats, shapes, len(planned), t_launch, host_s=t_launch - t_free)
             t_free = t_done
-            # no yield here: the next batch is selected and launched first (the gateway's writers send these
-            # answers, and its readers take new rounds, while that forward runs)
+            # no yield here: the next batch is selected and launched first, then the answers are delivered with
+            # its launch hint (the gateway's writers send them, and its readers take new rounds, while it runs)
 
     def _finish(self, ran: _Ran) -> None:
         """Phase 2 of a step's postprocess: SLO bookkeeping, the estimator, step statistics."""

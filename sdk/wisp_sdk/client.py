@@ -302,6 +302,7 @@ class AsyncEdgeClient:
                         if isinstance(msg, Switch):
                             sess.on_switch(msg)
                             stats.switches = sess.switches
+                            link.launch_in_ms = 0.0  # the last verdict's launch is long past
                             predrafted = []
                             continue
                         yield sess.on_tokens(msg)
@@ -346,6 +347,7 @@ class AsyncEdgeClient:
                     # Only the verified prefix was judged: an unverified tail is no rejection to learn from.
                     ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
                     link.price_ms = verdict.price_ms
+                    link.launch_in_ms = verdict.launch_in_ms
                     stats.switches = sess.switches
                     # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
                     if (

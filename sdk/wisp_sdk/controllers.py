@@ -22,12 +22,26 @@ Server price. Each verdict carries `price_ms`: the GPU time one more verified to
 sessions right now (0 when the GPU is idle, rising with load; docs/scheduling.md, "Verify price"). A sent token
 is verified whether or not it survives, so it costs c + price, and the rule becomes S * a_next * T > (c + price)
 * E: under compute-bound load drafts shrink, and price 0 is the rule above.
+
+Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
+`launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
+one now running: the earliest step our next round can join. With a round of k tokens arriving at RTT + k*c
+(after the verdict left), it joins the launch at F if RTT + k*c <= F, else the next one, F + j*S (S: the
+predicted step time, taken as F itself: the step now running predicts the next), and the round takes
+T(k) = launch(k) + S. Tokens drafted while the round would still arrive before the launch are free; one token
+more that misses the launch costs a whole step. So the rule looks ahead: continue while some reachable k' > k
+has a better rate E(k') / (T(k') + (k' - k) * price) than E(k) / T(k) (E(k') extends the survival with the
+running acceptance rate), which drafts the tokens before a launch, and across a boundary only as many as
+pay for the extra step together. Without a hint (F = 0: an idle GPU, an old server, `--no-align`) T(k) is
+the round time above and the look-ahead is one token (more would never pass where one fails: the gain per
+token only falls with k), so the decisions are exactly the price rule's.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -53,6 +67,7 @@ class LinkState:
     draft_ms: float = 5.0  # draft forward time per token on this device
     max_draft: int = 16  # the server's per-round limit
     price_ms: float = 0.0  # the server's price of one verified token (the last verdict's), in ms
+    launch_in_ms: float = 0.0  # the last verdict's: from its sending to the server's next joinable launch
 
 
 class Controller(ABC):
@@ -144,18 +159,43 @@ class Wisp(Controller):
         if len(tokens) >= min(self.max_draft, self.link.max_draft):
             self._ended_confident = a >= 0.5  # cut by the cap while still confident: worth drafting ahead
             return Action.SEND
-        link = self.link
-        c = max(link.draft_ms, 1e-3)
-        expected = 1.0 + sum(self._survive)
-        round_ms = len(tokens) * c + link.rtt_ms + link.wait_hint_ms + link.verify_ms
-        # The next token's acceptance, before we see it: the session's running rate is the honest prior. A
-        # predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
-        # long hinted wait) makes even a doubtful extra token worth its draft time. The server's price is paid
-        # for every verified token, accepted or not.
-        if s * self.rate * round_ms > (c + max(0.0, link.price_ms)) * expected:
+        if self._worth_more(len(tokens), s, 1.0 + sum(self._survive)):
             return Action.CONTINUE
         self._ended_confident = a >= 0.5 and s >= 0.5
         return Action.SEND
+
+    def round_ms(self, k: int) -> float:
+        """Predicted round time with k draft tokens, from the verdict leaving the server to the next one."""
+        link = self.link
+        c = max(link.draft_ms, 1e-3)
+        f = link.launch_in_ms
+        if f <= 0.0:
+            return k * c + link.rtt_ms + link.wait_hint_ms + link.verify_ms
+        late = link.rtt_ms + k * c - f  # how far after the hinted launch the round would arrive
+        missed = 0 if late <= 0.0 else math.ceil(late / f)
+        return f * (missed + 2)  # the launch it joins, F + missed*S, plus its step S (S = F)
+
+    def _worth_more(self, k: int, s: float, expected: float) -> bool:
+        """Does some k' in (k, cap] pay better than sending k tokens now (s: their survival, E(k) = expected)?
+
+        The next tokens' acceptance, before we see them, is the session's running rate: the honest prior. A
+        predicted rejection (small s) stops the round here; a long round (slow link, long wait) makes even a
+        doubtful extra token worth its draft time; the server's price is paid for every verified token."""
+        link = self.link
+        c = max(link.draft_ms, 1e-3)
+        price = max(0.0, link.price_ms)
+        if link.launch_in_ms <= 0.0:  # the price rule itself: one token of look-ahead is exact (docstring)
+            return s * self.rate * self.round_ms(k) > (c + price) * expected
+        cap = min(self.max_draft, link.max_draft)
+        base = self.round_ms(k)
+        gain, surv = 0.0, s
+        for extra in range(1, cap - k + 1):
+            surv *= self.rate
+            gain += surv
+            # E(k')/(T(k') + extra*price) > E(k)/T(k), cross-multiplied (both times are positive)
+            if (expected + gain) * base > expected * (self.round_ms(k + extra) + extra * price):
+                return True
+        return False
 
     def observe(self, sent: list[DraftToken], accepted: int) -> None:
         # Every accepted token is a 1; the first rejected one a 0; tokens after it were never judged.

@@ -9,7 +9,7 @@ round of k draft tokens costs ~26 + 4k bytes. Layout (little-endian):
              n_draft * i token,
              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
-             f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified
+             f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, f launch_in_ms
 
 A session's committed context is prompt + every committed token. `Opened` and each `Verdict` commit exactly
 one target token (`next_token`) after any accepted draft tokens, so the edge always drafts from a context whose
@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from wisp_sdk.errors import ProtocolError
 
 # 2: the Verdict carries the server's price and how much of the draft it verified, and the server can switch a
-# session to centralized decoding and back (Verdict flag, `Switch`). A v1 Hello is refused with one clear error.
-PROTOCOL_VERSION = 2
+# session to centralized decoding and back (Verdict flag, `Switch`).
+# 3: the Verdict carries `launch_in_ms`, when the server's next step launches (round alignment). A Hello of an
+# older version is refused with one clear error.
+PROTOCOL_VERSION = 3
 SUBPROTOCOL = (
     "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
 )
@@ -46,7 +48,7 @@ KIND_VERDICT = 2
 
 _HEADER = struct.Struct("<BBH")
 _ROUND = struct.Struct("<16sIIH")
-_VERDICT = struct.Struct("<16sIIHiffffH")
+_VERDICT = struct.Struct("<16sIIHiffffHf")
 _NNZ = struct.Struct("<H")
 
 # How a session generates: edge drafts verified by the server, or the server decoding alone (the baseline).
@@ -242,6 +244,10 @@ class Verdict(_Msg):
     # did not pay): never judged, so not a rejection. `accepted <= k - unverified`.
     unverified: int = Field(0, ge=0)
     centralize: bool = False  # FLAG_CENTRALIZE: the server decodes this session from now on
+    # Predicted ms from this verdict leaving the server to the launch of the step after the one now running: the
+    # earliest step a round drafted after this verdict can join (0: the GPU would be idle, a round joins when it
+    # arrives). The controller drafts the tokens that fit before that launch (docs/scheduling.md §11).
+    launch_in_ms: float = Field(0.0, ge=0.0)
 
 
 def new_session_id() -> str:
@@ -300,6 +306,7 @@ def encode_verdict(msg: Verdict) -> bytes:
         msg.price_ms,
         msg.unverified,
         msg.centralize,
+        msg.launch_in_ms,
     )
 
 
@@ -316,6 +323,7 @@ def pack_verdict(
     price_ms: float = 0.0,
     unverified: int = 0,
     centralize: bool = False,
+    launch_in_ms: float = 0.0,
 ) -> bytes:
     """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
     flags = (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0)
@@ -330,7 +338,19 @@ def pack_verdict(
         wait_hint_ms,
         price_ms,
         unverified,
+        launch_in_ms,
     )
+
+
+_LAUNCH_AT = _HEADER.size + _VERDICT.size - 4  # offset of launch_in_ms in a Verdict frame
+
+
+def with_launch_hint(frame: bytes, launch_in_ms: float) -> bytes:
+    """The same Verdict frame with its `launch_in_ms` set: the server learns it only once its next step has
+    launched, after the frame was built."""
+    if len(frame) != _HEADER.size + _VERDICT.size:
+        raise ProtocolError("verdict frame has the wrong size")
+    return frame[:_LAUNCH_AT] + struct.pack("<f", max(0.0, launch_in_ms))
 
 
 def pack_tokens(session_id: str, tokens: list[int], committed_len: int, done: bool) -> str:
@@ -401,9 +421,11 @@ def decode_verdict(data: bytes) -> Verdict:
     flags = _read_header(data, KIND_VERDICT)
     if len(data) != _HEADER.size + _VERDICT.size:
         raise ProtocolError("verdict frame has the wrong size")
-    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms, price_ms, unverified = (
+    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms, price_ms, unverified, launch_ms = (
         _VERDICT.unpack_from(data, _HEADER.size)
     )
+    if not launch_ms >= 0.0:  # negative or NaN
+        raise ProtocolError(f"verdict launch_in_ms must be >= 0, got {launch_ms}")
     return Verdict(
         session_id=sid.hex(),
         round=rnd,
@@ -417,6 +439,7 @@ def decode_verdict(data: bytes) -> Verdict:
         price_ms=price_ms,
         unverified=unverified,
         centralize=bool(flags & FLAG_CENTRALIZE),
+        launch_in_ms=launch_ms,
     )
 
 

@@ -14,7 +14,8 @@ from wisp_sdk.errors import WispError
 
 from wisp_cloud.fleet.gpu_clock import resolve_host
 from wisp_cloud.fleet.profiles import get_device, get_link
-from wisp_cloud.fleet.simulate import SimConfig, estimator_or_default, find_capacity, run_point
+from wisp_cloud.fleet.sim_search import estimator_or_default, find_capacity
+from wisp_cloud.fleet.simulate import SimConfig, run_point
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import load_prompts
 
@@ -60,6 +61,7 @@ def sim_config(args: Any, policy: str, controller: str, trace: dict, est: dict, 
         tenant_weights=dict(args.tenant_weight),
         hybrid=not args.no_hybrid,
         truncate=not (args.no_hybrid or args.no_truncate),
+        align=not args.no_align,
         policy_kw={"fill": not args.no_fill, "refuse": args.refuse} if policy == "wisp" else None,
         host=resolve_host(est, args.host_time),
         padded_clock=args.padded_clock,

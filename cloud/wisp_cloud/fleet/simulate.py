@@ -20,6 +20,10 @@ requests, Tokens downlinks) and back, and a session that comes back feeds the to
 draft before its next proposal. `SimConfig.hybrid=False` / `truncate=False` turn them off, as `--no-hybrid` /
 `--no-truncate`.
 
+Launch alignment (`--policy wisp`, docs/scheduling.md §11): a batch's verdicts carry the time until the batch
+launched right after it ends (`WaitHints.launch_in`, as the engine stamps it after its next launch), and the
+`Wisp` controller drafts up to that launch. `SimConfig.align=False` (`--no-align`) sends 0.
+
 Scale, two ways (`SimConfig.balance`):
 - `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
   per-device key would) and each GPU's shard is an independent simulation, run in `--procs` processes.
@@ -88,6 +92,7 @@ class SimConfig:
         0.0  # per round, between a verdict's arrival and the next round's send, besides drafting
     )
     judge_tpot_ms: tuple[float, ...] = ()  # also judge the records at these TPOT SLOs (summary["judged"])
+    align: bool = True  # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve`
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -179,6 +184,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
+    align = cfg.align and cfg.policy == "wisp"
     traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
@@ -367,6 +373,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if s.gen >= s.max_new:
                 push(s.last_dev, "done", s)
             elif s.central and _switch(s, True, finish):
+                s.link.launch_in_ms = 0.0  # the last verdict's launch is long past
                 push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
             else:
                 submit_decode(s, finish)
@@ -468,6 +475,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if now > end:
             break
         r: int | None = None  # the replica this event concerns
+        verdicts: list[_Sess] = []  # sessions answered with a verdict by this event
         if kind == "start":
             r = start_session(obj, now)
         elif kind == "submit":
@@ -486,12 +494,18 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting))
             for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
+                if out.request.kind == "verify":
+                    verdicts.append(out.request.payload)
         else:  # "wake": nothing but the try below
             r = obj
         if len(reps) == 1:
             try_run(0, now)  # one GPU: after every event, as before replicas existed
         elif r is not None:
             try_run(r, now)
+        if align and r is not None:  # the verdicts go out after the next launch, with its hint (engine.py)
+            launch_ms = 1000.0 * reps[r].sched.hints.launch_in(now)
+            for vs in verdicts:
+                vs.link.launch_in_ms = launch_ms
     for s in active.values():  # still running at the end of the drain: a miss, as in `wisp bench`
         record(s, False)
     return records
@@ -560,41 +574,3 @@ def _replica_spread(records: list[dict], gpus: int, warmup: float, duration: flo
         if warmup <= r["start_s"] < duration:
             counts[r["replica"]] += 1
     return {"sessions_per_replica_min": min(counts), "sessions_per_replica_max": max(counts)}
-
-
-def find_capacity(
-    base: SimConfig, target: float = 0.9, lo: int = 1, hi: int = 4096, steps: int = 7
-) -> tuple[int, float]:
-    """Largest N (devices on one GPU) with attainment ≥ target, by doubling then bisection."""
-
-    def ok(n: int) -> tuple[bool, float]:
-        s = run_point(SimConfig(**{**asdict(base), "devices": n, "device": base.device, "link": base.link}))
-        return s["attainment"] >= target, s["goodput_tok_s"]
-
-    good, gp = 0, 0.0
-    n = max(lo, 8)
-    while n <= hi:
-        passed, g = ok(n)
-        if not passed:
-            break
-        good, gp = n, g
-        n *= 2
-    else:
-        return good, gp
-    low, high = good, n
-    for _ in range(steps):
-        if high - low <= max(1, low // 16):
-            break
-        mid = (low + high) // 2
-        passed, g = ok(mid)
-        if passed:
-            low, gp = mid, g
-        else:
-            high = mid
-    return low, gp
-
-
-def estimator_or_default(path: str | None) -> dict:
-    if path:
-        return VerifyTimeEstimator.load(path).to_dict()
-    return VerifyTimeEstimator.default().to_dict()

@@ -30,6 +30,11 @@ class WaitHints:
         self.last_shape = BatchShape.of(shapes)
         self.busy_until = now
 
+    def launch_in(self, now: float) -> float:
+        """Seconds until the running step is predicted to end, when the next one launches: a verdict's
+        `launch_in_ms` (0 when no step runs: a round joins whenever it arrives)."""
+        return max(0.0, self.busy_until - now)
+
     def queued(self, queue_s: float) -> None:
         """A verify/decode request waited `queue_s` from arrival to its batch."""
         self.queue_s += self.ewma * (queue_s - self.queue_s)

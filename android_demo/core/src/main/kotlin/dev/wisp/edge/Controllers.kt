@@ -19,7 +19,10 @@ import kotlin.math.ln1p
  * `Wisp`'s cost model: feeding a kept token costs c ms; a round costs T = drafting + RTT + the server's hinted
  * wait + verify and commits E = 1 + sum_i S_i tokens in expectation (S_i: the first i drafts all survive).
  * Drafting one more is worth it iff S * a_next * T > c * E, so a slow link or a long hinted wait buys more
- * drafting and a fast link less. A token after the first whose predicted acceptance is below `minSend` is not
+ * drafting and a fast link less. With a launch hint F (the verdict's launchInMs: when the server's next joinable
+ * step launches) a round of k tokens arriving by F (RTT + k*c <= F) takes T = F + S, else the next launch's
+ * F + j*S + S (S = F); tokens before a launch are free, so the rule looks ahead to any k' > k whose rate
+ * E(k')/(T(k') + (k'-k)*price) beats E(k)/T(k) (docs/scheduling.md §11). F = 0 is the rule above. A token after the first whose predicted acceptance is below `minSend` is not
  * sent (the first always is: it is free, and its verdict keeps the predictor learning). `Wisp` learns online: every
  * judged token of a verdict is one logistic-regression step on its own copy of the predictor.
  */
@@ -34,6 +37,8 @@ data class LinkState(
     var maxDraft: Int = 16,
     /** The server's price of one verified token (the last verdict's), in ms. */
     var priceMs: Double = 0.0,
+    /** The last verdict's: ms from its sending to the server's next launch a round can join (0: none). */
+    var launchInMs: Double = 0.0,
 )
 
 /** P(the verifier accepts the next draft token): logistic regression over top1, entropy, log1p(position), rate. */
@@ -194,18 +199,43 @@ class Wisp(
             endedConfident = a >= 0.5 // cut by the cap while still confident: worth drafting ahead
             return Action.SEND
         }
-        val c = maxOf(link.draftMs, 1e-3)
         var sum = 0.0
         for (v in survive) sum += v
-        val expected = 1.0 + sum
-        val roundMs = tokens.size * c + link.rttMs + link.waitHintMs + link.verifyMs
-        // The next token's acceptance, before we see it: the session's running rate is the honest prior. A
-        // predicted rejection (small a) collapses s and stops the round right here; a long round (slow link,
-        // long hinted wait) makes even a doubtful extra token worth its draft time.
-        // The server's price is paid for every verified token, accepted or not.
-        if (s * rate * roundMs > (c + maxOf(0.0, link.priceMs)) * expected) return Action.CONTINUE
+        if (worthMore(tokens.size, s, 1.0 + sum)) return Action.CONTINUE
         endedConfident = a >= 0.5 && s >= 0.5
         return Action.SEND
+    }
+
+    /** Predicted round time with k draft tokens, from the verdict leaving the server to the next one. */
+    fun roundMs(k: Int): Double {
+        val c = maxOf(link.draftMs, 1e-3)
+        val f = link.launchInMs
+        if (f <= 0.0) return k * c + link.rttMs + link.waitHintMs + link.verifyMs
+        val late = link.rttMs + k * c - f // how far after the hinted launch the round would arrive
+        val missed = if (late <= 0.0) 0 else Math.ceil(late / f).toInt()
+        return f * (missed + 2) // the launch it joins, F + missed*S, plus its step S (S = F)
+    }
+
+    /**
+     * Does some k' in (k, cap] pay better than sending k tokens now (s: their survival, E(k) = expected)? The
+     * next tokens' acceptance is the session's running rate; the server's price is paid for every verified token.
+     */
+    private fun worthMore(k: Int, s: Double, expected: Double): Boolean {
+        val c = maxOf(link.draftMs, 1e-3)
+        val price = maxOf(0.0, link.priceMs)
+        // No launch hint: the price rule itself (one token of look-ahead is exact; the file's comment says why)
+        if (link.launchInMs <= 0.0) return s * rate * roundMs(k) > (c + price) * expected
+        val cap = minOf(maxDraft, link.maxDraft)
+        val base = roundMs(k)
+        var gain = 0.0
+        var surv = s
+        for (extra in 1..(cap - k)) {
+            surv *= rate
+            gain += surv
+            // E(k')/(T(k') + extra*price) > E(k)/T(k), cross-multiplied (both times are positive)
+            if ((expected + gain) * base > expected * (roundMs(k + extra) + extra * price)) return true
+        }
+        return false
     }
 
     override fun observe(sent: List<DraftToken>, accepted: Int) {

@@ -215,6 +215,7 @@ class EdgeClient(
                     verifyMs = outcome.verifyMs.toDouble()
                     controller.observe(kept.subList(0, verified), accepted)
                     link.priceMs = outcome.priceMs.toDouble()
+                    link.launchInMs = outcome.launchInMs.toDouble()
                     if (outcome.centralize && !s.done) {
                         s.mode = "centralized"
                         stats.switches++

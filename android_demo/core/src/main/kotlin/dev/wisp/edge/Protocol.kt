@@ -17,13 +17,14 @@ import java.nio.ByteOrder
  *              n_draft * i token,
  *              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
  *     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
- *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified
+ *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, f launch_in_ms
  *
  * The shared test vectors (`core/src/test/resources/vectors.json`, written by `tools/make_vectors.py` from the
  * Python module) keep the two implementations from drifting.
  */
 object Protocol {
-    const val VERSION = 2 // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode
+    // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode; 3: Verdict launch_in_ms
+    const val VERSION = 3
     const val SUBPROTOCOL = "wisp.v1"
     const val FLAG_SPARSE_Q = 1
     const val FLAG_EOS = 1
@@ -32,7 +33,7 @@ object Protocol {
     const val KIND_VERDICT = 2
     const val HEADER_BYTES = 4
     const val ROUND_FIXED_BYTES = 16 + 4 + 4 + 2
-    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2
+    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2 + 4
 }
 
 class ProtocolException(message: String, cause: Throwable? = null) : RuntimeException(message, cause)
@@ -352,6 +353,8 @@ data class Verdict(
     val unverified: Int = 0,
     /** FLAG_CENTRALIZE: the server decodes this session from now on; Tokens follow, send no rounds. */
     val centralize: Boolean = false,
+    /** Ms from this verdict leaving the server to the next launch a new round can join (0: none running). */
+    val launchInMs: Float = 0f,
 ) : ServerMessage {
     fun encode(): ByteArray {
         val buf = ByteBuffer.allocate(Protocol.VERDICT_BYTES).order(ByteOrder.LITTLE_ENDIAN)
@@ -362,6 +365,7 @@ data class Verdict(
         buf.putInt(round).putInt(committedLen).putShort(u16(accepted, "accepted")).putInt(nextToken)
         buf.putFloat(queueMs).putFloat(verifyMs).putFloat(waitHintMs).putFloat(priceMs)
         buf.putShort(u16(unverified, "unverified"))
+        buf.putFloat(launchInMs)
         return buf.array()
     }
 
@@ -372,7 +376,7 @@ data class Verdict(
             val buf = ByteBuffer.wrap(data).order(ByteOrder.LITTLE_ENDIAN)
             buf.position(Protocol.HEADER_BYTES)
             val sid = readSessionId(buf)
-            return Verdict(
+            val v = Verdict(
                 sessionId = sid,
                 round = buf.int,
                 committedLen = buf.int,
@@ -385,7 +389,12 @@ data class Verdict(
                 priceMs = buf.float,
                 unverified = buf.short.toInt() and 0xFFFF,
                 centralize = flags and Protocol.FLAG_CENTRALIZE != 0,
+                launchInMs = buf.float,
             )
+            if (!(v.launchInMs >= 0f)) { // negative or NaN
+                throw ProtocolException("verdict launch_in_ms must be >= 0, got ${v.launchInMs}")
+            }
+            return v
         }
     }
 }

@@ -83,6 +83,7 @@ class VectorsTest {
                 priceMs = f.getDouble("price_ms").toFloat(),
                 unverified = f.getInt("unverified"),
                 centralize = f.getBoolean("centralize"),
+                launchInMs = f.getDouble("launch_in_ms").toFloat(),
             )
             assertEquals(expected, d)
             assertEquals(f.getDouble("wait_hint_ms"), d.waitHintMs.toDouble(), 0.0) // float32 values, exactly
@@ -132,7 +133,8 @@ class VectorsTest {
             for ((ri, r) in sess.getJSONArray("rounds").objects().withIndex()) {
                 ctl.startRound(
                     LinkState(l.getDouble("rtt_ms"), l.getDouble("wait_hint_ms"), l.getDouble("verify_ms"),
-                        l.getDouble("draft_ms"), l.getInt("max_draft"), l.optDouble("price_ms", 0.0)),
+                        l.getDouble("draft_ms"), l.getInt("max_draft"), l.optDouble("price_ms", 0.0),
+                        l.optDouble("launch_in_ms", 0.0)),
                 )
                 val kept = ArrayList<DraftToken>()
                 val actions = ArrayList<String>()
