@@ -1,12 +1,12 @@
 """Launch alignment in `wisp simulate` (docs/scheduling.md §11): WISP's capacity and mean batch per step with the
-verdicts' launch hint and without it (`--no-align`), per cell (model, TPOT SLO, device, link).
+verdicts' launch hint (`--align`) and without it, per cell (model, TPOT SLO, device, link).
 
     python bench/sim_align.py --estimators 32B=bench/results/capacity/est-h200-run13-32b-online.json,\\
 7B=bench/results/capacity/est-h200-run12-7b-online.json \\
         --cells 32B:60:mac-m4:metro-edge,32B:60:jetson:wifi-metro --out bench/results/sim_align/align \\
         -- --workload sharegpt --gap 1 --duration 10 --warmup 3 --max-batch 256
 
-Per cell and arm: a capacity search (`simulate.find_capacity`: largest N devices on one GPU with ≥ 90 % SLO
+Per cell and arm: a capacity search (`sim_search.find_capacity`: largest N devices on one GPU with ≥ 90 % SLO
 attainment, doubling from 32 devices), then one run of both arms at the no-align capacity, with the batches counted as `sim_batches.py` counts
 them (same load, so the mean batch compares like with like). Any `wisp simulate` flag can follow `--`. Writes
 OUT.json, one entry per cell, updated as each finishes.
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
                 args, "wisp", "wisp", trace, estimator_or_default(ests[model]), slo_tpot_ms=float(tpot)
             )
             base.device, base.link = get_device(dev), get_link(link)
-            arms = {"align": base, "no_align": replace(base, align=False)}
+            arms = {"align": replace(base, align=True), "no_align": replace(base, align=False)}
             caps = dict(zip(arms, pool.map(_capacity, arms.values()), strict=True))
             n = max(8, caps["no_align"]["capacity"])
             at = dict(

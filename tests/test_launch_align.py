@@ -231,6 +231,6 @@ def test_verdicts_carry_the_next_launch_under_load():
 
 
 def test_no_align_sends_no_hint():
-    assert ARM_FLAGS["no-align"] == ("align", False)
+    assert ARM_FLAGS["align"] == ("align", True) and ServerConfig().align is False  # opt-in
     _, _, hints = _serve(align=False)
     assert hints and max(hints) == 0.0

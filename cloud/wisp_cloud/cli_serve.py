@@ -192,10 +192,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "deadline (prompt pieces are always checked; off by default, docs/scheduling.md)",
     )
     p.add_argument(
-        "--no-align",
+        "--align",
         action="store_true",
-        help="--policy wisp: send no launch hint in verdicts (launch_in_ms 0), so devices do not align their "
-        "rounds with the next step (docs/scheduling.md §11)",
+        help="--policy wisp: verdicts carry a launch hint (launch_in_ms) so that devices align their rounds with "
+        "the next step (off by default: not measured on a GPU; docs/scheduling.md §11)",
     )
     p.add_argument(
         "--model-name",
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,
-        align=not args.no_align,
+        align=args.align,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
     )

@@ -53,10 +53,11 @@ class ServerConfig:
     # adds to a step (measured, H200, 7B, TPOT 30, 224 devices: attainment 0.39 with it, 0.86 without). Prompt
     # pieces are always checked: that is the interference WISP prevents.
     refuse: bool = False
-    # `--policy wisp`: each verdict carries `launch_in_ms`, when the step after the running one launches, so that
-    # devices draft what fits before it and their rounds arrive together (docs/scheduling.md §11). `--no-align`
-    # sends 0 (the controller then decides as without the hint).
-    align: bool = True
+    # `--policy wisp --align`: each verdict carries `launch_in_ms`, when the step after the running one launches,
+    # so that devices draft what fits before it and their rounds arrive together (docs/scheduling.md §11). Off by
+    # default (verdicts carry 0, the controller decides as without the hint): simulated, it helps at 32B and
+    # costs at 7B through the hybrid's too-slow test, and no GPU has measured it.
+    align: bool = False
     # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
     # this many draft tokens of a round.
     hybrid_every: int = 0
@@ -144,5 +145,5 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "no-hybrid": ("hybrid", False),
     "no-truncate": ("truncate_drafts", False),
     "refuse": ("refuse", True),
-    "no-align": ("align", False),
+    "align": ("align", True),
 }

@@ -32,7 +32,7 @@ T(k) = launch(k) + S. Tokens drafted while the round would still arrive before t
 more that misses the launch costs a whole step. So the rule looks ahead: continue while some reachable k' > k
 has a better rate E(k') / (T(k') + (k' - k) * price) than E(k) / T(k) (E(k') extends the survival with the
 running acceptance rate), which drafts the tokens before a launch, and across a boundary only as many as
-pay for the extra step together. Without a hint (F = 0: an idle GPU, an old server, `--no-align`) T(k) is
+pay for the extra step together. Without a hint (F = 0: an idle GPU, a server without `--align`) T(k) is
 the round time above and the look-ahead is one token (more would never pass where one fails: the gain per
 token only falls with k), so the decisions are exactly the price rule's.
 """

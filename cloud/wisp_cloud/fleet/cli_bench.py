@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
         default="centralized,sled,wisp",
         help="comma-separated arms, run in this order; a wisp arm may name its clients' controller and turn WISP "
         "switches for itself, for ablations: wisp+fixed:3, wisp~no-fill, wisp~no-hybrid~no-truncate, wisp~refuse, "
-        "wisp~no-align",
+        "wisp~align",
     )
     r.add_argument("--n", default="4,8,16,32", help="device counts to sweep (comma-separated)")
     r.add_argument(

@@ -107,10 +107,10 @@ def add_parser(subparsers) -> None:
         help="wisp policy: do not fill the weight read (as `wisp serve --no-fill`; docs/scheduling.md §10)",
     )
     p.add_argument(
-        "--no-align",
+        "--align",
         action="store_true",
-        help="wisp policy: verdicts carry no launch hint, devices do not align their rounds with the next step "
-        "(as `wisp serve --no-align`; docs/scheduling.md §11)",
+        help="wisp policy: verdicts carry a launch hint and devices align their rounds with the next step "
+        "(as `wisp serve --align`; docs/scheduling.md §11)",
     )
     p.add_argument(
         "--host-time",

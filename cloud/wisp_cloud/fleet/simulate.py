@@ -22,7 +22,7 @@ draft before its next proposal. `SimConfig.hybrid=False` / `truncate=False` turn
 
 Launch alignment (`--policy wisp`, docs/scheduling.md §11): a batch's verdicts carry the time until the batch
 launched right after it ends (`WaitHints.launch_in`, as the engine stamps it after its next launch), and the
-`Wisp` controller drafts up to that launch. `SimConfig.align=False` (`--no-align`) sends 0.
+`Wisp` controller drafts up to that launch, with `SimConfig.align` (`--align`; off by default, as in `wisp serve`).
 
 Scale, two ways (`SimConfig.balance`):
 - `device-hash` (default): devices are sharded over GPUs (device d → GPU d mod G, as a balancer hashing a
@@ -92,7 +92,9 @@ class SimConfig:
         0.0  # per round, between a verdict's arrival and the next round's send, besides drafting
     )
     judge_tpot_ms: tuple[float, ...] = ()  # also judge the records at these TPOT SLOs (summary["judged"])
-    align: bool = True  # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve`
+    align: bool = (
+        False  # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve --align`
+    )
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
