@@ -233,10 +233,7 @@ class Committer:
         k = round(session.k_mean) if session.k_mean is not None else default_k
         now = time.monotonic()
         round_ms, decode_ms = round_and_decode_ms(
-            session.think_s,
-            lambda item: self.queue.wait_hint(item, now),
-            k,
-            session.committed_len,
+            session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
         )
         args = (session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms)
         if to == "centralized":

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import socket
 import time
+from typing import Any
 
 from wisp_sdk.tokenizer import DraftTokenizer
 
@@ -30,9 +31,8 @@ from wisp_cloud.logs import log_event
 from wisp_cloud.sessions import SessionStore
 from wisp_cloud.step_stats import StepTotals
 
-ARM_OPTIONS = tuple(
-    field for field, _ in ARM_FLAGS.values()
-)  # ServerConfig switches an arm of `wisp bench` may override
+# ServerConfig switches an arm of `wisp bench` may override
+ARM_OPTIONS = tuple(field for field, _ in ARM_FLAGS.values())
 
 log = logging.getLogger("wisp.server")
 
@@ -128,7 +128,7 @@ class WispServer:
         model and captured graphs. Waits up to `idle_timeout_s` for the sessions to end, closes any left, then
         builds a fresh engine (empty queue, metrics and SLO windows) with a fresh copy of the start-up estimator, so
         every arm starts from the same state but the model load and graph capture are paid once. `options`: the
-        WISP policy's switches for this arm (ServerConfig's `fill`, `hybrid`, `truncate_drafts`), for ablations."""
+        WISP policy's switches for this arm (ServerConfig fields in ARM_OPTIONS), for ablations."""
         opts = self._arm_options(options or {})  # a bad option fails here, before the old engine is closed
         end = time.monotonic() + idle_timeout_s
         while len(self.engine.store) and time.monotonic() < end:
@@ -142,9 +142,7 @@ class WispServer:
                 await self._loop_task
         old.close()  # waits for a forward still on the worker thread
         old.release_closed()
-        self.cfg = dataclasses.replace(self.cfg, policy=policy)
-        for name, on in opts.items():  # ServerConfig's bool switches (ARM_OPTIONS)
-            setattr(self.cfg, name, on)
+        self.cfg = dataclasses.replace(self.cfg, policy=policy, **opts)
         self.engine = Engine(old.backend, self.cfg, VerifyTimeEstimator.from_dict(self._estimator0))
         self.gateway.rebind(self.engine)
         if isinstance(self.gateway.http.completer, EngineCompleter):
@@ -154,7 +152,7 @@ class WispServer:
             log, "policy_switch", policy=self.engine.policy.name, previous=old.policy.name, **(options or {})
         )
 
-    def _arm_options(self, options: dict[str, bool]) -> dict[str, bool]:
+    def _arm_options(self, options: dict[str, bool]) -> dict[str, Any]:
         """Every arm starts from the start-up switches; an arm's options override them for that arm only."""
         bad = set(options) - set(ARM_OPTIONS)
         if bad:

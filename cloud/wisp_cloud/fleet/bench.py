@@ -335,7 +335,7 @@ def run_bench(args: Any) -> dict[str, Any]:
         shared: ServerProc | None = None
         for spec in policies:
             # an arm: a server policy, optionally with the clients' controller (`wisp+fixed:3`) and WISP switches
-            # turned off for this arm (`wisp~no-fill~no-hybrid`); its points carry the whole spec as their policy
+            # set for this arm (`wisp~no-fill~refuse`); its points carry the whole spec as their policy
             policy, arm_controller, flags = parse_arm(spec)
             # SLO-blind servers are judged at every SLO from one sweep; the others get one sweep per SLO
             asks = [tpots[0]] if policy in SLO_BLIND else tpots
@@ -386,9 +386,7 @@ def run_bench(args: Any) -> dict[str, Any]:
                 ]
                 for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
                     judge_at = tpots if policy in SLO_BLIND else [asked]
-                    label = spec + (
-                        f"+{controller}" if controller and policy == "sled" and not arm_controller else ""
-                    )
+                    label = spec + (f"+{controller}" if controller and policy == "sled" else "")
                     label += f"@{asked:g}" if len(asks) > 1 else ""
                     label += f"-{dv.name}-{lk.name}" if len(devices) * len(links) > 1 else ""
                     below = 0

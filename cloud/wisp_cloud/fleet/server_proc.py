@@ -2,8 +2,8 @@
 
 With `control=True` the server reads `policy NAME [FLAG...]` lines on stdin (`wisp serve --control-stdin`): the bench
 then loads the model and captures its CUDA graphs once and switches the policy between arms (a fresh engine and a
-fresh copy of the start-up estimator each time; WispServer.switch_policy; FLAGs such as `no-fill` turn a WISP
-switch off for one arm). A `stats` line answers with the engine's counters (WispServer.stats) as one JSON line.
+fresh copy of the start-up estimator each time; WispServer.switch_policy; FLAGs such as `no-fill` or `refuse` set a
+WISP switch for one arm: config.ARM_FLAGS). A `stats` line answers with the engine's counters (WispServer.stats) as one JSON line.
 """
 
 from __future__ import annotations

@@ -88,13 +88,11 @@ class SimConfig:
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
     padded_clock: bool = False  # the clock keeps a paged estimator's padded features (gpu_clock.varlen_view)
-    device_round_ms: float = (
-        0.0  # per round, between a verdict's arrival and the next round's send, besides drafting
-    )
+    # per round, between a verdict's arrival and the next round's send, besides drafting
+    device_round_ms: float = 0.0
     judge_tpot_ms: tuple[float, ...] = ()  # also judge the records at these TPOT SLOs (summary["judged"])
-    align: bool = (
-        False  # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve --align`
-    )
+    # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve --align`
+    align: bool = False
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0

@@ -39,10 +39,6 @@ class WaitHints:
         """A verify/decode request waited `queue_s` from arrival to its batch."""
         self.queue_s += self.ewma * (queue_s - self.queue_s)
 
-    def step(self, item: ItemShape) -> float:
-        """Predicted time of a step like the last one with `item` added (no queueing wait)."""
-        return self.estimator.predict_shape(self.last_shape.plus(item))
-
     def hint(self, item: ItemShape, now: float) -> float:
         busy = max(0.0, self.busy_until - now)
-        return max(busy, self.queue_s) + self.step(item)
+        return max(busy, self.queue_s) + self.estimator.predict_shape(self.last_shape.plus(item))

@@ -43,9 +43,8 @@ class HybridRule:
     leave: float = 0.25
     min_rounds: int = 4
     dwell_tokens: int = 16
-    backoff: int = (
-        4  # the dwell doubles per round trip already made, at most 2^backoff times (16 -> 256 tokens)
-    )
+    # the dwell doubles per round trip already made, at most 2^backoff times (16 -> 256 tokens)
+    backoff: int = 4
     every: int = 0  # test hook: > 0 switches every `every` rounds and back every `every` decoded tokens
     slow_margin: float = 0.8
     # α assumed by the too-slow test before it is measured: the real Qwen2.5-Coder 0.5B→1.5B pair's per-token
@@ -115,10 +114,7 @@ class HybridRule:
 
 
 def round_and_decode_ms(
-    think_s: float | None,
-    hint: Callable[[ItemShape], float],
-    k: int,
-    context_len: int,
+    think_s: float | None, hint: Callable[[ItemShape], float], k: int, context_len: int
 ) -> tuple[float | None, float | None]:
     """The too-slow test's inputs, as the server (commit.py) and the simulator feed them: a speculative round's
     time (the device's measured time between an answer and its next round, plus the predicted wait and verify
@@ -126,7 +122,7 @@ def round_and_decode_ms(
     predicted seconds from an item's arrival to its answer (the scheduler's wait hint).
 
     A decode is charged the same queueing wait as a round, although a decoded session rides the very next step.
-    Measured (H200, 7B, TPOT 30, docs/benchmarks.md run 19): charging it one step only (`step`) moved many more
+    Measured (H200, 7B, TPOT 30, docs/benchmarks.md run 19): charging it one step only moved many more
     sessions to the server and attainment at 224 devices fell from 0.92 (no hybrid) to 0.39: the wait errs on
     the side of keeping sessions on the edge."""
     if think_s is None:
