@@ -5,35 +5,23 @@ SLO simply missed it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
-from wisp_cloud.fleet.profiles import get_device, get_link
+from sim_inputs import sharegpt_32b
+from wisp_cloud.fleet.profiles import get_device
 from wisp_cloud.fleet.simulate import SimConfig, run_point
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(hybrid: bool) -> SimConfig:
-    trace = json.loads((REPO / "bench/traces/sharegpt.json").read_text())["sequences"]
-    work = json.loads((REPO / "bench/workloads/sharegpt.json").read_text())["requests"][:40]
-    return SimConfig(
+    return sharegpt_32b(
+        40,
         policy="wisp",
         controller="wisp",
         devices=120,
         duration_s=12.0,
         warmup_s=3.0,
-        gap_s=1.0,
-        slo_ttft_ms=2000.0,
         slo_tpot_ms=60.0,
-        prompt_tokens=[r["prompt_tokens"] for r in work],
-        lengths=[max(2, r["max_new_tokens"] // 4) for r in work],
-        trace=trace,
         device=get_device("phone"),  # 60 ms per drafted token: speculation cannot make a 60 ms TPOT
-        link=get_link("metro-edge"),
-        estimator=json.loads((REPO / "bench/results/capacity/est-h200-run13-32b-online.json").read_text()),
-        max_batch=256,
         drain_s=6.0,
         hybrid=hybrid,
     )

@@ -8,39 +8,26 @@ replayed was the CLI's default workload's, not the bench's.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from sim_inputs import sharegpt_32b
 from wisp_cloud.fleet.profiles import DeviceProfile, get_device, get_link
 from wisp_cloud.fleet.sim_validate import arm_config, mark_saturation, validate_points
 from wisp_cloud.fleet.simulate import SimConfig, run_point
 from wisp_sdk.errors import WispError
 
-REPO = Path(__file__).resolve().parents[1]
-EST_32B = REPO / "bench/results/capacity/est-h200-run13-32b-online.json"
-
 
 def _base(**over) -> SimConfig:
-    trace = json.loads((REPO / "bench/traces/sharegpt.json").read_text())["sequences"]
-    work = json.loads((REPO / "bench/workloads/sharegpt.json").read_text())["requests"][:30]
-    cfg = SimConfig(
+    cfg = sharegpt_32b(
+        30,
         policy="centralized",
         controller="",
         devices=40,
         duration_s=6.0,
         warmup_s=1.5,
-        gap_s=1.0,
-        slo_ttft_ms=2000.0,
         slo_tpot_ms=30.0,
-        prompt_tokens=[r["prompt_tokens"] for r in work],
-        lengths=[max(2, r["max_new_tokens"] // 4) for r in work],
-        trace=trace,
         device=get_device("mac-m4"),
-        link=get_link("metro-edge"),
-        estimator=json.loads(EST_32B.read_text()),
-        max_batch=256,
         drain_s=5.0,
     )
     return replace(cfg, **over)
