@@ -5,6 +5,7 @@ loopback websockets with `FakeBackend`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import struct
 
@@ -23,6 +24,7 @@ from wisp_sdk.protocol import (
     Hello,
     Open,
     Round,
+    Tokens,
     Verdict,
     decode_verdict,
     encode_verdict,
@@ -195,16 +197,36 @@ async def _drive(url: str, prompt: list[int], n: int, seed: int) -> tuple[list[i
     return tokens, hints
 
 
+async def _decode_until(url: str, stop: asyncio.Event) -> None:
+    """A server-decoded session (re-opened whenever it ends) until `stop`: its decode rides every step, so a step
+    is always launched when a verdict goes out, however the drafting sessions' rounds happen to line up. Without it
+    a loaded clock can put every round into the same step, leaving the GPU idle at each verdict (hint 0)."""
+    c = await Client.connect(url)
+    await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+    done = True
+    while not stop.is_set():
+        if done:
+            await c.request(Open(prompt_ids=[9, 8, 7], max_new_tokens=2000, mode="centralized"))
+        with contextlib.suppress(TimeoutError):
+            msg = await c.recv(timeout=0.05)
+            done = isinstance(msg, Tokens) and msg.done
+    await c.aclose()
+
+
 def _serve(align: bool) -> tuple[list[list[int]], list[list[int]], list[float]]:
     async def main():
         backend = FakeBackend(VOCAB, base_s=0.008, per_token_s=0.0002)
         server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0, align=align))
         await server.start()
+        stop = asyncio.Event()
+        decoder = asyncio.create_task(_decode_until(server.url, stop))
         try:
             prompts = [[3 + i, 40 + i, 7] for i in range(10)]
             runs = await asyncio.gather(*(_drive(server.url, p, 40, seed=i) for i, p in enumerate(prompts)))
             return prompts, runs
         finally:
+            stop.set()
+            await decoder
             await server.stop()
 
     prompts, runs = asyncio.run(main())
