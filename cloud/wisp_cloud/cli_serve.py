@@ -175,6 +175,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "default; docs/scheduling.md)",
     )
     p.add_argument(
+        "--regime",
+        action="store_true",
+        help="--policy wisp: move every session to server-side decoding while the estimator says decoding serves "
+        "more sessions at the SLO than speculation (docs/scheduling.md §12; off by default, experimental)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -272,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
         hybrid=not args.no_hybrid,
+        regime=args.regime,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

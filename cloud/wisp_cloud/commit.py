@@ -33,6 +33,7 @@ from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
 from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice
+from wisp_cloud.sched.regime import Regime, SessionSample
 from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 
@@ -66,6 +67,7 @@ class Committer:
         max_context_len: int,
         enqueue: Callable[[Job], None],
         hybrid: HybridRule | None = None,
+        regime: Regime | None = None,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -78,6 +80,7 @@ class Committer:
         self._solo_version = -1
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
+        self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
         # The last commit's verdicts: their launch hint is stamped once the next step has launched (`stamp_launch`)
         self._verdicts: list[tuple[Session, Reply]] = []
 
@@ -151,6 +154,7 @@ class Committer:
                 d.on_round(len(job.draft), accepted, now)
         conn = session.conn
         if job.kind == JobKind.round:
+            self._sample(session)
             centralize = not done and self._centralize(session, job)
             queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
             verdict = pack_verdict(
@@ -178,6 +182,7 @@ class Committer:
                 self._verdicts.append((session, reply))
         elif job.kind == JobKind.open:
             session.opened = True
+            session.probe = self.regime is not None and self.regime.enlist()
             if conn is not None:
                 opened = Opened(
                     session_id=session.id,
@@ -214,6 +219,18 @@ class Committer:
                 session.last_verdict = reply.message
         self._verdicts = []
 
+    def _sample(self, session: Session) -> None:
+        """After a verdict: the session's measured speculation, for the regime (once it has `MIN_ROUNDS` rounds)."""
+        d = session.deadlines
+        if self.regime is None or d is None or session.think_s is None or session.k_mean is None:
+            return
+        e = d.acceptance.tokens_per_round
+        if e is not None:
+            sample = SessionSample(
+                1000.0 * session.think_s, session.k_mean, e, session.slo.tpot_ms, session.committed_len
+            )
+            self.regime.observe(session.id, sample)
+
     def _centralize(self, session: Session, job: Job) -> bool:
         """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""
         return self._switch(session, "centralized", len(job.draft))
@@ -236,10 +253,15 @@ class Committer:
             session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
         )
         args = (session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms)
+        regime = self.regime.decide(now) if self.regime is not None else "speculative"
         if to == "centralized":
-            moved = self.hybrid.to_centralized(*args)
+            # the centralized regime moves every session but a probe still measuring (sched/regime.py)
+            probing = (
+                session.probe and self.regime is not None and session.mode_steps < self.regime.probe_rounds
+            )
+            moved = (regime == "centralized" and not probing) or self.hybrid.to_centralized(*args)
         else:  # session.switches counts both directions: a round trip is two
-            moved = self.hybrid.to_speculative(*args, trips=session.switches // 2)
+            moved = regime == "speculative" and self.hybrid.to_speculative(*args, trips=session.switches // 2)
         if not moved:
             return False
         session.mode, session.mode_steps = to, 0

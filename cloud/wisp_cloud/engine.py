@@ -50,6 +50,7 @@ from wisp_cloud.runner import Runner
 from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
 from wisp_cloud.sched.pricing import verify_len
+from wisp_cloud.sched.regime import Regime
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 from wisp_cloud.step_stats import StepLog
@@ -87,6 +88,7 @@ class Engine:
         if config.policy == "wisp":
             kw["fill"] = config.fill
             kw["refuse"] = config.refuse
+            kw["protect_decodes"] = not config.regime
         self.policy = make_policy(config.policy, self.estimator, max_batch=config.max_batch, **kw)
         self.queue = Scheduler(self.policy, self.estimator, learn=False, tenant_weights=config.tenant_weights)
         self.admission = (
@@ -143,6 +145,7 @@ class Engine:
             self.max_context_len,
             self._enqueue,
             self.hybrid,
+            Regime(self.estimator) if self.hybrid is not None and wisp and config.regime else None,
         )
 
     def close(self) -> None:

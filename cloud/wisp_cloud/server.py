@@ -176,6 +176,7 @@ class WispServer:
             "session_switches": dict(e.committer.switch_counts),
             "steps": sum(e.metrics.batch_size_tally.values()),
             "batch_mean": _mean_of_tally(e.metrics.batch_size_tally),
+            "regime": e.committer.regime.stats() if e.committer.regime is not None else None,
         }
 
 

@@ -65,6 +65,9 @@ class Session:
     # rounds and server-side decoding, how often it has, and rounds (speculative) or decoded tokens (centralized)
     # since the last switch.
     hybrid: bool = False
+    probe: bool = (
+        False  # it keeps speculating for a while in the centralized regime, to measure (sched/regime.py)
+    )
     switches: int = 0
     mode_steps: int = 0
     sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it

@@ -92,6 +92,12 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
     p.add_argument(
+        "--regime",
+        action="store_true",
+        help="wisp policy: the regime moves every session to server-side decoding where decoding serves more (as "
+        "`wisp serve --regime`)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",

@@ -50,8 +50,8 @@ def arm_config(cfg: SimConfig, spec: str, controller: str) -> SimConfig:
         field, value = ARM_FLAGS[flag]
         if field in ("fill", "refuse"):
             kw[field] = value
-        elif field == "hybrid":
-            over["hybrid"] = value
+        elif field in ("hybrid", "regime"):
+            over[field] = value
         elif field == "truncate_drafts":
             over["truncate"] = value
         else:  # a switch added to config.ARM_FLAGS without a simulated twin

@@ -52,6 +52,7 @@ from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
+from wisp_cloud.sched.regime import Regime, SessionSample
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -83,6 +84,7 @@ class SimConfig:
     tenant_shares: tuple[float, ...] = ()
     tenant_weights: dict[str, float] | None = None
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
+    regime: bool = False  # `wisp` policy: the regime decides the hybrid's mode (`--regime`)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
@@ -109,11 +111,12 @@ BALANCE = ("device-hash", "leastconn", "roundrobin")
 class _Replica:
     """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
 
-    __slots__ = ("busy_until", "live", "price", "sched", "wake_at")
+    __slots__ = ("busy_until", "live", "price", "regime", "sched", "wake_at")
 
-    def __init__(self, sched: Scheduler, price: VerifyPrice) -> None:
+    def __init__(self, sched: Scheduler, price: VerifyPrice, regime: Regime | None) -> None:
         self.sched = sched
         self.price = price
+        self.regime = regime  # the server's regime (sched/regime.py), None where it has none
         self.busy_until = 0.0
         self.wake_at: float | None = None
         self.live = 0  # open sessions (what leastconn counts)
@@ -150,6 +153,7 @@ class _Sess:
         "n_drafted",
         "n_accepted",
         "central",  # the hybrid moved it to server-side decoding
+        "probe",  # it keeps speculating for a while in the centralized regime (sched/regime.py)
         "mode_steps",  # rounds / decoded tokens since the last switch
         "catchup",  # tokens decoded by the server that the draft has not been fed yet
         "unfed",  # 1 when the last round's draft was all accepted: its last token still to feed
@@ -177,10 +181,12 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     reps = []
     for _ in range(cfg.replicas):
         est = VerifyTimeEstimator.from_dict(cfg.estimator)
-        policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **(cfg.policy_kw or {}))
+        on = cfg.regime and cfg.hybrid and cfg.policy == "wisp" and bool(cfg.controller)
+        kw = {**(cfg.policy_kw or {}), **({"protect_decodes": False} if on else {})}
+        policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **kw)
         sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
-        reps.append(_Replica(sched, VerifyPrice(est)))
+        reps.append(_Replica(sched, VerifyPrice(est), Regime(est) if on else None))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
@@ -238,6 +244,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.n_drafted = s.n_accepted = 0
         s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
         s.unfed, s.tail_unfed, s.moves = 0, False, 0
+        regime = reps[s.rep].regime
+        s.probe = regime is not None and regime.enlist()
         s.think = s.answered = None
         active[id(s)] = s
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
@@ -406,6 +414,11 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
+        e = s.dl.acceptance.tokens_per_round
+        regime = reps[s.rep].regime
+        if regime is not None and s.think is not None and s.k_mean is not None and e is not None:
+            sample = SessionSample(1000 * s.think, s.k_mean, e, cfg.slo_tpot_ms, s.plen + s.gen)
+            regime.observe(str(id(s)), sample)
         s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)
@@ -433,8 +446,16 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
         )
         args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
-        # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
-        if not (hybrid.to_speculative(*args, trips=s.moves - 1) if back else hybrid.to_centralized(*args)):
+        regime = reps[s.rep].regime
+        mode = regime.decide(now) if regime is not None else "speculative"
+        if (
+            back
+        ):  # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles)
+            moved = mode == "speculative" and hybrid.to_speculative(*args, trips=s.moves - 1)
+        else:
+            probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
+            moved = (mode == "centralized" and not probing) or hybrid.to_centralized(*args)
+        if not moved:
             return False
         s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
         return True

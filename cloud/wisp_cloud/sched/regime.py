@@ -1,0 +1,169 @@
+"""The regime: does edge speculation or server-side decoding serve more sessions on this GPU? (docs/scheduling.md §12)
+
+A verify step costs about w + T·f (weight read w, compute f per token; the estimator knows both). Capacity is the
+number of sessions of which (1 − q) = 90 % meet their TPOT SLO, so the session that decides it is the q-quantile
+one: the slowest device, the lowest acceptance.
+
+- **Decoding** (the centralized path): every session rides every step with one token, so the step period S must
+  fit its TPOT. N_dec is the largest N with step(N × 1 token) ≤ m × quantile_q(TPOT).
+- **Speculation**: a round of k drafts takes R = think + (1 + ½)·S (the device's draft and link time, then half a
+  step of waiting for the running step and one step) and commits E tokens (measured per session), so session i
+  meets its SLO while S ≤ S_i = (m·E_i·TPOT_i − think_i) / 1.5. The GPU may run steps as long as
+  S = quantile_q(S_i); each session rides one step in R_i / S, with k_i + 1 tokens. N_spec is the largest N with
+  step(N · mean(S/R_i) items of mean(k + 1) tokens) ≤ S.
+
+Rejected drafts are verified too: speculation pays only where its longer steps share the weight read among more
+sessions than its (k + 1)/E tokens per committed token cost in compute, i.e. where TPOT is close to w, drafts are
+fast, links short and acceptance high. On an H200 (estimators of runs 12–13, Mac-mini-class drafts at 5.2 ms per
+token, a 5 ms link, ShareGPT's acceptance) the model gives N_dec 80 against N_spec ≈ 45 at 32B, TPOT 30 — measured,
+centralized served 64 devices at 0.95 attainment and every speculative arm missed (docs/benchmarks.md run 19).
+
+`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %): in the centralized
+regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
+WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
+per-session rule (sched/hybrid.py) applies. The samples are the recent sessions with `MIN_ROUNDS` measured rounds;
+in the centralized regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they
+stay fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). Pure: time is passed in.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from wisp_sdk.protocol import Mode
+
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+
+WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to end, then rides the next
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSample:
+    """One session's measured speculation, as the regime model needs it."""
+
+    think_ms: float  # device time between a verdict and its next round: draft + link
+    k: float  # mean draft length
+    e: float  # tokens a round commits (measured, accepted drafts + the target's token)
+    tpot_ms: float  # its TPOT SLO
+    context: int  # tokens in its context
+
+
+@dataclass(frozen=True, slots=True)
+class Capacities:
+    decode: int  # sessions that server-side decoding serves at the SLO quantile
+    speculative: int  # ... and edge speculation
+    step_ms: float  # the speculative regime's step period S (0 where it cannot meet the SLO)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(q * len(s))))]
+
+
+def _largest(ok: Callable[[int], bool], hi: int) -> int:
+    """The largest n in [0, hi] with ok(n), for ok monotone (true, then false)."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: int) -> float:
+    """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`."""
+    if items <= 0:
+        return 0.0
+    return 1000.0 * estimator.predict(BatchShape.of([ItemShape(tokens, context)] * items))
+
+
+def capacities(
+    estimator: VerifyTimeEstimator,
+    samples: Sequence[SessionSample],
+    quantile: float = 0.1,
+    margin: float = 0.9,
+    most: int = 4096,
+) -> Capacities:
+    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty)."""
+    context = round(sum(s.context for s in samples) / len(samples))
+    s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
+    n_dec = _largest(lambda n: step_ms(estimator, n, 1, context) <= s_dec, most)
+    period = _quantile(
+        [(margin * s.e * s.tpot_ms - s.think_ms) / (1.0 + WAIT_STEPS) for s in samples], quantile
+    )
+    if period <= 0.0:
+        return Capacities(n_dec, 0, 0.0)
+    rides = [period / (s.think_ms + (1.0 + WAIT_STEPS) * period) for s in samples]  # steps per round ridden
+    share = sum(rides) / len(rides)
+    tokens = max(1, round(sum(r * (s.k + 1.0) for r, s in zip(rides, samples, strict=True)) / sum(rides)))
+    n_spec = _largest(lambda n: step_ms(estimator, max(1, round(n * share)), tokens, context) <= period, most)
+    return Capacities(n_dec, n_spec, period)
+
+
+class Regime:
+    """The fleet's recent sessions and the mode the hybrid drives them to (module docstring)."""
+
+    def __init__(
+        self,
+        estimator: VerifyTimeEstimator,
+        *,
+        quantile: float = 0.1,
+        margin: float = 0.9,
+        hysteresis: float = 0.1,
+        window: int = 256,
+        min_samples: int = 16,
+        every_s: float = 1.0,
+        probe_every: int = 16,
+        probe_rounds: int = 8,
+    ) -> None:
+        self.estimator = estimator
+        self.quantile, self.margin, self.hysteresis = quantile, margin, hysteresis
+        self.window, self.min_samples, self.every_s = window, min_samples, every_s
+        self.probe_every, self.probe_rounds = probe_every, probe_rounds
+        self.mode: Mode = "speculative"
+        self.last: Capacities | None = None  # the capacities of the last decision (stats)
+        self.flips = 0
+        self._samples: collections.OrderedDict[str, SessionSample] = collections.OrderedDict()
+        self._decided_at = float("-inf")
+        self._opened = 0
+
+    def observe(self, session_id: str, sample: SessionSample) -> None:
+        """A session's latest measured speculation (it replaces the session's previous one)."""
+        self._samples[session_id] = sample
+        self._samples.move_to_end(session_id)
+        while len(self._samples) > self.window:
+            self._samples.popitem(last=False)
+
+    def enlist(self) -> bool:
+        """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
+        self._opened += 1
+        return self._opened % self.probe_every == 0
+
+    def decide(self, now: float) -> Mode:
+        """The current mode, re-decided at most every `every_s` seconds."""
+        if now - self._decided_at < self.every_s or len(self._samples) < self.min_samples:
+            return self.mode
+        self._decided_at = now
+        cap = capacities(self.estimator, list(self._samples.values()), self.quantile, self.margin)
+        self.last = cap
+        h = 1.0 + self.hysteresis
+        if self.mode == "speculative" and cap.decode > h * cap.speculative:
+            self.mode, self.flips = "centralized", self.flips + 1
+        elif self.mode == "centralized" and cap.speculative > h * cap.decode:
+            self.mode, self.flips = "speculative", self.flips + 1
+        return self.mode
+
+    def stats(self) -> dict[str, float | int | str]:
+        last = self.last
+        return {
+            "mode": self.mode,
+            "flips": self.flips,
+            "samples": len(self._samples),
+            "decode_capacity": last.decode if last else -1,
+            "speculative_capacity": last.speculative if last else -1,
+            "speculative_step_ms": round(last.step_ms, 2) if last else -1,
+        }
