@@ -11,7 +11,8 @@ window the server's running step totals give:
 
     .venv/bin/python bench/host_path.py --sessions 64 128 256 512 1024 --out bench/results/host_path/dev_vm.json
 
-With `--policy centralized` the sessions are centralized ones (the server decodes; one Tokens frame per step).
+With `--policy centralized` (or `--decoded` under any policy) the sessions are centralized ones (the server
+decodes; one Tokens frame per step).
 Writes JSON (and a PNG with --plot). A benchmark, not a test: it measures, it asserts nothing.
 """
 
@@ -177,7 +178,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
                     total_s,
                     client_cores,
                     i,
-                    args.policy == "centralized",
+                    args.policy == "centralized" or args.decoded,
                     out,
                 ),
             )
@@ -262,6 +263,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--per-token-us", type=float, default=0.0, help="fake forward: µs per new token (default 0)"
+    )
+    ap.add_argument(
+        "--decoded",
+        action="store_true",
+        help="sessions open in centralized mode under any --policy (the server decodes them, as the regime does)",
     )
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=256)

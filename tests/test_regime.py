@@ -7,8 +7,8 @@ import json
 
 import pytest
 from sim_inputs import EST_32B
-from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.sched.regime import Regime, SessionSample, capacities, step_ms
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.sched.regime import DeviceLine, Regime, SessionSample, capacities, step_ms
 
 
 @pytest.fixture(scope="module")
@@ -16,55 +16,84 @@ def est32() -> VerifyTimeEstimator:
     return VerifyTimeEstimator.from_dict(json.loads(EST_32B.read_text()))
 
 
-def _fleet(think_ms: float, k: float, e: float, tpot_ms: float, n: int = 40) -> list[SessionSample]:
-    return [SessionSample(think_ms, k, e, tpot_ms, 500) for _ in range(n)]
+MAC_M4 = DeviceLine(5.0, 5.2)  # a Mac-mini-class draft (5.2 ms per token) on a 5 ms link
+JETSON = DeviceLine(20.0, 18.5)  # Jetson Orin-class (18.5 ms per token) on wifi-metro (20 ms)
+
+
+def _fleet(alpha: float, tpot_ms: float, n: int = 40) -> list[SessionSample]:
+    return [SessionSample(alpha, tpot_ms, 500) for _ in range(n)]
+
+
+def test_step_ms_of_identical_items_is_the_estimators_prediction(est32):
+    shape = BatchShape.of([ItemShape(4, 500)] * 37)
+    assert step_ms(est32, 37, 4, 500) == pytest.approx(1000.0 * est32.predict_shape(shape))
 
 
 def test_decode_capacity_is_the_largest_batch_whose_step_fits_the_slo(est32):
-    cap = capacities(est32, _fleet(20.0, 3, 2.5, 30.0), quantile=0.1, margin=0.9)
+    cap = capacities(est32, _fleet(0.8, 30.0), MAC_M4, quantile=0.1, margin=0.9)
     assert step_ms(est32, cap.decode, 1, 500) <= 27.0 < step_ms(est32, cap.decode + 1, 1, 500)
 
 
-def test_slow_drafts_or_low_acceptance_favour_decoding_at_32b(est32):
-    # Mac-mini-class drafts (3 × 5.2 ms + a 5 ms link) at ShareGPT's tail acceptance, TPOT 30
-    cap = capacities(est32, _fleet(22.0, 3, 2.2, 30.0))
+def test_low_acceptance_or_slow_drafts_favour_decoding_at_32b(est32):
+    # ShareGPT's 10th-percentile acceptance (0.66) on Mac-mini-class drafts, TPOT 30
+    cap = capacities(est32, _fleet(0.66, 30.0), MAC_M4)
     assert cap.decode > 1.1 * cap.speculative, cap
-    # a Jetson-class device (18.5 ms per token, 20 ms link) cannot make a 30 ms TPOT by speculation at all
-    assert capacities(est32, _fleet(75.0, 3, 2.2, 30.0)).speculative == 0
+    # a Jetson-class device cannot make a 30 ms TPOT by speculation at any k
+    assert capacities(est32, _fleet(0.8, 30.0), JETSON).speculative == 0
 
 
 def test_fast_drafts_with_high_acceptance_favour_speculation_when_tpot_is_near_the_weight_read(est32):
-    # HumanEval-like acceptance (4 drafts commit 4.4 tokens), fast drafts, TPOT 30 against a ≈ 19 ms weight read
-    cap = capacities(est32, _fleet(26.0, 4, 4.4, 30.0))
+    # HumanEval's 10th-percentile acceptance (0.88), TPOT 30 against a ≈ 19 ms weight read
+    cap = capacities(est32, _fleet(0.88, 30.0), MAC_M4)
     assert cap.speculative > 1.1 * cap.decode, cap
-    assert cap.step_ms > 30.0  # its steps may be longer than the TPOT: a round commits several tokens
+    assert cap.step_ms > 30.0 and cap.k >= 3  # long steps of long rounds: each commits several tokens
 
 
 def test_the_slo_quantile_session_decides(est32):
-    good = _fleet(26.0, 4, 4.4, 30.0, n=80)
-    tail = _fleet(26.0, 4, 1.3, 30.0, n=20)  # a fifth of the sessions barely accept anything
-    assert capacities(est32, good + tail, quantile=0.1).speculative < capacities(est32, good).speculative
+    good, tail = _fleet(0.9, 30.0, n=80), _fleet(0.3, 30.0, n=20)  # a fifth barely accept anything
+    assert capacities(est32, good + tail, MAC_M4).speculative < capacities(est32, good, MAC_M4).speculative
+
+
+def _observe(r: Regime, sid: str, alpha: float, k: float, line: DeviceLine) -> None:
+    r.observe(sid, SessionSample(alpha, 30.0, 500), k, line.ms(round(k)))
 
 
 def test_regime_waits_for_samples_and_flips_with_hysteresis(est32):
     r = Regime(est32, min_samples=8, every_s=1.0)
     for i in range(7):
-        r.observe(f"s{i}", SessionSample(22.0, 3, 2.2, 30.0, 500))
+        _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
     assert r.decide(0.0) == "speculative"  # too few samples: as the sessions opened
-    r.observe("s7", SessionSample(22.0, 3, 2.2, 30.0, 500))
+    _observe(r, "s7", 0.66, 3, MAC_M4)
     assert r.decide(0.0) == "centralized"
     assert r.stats()["flips"] == 1
-    for i in range(8):  # the fleet changes: fast, well-accepted drafts
-        r.observe(f"s{i}", SessionSample(26.0, 4, 4.4, 30.0, 500))
+    for i in range(8):  # the fleet changes: well-accepted drafts
+        _observe(r, f"s{i}", 0.9, 3 + i % 3, MAC_M4)
     assert r.decide(0.5) == "centralized"  # re-decided at most every every_s
     assert r.decide(1.0) == "speculative"
     assert r.stats()["flips"] == 2
 
 
+def test_the_device_line_is_fitted_from_rounds_of_varying_length():
+    r = Regime(VerifyTimeEstimator())
+    for i in range(64):
+        k = 1 + i % 6
+        _observe(r, f"s{i}", 0.8, k, MAC_M4)
+    line = r.device()
+    assert line.per_token_ms == pytest.approx(5.2, rel=0.01) and line.fixed_ms == pytest.approx(5.0, rel=0.02)
+
+
+def test_fixed_length_rounds_charge_all_device_time_per_token():
+    r = Regime(VerifyTimeEstimator())
+    for i in range(16):
+        _observe(r, f"s{i}", 0.8, 4, MAC_M4)
+    line = r.device()
+    assert line.fixed_ms == 0.0 and line.ms(4) == pytest.approx(MAC_M4.ms(4))
+
+
 def test_samples_are_per_session_and_bounded():
     r = Regime(VerifyTimeEstimator(), window=4)
     for i in range(10):
-        r.observe(f"s{i % 6}", SessionSample(20.0, 3, 2.0, 30.0, 100))
+        _observe(r, f"s{i % 6}", 0.8, 3, MAC_M4)
     assert r.stats()["samples"] == 4
 
 

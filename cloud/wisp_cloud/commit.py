@@ -24,6 +24,7 @@ from wisp_sdk.protocol import (
 )
 
 from wisp_cloud.backends.base import BatchStats
+from wisp_cloud.deadlines import MIN_ROUNDS
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.logs import log_event
@@ -183,6 +184,10 @@ class Committer:
         elif job.kind == JobKind.open:
             session.opened = True
             session.probe = self.regime is not None and self.regime.enlist()
+            if self.regime is not None and session.start_on_server and not session.probe and not done:
+                # decoded while its draft prefills the prompt: a first round would wait for that prefill, which
+                # on a Mac-mini-class draft takes ≈ 0.5 s for a 300-token prompt (docs/scheduling.md §12)
+                session.mode = "centralized"
             if conn is not None:
                 opened = Opened(
                     session_id=session.id,
@@ -192,6 +197,7 @@ class Committer:
                     prefill_ms=1000.0 * job.forward_s,
                     queue_ms=1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at),
                     wait_hint_ms=self.wait_hint_ms(session, now),
+                    mode=session.mode,
                 )
                 replies.append(Reply(conn, opened))
         else:  # centralized decode step
@@ -224,12 +230,9 @@ class Committer:
         d = session.deadlines
         if self.regime is None or d is None or session.think_s is None or session.k_mean is None:
             return
-        e = d.acceptance.tokens_per_round
-        if e is not None:
-            sample = SessionSample(
-                1000.0 * session.think_s, session.k_mean, e, session.slo.tpot_ms, session.committed_len
-            )
-            self.regime.observe(session.id, sample)
+        if d.acceptance.n_rounds >= MIN_ROUNDS:
+            sample = SessionSample(d.acceptance.alpha, session.slo.tpot_ms, session.committed_len)
+            self.regime.observe(session.id, sample, session.k_mean, 1000.0 * session.think_s)
 
     def _centralize(self, session: Session, job: Job) -> bool:
         """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""
@@ -245,23 +248,37 @@ class Committer:
         if self.hybrid is None or not session.hybrid:
             return False
         session.mode_steps += 1
-        d = session.deadlines
-        alpha = d.acceptance.measured_alpha if d is not None else None
-        k = round(session.k_mean) if session.k_mean is not None else default_k
         now = time.monotonic()
-        round_ms, decode_ms = round_and_decode_ms(
-            session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
-        )
-        args = (session.mode_steps, k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms)
         regime = self.regime.decide(now) if self.regime is not None else "speculative"
-        if to == "centralized":
-            # the centralized regime moves every session but a probe still measuring (sched/regime.py)
-            probing = (
-                session.probe and self.regime is not None and session.mode_steps < self.regime.probe_rounds
+        trips = session.switches // 2  # session.switches counts both directions: a round trip is two
+        # Cheap refusals first: a decoded session asks after every step, and the hints below cost a prediction each.
+        if to == "speculative" and (
+            regime == "centralized" or not self.hybrid.dwelt(session.mode_steps, trips)
+        ):
+            return False
+        probing = session.probe and self.regime is not None and session.mode_steps < self.regime.probe_rounds
+        if to == "centralized" and regime == "centralized" and not probing:
+            moved = True  # the centralized regime moves every session but a probe still measuring (regime.py)
+        else:
+            d = session.deadlines
+            alpha = d.acceptance.measured_alpha if d is not None else None
+            k = round(session.k_mean) if session.k_mean is not None else default_k
+            round_ms, decode_ms = round_and_decode_ms(
+                session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
             )
-            moved = (regime == "centralized" and not probing) or self.hybrid.to_centralized(*args)
-        else:  # session.switches counts both directions: a round trip is two
-            moved = regime == "speculative" and self.hybrid.to_speculative(*args, trips=session.switches // 2)
+            args = (
+                session.mode_steps,
+                k,
+                alpha,
+                self.price.price_ms,
+                session.slo.tpot_ms,
+                round_ms,
+                decode_ms,
+            )
+            if to == "centralized":
+                moved = self.hybrid.to_centralized(*args)
+            else:
+                moved = self.hybrid.to_speculative(*args, trips=trips)
         if not moved:
             return False
         session.mode, session.mode_steps = to, 0

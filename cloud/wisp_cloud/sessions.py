@@ -65,9 +65,10 @@ class Session:
     # rounds and server-side decoding, how often it has, and rounds (speculative) or decoded tokens (centralized)
     # since the last switch.
     hybrid: bool = False
-    probe: bool = (
-        False  # it keeps speculating for a while in the centralized regime, to measure (sched/regime.py)
-    )
+    # The regime (sched/regime.py): a probe keeps speculating for a while in the centralized regime, to measure;
+    # `start_on_server`: its device offered to be decoded while its draft prefills the prompt (Open.start_on_server)
+    probe: bool = False
+    start_on_server: bool = False
     switches: int = 0
     mode_steps: int = 0
     sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it

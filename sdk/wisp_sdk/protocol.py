@@ -121,6 +121,10 @@ class Open(_Msg):
     slo: SLO = Field(default_factory=SLO)
     mode: Mode = "speculative"
     stop_token_ids: list[int] = Field(default_factory=list)
+    # A speculative session may start decoded by the server while the device's draft prefills the prompt; the
+    # server answers `Opened(mode="centralized")` if it takes the offer, streams `Tokens`, and hands the session to
+    # the edge with `Switch` later (docs/protocol.md). Servers without `--regime` ignore it.
+    start_on_server: bool = False
 
 
 class Resume(_Msg):
@@ -157,6 +161,9 @@ class Opened(_Msg):
     prefill_ms: float = 0.0
     queue_ms: float = 0.0
     wait_hint_ms: float = 0.0
+    # How the session starts: "centralized" for one opened so, or for a speculative one whose `start_on_server`
+    # offer the server took (Tokens follow until a Switch hands it to the edge).
+    mode: Mode = "speculative"
 
 
 class Resumed(_Msg):

@@ -37,6 +37,8 @@ class GenerationRequest:
     slo: SLO = field(default_factory=SLO)
     stop: list[str] = field(default_factory=list)
     mode: Mode = "speculative"
+    # offer the server to decode the first tokens while the draft prefills the prompt (`Open.start_on_server`)
+    start_on_server: bool = True
 
 
 class Session:
@@ -85,6 +87,7 @@ class Session:
             slo=self.request.slo,
             mode=self.request.mode,
             stop_token_ids=sorted(self.eos),
+            start_on_server=self.request.start_on_server and self.request.mode == "speculative",
         )
 
     def make_round(self, tokens: list[DraftToken]) -> Round:
@@ -122,7 +125,8 @@ class Session:
         self.session_id = msg.session_id
         self.round_no = 0
         self.inflight = None
-        self.mode = self.request.mode  # a rebuilt session starts as it was asked for
+        # a rebuilt session starts as it was asked for, unless the server took its `start_on_server` offer
+        self.mode = "centralized" if msg.mode == "centralized" else self.request.mode
         self.server_len = 0
         return self._commit([msg.next_token], server_done=msg.done)
 

@@ -44,11 +44,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from wisp_cloud.deadlines import SessionDeadlines
+from wisp_cloud.deadlines import MIN_ROUNDS, SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.capacity import judge
 from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
+from wisp_cloud.fleet.sim_state import Replica, Sess, Trace
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
@@ -95,6 +96,9 @@ class SimConfig:
     judge_tpot_ms: tuple[float, ...] = ()  # also judge the records at these TPOT SLOs (summary["judged"])
     # `wisp` policy: verdicts carry the next launch (`launch_in_ms`), as `wisp serve --align`
     align: bool = False
+    # devices offer to start decoded by the server while their draft prefills the prompt (`Open.start_on_server`,
+    # as the SDK does); a server with the regime accepts (sched/regime.py)
+    start_on_server: bool = True
 
     def tenant_of(self, device: int) -> str:
         edge = 0.0
@@ -106,63 +110,6 @@ class SimConfig:
 
 
 BALANCE = ("device-hash", "leastconn", "roundrobin")
-
-
-class _Replica:
-    """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
-
-    __slots__ = ("busy_until", "live", "price", "regime", "sched", "wake_at")
-
-    def __init__(self, sched: Scheduler, price: VerifyPrice, regime: Regime | None) -> None:
-        self.sched = sched
-        self.price = price
-        self.regime = regime  # the server's regime (sched/regime.py), None where it has none
-        self.busy_until = 0.0
-        self.wake_at: float | None = None
-        self.live = 0  # open sessions (what leastconn counts)
-
-
-class _Trace:
-    __slots__ = ("acc", "ent", "n", "top1")
-
-    def __init__(self, seq: dict) -> None:
-        self.acc = [bool(a) for a in seq["accepted"]]
-        self.top1 = [float(x) for x in seq["top1"]]
-        self.ent = [float(x) for x in seq["entropy"]]
-        self.n = len(self.acc)
-
-
-class _Sess:
-    __slots__ = (
-        "ctl",
-        "dev",
-        "dl",
-        "first_dev",
-        "gen",
-        "idx",
-        "last_dev",
-        "link",
-        "max_new",
-        "plen",
-        "round_sent",
-        "sent",
-        "start",
-        "trace",
-        "kept",
-        "moves",  # times the hybrid moved it to server-side decoding
-        "n_drafted",
-        "n_accepted",
-        "central",  # the hybrid moved it to server-side decoding
-        "probe",  # it keeps speculating for a while in the centralized regime (sched/regime.py)
-        "mode_steps",  # rounds / decoded tokens since the last switch
-        "catchup",  # tokens decoded by the server that the draft has not been fed yet
-        "unfed",  # 1 when the last round's draft was all accepted: its last token still to feed
-        "tail_unfed",  # this round's last draft token was proposed but not fed (no DROP after it)
-        "k_mean",
-        "rep",  # the replica it opened on (sticky)
-        "think",  # the server's EWMA of its device time (verdict sent → next round arrived), as the engine's
-        "answered",  # when the server sent its last verdict (None before the first round)
-    )
 
 
 def _ema(old: float, new: float, w: float = 0.3) -> float:
@@ -186,18 +133,18 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **kw)
         sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
-        reps.append(_Replica(sched, VerifyPrice(est), Regime(est) if on else None))
+        reps.append(Replica(sched, VerifyPrice(est), Regime(est) if on else None))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
     align = cfg.align and cfg.policy == "wisp"
-    traces = [_Trace(s) for s in cfg.trace] or [_Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
+    traces = [Trace(s) for s in cfg.trace] or [Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
     seq = itertools.count()
     heap: list[tuple[float, int, str, Any]] = []
     records: list[dict] = []
-    active: dict[int, _Sess] = {}
+    active: dict[int, Sess] = {}
     end = cfg.duration_s + cfg.drain_s
 
     def push(t: float, kind: str, obj: Any) -> None:
@@ -225,7 +172,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     def start_session(d: int, now: float) -> int | None:
         if now > cfg.duration_s:
             return None
-        s = _Sess()
+        s = Sess()
         s.dev = d
         s.rep = assign(d)
         reps[s.rep].live += 1
@@ -248,6 +195,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.probe = regime is not None and regime.enlist()
         s.think = s.answered = None
         active[id(s)] = s
+        # start_on_server: the device prefills its draft while the server prefills and then decodes
+        on = cfg.start_on_server and reps[s.rep].regime is not None
+        s.ready_at = now + dev_prof.step_s(rng, s.plen + 1) if on else None
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
             cfg.slo_ttft_ms / 1000,
@@ -269,7 +219,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         push(t_srv, "submit", req)
         return s.rep
 
-    def record(s: _Sess, finished: bool) -> None:
+    def record(s: Sess, finished: bool) -> None:
         ttft = (s.first_dev - s.start) * 1000 if s.first_dev is not None else None
         tpot = (s.last_dev - s.first_dev) * 1000 / (s.gen - 1) if s.gen >= 2 else 0.0
         met = finished and ttft is not None and ttft <= cfg.slo_ttft_ms and tpot <= cfg.slo_tpot_ms
@@ -293,13 +243,13 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             }
         )
 
-    def finish_session(s: _Sess, now: float) -> None:
+    def finish_session(s: Sess, now: float) -> None:
         active.pop(id(s), None)
         reps[s.rep].live -= 1
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
-    def draft_round(s: _Sess, now: float) -> None:
+    def draft_round(s: Sess, now: float) -> None:
         """The client's _draft_round with the real controller; submits the round after drafting + uplink."""
         ctl = s.ctl
         ctl.start_round(s.link)
@@ -308,7 +258,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         kept: list[Any] = []
         t = cfg.device_round_ms / 1000
         correct = True
-        first = s.sent == 0
+        first = s.sent == 0 and s.ready_at is None
         while len(kept) < limit:
             # a round's first feed: the verdict's token, the decoded catch-up, and the last draft token when the
             # whole draft was accepted (never fed: drafting stopped after proposing it), as DraftRunner.sync does
@@ -360,7 +310,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if k > 1:  # as the client: the mean of the per-token times after the first
             s.link.draft_ms = _ema(s.link.draft_ms, sum(x.ms for x in kept[1:]) / (k - 1))
 
-    def on_answer(s: _Sess, req: Request, finish: float, batch_s: float) -> None:
+    def on_answer(s: Sess, req: Request, finish: float, batch_s: float) -> None:
         """A request's last piece ran at `finish`: commit, answer the device, queue what follows."""
         if req.kind == "prefill":
             s.gen = 1
@@ -370,6 +320,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if s.gen >= s.max_new:
                 push(arrive, "done", s)
             elif centralized:
+                submit_decode(s, finish)
+            elif s.ready_at is not None and not s.probe:  # start_on_server: decoded until handed to the edge
+                s.central, s.mode_steps = True, 0
                 submit_decode(s, finish)
             else:
                 push(arrive, "draft", s)
@@ -382,7 +335,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 push(s.last_dev, "done", s)
             elif s.central and _switch(s, True, finish):
                 s.link.launch_in_ms = 0.0  # the last verdict's launch is long past
-                push(s.last_dev, "draft", s)  # Switch: drafting resumes after catching up on s.catchup tokens
+                # Switch: drafting resumes after catching up on s.catchup tokens (and the draft's own prefill)
+                push(max(s.last_dev, s.ready_at or 0.0), "draft", s)
             else:
                 submit_decode(s, finish)
             return
@@ -414,11 +368,11 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
-        e = s.dl.acceptance.tokens_per_round
         regime = reps[s.rep].regime
-        if regime is not None and s.think is not None and s.k_mean is not None and e is not None:
-            sample = SessionSample(1000 * s.think, s.k_mean, e, cfg.slo_tpot_ms, s.plen + s.gen)
-            regime.observe(str(id(s)), sample)
+        acc = s.dl.acceptance
+        if regime is not None and s.think is not None and s.k_mean is not None and acc.n_rounds >= MIN_ROUNDS:
+            sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)
+            regime.observe(str(id(s)), sample, s.k_mean, 1000 * s.think)
         s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)
@@ -430,7 +384,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if s.think is not None:  # announced: the policy may hold a small batch for it (sched/fill.py)
                 reps[s.rep].sched.announce(str(id(s)), finish + s.think)
 
-    def _switch(s: _Sess, back: bool, now: float) -> bool:
+    def _switch(s: Sess, back: bool, now: float) -> bool:
         """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session; with its
         too-slow test fed as commit.py feeds it (the device's measured time plus the predicted verify step, and
         the predicted decode step)."""
@@ -439,28 +393,29 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.mode_steps += 1
         if back:
             s.catchup += 1
-        alpha = s.dl.acceptance.measured_alpha
-        k = round(s.k_mean) if s.k_mean is not None else 4
-        sched = reps[s.rep].sched
-        round_ms, decode_ms = round_and_decode_ms(
-            s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
-        )
-        args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
         regime = reps[s.rep].regime
         mode = regime.decide(now) if regime is not None else "speculative"
-        if (
-            back
-        ):  # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles)
-            moved = mode == "speculative" and hybrid.to_speculative(*args, trips=s.moves - 1)
+        # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
+        if back and (mode == "centralized" or not hybrid.dwelt(s.mode_steps, s.moves - 1)):
+            return False
+        probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
+        if not back and mode == "centralized" and not probing:
+            moved = True
         else:
-            probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
-            moved = (mode == "centralized" and not probing) or hybrid.to_centralized(*args)
+            alpha = s.dl.acceptance.measured_alpha
+            k = round(s.k_mean) if s.k_mean is not None else 4
+            sched = reps[s.rep].sched
+            round_ms, decode_ms = round_and_decode_ms(
+                s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
+            )
+            args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
+            moved = hybrid.to_speculative(*args, trips=s.moves - 1) if back else hybrid.to_centralized(*args)
         if not moved:
             return False
         s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
         return True
 
-    def submit_decode(s: _Sess, now: float) -> None:
+    def submit_decode(s: Sess, now: float) -> None:
         req = Request(
             str(id(s)),
             "decode",
@@ -496,7 +451,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if now > end:
             break
         r: int | None = None  # the replica this event concerns
-        verdicts: list[_Sess] = []  # sessions answered with a verdict by this event
+        verdicts: list[Sess] = []  # sessions answered with a verdict by this event
         if kind == "start":
             r = start_session(obj, now)
         elif kind == "submit":

@@ -89,6 +89,12 @@ class HybridRule:
             return False
         return self.cost(k, alpha, price_ms, tpot_ms) > self.enter
 
+    def dwelt(self, decoded: int, trips: int = 0) -> bool:
+        """Has a decoded session stayed long enough to be handed back (`to_speculative` asks this first)?"""
+        if self.every:
+            return decoded >= self.every
+        return decoded >= self.dwell_tokens << min(max(0, trips), self.backoff)
+
     def to_speculative(
         self,
         decoded: int,
@@ -102,10 +108,10 @@ class HybridRule:
     ) -> bool:
         """After a decode step: hand this (switched) session back to the edge? `trips`: how many times it already
         went to the server and came back."""
-        if self.every:
-            return decoded >= self.every
-        if decoded < self.dwell_tokens << min(max(0, trips), self.backoff):
+        if not self.dwelt(decoded, trips):
             return False
+        if self.every:
+            return True
         if alpha is None:
             return True
         return self.cost(k, alpha, price_ms, tpot_ms) < self.leave and not self.too_slow(

@@ -2,28 +2,31 @@
 
 A verify step costs about w + T·f (weight read w, compute f per token; the estimator knows both). Capacity is the
 number of sessions of which (1 − q) = 90 % meet their TPOT SLO, so the session that decides it is the q-quantile
-one: the slowest device, the lowest acceptance.
+one: the lowest acceptance, the tightest SLO.
 
-- **Decoding** (the centralized path): every session rides every step with one token, so the step period S must
+- **Decoding** (the centralized path): every session rides every step with one token, so the step period must
   fit its TPOT. N_dec is the largest N with step(N × 1 token) ≤ m × quantile_q(TPOT).
-- **Speculation**: a round of k drafts takes R = think + (1 + ½)·S (the device's draft and link time, then half a
-  step of waiting for the running step and one step) and commits E tokens (measured per session), so session i
-  meets its SLO while S ≤ S_i = (m·E_i·TPOT_i − think_i) / 1.5. The GPU may run steps as long as
-  S = quantile_q(S_i); each session rides one step in R_i / S, with k_i + 1 tokens. N_spec is the largest N with
-  step(N · mean(S/R_i) items of mean(k + 1) tokens) ≤ S.
+- **Speculation** with k drafts a round: the device's time is a + b·k (its draft time per token b and the rest a,
+  link included: a line fitted over the fleet's rounds, so that a controller drafting longer rounds under load
+  does not read as a slower device), then half a step of waiting for the running step and one step S. A round
+  commits E(k, α_i) tokens, so session i meets its SLO while S ≤ S_i = (m·E(k, α_i)·TPOT_i − a − b·k) / 1.5.
+  The GPU may run steps as long as S = quantile_q(S_i); each session rides one step per round R_i = a + b·k + 1.5·S
+  with k + 1 tokens. N_spec(k) is the largest N with step(N · mean(S/R_i) items of k + 1 tokens) ≤ S, and
+  N_spec is its best over k (the controllers adapt k).
 
 Rejected drafts are verified too: speculation pays only where its longer steps share the weight read among more
 sessions than its (k + 1)/E tokens per committed token cost in compute, i.e. where TPOT is close to w, drafts are
 fast, links short and acceptance high. On an H200 (estimators of runs 12–13, Mac-mini-class drafts at 5.2 ms per
-token, a 5 ms link, ShareGPT's acceptance) the model gives N_dec 80 against N_spec ≈ 45 at 32B, TPOT 30 — measured,
-centralized served 64 devices at 0.95 attainment and every speculative arm missed (docs/benchmarks.md run 19).
+token, a 5 ms link, ShareGPT's 10th-percentile acceptance 0.66) the model gives N_dec 80 against N_spec ≈ 45 at 32B,
+TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every speculative arm missed (runs 19–21).
 
 `Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %): in the centralized
 regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
 WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
-per-session rule (sched/hybrid.py) applies. The samples are the recent sessions with `MIN_ROUNDS` measured rounds;
-in the centralized regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they
-stay fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). Pure: time is passed in.
+per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `MIN_ROUNDS` measured rounds; in the
+centralized regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay
+fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). Off by default (`--regime`).
+Pure: time is passed in.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from dataclasses import dataclass
 
 from wisp_sdk.protocol import Mode
 
-from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.deadlines import expected_committed
+from wisp_cloud.estimator import BatchShape, VerifyTimeEstimator
 
 WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to end, then rides the next
 
@@ -43,18 +47,28 @@ WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to 
 class SessionSample:
     """One session's measured speculation, as the regime model needs it."""
 
-    think_ms: float  # device time between a verdict and its next round: draft + link
-    k: float  # mean draft length
-    e: float  # tokens a round commits (measured, accepted drafts + the target's token)
+    alpha: float  # its measured per-token acceptance
     tpot_ms: float  # its TPOT SLO
     context: int  # tokens in its context
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceLine:
+    """The fleet's device time per round: `fixed_ms` + `per_token_ms` × k (draft time per token, the rest)."""
+
+    fixed_ms: float
+    per_token_ms: float
+
+    def ms(self, k: int) -> float:
+        return self.fixed_ms + self.per_token_ms * k
+
+
+@dataclass(frozen=True, slots=True)
 class Capacities:
     decode: int  # sessions that server-side decoding serves at the SLO quantile
-    speculative: int  # ... and edge speculation
-    step_ms: float  # the speculative regime's step period S (0 where it cannot meet the SLO)
+    speculative: int  # ... and edge speculation, at its best k
+    k: int  # that k
+    step_ms: float  # the speculative regime's step period S at that k (0 where it cannot meet the SLO)
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -78,30 +92,56 @@ def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: in
     """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`."""
     if items <= 0:
         return 0.0
-    return 1000.0 * estimator.predict(BatchShape.of([ItemShape(tokens, context)] * items))
+    shape = BatchShape(
+        batch_size=items,
+        new_tokens=items * tokens,
+        context_tokens=items * context,
+        max_context=context,
+        max_new=tokens,
+        max_total=tokens + context,
+        attn=items * tokens * (context + tokens),
+        items=((tokens, context),) * items,
+    )
+    return 1000.0 * estimator.predict_shape(shape)
+
+
+def _fits(
+    estimator: VerifyTimeEstimator, share: float, tokens: int, context: int, period: float
+) -> Callable[[int], bool]:
+    """Does a step of N sessions' rounds (N × share items of `tokens` tokens) fit in `period` ms?"""
+    return lambda n: step_ms(estimator, max(1, round(n * share)), tokens, context) <= period
 
 
 def capacities(
     estimator: VerifyTimeEstimator,
     samples: Sequence[SessionSample],
+    device: DeviceLine,
     quantile: float = 0.1,
     margin: float = 0.9,
-    most: int = 4096,
+    most: int = 2048,
+    max_k: int = 8,
 ) -> Capacities:
-    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty)."""
+    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`."""
     context = round(sum(s.context for s in samples) / len(samples))
     s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
     n_dec = _largest(lambda n: step_ms(estimator, n, 1, context) <= s_dec, most)
-    period = _quantile(
-        [(margin * s.e * s.tpot_ms - s.think_ms) / (1.0 + WAIT_STEPS) for s in samples], quantile
-    )
-    if period <= 0.0:
-        return Capacities(n_dec, 0, 0.0)
-    rides = [period / (s.think_ms + (1.0 + WAIT_STEPS) * period) for s in samples]  # steps per round ridden
-    share = sum(rides) / len(rides)
-    tokens = max(1, round(sum(r * (s.k + 1.0) for r, s in zip(rides, samples, strict=True)) / sum(rides)))
-    n_spec = _largest(lambda n: step_ms(estimator, max(1, round(n * share)), tokens, context) <= period, most)
-    return Capacities(n_dec, n_spec, period)
+    best = Capacities(n_dec, 0, 0, 0.0)
+    for k in range(1, max_k + 1):
+        think = device.ms(k)
+        period = _quantile(
+            [
+                (margin * expected_committed(k, s.alpha) * s.tpot_ms - think) / (1.0 + WAIT_STEPS)
+                for s in samples
+            ],
+            quantile,
+        )
+        if period <= 0.0:
+            continue
+        share = period / (think + (1.0 + WAIT_STEPS) * period)  # steps per round a session rides
+        n = _largest(_fits(estimator, share, k + 1, context, period), most)
+        if n > best.speculative:
+            best = Capacities(n_dec, n, k, period)
+    return best
 
 
 class Regime:
@@ -116,7 +156,7 @@ class Regime:
         hysteresis: float = 0.1,
         window: int = 256,
         min_samples: int = 16,
-        every_s: float = 1.0,
+        every_s: float = 2.0,
         probe_every: int = 16,
         probe_rounds: int = 8,
     ) -> None:
@@ -130,13 +170,34 @@ class Regime:
         self._samples: collections.OrderedDict[str, SessionSample] = collections.OrderedDict()
         self._decided_at = float("-inf")
         self._opened = 0
+        # decayed least-squares sums of the device line: weight, Σk, Σk², Σt, Σk·t
+        self._line = [0.0, 0.0, 0.0, 0.0, 0.0]
 
-    def observe(self, session_id: str, sample: SessionSample) -> None:
-        """A session's latest measured speculation (it replaces the session's previous one)."""
+    def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
+        """A session's latest measured speculation (it replaces the session's previous one), and a point of the
+        device line: its mean draft length and its device time per round."""
         self._samples[session_id] = sample
         self._samples.move_to_end(session_id)
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
+        line = self._line
+        for i, v in enumerate((1.0, k, k * k, think_ms, k * think_ms)):
+            line[i] = line[i] * (1.0 - 1.0 / self.window) + v
+
+    def device(self) -> DeviceLine:
+        """The device line fitted so far. Where draft lengths hardly vary (fixed-k controllers) the intercept
+        cannot be told from the slope: then all of the time is charged per token (the fleet's own k costs the
+        same, longer rounds cost more)."""
+        w, sk, skk, st, skt = self._line
+        if w <= 0.0:
+            return DeviceLine(0.0, 0.0)
+        var = skk / w - (sk / w) ** 2
+        if var > 0.25:
+            slope = (skt / w - (sk / w) * (st / w)) / var
+            fixed = st / w - slope * sk / w
+            if slope >= 0.0 and fixed >= 0.0:
+                return DeviceLine(fixed, slope)
+        return DeviceLine(0.0, st / max(sk, 1e-9))
 
     def enlist(self) -> bool:
         """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
@@ -148,7 +209,9 @@ class Regime:
         if now - self._decided_at < self.every_s or len(self._samples) < self.min_samples:
             return self.mode
         self._decided_at = now
-        cap = capacities(self.estimator, list(self._samples.values()), self.quantile, self.margin)
+        cap = capacities(
+            self.estimator, list(self._samples.values()), self.device(), self.quantile, self.margin
+        )
         self.last = cap
         h = 1.0 + self.hysteresis
         if self.mode == "speculative" and cap.decode > h * cap.speculative:
@@ -165,5 +228,8 @@ class Regime:
             "samples": len(self._samples),
             "decode_capacity": last.decode if last else -1,
             "speculative_capacity": last.speculative if last else -1,
+            "speculative_k": last.k if last else -1,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
+            "device_fixed_ms": round(self.device().fixed_ms, 2),
+            "device_per_token_ms": round(self.device().per_token_ms, 2),
         }

@@ -1,0 +1,69 @@
+"""The simulator's state (fleet/simulate.py): a GPU's server, an acceptance trace, a session."""
+
+from __future__ import annotations
+
+from wisp_cloud.sched import Scheduler
+from wisp_cloud.sched.pricing import VerifyPrice
+from wisp_cloud.sched.regime import Regime
+
+
+class Replica:
+    """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
+
+    __slots__ = ("busy_until", "live", "price", "regime", "sched", "wake_at")
+
+    def __init__(self, sched: Scheduler, price: VerifyPrice, regime: Regime | None) -> None:
+        self.sched = sched
+        self.price = price
+        self.regime = regime  # the server's regime (sched/regime.py), None where it has none
+        self.busy_until = 0.0
+        self.wake_at: float | None = None
+        self.live = 0  # open sessions (what leastconn counts)
+
+
+class Trace:
+    """One acceptance-trace sequence: per position, whether the draft matched, its top-1 prob and entropy."""
+
+    __slots__ = ("acc", "ent", "n", "top1")
+
+    def __init__(self, seq: dict) -> None:
+        self.acc = [bool(a) for a in seq["accepted"]]
+        self.top1 = [float(x) for x in seq["top1"]]
+        self.ent = [float(x) for x in seq["entropy"]]
+        self.n = len(self.acc)
+
+
+class Sess:
+    """One simulated session: its device, draft controller and link, and the server's view of it."""
+
+    __slots__ = (
+        "ctl",
+        "dev",
+        "dl",
+        "first_dev",
+        "gen",
+        "idx",
+        "last_dev",
+        "link",
+        "max_new",
+        "plen",
+        "round_sent",
+        "sent",
+        "start",
+        "trace",
+        "kept",
+        "moves",  # times the hybrid moved it to server-side decoding
+        "n_drafted",
+        "n_accepted",
+        "central",  # the hybrid moved it to server-side decoding
+        "ready_at",  # start_on_server: when the device's draft has prefilled the prompt (None: not started so)
+        "probe",  # it keeps speculating for a while in the centralized regime (sched/regime.py)
+        "mode_steps",  # rounds / decoded tokens since the last switch
+        "catchup",  # tokens decoded by the server that the draft has not been fed yet
+        "unfed",  # 1 when the last round's draft was all accepted: its last token still to feed
+        "tail_unfed",  # this round's last draft token was proposed but not fed (no DROP after it)
+        "k_mean",
+        "rep",  # the replica it opened on (sticky)
+        "think",  # the server's EWMA of its device time (verdict sent → next round arrived), as the engine's
+        "answered",  # when the server sent its last verdict (None before the first round)
+    )
