@@ -47,6 +47,15 @@ def _json_vectors(p) -> list[dict]:
                 stop_token_ids=[151645, 151643],
             ),
         ),
+        (
+            "open_start_on_server",  # a speculative session offering to start decoded by the server
+            p.Open(
+                prompt_ids=[151644, 872, 198],
+                max_new_tokens=32,
+                stop_token_ids=[151645],
+                start_on_server=True,
+            ),
+        ),
         ("resume", p.Resume(session_id=SID)),
         ("close", p.Close(session_id=SID)),
     ]
@@ -65,6 +74,8 @@ def _json_vectors(p) -> list[dict]:
                 wait_hint_ms=40.0,
             ),
         ),
+        # the server took the start_on_server offer (or the session was opened centralized): Tokens follow
+        ("opened_central", p.Opened(session_id=SID, committed_len=4, next_token=17, mode="centralized")),
         ("resumed", p.Resumed(session_id=SID, committed_len=42, last_round=7)),
         ("resumed_central", p.Resumed(session_id=SID, committed_len=42, last_round=7, mode="centralized")),
         ("switch", p.Switch(session_id=SID, committed_len=50)),

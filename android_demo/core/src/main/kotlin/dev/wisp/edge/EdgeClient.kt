@@ -28,6 +28,13 @@ data class GenerateOptions(
     val sampling: SamplingParams = SamplingParams(),
     val slo: Slo = Slo(),
     val stopTokenIds: List<Int> = emptyList(),
+    /**
+     * Offer the server to decode the first tokens while the draft prefills the prompt (`Open.start_on_server`).
+     * Off by default: this client prefills its draft only when it drafts the first round, so the offer would buy
+     * nothing. A session whose offer the server takes opens centralized (`Opened.mode`), and the server hands it
+     * to the edge later with a `Switch`.
+     */
+    val startOnServer: Boolean = false,
 )
 
 /** One round as the edge saw it (times in ms). */
@@ -118,7 +125,8 @@ class EdgeClient(
         var round: Int = 0,
         val committed: MutableList<Int> = ArrayList(),
         var done: Boolean = false,
-        // "centralized" while the server decodes the session itself (Verdict.centralize .. Switch).
+        // "centralized" while the server decodes the session itself (Verdict.centralize, or an Opened whose mode
+        // says the server took the start_on_server offer, .. Switch).
         var mode: String = "speculative",
         // The server's committed_len at the last resume: Tokens must bring us up to it before drafting.
         var serverLen: Int = 0,
@@ -147,6 +155,18 @@ class EdgeClient(
         listener?.onTokens(listOf(opened.nextToken), stats)
 
         while (!s.done) {
+            if (s.mode == "centralized" || s.committed.size < s.serverLen) {
+                // The server decodes this session now: take its tokens until the end or a Switch back (the next
+                // round's draft.sync then catches the draft's KV up on them).
+                val rebuilt = withReconnect(stats) { c -> centralStretch(c, s, eos, listener, stats) }
+                if (rebuilt is Opened) {
+                    applyOpened(s, rebuilt)
+                    if (rebuilt.nextToken in eos || s.output.size >= opts.maxNewTokens) s.done = true
+                    stats.tokens = s.output.size
+                    listener?.onTokens(listOf(rebuilt.nextToken), stats)
+                }
+                continue
+            }
             s.round += 1
             // ---- draft ----
             val tDraft = System.nanoTime()
@@ -248,18 +268,6 @@ class EdgeClient(
             stats.tokens = s.output.size
             stats.totalMs = msSince(t0)
             listener?.onTokens(newTokens, stats)
-            if (!s.done && (s.mode == "centralized" || s.committed.size < s.serverLen)) {
-                // The server decodes this session now: take its tokens until the end or a Switch back (the next
-                // round's draft.sync then catches the draft's KV up on them).
-                val rebuilt = withReconnect(stats) { c -> centralStretch(c, s, eos, listener, stats) }
-                if (rebuilt is Opened) {
-                    applyOpened(s, rebuilt)
-                    s.mode = "speculative"
-                    s.serverLen = 0
-                    if (rebuilt.nextToken in eos || s.output.size >= opts.maxNewTokens) s.done = true
-                    listener?.onTokens(listOf(rebuilt.nextToken), stats)
-                }
-            }
         }
         stats.totalMs = msSince(t0)
         currentSession = null
@@ -287,11 +295,19 @@ class EdgeClient(
             throw ProtocolException("opened committed_len ${o.committedLen}, client has ${s.committed.size}")
         }
         s.done = o.done
+        // A (re)opened session drafts, unless the server took its start_on_server offer: then Tokens follow until
+        // a Switch hands it to the edge (as wisp_sdk's Session.on_opened).
+        s.mode = if (o.mode == "centralized") "centralized" else "speculative"
+        s.serverLen = 0
         link.waitHintMs = o.waitHintMs
     }
 
     private fun openSession(c: Connection, s: Session, committedIds: List<Int>): Opened {
-        c.send(Open(s.prompt, committedIds, s.opts.maxNewTokens, s.opts.sampling, s.opts.slo, "speculative", s.opts.stopTokenIds).encode())
+        val open = Open(
+            s.prompt, committedIds, s.opts.maxNewTokens, s.opts.sampling, s.opts.slo, "speculative",
+            s.opts.stopTokenIds, startOnServer = s.opts.startOnServer,
+        )
+        c.send(open.encode())
         while (true) {
             when (val m = receive(c)) {
                 is Opened -> return m

@@ -136,6 +136,11 @@ data class Hello(
     }
 }
 
+/**
+ * `startOnServer`: a speculative session offers to be decoded by the server while the device's draft prefills the
+ * prompt; a server that takes it (only `wisp serve --regime`) answers `Opened(mode = "centralized")`, streams
+ * `Tokens` and hands the session to the edge with a `Switch`.
+ */
 data class Open(
     val promptIds: List<Int>,
     val committedIds: List<Int> = emptyList(),
@@ -144,6 +149,7 @@ data class Open(
     val slo: Slo = Slo(),
     val mode: String = "speculative",
     val stopTokenIds: List<Int> = emptyList(),
+    val startOnServer: Boolean = false,
 ) : ClientMessage {
     init {
         require(promptIds.isNotEmpty()) { "prompt_ids must not be empty" }
@@ -160,6 +166,7 @@ data class Open(
         put("slo", slo.toJson())
         put("mode", mode)
         put("stop_token_ids", stopTokenIds.toJsonArray())
+        put("start_on_server", startOnServer)
     }
 }
 
@@ -186,6 +193,10 @@ data class Welcome(
         .put("server", server).put("policy", policy).put("limits", limits.toJson())
 }
 
+/**
+ * `mode`: how the session starts: "centralized" for one opened so, or for a speculative one whose `start_on_server`
+ * offer the server took (`Tokens` follow until a `Switch` hands it to the edge).
+ */
 data class Opened(
     val sessionId: String,
     val committedLen: Int,
@@ -194,11 +205,12 @@ data class Opened(
     val prefillMs: Double = 0.0,
     val queueMs: Double = 0.0,
     val waitHintMs: Double = 0.0,
+    val mode: String = "speculative",
 ) : ServerMessage {
     fun toJson(): JSONObject = JSONObject()
         .put("type", "opened").put("session_id", sessionId).put("committed_len", committedLen)
         .put("next_token", nextToken).put("done", done).put("prefill_ms", prefillMs)
-        .put("queue_ms", queueMs).put("wait_hint_ms", waitHintMs)
+        .put("queue_ms", queueMs).put("wait_hint_ms", waitHintMs).put("mode", mode)
 }
 
 /** `mode`: how the session generates now (the server may have switched it while the link was down). */
@@ -420,6 +432,7 @@ object Codec {
                     prefillMs = o.optDouble("prefill_ms", 0.0),
                     queueMs = o.optDouble("queue_ms", 0.0),
                     waitHintMs = o.optDouble("wait_hint_ms", 0.0),
+                    mode = o.optString("mode", "speculative"),
                 )
                 "resumed" -> Resumed(
                     o.reqString("session_id"), o.reqInt("committed_len"), o.reqInt("last_round"),
@@ -465,6 +478,7 @@ object Codec {
                     slo = o.optJSONObject("slo")?.let { Slo.fromJson(it) } ?: Slo(),
                     mode = o.optString("mode", "speculative"),
                     stopTokenIds = if (o.has("stop_token_ids")) o.reqIntList("stop_token_ids") else emptyList(),
+                    startOnServer = o.optBoolean("start_on_server", false),
                 )
                 "resume" -> Resume(o.reqString("session_id"))
                 "close" -> Close(o.reqString("session_id"))

@@ -41,6 +41,50 @@ class EdgeClientTest {
     }
 
     @Test
+    fun sessionsStartOnTheServerWhenItTakesTheOffer() {
+        for (ctl in listOf(FixedK(4), Wisp())) {
+            val server = FakeServer(target).apply { startOnServerTokens = 6 }
+            val seen = ArrayList<Int>()
+            val opts = GenerateOptions(maxNewTokens = 40, startOnServer = true)
+            val res = client(server, ctl).generate(prompt, opts) { toks, _ -> seen.addAll(toks) }
+            assertTrue(server.opens.single().startOnServer)
+            assertEquals(expected, res.tokens, "controller ${ctl.name}")
+            assertEquals(expected, seen, "every token streamed once")
+            assertEquals(1, res.stats.switches, "handed to the edge once")
+            // Opened's token and the server's 6 came before any round; rounds then number from 1.
+            val first = server.roundsSeen.first()
+            assertEquals(1, first.round)
+            assertEquals(prompt.size + 1 + 6, first.committedLen)
+            assertEquals((1..server.roundsSeen.size).toList(), server.roundsSeen.map { it.round })
+        }
+    }
+
+    @Test
+    fun theStartOnServerOfferIsOffByDefaultAndMayBeDeclined() {
+        val server = FakeServer(target).apply { startOnServerTokens = 6 }
+        val res = client(server).generate(prompt, GenerateOptions(maxNewTokens = 40))
+        assertEquals(expected, res.tokens)
+        assertTrue(!server.opens.single().startOnServer, "not offered unless asked for")
+        assertEquals(prompt.size + 1, server.roundsSeen.first().committedLen, "drafts right after Opened")
+        assertEquals(0, res.stats.switches)
+        // Offered, but the server declines (no --regime): Opened.mode is speculative and the edge drafts at once.
+        val declining = FakeServer(target)
+        val res2 = client(declining).generate(prompt, GenerateOptions(maxNewTokens = 40, startOnServer = true))
+        assertEquals(expected, res2.tokens)
+        assertTrue(declining.opens.single().startOnServer)
+        assertEquals(prompt.size + 1, declining.roundsSeen.first().committedLen)
+    }
+
+    @Test
+    fun aSessionThatStartsOnTheServerMayEndThere() {
+        val server = FakeServer(target).apply { startOnServerTokens = 50 }
+        val res = client(server).generate(prompt, GenerateOptions(maxNewTokens = 40, startOnServer = true))
+        assertEquals(expected, res.tokens)
+        assertTrue(server.roundsSeen.isEmpty(), "no round: the server decoded it all")
+        assertEquals(40, res.stats.tokens)
+    }
+
+    @Test
     fun truncatedVerifyCommitsThePrefixAndIsNoRejection() {
         val server = FakeServer(target).apply { verifyCap = 1 }
         val ctl = Wisp()

@@ -82,6 +82,9 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
     /** The hybrid, forced: every [hybridEvery]-th round's verdict centralizes the session, the fake decodes
      * [hybridEvery] tokens itself (Tokens frames), then hands it back (Switch). 0: never. */
     var hybridEvery = 0
+    /** Take an Open's `start_on_server` offer: answer `Opened(mode = "centralized")`, decode this many tokens
+     * itself (Tokens frames), then hand the session to the edge (Switch), as `wisp serve --regime` does. 0: never. */
+    var startOnServerTokens = 0
     /** Verify at most this many draft tokens of a round (the rest is `unverified`). */
     var verifyCap: Int? = null
 
@@ -141,7 +144,17 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
                 val s = Sess(id, (m.promptIds + m.committedIds).toMutableList(), m.promptIds.size, m.maxNewTokens, m.stopTokenIds.toSet())
                 sessions[id] = s
                 val t = commit(s, target.next(s.tokens))
-                c.reply(Opened(id, s.tokens.size, t, s.done))
+                val taken = m.startOnServer && startOnServerTokens > 0 && !s.done
+                c.reply(Opened(id, s.tokens.size, t, s.done, mode = if (taken) "centralized" else "speculative"))
+                if (taken) {
+                    repeat(startOnServerTokens) {
+                        if (!s.done) {
+                            val tok = commit(s, target.next(s.tokens))
+                            c.reply(Tokens(s.id, listOf(tok), s.tokens.size, s.done))
+                        }
+                    }
+                    if (!s.done) c.reply(Switch(s.id, s.tokens.size))
+                }
             }
             is Resume -> {
                 val s = sessions[m.sessionId]

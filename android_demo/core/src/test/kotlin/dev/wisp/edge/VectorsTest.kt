@@ -41,6 +41,22 @@ class VectorsTest {
         }
     }
 
+    @Test
+    fun startOnServerAndOpenedMode() {
+        val byName = v.getJSONArray("json").objects().associateBy { it.getString("name") }
+        val offer = Codec.decodeClient(byName.getValue("open_start_on_server").getString("text")) as Open
+        assertTrue(offer.startOnServer)
+        assertEquals("speculative", offer.mode)
+        assertEquals(false, (Codec.decodeClient(byName.getValue("open_default").getString("text")) as Open).startOnServer)
+        assertEquals("centralized", (Codec.decodeServer(byName.getValue("opened_central").getString("text")) as Opened).mode)
+        assertEquals("speculative", (Codec.decodeServer(byName.getValue("opened").getString("text")) as Opened).mode)
+        // Frames of an older server or client (no such fields) decode with the defaults.
+        val old = Codec.decodeServer("""{"type":"opened","session_id":"0123456789abcdef0123456789abcdef","committed_len":4,"next_token":17}""") as Opened
+        assertEquals("speculative", old.mode)
+        assertEquals(false, (Codec.decodeClient("""{"type":"open","prompt_ids":[1]}""") as Open).startOnServer)
+        assertEquals(true, Open(listOf(1), startOnServer = true).toJson().getBoolean("start_on_server"))
+    }
+
     @TestFactory
     fun roundFrames(): List<DynamicTest> = v.getJSONArray("round").objects().map { vec ->
         DynamicTest.dynamicTest("round ${vec.getString("name")}") {
