@@ -1,4 +1,4 @@
-"""Sessions that start on the server (Open.start_on_server, taken under `wisp serve --regime`): the server decodes
+"""Sessions that start on the server (Open.start_on_server, taken by `wisp serve --policy wisp` with its regime on, the default): the server decodes
 while the device's draft prefills the prompt, then hands the session to the edge with a Switch. Real websockets on
 loopback, the in-process server with the tiny target, the real SDK client with the tiny ONNX draft; lossless."""
 

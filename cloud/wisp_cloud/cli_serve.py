@@ -175,10 +175,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "default; docs/scheduling.md)",
     )
     p.add_argument(
-        "--regime",
+        "--no-regime",
         action="store_true",
-        help="--policy wisp: move every session to server-side decoding while the estimator says decoding serves "
-        "more sessions at the SLO than speculation (docs/scheduling.md §12; off by default, experimental)",
+        help="--policy wisp: never move the whole fleet to server-side decoding, even where the estimator says "
+        "decoding serves more sessions at the SLO than speculation, and take no `start_on_server` offer (the regime "
+        "is on by default; docs/scheduling.md §12)",
     )
     p.add_argument(
         "--no-truncate",
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         tenant_weights=dict(args.tenant_weight),
         fault_token=args.debug_fault_token,
         hybrid=not args.no_hybrid,
-        regime=args.regime,
+        regime=not args.no_regime,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

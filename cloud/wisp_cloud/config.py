@@ -44,10 +44,11 @@ class ServerConfig:
     # when its speculation costs the others more than it saves, and back when the load falls), and verifying only
     # the prefix of a draft whose survival pays the verify price. `--no-hybrid`, `--no-truncate` turn them off.
     hybrid: bool = True
-    # `--policy wisp --regime`: the hybrid moves every session to server-side decoding while the estimator's
-    # physics says decoding serves more sessions at the SLO than speculation (sched/regime.py). Off by default:
-    # simulated, it did not yet serve as many as centralized serving (docs/scheduling.md §12).
-    regime: bool = False
+    # `--policy wisp`: the regime (sched/regime.py): the hybrid moves every session to server-side decoding while
+    # the estimator's physics says decoding serves more sessions at the SLO than speculation, and sessions that
+    # offer it start decoded while their draft prefills. Measured on an H200 (runs 21-22, docs/benchmarks.md) it
+    # serves as many as centralized serving where speculation cannot pay. `--no-regime` turns it off.
+    regime: bool = True
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -147,7 +148,8 @@ def is_loopback(host: str) -> bool:
 ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "no-fill": ("fill", False),
     "no-hybrid": ("hybrid", False),
-    "regime": ("regime", True),
+    "no-regime": ("regime", False),
+    "regime": ("regime", True),  # runs 21-22 ran it as an arm, before it was the default
     "no-truncate": ("truncate_drafts", False),
     "refuse": ("refuse", True),
     "align": ("align", True),

@@ -123,7 +123,7 @@ class Open(_Msg):
     stop_token_ids: list[int] = Field(default_factory=list)
     # A speculative session may start decoded by the server while the device's draft prefills the prompt; the
     # server answers `Opened(mode="centralized")` if it takes the offer, streams `Tokens`, and hands the session to
-    # the edge with `Switch` later (docs/protocol.md). Servers without `--regime` ignore it.
+    # the edge with `Switch` later (docs/protocol.md). Servers with `--no-regime` (or another policy) ignore it.
     start_on_server: bool = False
 
 

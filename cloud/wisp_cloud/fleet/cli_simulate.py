@@ -92,10 +92,9 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no load-adaptive hybrid and no truncated verify (as `wisp serve --no-hybrid --no-truncate`)",
     )
     p.add_argument(
-        "--regime",
+        "--no-regime",
         action="store_true",
-        help="wisp policy: the regime moves every session to server-side decoding where decoding serves more (as "
-        "`wisp serve --regime`)",
+        help="wisp policy: no regime (as `wisp serve --no-regime`)",
     )
     p.add_argument(
         "--no-truncate",

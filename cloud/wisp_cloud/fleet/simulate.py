@@ -85,7 +85,7 @@ class SimConfig:
     tenant_shares: tuple[float, ...] = ()
     tenant_weights: dict[str, float] | None = None
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
-    regime: bool = False  # `wisp` policy: the regime decides the hybrid's mode (`--regime`)
+    regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on

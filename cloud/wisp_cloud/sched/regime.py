@@ -25,7 +25,7 @@ regime the hybrid moves every speculative session to the server after its first 
 WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
 per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `MIN_ROUNDS` measured rounds; in the
 centralized regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay
-fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). Off by default (`--regime`).
+fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp` (`--no-regime` turns it off).
 Pure: time is passed in.
 """
 
