@@ -116,8 +116,10 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         assert 0.0 <= p["attainment"] <= 1.0
         assert p["goodput_tok_s"] >= 0.0 and p["throughput_tok_s"] > 0.0
         assert p["tpot_ms"] == sorted(p["tpot_ms"])
-        if p["policy"] != "centralized":
+        if p["policy"] == "sled":
             assert p["acceptance"] is not None and 0.0 <= p["acceptance"] <= 1.0
+        if p["policy"] == "wisp":  # None when every session was decoded by the server (the regime's start)
+            assert p["acceptance"] is None or 0.0 <= p["acceptance"] <= 1.0
             # The emulated draft proposes the server's own continuation: no session may diverge from it.
             assert p["diverged"] == 0, p
     for policy in ("centralized", "sled", "wisp"):

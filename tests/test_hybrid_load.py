@@ -1,5 +1,6 @@
 """The hybrid's own rule (no test hooks) and the verify price under load: the real gateway and engine over loopback
-websockets with `FakeBackend` (the model does not matter here; the lossless tests use the tiny real model)."""
+websockets with `FakeBackend` (the model does not matter here; the lossless tests use the tiny real model). The
+regime is off: it would decode every session from its start (tests/test_start_on_server.py covers that)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ async def drive(url: str, prompt: list[int], n: int, accept: float, k: int, tpot
 def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decoding():
     async def main():
         backend = FakeBackend(VOCAB, base_s=0.002, per_token_s=0.0004)
-        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0, regime=False))
         await server.start()
         try:
             prompts = [[3 + i, 40 + i, 7] for i in range(24)]
