@@ -68,13 +68,18 @@ SAMPLE_PROMPT = [5, 17, 42, 99, 123]
 N_RUNS = 900
 
 
-async def _sampled_run(client: Client, drafter: Drafter, seed: int) -> tuple[list[int], bool]:
+async def _sampled_run(
+    client: Client, drafter: Drafter, seed: int, start: bool
+) -> tuple[list[int], bool, bool]:
     """Open, one round of 2 drafts (the server verifies 1 of them and switches the session to its own decoding),
-    then whatever Tokens and Switch frames come, rounds again after a switch back, until 3 tokens."""
+    then whatever Tokens and Switch frames come, rounds again after a switch back, until 3 tokens. `start`: offer to
+    start on the server (taken: Tokens first, then a Switch to the edge)."""
     sp = SAMPLING.model_copy(update={"seed": seed})
     rng = np.random.default_rng(50_000 + seed)
-    opened = await client.open(SAMPLE_PROMPT, max_new_tokens=3, sampling=sp)
-    tokens, done, rnd, central, switched = [opened.next_token], opened.done, 0, False, False
+    opened = await client.open(SAMPLE_PROMPT, max_new_tokens=3, sampling=sp, start_on_server=start)
+    assert opened.mode == "speculative" or start, opened  # with start, probes (1 in 16) open speculative
+    central = opened.mode == "centralized"
+    tokens, done, rnd, switched = [opened.next_token], opened.done, 0, central
     while not done:
         if central:
             msg = await client.recv()
@@ -95,34 +100,40 @@ async def _sampled_run(client: Client, drafter: Drafter, seed: int) -> tuple[lis
         done, central = v.done, v.centralize
         switched |= central
     await client.close_session(opened.session_id)
-    return tokens, switched
+    return tokens, switched, opened.mode == "centralized"
 
 
-def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, target_model):
+@pytest.mark.parametrize("start", [False, True], ids=["start-on-edge", "start-on-server"])
+def test_sampling_is_exact_through_truncation_and_switches(backend, drafter, target_model, start):
     exact = target_tree(target_model, SAMPLE_PROMPT, 3, SAMPLING)
+    # start-on-server: the wisp policy with its regime takes the offer (admission off: 30 workers open at once)
+    server_kw = {"policy": "wisp", "admission_target": 0.0} if start else {}
 
     async def main():
-        async with running_server(backend, hybrid_every=1, verify_cap=1) as server:
+        async with running_server(backend, hybrid_every=1, verify_cap=1, **server_kw) as server:
             counts: dict[tuple[int, ...], int] = {}
-            switched = 0
+            switched = started = 0
             seeds = iter(range(N_RUNS))
 
             async def worker():
                 client = await Client.connect(server.url)
                 await client.hello(backend.tokenizer_fingerprint)
-                nonlocal switched
+                nonlocal switched, started
                 for seed in seeds:
-                    tokens, moved = await _sampled_run(client, drafter, seed)
+                    tokens, moved, began = await _sampled_run(client, drafter, seed, start)
+                    started += began
                     counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
                     switched += moved
                 await client.aclose()
 
             await asyncio.gather(*(worker() for _ in range(30)))
-            return counts, switched
+            return counts, switched, started
 
-    counts, switched = asyncio.run(main())
+    counts, switched, started = asyncio.run(main())
     assert sum(counts.values()) == N_RUNS
     assert switched > N_RUNS // 4  # a third token decoded by the server after a switch, in many runs
+    # with the offer, every session but the probes (1 in 16) started decoded by the server; without, none
+    assert started == (N_RUNS - N_RUNS // 16 if start else 0), started
     obs, exp = pooled_counts(counts, exact, N_RUNS)
     assert chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
 
