@@ -19,7 +19,12 @@ def test_sdk_greedy_is_identical_when_sessions_start_on_the_server(backend, tiny
     async def main():
         async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
             async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(3)) as client:
-                return [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
+                results = [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
+            registry = server.engine.metrics.registry
+            # three sessions are too few samples for a decision: still speculative, no capacities yet
+            assert registry.get_sample_value("wisp_regime_centralized") == 0.0
+            assert registry.get_sample_value("wisp_regime_capacity", {"mode": "speculative"}) == -1.0
+            return results
 
     for prompt, res in zip(PROMPTS, asyncio.run(main()), strict=True):
         assert res.token_ids == reference(prompt, MAX_NEW)

@@ -102,6 +102,10 @@ class Committer:
             [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
         )
         self.metrics.price_ms.set(self.price.update(self.queue.hints.last_shape, len(self.queue.waiting)))
+        if self.regime is not None:
+            last = self.regime.last
+            cap = (last.decode, last.speculative) if last is not None else (-1, -1)
+            self.metrics.set_regime(self.regime.mode == "centralized", *cap)
         records: list[Committed] = []
         replies: list[Reply] = []
         self._verdicts = []

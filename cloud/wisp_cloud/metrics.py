@@ -56,6 +56,19 @@ class Metrics:
         self.price_ms = Gauge(
             "wisp_verify_price_ms", "Price of one verified token in the last verdicts", registry=r
         )
+        # The regime (sched/regime.py): 1 while the whole fleet is decoded by the server, and the sessions its
+        # model says each mode serves at the SLO (-1 before its first decision)
+        self.regime_centralized = Gauge(
+            "wisp_regime_centralized",
+            "1 in the centralized regime (sessions decoded by the server)",
+            registry=r,
+        )
+        self.regime_capacity = Gauge(
+            "wisp_regime_capacity",
+            "Sessions each mode serves at the SLO, by the regime's model",
+            ["mode"],
+            registry=r,
+        )
         self.committed_tokens = Counter(
             "wisp_committed_tokens", "Tokens committed (accepted + target)", registry=r
         )
@@ -100,6 +113,11 @@ class Metrics:
         self.batch_size.observe(size)
         self.batch_latency.observe(seconds)
         self.batch_size_tally[size] += 1
+
+    def set_regime(self, centralized: bool, decode: int, speculative: int) -> None:
+        self.regime_centralized.set(1.0 if centralized else 0.0)
+        self.regime_capacity.labels("centralized").set(decode)
+        self.regime_capacity.labels("speculative").set(speculative)
 
     def set_slo(self, summary: dict[str, float]) -> None:
         for key, gauge in self.slo.items():
