@@ -100,3 +100,29 @@ def test_samples_are_per_session_and_bounded():
 def test_one_session_in_probe_every_is_a_probe():
     r = Regime(VerifyTimeEstimator(), probe_every=4)
     assert [r.enlist() for _ in range(8)] == [False, False, False, True] * 2
+
+
+def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_must():
+    from wisp_cloud.sched.hybrid import HybridRule
+
+    asked: list[int] = []
+
+    def inputs():
+        asked.append(1)
+        return (
+            4,
+            0.9,
+            0.0,
+            30.0,
+            None,
+            None,
+        )  # cheap, well-accepted drafts: the rule alone keeps them on the edge
+
+    rule = HybridRule()
+    # the centralized regime: every speculative session moves, a probe excepted; none goes back
+    assert rule.moves(False, 1, 0, True, False, inputs) and not asked
+    assert not rule.moves(True, 100, 0, True, False, inputs) and not asked
+    assert not rule.moves(False, 1, 0, True, True, inputs) and len(asked) == 1  # a probe: the rule decides
+    # the speculative regime: a decoded session within its dwell is refused before any prediction
+    assert not rule.moves(True, rule.dwell_tokens - 1, 0, False, False, inputs) and len(asked) == 1
+    assert rule.moves(True, rule.dwell_tokens, 0, False, False, inputs) and len(asked) == 2

@@ -32,7 +32,7 @@ from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, cut
 from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
-from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
+from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice
 from wisp_cloud.sched.regime import Regime, SessionSample
 from wisp_cloud.sessions import Session, SessionStore
@@ -253,36 +253,21 @@ class Committer:
             return False
         session.mode_steps += 1
         now = time.monotonic()
-        regime = self.regime.decide(now) if self.regime is not None else "speculative"
-        trips = session.switches // 2  # session.switches counts both directions: a round trip is two
-        # Cheap refusals first: a decoded session asks after every step, and the hints below cost a prediction each.
-        if to == "speculative" and (
-            regime == "centralized" or not self.hybrid.dwelt(session.mode_steps, trips)
-        ):
-            return False
-        probing = session.probe and self.regime is not None and session.mode_steps < self.regime.probe_rounds
-        if to == "centralized" and regime == "centralized" and not probing:
-            moved = True  # the centralized regime moves every session but a probe still measuring (regime.py)
-        else:
+        regime = self.regime
+        decode_all = regime is not None and regime.decide(now) == "centralized"
+        probing = session.probe and regime is not None and session.mode_steps < regime.probe_rounds
+
+        def inputs() -> SwitchInputs:
             d = session.deadlines
             alpha = d.acceptance.measured_alpha if d is not None else None
             k = round(session.k_mean) if session.k_mean is not None else default_k
             round_ms, decode_ms = round_and_decode_ms(
                 session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
             )
-            args = (
-                session.mode_steps,
-                k,
-                alpha,
-                self.price.price_ms,
-                session.slo.tpot_ms,
-                round_ms,
-                decode_ms,
-            )
-            if to == "centralized":
-                moved = self.hybrid.to_centralized(*args)
-            else:
-                moved = self.hybrid.to_speculative(*args, trips=trips)
+            return k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
+
+        trips = session.switches // 2  # session.switches counts both directions: a round trip is two
+        moved = self.hybrid.moves(to == "speculative", session.mode_steps, trips, decode_all, probing, inputs)
         if not moved:
             return False
         session.mode, session.mode_steps = to, 0

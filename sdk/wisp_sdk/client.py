@@ -276,10 +276,8 @@ class AsyncEdgeClient:
                         if not self._transport.connected:
                             await self._transport.connect()
                         await self._transport.send(sess.open_message())
-                        if (
-                            self.runner is not None and req.mode == "speculative"
-                        ):  # prefill the draft meanwhile
-                            self._pool.submit(self.runner.sync, sess.context)  # (FIFO: before any round)
+                        if self.runner is not None and req.mode == "speculative":  # prefill the draft too
+                            self._pool.submit(self.runner.sync, sess.context)  # FIFO: before any round
                         opened, _ = await self._transport.recv_expect(sess, Opened)
                         delta = sess.on_opened(opened)
                         need_open, need_send, predrafted = False, False, []

@@ -51,7 +51,7 @@ from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 from wisp_cloud.fleet.sim_state import Replica, Sess, Trace
 from wisp_cloud.sched import Request, Scheduler, make_policy
-from wisp_cloud.sched.hybrid import HybridRule, round_and_decode_ms
+from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 from wisp_cloud.sched.regime import Regime, SessionSample
 
@@ -394,22 +394,20 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if back:
             s.catchup += 1
         regime = reps[s.rep].regime
-        mode = regime.decide(now) if regime is not None else "speculative"
-        # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
-        if back and (mode == "centralized" or not hybrid.dwelt(s.mode_steps, s.moves - 1)):
-            return False
+        decode_all = regime is not None and regime.decide(now) == "centralized"
         probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
-        if not back and mode == "centralized" and not probing:
-            moved = True
-        else:
-            alpha = s.dl.acceptance.measured_alpha
+
+        def inputs() -> SwitchInputs:
             k = round(s.k_mean) if s.k_mean is not None else 4
             sched = reps[s.rep].sched
             round_ms, decode_ms = round_and_decode_ms(
                 s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
             )
-            args = (s.mode_steps, k, alpha, reps[s.rep].price.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms)
-            moved = hybrid.to_speculative(*args, trips=s.moves - 1) if back else hybrid.to_centralized(*args)
+            price = reps[s.rep].price.price_ms
+            return k, s.dl.acceptance.measured_alpha, price, cfg.slo_tpot_ms, round_ms, decode_ms
+
+        # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
+        moved = hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs)
         if not moved:
             return False
         s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)

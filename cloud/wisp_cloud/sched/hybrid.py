@@ -36,6 +36,10 @@ from dataclasses import dataclass
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import ItemShape
 
+# The hybrid rule's per-session inputs: k, measured α (None before), price ms, TPOT ms, round and decode ms (None
+# until the device time is measured; round_and_decode_ms)
+SwitchInputs = tuple[int, float | None, float, float, float | None, float | None]
+
 
 @dataclass(frozen=True)
 class HybridRule:
@@ -88,6 +92,29 @@ class HybridRule:
         if alpha is None or rounds < self.min_rounds:
             return False
         return self.cost(k, alpha, price_ms, tpot_ms) > self.enter
+
+    def moves(
+        self,
+        to_edge: bool,
+        steps: int,
+        trips: int,
+        decode_all: bool,
+        probing: bool,
+        inputs: Callable[[], SwitchInputs],
+    ) -> bool:
+        """The whole decision, as the server (commit.py) and the simulator take it: after a verdict (`to_edge`
+        False) or a decode step of a moved session (True), `steps` rounds / decoded tokens since the last switch.
+        The regime's comes first (sched/regime.py): while it decodes the whole fleet (`decode_all`) no session goes
+        back to the edge and every speculative one moves, a probe still measuring excepted. Cheap refusals come
+        before `inputs` (k, α, price, TPOT, round and decode ms), which costs two wait-hint predictions, and a
+        decoded session asks after every step."""
+        if to_edge:
+            if decode_all or not self.dwelt(steps, trips):
+                return False
+            return self.to_speculative(steps, *inputs(), trips=trips)
+        if decode_all and not probing:
+            return True
+        return self.to_centralized(steps, *inputs())
 
     def dwelt(self, decoded: int, trips: int = 0) -> bool:
         """Has a decoded session stayed long enough to be handed back (`to_speculative` asks this first)?"""

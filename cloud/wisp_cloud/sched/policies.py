@@ -34,6 +34,10 @@ _EMPTY = BatchShape()
 _ONE = _EMPTY.plus(ItemShape(1))  # a running batch's stand-in when pricing a join
 
 
+def _by_arrival(waiting: Sequence[Request]) -> list[Request]:
+    return sorted(waiting, key=lambda r: (r.arrival, r.rid))
+
+
 @dataclass
 class Policy:
     """Picks one batch from the waiting requests. The base class is FIFO-free: subclasses define `select`; every
@@ -53,7 +57,7 @@ class Policy:
 
     def rank(self, waiting: Sequence[Request], now: float) -> list[Request]:
         """The policy's preference order over `waiting` (fair sharing keeps it within a tenant): arrival."""
-        return sorted(waiting, key=lambda r: (r.arrival, r.rid))
+        return _by_arrival(waiting)
 
     def _piece(self, r: Request) -> int:
         if r.kind == "prefill" and self.prefill_chunk:
@@ -97,7 +101,7 @@ class FifoPolicy(Policy):
     name: str = "fifo"
 
     def select(self, waiting: Sequence[Request], now: float) -> Batch:
-        return self._fifo(sorted(waiting, key=lambda r: (r.arrival, r.rid)), now)
+        return self._fifo(_by_arrival(waiting), now)
 
 
 @dataclass
@@ -120,7 +124,7 @@ class SledPolicy(Policy):
     def select(self, waiting: Sequence[Request], now: float) -> Batch:
         if not waiting:
             return Batch([], now)
-        ordered = sorted(waiting, key=lambda r: (r.arrival, r.rid))
+        ordered = _by_arrival(waiting)
         if len(ordered) < self.max_batch and now < ordered[0].arrival + self.max_wait_s:
             return Batch([], now)
         return self._fifo(ordered, now)
@@ -284,7 +288,7 @@ class WispPolicy(Policy):
             # FIFO, without pricing every decode (measured on an H200, run 21: WISP's decode path cost 1.6-1.9x
             # centralized's host time per step at 130-250 decodes a step).
             self.counters["fifo"] += 1
-            return self._fifo(sorted(waiting, key=lambda r: (r.arrival, r.rid)), now)
+            return self._fifo(_by_arrival(waiting), now)
         est = self.estimator
         cands = [self._cand(r, self._piece(r), now) for r in waiting]
         plan = self._order(cands, now)
@@ -319,8 +323,7 @@ class WispPolicy(Policy):
         suffix = [math.inf] * (len(order) + 1)
         for i in range(len(order) - 1, -1, -1):
             c = order[i]
-            protect = c.feasible and not c.forced and (self.protect_decodes or c.req.kind != "decode")
-            suffix[i] = min(suffix[i + 1], c.latest_start if protect else math.inf)
+            suffix[i] = min(suffix[i + 1], c.latest_start if self._protected(c) else math.inf)
 
         shape = _EMPTY
         shape_end = now  # when the batch grown so far would finish
@@ -358,7 +361,7 @@ class WispPolicy(Policy):
                 shape, shape_end = new_shape, end
                 tokens += n
                 rejects = 0
-                if cc.feasible and not cc.forced and (self.protect_decodes or c.req.kind != "decode"):
+                if self._protected(cc):
                     member_due = min(member_due, cc.due)
                     tol = self.slip_frac * max(0.0, c.req.deadline - c.req.arrival)
                     soft_due = min(soft_due, cc.due + tol)
@@ -368,6 +371,10 @@ class WispPolicy(Policy):
             slots.append(Slot(c.req, c.req.done, c.n, best_effort=not c.feasible))
             shape = _EMPTY.plus(c.shape)
         return Batch(slots, now, est.predict_shape(shape))
+
+    def _protected(self, c: _Cand) -> bool:
+        """Must a batch keep this member's due? Not a forced or hopeless one, nor a decode in the regime."""
+        return c.feasible and not c.forced and (self.protect_decodes or c.req.kind != "decode")
 
     def wakeup(self, waiting: Sequence[Request], now: float) -> float | None:
         return self._hold_until if waiting else None
