@@ -146,15 +146,7 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
                 val t = commit(s, target.next(s.tokens))
                 val taken = m.startOnServer && startOnServerTokens > 0 && !s.done
                 c.reply(Opened(id, s.tokens.size, t, s.done, mode = if (taken) "centralized" else "speculative"))
-                if (taken) {
-                    repeat(startOnServerTokens) {
-                        if (!s.done) {
-                            val tok = commit(s, target.next(s.tokens))
-                            c.reply(Tokens(s.id, listOf(tok), s.tokens.size, s.done))
-                        }
-                    }
-                    if (!s.done) c.reply(Switch(s.id, s.tokens.size))
-                }
+                if (taken) decodeThenSwitch(c, s, startOnServerTokens)
             }
             is Resume -> {
                 val s = sessions[m.sessionId]
@@ -222,15 +214,18 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             return
         }
         c.reply(v)
-        if (centralize) {
-            repeat(hybridEvery) {
-                if (!s.done) {
-                    val t = commit(s, target.next(s.tokens))
-                    c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
-                }
+        if (centralize) decodeThenSwitch(c, s, hybridEvery)
+    }
+
+    /** A stretch of server-side decoding: `n` tokens as Tokens frames, then a Switch back to the edge. */
+    private fun decodeThenSwitch(c: Conn, s: Sess, n: Int) {
+        repeat(n) {
+            if (!s.done) {
+                val t = commit(s, target.next(s.tokens))
+                c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
             }
-            if (!s.done) c.reply(Switch(s.id, s.tokens.size))
         }
+        if (!s.done) c.reply(Switch(s.id, s.tokens.size))
     }
 }
 
