@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from wisp_cloud.deadlines import AcceptanceStats, SessionDeadlines, expected_committed
-from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, VerifyTimeEstimator, mape
+from wisp_cloud.estimator import BatchShape, GroupRule, ItemShape, Observation, VerifyTimeEstimator, mape
 from wisp_cloud.sched import AdmissionController, SessionLoad
 from wisp_cloud.slo_metrics import SLOMetrics
 
@@ -114,12 +114,15 @@ def test_save_load_roundtrip(tmp_path):
     data = [(b, _truth(BatchShape.of(b))) for b in _random_batches(rng, 60)]
     est = VerifyTimeEstimator.fitted(data, group_rule=GroupRule(1.5, 32))
     est.meta["device"] = "cpu"
+    est.heldout = [Observation(BatchShape.of(b), t) for b, t in data[:5]]
     path = tmp_path / "est.json"
     est.save(path)
     back = VerifyTimeEstimator.load(path)
     assert back.features == est.features and back.coef == est.coef and back.group_rule == est.group_rule
     for b, _ in data[:10]:
         assert back.predict(b) == pytest.approx(est.predict(b))
+    # the held-out timings come back, so the fit can be re-scored offline
+    assert back.evaluate(back.heldout) == pytest.approx(est.evaluate(est.heldout))
     back.fit(back._base)  # the stored profile refits to the same model
     assert back.coef == pytest.approx(est.coef, rel=1e-6, abs=1e-12)
     (tmp_path / "bad.json").write_text(json.dumps({"format": "nope"}))

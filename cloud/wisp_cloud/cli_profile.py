@@ -329,6 +329,7 @@ def profile_backend(
     }
     est.meta.update({k: v for k, v in report.items() if k != "coefficients"})
     est.meta["backend"] = getattr(backend, "name", type(backend).__name__)
+    est.heldout = obs_held
     return est, report
 
 

@@ -271,6 +271,26 @@ def _fit_robust(
     return [float(c) for c in coef]
 
 
+def _row(o: Observation) -> dict[str, Any]:
+    """An observation as the estimator file stores it: the item shapes when known, else the aggregates."""
+    sh = o.shape
+    items = sh.sorted_items()
+    if items is not None:
+        return {"items": [list(it) for it in items], "miss": sh.cache_misses, "s": o.seconds}
+    agg = [sh.batch_size, sh.new_tokens, sh.context_tokens, sh.max_context, sh.cache_misses]
+    return {"agg": agg + [sh.max_new, sh.max_total, sh.attn], "s": o.seconds}
+
+
+def _unrow(r: dict[str, Any]) -> Observation:
+    if "items" in r:
+        shape = BatchShape.of(ItemShape(int(n), int(c)) for n, c in r["items"])
+        shape = dataclasses.replace(shape, cache_misses=int(r.get("miss", 0)))
+    else:
+        b, n, c, mc, miss, mn, mt, attn = (int(x) for x in r["agg"])
+        shape = BatchShape(b, n, c, mc, miss, mn, mt, attn, items=None)
+    return Observation(shape, float(r["s"]))
+
+
 def mape(pred: Sequence[float], actual: Sequence[float]) -> float:
     """Mean absolute percentage error, in percent."""
     if not actual:
@@ -297,6 +317,8 @@ class VerifyTimeEstimator:
     _since_refit: int = field(default=0, repr=False)
     version: int = field(default=0, repr=False)  # bumped whenever the weights change (a cache key)
     _corr: float = field(default=1.0, repr=False)
+    # `wisp profile`'s held-out timings, kept in the file so that a fit can be re-scored offline; never fitted on
+    heldout: list[Observation] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURES]
@@ -435,14 +457,6 @@ class VerifyTimeEstimator:
 
     # ---- persistence ----
     def to_dict(self) -> dict[str, Any]:
-        def row(o: Observation) -> dict[str, Any]:
-            sh = o.shape
-            items = sh.sorted_items()
-            if items is not None:
-                return {"items": [list(it) for it in items], "miss": sh.cache_misses, "s": o.seconds}
-            agg = [sh.batch_size, sh.new_tokens, sh.context_tokens, sh.max_context, sh.cache_misses]
-            return {"agg": agg + [sh.max_new, sh.max_total, sh.attn], "s": o.seconds}
-
         rule = self.group_rule
         return {
             "format": FORMAT,
@@ -453,7 +467,8 @@ class VerifyTimeEstimator:
             else {"pad_factor": rule.pad_factor, "pad_slack": rule.pad_slack},
             "fit": "huber" if self.robust else "lsq",
             "meta": self.meta,
-            "profile": [row(o) for o in self._base],
+            "profile": [_row(o) for o in self._base],
+            "heldout": [_row(o) for o in self.heldout],
         }
 
     @classmethod
@@ -470,17 +485,8 @@ class VerifyTimeEstimator:
         )
         if len(est.coef) != len(est.features):
             raise ValueError("estimator file has a different number of coefficients and features")
-        base = []
-        for r in d.get("profile", []):
-            if "items" in r:
-                misses = int(r.get("miss", 0))
-                shape = BatchShape.of(ItemShape(int(n), int(c)) for n, c in r["items"])
-                shape = dataclasses.replace(shape, cache_misses=misses)
-            else:
-                b, n, c, mc, miss, mn, mt, attn = (int(x) for x in r["agg"])
-                shape = BatchShape(b, n, c, mc, miss, mn, mt, attn, items=None)
-            base.append(Observation(shape, float(r["s"])))
-        est._base = base
+        est._base = [_unrow(r) for r in d.get("profile", [])]
+        est.heldout = [_unrow(r) for r in d.get("heldout", [])]
         return est
 
     def save(self, path: str | Path) -> None:
