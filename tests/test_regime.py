@@ -126,3 +126,30 @@ def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_m
     # the speculative regime: a decoded session within its dwell is refused before any prediction
     assert not rule.moves(True, rule.dwell_tokens - 1, 0, False, False, inputs) and len(asked) == 1
     assert rule.moves(True, rule.dwell_tokens, 0, False, False, inputs) and len(asked) == 2
+
+
+def test_in_the_centralized_regime_wisp_batches_exactly_as_the_centralized_policy(est32):
+    """Run 24 (H200, 7B, TPOT 30): WISP's regime lost 0.79x to centralized serving while it decoded every session,
+    because its batches took prompt pieces without centralized's token cap. In that mode the batch must be the
+    centralized policy's, the probes' rounds included."""
+    from wisp_cloud.sched.policies import CentralizedPolicy, WispPolicy
+    from wisp_cloud.sched.requests import Request
+
+    def queue() -> list[Request]:
+        reqs = []
+        for i in range(300):  # decodes, new sessions' prompts and a probe's round, interleaved by arrival
+            kind = "prefill" if i % 17 == 0 else "verify" if i % 41 == 0 else "decode"
+            n = 700 if kind == "prefill" else 5 if kind == "verify" else 1
+            reqs.append(Request(f"s{i}", kind, n, 0 if kind == "prefill" else 400, 10.0 + i * 1e-3, i * 1e-3))
+        return reqs
+
+    central = CentralizedPolicy(est32, max_batch=256, prefill_chunk=256)
+    wisp = WispPolicy(est32, max_batch=256, prefill_chunk=256)
+    regime = Regime(est32)
+    wisp.follow(regime)
+    want = [(s.request.session_id, s.n_tokens) for s in central.select(queue(), 1.0).slots]
+    assert sum(n for _, n in want) <= 2048 and any(sid == "s0" for sid, _ in want)
+    regime.mode = "speculative"  # the priced path takes every prompt piece its members' deadlines allow
+    assert [(s.request.session_id, s.n_tokens) for s in wisp.select(queue(), 1.0).slots] != want
+    regime.mode = "centralized"
+    assert [(s.request.session_id, s.n_tokens) for s in wisp.select(queue(), 1.0).slots] == want

@@ -147,6 +147,8 @@ class Engine:
             self.hybrid,
             Regime(self.estimator) if self.hybrid is not None and wisp and config.regime else None,
         )
+        if self.committer.regime is not None:
+            self.policy.follow(self.committer.regime)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

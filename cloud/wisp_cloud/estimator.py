@@ -165,39 +165,61 @@ class GroupRule:
         return out
 
 
-FEATURES = ("groups", "pad_rows", "pad_past", "pad_attn", "batch", "new", "ctx", "max_ctx", "miss", "attn")
+FEATURES = (
+    "groups",
+    "pad_rows",
+    "pad_past",
+    "pad_attn",
+    "batch",
+    "new",
+    "ctx",
+    "max_ctx",
+    "miss",
+    "attn",
+    "pad_verify",
+)
 DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows", "pad_past", "pad_attn")
 # A varlen (paged) engine packs new tokens without padding and each sequence's attention reads its own pages:
 # per step a weight read (`groups`, 1), per sequence (`batch`), per new token (`new`), per cached token read
-# (`ctx`) and per query×key pair (`attn`). The padded features would equal new/ctx/attn on every homogeneous
-# grid point, so only the few ragged mixes would decide the split between them: noise, not cost.
-VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn")
+# (`ctx`), per query×key pair (`attn`), per cache miss. Its attention runs one of two kernels for the whole batch:
+# one query row per sequence when every item is a one-token decode, query tiles otherwise (a verify or a prompt
+# piece anywhere in the batch). The tiled kernel's grid is sized by the longest context: it pays per sequence
+# and per token of that context (`pad_verify` = B × max context, 0 for a decode-only batch). Measured on an H200
+# (`wisp profile --grid full`, run 24): one price for both kernels left decodes 10-20 % over and verifies
+# 15-40 % under, held-out MAPE 11.3 % (32B) and 10.9 % (7B), against 7.3 % and 6.6 % with `pad_verify` (a
+# per-cached-token price for the tiled kernel as well fitted to 0; docs/benchmarks.md). The padded features
+# would equal new/ctx/attn on every homogeneous grid point, so only the few ragged mixes would decide the split
+# between them: noise, not cost.
+VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify")
 
 
 def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
     """Every feature of `FEATURES`, in that order (one pass; this is the scheduler's hot path)."""
     g = rows = past = area = 0
+    b, c = shape.batch_size, shape.context_tokens
     if rule is None or shape.items is None:  # one padded group: no list to build
-        b, n, c = shape.batch_size, shape.max_new, shape.max_context
+        n, mc = shape.max_new, shape.max_context
         if b:
-            g, rows, past, area = 1, b * n, b * c, b * n * (c + n)
+            g, rows, past, area = 1, b * n, b * mc, b * n * (mc + n)
     else:
-        for b, n, c in rule.groups(shape):
+        for gb, n, gc in rule.groups(shape):
             g += 1
-            rows += b * n
-            past += b * c
-            area += b * n * (c + n)
+            rows += gb * n
+            past += gb * gc
+            area += gb * n * (gc + n)
+    tiled = shape.max_new > 1  # the attention kernel of the whole batch (see VARLEN_FEATURES)
     return (
         g,
         rows,
         past,
         area,
-        shape.batch_size,
+        b,
         shape.new_tokens,
-        shape.context_tokens,
+        c,
         shape.max_context,
         shape.cache_misses,
         shape.attn,
+        b * shape.max_context if tiled else 0,
     )
 
 
@@ -389,6 +411,7 @@ class VerifyTimeEstimator:
             + w[7] * x[7]
             + w[8] * x[8]
             + w[9] * x[9]
+            + w[10] * x[10]
         )
 
     def predict_shape(self, shape: BatchShape) -> float:

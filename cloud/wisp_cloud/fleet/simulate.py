@@ -133,7 +133,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **kw)
         sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
-        reps.append(Replica(sched, VerifyPrice(est), Regime(est) if on else None))
+        regime = Regime(est) if on else None
+        if regime is not None:
+            policy.follow(regime)
+        reps.append(Replica(sched, VerifyPrice(est), regime))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)

@@ -24,11 +24,14 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.sched.fill import fill_hold
 from wisp_cloud.sched.requests import Batch, Request, Slot
+
+if TYPE_CHECKING:
+    from wisp_cloud.sched.regime import Regime
 
 _EMPTY = BatchShape()
 _ONE = _EMPTY.plus(ItemShape(1))  # a running batch's stand-in when pricing a join
@@ -67,17 +70,19 @@ class Policy:
     def _predict(self, shapes: Iterable[ItemShape]) -> float:
         return self.estimator.predict(shapes)
 
-    def _fifo(self, ordered: Sequence[Request], now: float) -> Batch:
+    def _fifo(self, ordered: Sequence[Request], now: float, max_tokens: int | None = None) -> Batch:
+        """Arrival order up to max_batch, and up to `max_tokens` new tokens (default `max_batch_tokens`)."""
+        cap = self.max_batch_tokens if max_tokens is None else max_tokens
         slots: list[Slot] = []
         tokens = 0
         for r in ordered:
             if len(slots) >= self.max_batch:
                 break
             n = self._piece(r)
-            if slots and self.max_batch_tokens is not None and tokens + n > self.max_batch_tokens:
+            if slots and cap is not None and tokens + n > cap:
                 if r.kind != "prefill":
                     continue
-                n = self.max_batch_tokens - tokens
+                n = cap - tokens
                 if n <= 0:
                     continue
             slots.append(Slot(r, r.done, n))
@@ -93,6 +98,9 @@ class Policy:
     def expect(self, arrivals: Sequence[float]) -> None:
         """Times (sorted) at which rounds announced to the scheduler are expected; called before `select`."""
 
+    def follow(self, regime: Regime) -> None:
+        """The server's regime (sched/regime.py), whose current mode `select` may read."""
+
 
 @dataclass
 class FifoPolicy(Policy):
@@ -104,13 +112,16 @@ class FifoPolicy(Policy):
         return self._fifo(_by_arrival(waiting), now)
 
 
+CENTRALIZED_BATCH_TOKENS = 2048  # the centralized policy's cap on Σ new tokens per step
+
+
 @dataclass
 class CentralizedPolicy(FifoPolicy):
     """Continuous batching for the no-drafting baseline: FIFO over decode items and prefill chunks."""
 
     name: str = "centralized"
     prefill_chunk: int | None = 512
-    max_batch_tokens: int | None = 2048
+    max_batch_tokens: int | None = CENTRALIZED_BATCH_TOKENS
 
 
 @dataclass
@@ -208,9 +219,13 @@ class WispPolicy(Policy):
     def __post_init__(self) -> None:
         self._hold_until: float | None = None
         self._arrivals: Sequence[float] = ()
+        self._regime: Regime | None = None
 
     def expect(self, arrivals: Sequence[float]) -> None:
         self._arrivals = arrivals
+
+    def follow(self, regime: Regime) -> None:
+        self._regime = regime
 
     # -- per-request figures --
     def _rest_s(self, r: Request, after: int) -> float:
@@ -283,12 +298,17 @@ class WispPolicy(Policy):
     def select(self, waiting: Sequence[Request], now: float) -> Batch:
         if not waiting:
             return Batch([], now)
-        if not self.protect_decodes and all(r.kind != "verify" for r in waiting):
-            # The centralized regime (sched/regime.py) with no round waiting: batch as centralized serving does,
-            # FIFO, without pricing every decode (measured on an H200, run 21: WISP's decode path cost 1.6-1.9x
-            # centralized's host time per step at 130-250 decodes a step).
+        regime = self._regime
+        if (regime is not None and regime.mode == "centralized") or (
+            not self.protect_decodes and all(r.kind != "verify" for r in waiting)
+        ):
+            # The centralized regime (sched/regime.py), or no round waiting under it: batch exactly as the
+            # centralized policy does, FIFO (the probes' rounds too) under its token cap. Measured on an H200:
+            # WISP's priced path cost 1.6-1.9x centralized's host time per step at 130-250 decodes (run 21), and
+            # without the cap new sessions' prompt pieces stretched the decodes' steps (run 24, 7B, TPOT 30:
+            # 512 new tokens a step against centralized's 364, step p50 27 against 22 ms, 0.79x its capacity).
             self.counters["fifo"] += 1
-            return self._fifo(_by_arrival(waiting), now)
+            return self._fifo(_by_arrival(waiting), now, CENTRALIZED_BATCH_TOKENS)
         est = self.estimator
         cands = [self._cand(r, self._piece(r), now) for r in waiting]
         plan = self._order(cands, now)
