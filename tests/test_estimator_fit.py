@@ -126,3 +126,25 @@ def test_profile_flag_errors(tmp_path, bad, capsys):
 
     assert main(["profile", "--target", str(tmp_path), "--out", str(tmp_path / "e.json"), *bad]) == 2
     assert f"{bad[0]} must be" in capsys.readouterr().err
+
+
+def test_roofline_knee_and_tiled_kernel_are_fitted():
+    """The paged engine's physics as measured on an H200 (runs 24-25): a step is memory-bound up to a knee of new
+    tokens and compute-bound past it, and a batch with any multi-token item runs the tiled attention kernel, whose
+    grid is B × the longest context. The fit must find the knee among KNEES and price both; the six-feature model
+    that had one price per token and per cached token scored 11-12 % held-out on those timings."""
+    from wisp_cloud.estimator import KNEES
+
+    roof = {"groups": 18e-3, "new": 1e-5, "ctx": 6e-8, "attn": 4e-9, "pad_verify": 7e-8, "new_over": 8e-5}
+    truth = VerifyTimeEstimator(features=tuple(roof), coef=list(roof.values()), knee=256)
+    train, held = make_grid("full", 8192, seed=0, max_batch=256, kv_tokens=200_000)
+    rng = random.Random(3)
+    data = [(BatchShape.of(b), _loaded(rng, truth.predict(b), 0.0)) for b in train]
+    clean = [(b, truth.predict(b)) for b in held]
+    est = VerifyTimeEstimator.fitted(data, features=VARLEN_FEATURES)
+    assert est.knee == 256 and 256 in KNEES
+    assert est.evaluate(clean) < 2.0
+    old = VerifyTimeEstimator.fitted(data, features=("groups", "batch", "new", "ctx", "miss", "attn"))
+    assert old.evaluate(clean) > 3 * est.evaluate(clean)
+    back = VerifyTimeEstimator.from_dict(est.to_dict())  # the knee is saved with the weights
+    assert back.knee == 256 and back.predict(held[0]) == pytest.approx(est.predict(held[0]))

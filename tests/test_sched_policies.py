@@ -248,3 +248,27 @@ def test_every_round_joins_unless_refuse_but_prompt_pieces_are_checked():
     open_ = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False)  # the default
     assert {s.request.session_id for s in open_.select([tight, late], 0.0).slots} == {"tight", "other"}
     assert [s.request.session_id for s in open_.select([tight, chunk], 0.0).slots] == ["tight"]
+
+
+def test_an_urgent_prompt_piece_joins_though_it_pushes_members():
+    """A prompt whose TTFT is at stake is not held behind rounds until aging forces it in (run 26 on an H200:
+    7B, TPOT 60, 544 devices, prompts held to the 2 s starvation limit, 28 % of sessions missed TTFT). A relaxed
+    prompt is still held back; `refuse` keeps members' deadlines strictly."""
+    gpu = linear_estimator(const=0.010, per_item=0.004, per_token=0.0001)
+    tight = [verify(f"t{i}", 0.0, 0.035) for i in range(3)]  # alone 23.5 ms of 35; + a 256-token piece: 53 ms
+
+    def prompt_tokens(pol: WispPolicy, p: Request) -> int:
+        return sum(
+            s.n_tokens for s in pol.select([*tight, p], 0.0).slots if s.request.session_id == p.session_id
+        )
+
+    relaxed = prefill("relaxed", 0.0, 256, ttft=5.0)
+    urgent = prefill("urgent", -1.7, 256, ttft=2.0)  # 300 ms of its TTFT left: urgent
+    late = prefill(
+        "late", -1.9, 256, ttft=2.0
+    )  # 100 ms left: past the due it was planned for (prefill_margin)
+    pol = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False)
+    assert 0 < prompt_tokens(pol, relaxed) < 128  # shrunk to what keeps the members on time
+    assert prompt_tokens(pol, urgent) == 256 and prompt_tokens(pol, late) == 256
+    strict = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False, refuse=True)
+    assert prompt_tokens(strict, urgent) < 128 and prompt_tokens(strict, late) < 128

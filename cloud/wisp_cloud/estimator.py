@@ -177,6 +177,7 @@ FEATURES = (
     "miss",
     "attn",
     "pad_verify",
+    "new_over",
 )
 DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows", "pad_past", "pad_attn")
 # A varlen (paged) engine packs new tokens without padding and each sequence's attention reads its own pages:
@@ -187,13 +188,23 @@ DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows",
 # and per token of that context (`pad_verify` = B × max context, 0 for a decode-only batch). Measured on an H200
 # (`wisp profile --grid full`, run 24): one price for both kernels left decodes 10-20 % over and verifies
 # 15-40 % under, held-out MAPE 11.3 % (32B) and 10.9 % (7B), against 7.3 % and 6.6 % with `pad_verify` (a
-# per-cached-token price for the tiled kernel as well fitted to 0; docs/benchmarks.md). The padded features
-# would equal new/ctx/attn on every homogeneous grid point, so only the few ragged mixes would decide the split
-# between them: noise, not cost.
-VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify")
+# per-cached-token price for the tiled kernel as well fitted to 0; docs/benchmarks.md). And a step is
+# memory-bound (the weight read) up to a few hundred new tokens and compute-bound past them (the roofline): each
+# token past the knee costs more (`new_over` = max(0, Σn − knee), the knee fitted from `KNEES`). Without it, steps
+# of 1-2k tokens came out 25-30 % under and small ones 20 % over; with it held-out MAPE fell to 5.4-6.4 %
+# (full grid, 7B and 32B, two seeds). The padded features would equal new/ctx/attn on every homogeneous grid
+# point, so only the few ragged mixes would decide the split between them: noise, not cost.
+VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify", "new_over")
+KNEES = (
+    64,
+    128,
+    256,
+    512,
+    1024,
+)  # candidate knees (new tokens per step); `fitted` keeps the best on its data
 
 
-def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
+def all_features(shape: BatchShape, rule: GroupRule | None, knee: int = KNEES[2]) -> tuple[int, ...]:
     """Every feature of `FEATURES`, in that order (one pass; this is the scheduler's hot path)."""
     g = rows = past = area = 0
     b, c = shape.batch_size, shape.context_tokens
@@ -220,6 +231,7 @@ def all_features(shape: BatchShape, rule: GroupRule | None) -> tuple[int, ...]:
         shape.cache_misses,
         shape.attn,
         b * shape.max_context if tiled else 0,
+        max(0, shape.new_tokens - knee),
     )
 
 
@@ -329,6 +341,7 @@ class VerifyTimeEstimator:
     group_rule: GroupRule | None = None  # the backend's padded grouping (None: one padded group)
     meta: dict[str, Any] = field(default_factory=dict)
     robust: bool = True  # Huber IRLS (`_fit_robust`); False: plain least squares
+    knee: int | None = None  # `new_over`'s knee in new tokens; None: the next `fit` picks it from KNEES
     window: int = 512
     refit_every: int = 64
     online_weight: float = 4.0
@@ -352,6 +365,7 @@ class VerifyTimeEstimator:
         self._recent = deque(self._recent, maxlen=self.window)
         self._index = [FEATURES.index(f) for f in self.features]
         self._synced: list[float] | None = None
+        self._knee = self.knee if self.knee is not None else KNEES[2]
 
     def _sync(self) -> list[float]:
         """Coefficients aligned with `FEATURES` (zeros for unused ones), for the hot-path dot product."""
@@ -387,7 +401,7 @@ class VerifyTimeEstimator:
 
     # ---- features and prediction ----
     def featurize(self, shape: BatchShape) -> list[float]:
-        x = all_features(shape, self.group_rule)
+        x = all_features(shape, self.group_rule, self._knee)
         return [float(x[j]) for j in self._index]
 
     @property
@@ -399,7 +413,7 @@ class VerifyTimeEstimator:
         if shape.batch_size == 0:
             return 0.0
         w = self._full if self._synced is self.coef else self._sync()
-        x = all_features(shape, self.group_rule)
+        x = all_features(shape, self.group_rule, self._knee)
         return (
             w[0] * x[0]
             + w[1] * x[1]
@@ -412,6 +426,7 @@ class VerifyTimeEstimator:
             + w[8] * x[8]
             + w[9] * x[9]
             + w[10] * x[10]
+            + w[11] * x[11]
         )
 
     def predict_shape(self, shape: BatchShape) -> float:
@@ -435,6 +450,18 @@ class VerifyTimeEstimator:
             raise ValueError("no observations to fit the estimator on")
         self._base = obs
         self._recent.clear()
+        if "new_over" in self.features and self.knee is None:
+            # the roofline's knee: the candidate whose fit explains these batches best (training error only)
+            best = None
+            for knee in KNEES:
+                self._knee = knee
+                self._refit()
+                err = self.evaluate(obs)
+                if best is None or err < best[0]:
+                    best = (err, knee)
+            assert best is not None
+            self.knee = best[1]
+        self._knee = self.knee if self.knee is not None else KNEES[2]
         self._refit()
         return self
 
@@ -489,6 +516,7 @@ class VerifyTimeEstimator:
             if rule is None
             else {"pad_factor": rule.pad_factor, "pad_slack": rule.pad_slack},
             "fit": "huber" if self.robust else "lsq",
+            "knee": self.knee,
             "meta": self.meta,
             "profile": [_row(o) for o in self._base],
             "heldout": [_row(o) for o in self.heldout],
@@ -505,6 +533,7 @@ class VerifyTimeEstimator:
             group_rule=None if rule is None else GroupRule(float(rule["pad_factor"]), int(rule["pad_slack"])),
             meta=dict(d.get("meta", {})),
             robust=d.get("fit", "huber") != "lsq",
+            knee=d.get("knee"),
         )
         if len(est.coef) != len(est.features):
             raise ValueError("estimator file has a different number of coefficients and features")
