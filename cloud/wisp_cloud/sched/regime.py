@@ -144,6 +144,24 @@ def capacities(
     return best
 
 
+@dataclass
+class _LineSums:
+    """Decayed least-squares sums of the device line t = a + b·k: weight, Σk, Σk², Σt, Σk·t."""
+
+    w: float = 0.0
+    k: float = 0.0
+    kk: float = 0.0
+    t: float = 0.0
+    kt: float = 0.0
+
+    def add(self, k: float, t: float, decay: float) -> None:
+        self.w = self.w * decay + 1.0
+        self.k = self.k * decay + k
+        self.kk = self.kk * decay + k * k
+        self.t = self.t * decay + t
+        self.kt = self.kt * decay + k * t
+
+
 class Regime:
     """The fleet's recent sessions and the mode the hybrid drives them to (module docstring)."""
 
@@ -170,8 +188,7 @@ class Regime:
         self._samples: collections.OrderedDict[str, SessionSample] = collections.OrderedDict()
         self._decided_at = float("-inf")
         self._opened = 0
-        # decayed least-squares sums of the device line: weight, Σk, Σk², Σt, Σk·t
-        self._line = [0.0, 0.0, 0.0, 0.0, 0.0]
+        self._line = _LineSums()
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -180,15 +197,14 @@ class Regime:
         self._samples.move_to_end(session_id)
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
-        line = self._line
-        for i, v in enumerate((1.0, k, k * k, think_ms, k * think_ms)):
-            line[i] = line[i] * (1.0 - 1.0 / self.window) + v
+        self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
 
     def device(self) -> DeviceLine:
         """The device line fitted so far. Where draft lengths hardly vary (fixed-k controllers) the intercept
         cannot be told from the slope: then all of the time is charged per token (the fleet's own k costs the
         same, longer rounds cost more)."""
-        w, sk, skk, st, skt = self._line
+        ln = self._line
+        w, sk, skk, st, skt = ln.w, ln.k, ln.kk, ln.t, ln.kt
         if w <= 0.0:
             return DeviceLine(0.0, 0.0)
         var = skk / w - (sk / w) ** 2
