@@ -148,3 +148,19 @@ def test_roofline_knee_and_tiled_kernel_are_fitted():
     assert old.evaluate(clean) > 3 * est.evaluate(clean)
     back = VerifyTimeEstimator.from_dict(est.to_dict())  # the knee is saved with the weights
     assert back.knee == 256 and back.predict(held[0]) == pytest.approx(est.predict(held[0]))
+
+
+def test_serve_warns_when_a_varlen_engine_gets_an_estimator_with_other_features(caplog):
+    """An estimator profiled for a padded engine (or before the kernel split and the roofline) charges a decode
+    batch for its longest context: `wisp serve` says so once, and serves."""
+    import logging
+
+    from wisp_cloud.cli_serve import _check_features
+    from wisp_cloud.estimator import DEFAULT_FEATURES
+
+    backend = FakeBackend(vocab_size=500)  # no padded groups: the varlen features apply
+    with caplog.at_level(logging.WARNING, logger="wisp.serve"):
+        _check_features(VerifyTimeEstimator(features=VARLEN_FEATURES), backend, "new.json")
+        assert not caplog.records
+        _check_features(VerifyTimeEstimator(features=DEFAULT_FEATURES), backend, "old.json")
+    assert len(caplog.records) == 1 and "old.json" in caplog.text and "wisp profile" in caplog.text

@@ -10,6 +10,7 @@ import json
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wisp_sdk.argtypes import number
 from wisp_sdk.errors import WispError
@@ -18,6 +19,9 @@ from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
 from wisp_cloud.random_model import add_random_model_args, check_model_args
+
+if TYPE_CHECKING:
+    from wisp_cloud.estimator import VerifyTimeEstimator
 
 
 def add_parser(subparsers) -> None:
@@ -380,6 +384,7 @@ def _serve(
             estimator = VerifyTimeEstimator.load(args.estimator)
         except (OSError, ValueError, KeyError) as exc:
             raise WispError(f"--estimator {args.estimator}: {exc}") from exc
+        _check_features(estimator, backend, args.estimator)
     elif args.profile_on_start:
         from wisp_cloud.cli_profile import MIN_SEQ_TOKENS, profile_backend
 
@@ -456,6 +461,25 @@ def _serve(
         if shutdown is not None:
             shutdown()
     return 0
+
+
+def _check_features(estimator: VerifyTimeEstimator, backend: Backend, path: str) -> None:
+    """Warn when a varlen (paged, SGLang) backend is given an estimator with other features: a padded engine's, or
+    a profile from before the decode/verify kernel split and the roofline (docs/scheduling.md §1). It still serves,
+    but the regime's decode capacity and every batch-time prediction lean on those terms."""
+    import logging
+
+    from wisp_cloud.cli_profile import backend_group_rule
+    from wisp_cloud.estimator import VARLEN_FEATURES
+
+    if backend_group_rule(backend) is None and tuple(estimator.features) != VARLEN_FEATURES:
+        logging.getLogger("wisp.serve").warning(
+            "--estimator %s has the features %s, not this engine's %s: profile it again (`wisp profile`) "
+            "for its decode/verify kernel split and roofline (docs/scheduling.md section 1)",
+            path,
+            ",".join(estimator.features),
+            ",".join(VARLEN_FEATURES),
+        )
 
 
 def _arm_flags(words: list[str]) -> dict[str, bool] | None:
