@@ -69,6 +69,7 @@ class Committer:
         enqueue: Callable[[Job], None],
         hybrid: HybridRule | None = None,
         regime: Regime | None = None,
+        align: bool = False,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -82,7 +83,9 @@ class Committer:
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
         self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
-        # The last commit's verdicts: their launch hint is stamped once the next step has launched (`stamp_launch`)
+        # With launch alignment, the last commit's verdicts: their launch hint is stamped once the next step has
+        # launched (`stamp_launch`)
+        self.align = align
         self._verdicts: list[tuple[Session, Reply]] = []
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
@@ -184,7 +187,8 @@ class Committer:
             if conn is not None:
                 reply = Reply(conn, verdict)
                 replies.append(reply)
-                self._verdicts.append((session, reply))
+                if self.align:
+                    self._verdicts.append((session, reply))
         elif job.kind == JobKind.open:
             session.opened = True
             session.probe = self.regime is not None and self.regime.enlist()

@@ -146,6 +146,7 @@ class Engine:
             self._enqueue,
             self.hybrid,
             Regime(self.estimator) if self.hybrid is not None and wisp and config.regime else None,
+            align=self.align,
         )
         if self.committer.regime is not None:
             self.policy.follow(self.committer.regime)
