@@ -1,9 +1,10 @@
 """The edge's side of one generation, sans I/O: protocol state, committed tokens, stop rules, resume decisions.
 
-The client fronts (client.py) own sockets, timers and the draft model; this class only turns server messages
-into state changes and says what to send. The committed token list here is the single source of truth: a
-token enters it exactly once (a verdict for a round that is not the one in flight is ignored; a rebuilt
-session starts from exactly these tokens), which is what makes resume lossless and duplicate-free.
+The I/O front (generation.py, driven by client.py) owns sockets, timers and the draft model; this class only
+turns server messages into state changes and says what to send. The committed token list here is the single
+source of truth: a token enters it exactly once (a verdict for a round that is not the one in flight is
+ignored; a rebuilt session starts from exactly these tokens), which is what makes resume lossless and
+duplicate-free.
 """
 
 from __future__ import annotations

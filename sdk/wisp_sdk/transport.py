@@ -151,6 +151,10 @@ class Transport:
     def connected(self) -> bool:
         return self._ws is not None
 
+    def backoff(self) -> Backoff:
+        """A fresh backoff with this link's settings (reconnects here, refused Opens in the generation loop)."""
+        return Backoff(self.backoff_initial_s, self.backoff_max_s)
+
     async def connect(self) -> None:
         from websockets.asyncio.client import connect
 
@@ -249,7 +253,7 @@ class Transport:
     async def recover(self, sess: Session, deadline: float, why: BaseException, window_s: float) -> str:
         """Reconnect with backoff; returns 'resumed' or 'reopen'. Raises WispError after the deadline."""
         self.drop()
-        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
+        backoff = self.backoff()
         last: BaseException = why
         while True:
             if time.monotonic() > deadline:

@@ -5,7 +5,7 @@ chunked prefill and wait hints), `VerifyTimeEstimator` (loaded from a `wisp prof
 estimator and, through `gpu_clock.GpuClock`, the forward part of the simulated GPU's clock, optionally with
 multiplicative noise), `deadlines.SessionDeadlines` (each request's deadline, as the server sets it) and
 the SDK's controllers (`Wisp`, `FixedK`: every drafted token goes through `controller.step`, every verdict
-through `controller.observe`, and the link state is updated as `AsyncEdgeClient._update_link` does).
+through `controller.observe`, and the link state is updated as `Generation._update_link` does).
 
 What is simulated: time (an event heap), the network (link profile: RTT/2 + jitter + size/bandwidth each
 way), the draft model (device profile's time per token; acceptance replayed from the measured trace, as the
@@ -253,7 +253,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
     def draft_round(s: Sess, now: float) -> None:
-        """The client's _draft_round with the real controller; submits the round after drafting + uplink."""
+        """`Generation._draft_round` with the real controller; submits the round after drafting + uplink."""
         ctl = s.ctl
         ctl.start_round(s.link)
         remaining = s.max_new - s.gen
