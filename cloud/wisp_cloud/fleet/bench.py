@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wisp_sdk.controllers import make_controller
+from wisp_sdk.controllers import FixedK, make_controller
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.config import ARM_FLAGS
@@ -250,7 +250,9 @@ def parse_arm(spec: str) -> tuple[str, str, tuple[str, ...]]:
 
 
 def _fixed_k(controller: str) -> int | None:
-    return int(controller.split(":", 1)[1]) if controller.startswith("fixed:") else None
+    """K of a `fixed:K` controller spec (parsed once, by the SDK's make_controller), else None."""
+    ctl = make_controller(controller)
+    return ctl.k if isinstance(ctl, FixedK) else None
 
 
 def _server_stats(server: ServerProc) -> dict[str, Any]:
