@@ -37,6 +37,7 @@ class Sess:
     """One simulated session: its device, draft controller and link, and the server's view of it."""
 
     __slots__ = (
+        "sid",  # its session id (the scheduler's requests and the regime's samples are keyed by it)
         "ctl",
         "dev",
         "dl",

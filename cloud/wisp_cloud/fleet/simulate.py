@@ -147,7 +147,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     seq = itertools.count()
     heap: list[tuple[float, int, str, Any]] = []
     records: list[dict] = []
-    active: dict[int, Sess] = {}
+    active: dict[str, Sess] = {}
+    sids = itertools.count()  # session ids, as the server's (the scheduler keys its requests by them)
     end = cfg.duration_s + cfg.drain_s
 
     def push(t: float, kind: str, obj: Any) -> None:
@@ -176,6 +177,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if now > cfg.duration_s:
             return None
         s = Sess()
+        s.sid = f"s{next(sids)}"
         s.dev = d
         s.rep = assign(d)
         reps[s.rep].live += 1
@@ -197,7 +199,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         regime = reps[s.rep].regime
         s.probe = regime is not None and regime.enlist()
         s.think = s.answered = None
-        active[id(s)] = s
+        active[s.sid] = s
         # start_on_server: the device prefills its draft while the server prefills and then decodes
         on = cfg.start_on_server and reps[s.rep].regime is not None
         s.ready_at = now + dev_prof.step_s(rng, s.plen + 1) if on else None
@@ -210,7 +212,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             uplink_s=t_srv - now,
         )
         req = Request(
-            str(id(s)),
+            s.sid,
             "prefill",
             s.plen,
             0,
@@ -247,7 +249,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         )
 
     def finish_session(s: Sess, now: float) -> None:
-        active.pop(id(s), None)
+        active.pop(s.sid, None)
         reps[s.rep].live -= 1
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
@@ -299,7 +301,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.round_sent = t_dev_send
         k = len(kept)
         req = Request(
-            str(id(s)),
+            s.sid,
             "verify",
             k + 1,
             s.plen + s.gen - 1,
@@ -375,7 +377,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         acc = s.dl.acceptance
         if regime is not None and s.think is not None and s.k_mean is not None and acc.n_rounds >= MIN_ROUNDS:
             sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)
-            regime.observe(str(id(s)), sample, s.k_mean, 1000 * s.think)
+            regime.observe(s.sid, sample, s.k_mean, 1000 * s.think)
         s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)
@@ -385,7 +387,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         else:
             push(arrive, "draft", s)
             if s.think is not None:  # announced: the policy may hold a small batch for it (sched/fill.py)
-                reps[s.rep].sched.announce(str(id(s)), finish + s.think)
+                reps[s.rep].sched.announce(s.sid, finish + s.think)
 
     def _switch(s: Sess, back: bool, now: float) -> bool:
         """The server's hybrid rule after a verdict (back=False) or a decode step of a moved session; with its
@@ -418,7 +420,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
 
     def submit_decode(s: Sess, now: float) -> None:
         req = Request(
-            str(id(s)),
+            s.sid,
             "decode",
             1,
             s.plen + s.gen - 1,
