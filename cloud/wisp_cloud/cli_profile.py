@@ -326,6 +326,7 @@ def profile_backend(
         "profile_s": round(time.perf_counter() - t0, 1),
         "max_context": max_ctx,
         "coefficients": dict(zip(est.features, est.coef, strict=True)),
+        "knee": est.knee,  # new tokens per step past which the fit prices compute (None: no roofline term)
     }
     est.meta.update({k: v for k, v in report.items() if k != "coefficients"})
     est.meta["backend"] = getattr(backend, "name", type(backend).__name__)
@@ -397,6 +398,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{report['timed_batches']} timed batches (up to {report['reps_max_used']} per shape; median "
             f"spread {100 * report['noise_cv_median']:.0f} %), batches up to {report['max_batch']}, contexts "
             f"up to {report['max_context']} tokens"
+            + (f", roofline knee at {report['knee']} new tokens a step" if report["knee"] is not None else "")
         )
         print(f"wrote {out}")
     return 0
