@@ -272,3 +272,7 @@ def test_an_urgent_prompt_piece_joins_though_it_pushes_members():
     assert prompt_tokens(pol, urgent) == 256 and prompt_tokens(pol, late) == 256
     strict = WispPolicy(gpu, max_batch=8, hold_s=0.0, fill=False, refuse=True)
     assert prompt_tokens(strict, urgent) < 128 and prompt_tokens(strict, late) < 128
+    # a burst of late prompts: they skip the members' checks only up to the centralized token cap of a step
+    burst = [prefill(f"late{i}", -1.9, 256, ttft=2.0) for i in range(12)]
+    batch = WispPolicy(gpu, max_batch=64, hold_s=0.0, fill=False).select([*tight, *burst], 0.0)
+    assert 2048 - 256 < sum(s.n_tokens for s in batch.slots if s.request.kind == "prefill") <= 2048 + 128

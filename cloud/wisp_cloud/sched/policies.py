@@ -366,9 +366,13 @@ class WispPolicy(Policy):
                 # forced one: a member pushed a few ms costs its session's mean TPOT little, a missed TTFT fails
                 # the session. Measured on an H200 (run 26, 7B, TPOT 60, 544 devices): refused behind members,
                 # prompts waited until aging forced them in at starve_s (2 s): TTFT p50 1.8 s, 28 % of sessions
-                # over the 2 s TTFT. (`refuse` keeps every member's deadline strictly, prompts included.)
+                # over the 2 s TTFT. (`refuse` keeps every member's deadline strictly, prompts included.) Up to the
+                # centralized policy's token cap a step: a burst of late prompts must not make one giant step.
                 urgent_prompt = (
-                    c.req.kind == "prefill" and (i < n_protected or not cc.feasible) and not self.refuse
+                    c.req.kind == "prefill"
+                    and (i < n_protected or not cc.feasible)
+                    and not self.refuse
+                    and tokens + n <= CENTRALIZED_BATCH_TOKENS
                 )
                 if not cc.forced and not urgent_prompt and (self.refuse or c.req.kind == "prefill"):
                     if cc.feasible and end > cc.due:
