@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 from wisp_cloud.estimator import VARLEN_FEATURES, VerifyTimeEstimator
+from wisp_sdk.errors import WispError
 
 SETS = {
     # one price per new token and per cached token (the varlen model until 2026-11-30)
@@ -55,7 +56,11 @@ def main() -> int:
     ap.add_argument("files", nargs="+", type=Path, help="estimator files written by `wisp profile`")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
-    rows = [rescore(p) for p in args.files]
+    try:
+        rows = [rescore(p) for p in args.files]
+    except WispError as exc:  # not an estimator file, or unreadable: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("file | grid | train/held-out batches | " + " | ".join(f"{n}: train / held-out %" for n in SETS))
     for r in rows:
         cells = []
