@@ -31,10 +31,10 @@ def windows(path: str) -> list[tuple[str, float, float, float, float]]:
         if "server_start" in line or "engine backend" in line or "policy_switch" in line:
             # one server per arm, or (since run 18) one server whose policy the bench switches between arms
             m = _POLICY.search(line)
-            if m:
-                kind = {"centralized": "decode", "sled": "verify"}.get(m.group(1), "verify")
-                # WISP with the regime runs decode or verify steps by its mode: its windows are neither kind
-                kind = "mixed" if m.group(1) == "wisp" and "policy_switch" in line else kind
+            if m and m.group(1) == "wisp" and "policy_switch" in line:
+                kind = "mixed"  # WISP with the regime runs decode or verify steps by its mode: neither kind
+            elif m:
+                kind = "decode" if m.group(1) == "centralized" else "verify"
         m = _STEP.search(line)
         if m and "steps n=" in line and kind != "mixed":
             b, t, _f, h, busy = (float(x) for x in m.groups())

@@ -359,3 +359,10 @@ def test_admission_rounds_spread_over_the_cycle():
     many = fleet * 12
     assert adm.cycles(many)[0] >= adm.gpu_rotation(many)[0]
     assert adm.predict_attainment(many) == 0.0
+
+
+def test_uniform_shape_equals_the_shape_of_its_items():
+    for items, tokens, context in ((1, 1, 0), (37, 4, 500), (256, 1, 900)):
+        assert BatchShape.uniform(items, tokens, context) == BatchShape.of(
+            [ItemShape(tokens, context)] * items
+        )

@@ -118,6 +118,21 @@ class BatchShape:
         return cls(b, new, ctx, max_ctx, misses, max_new, max_total, attn, items=tuple(pairs))
 
     @classmethod
+    def uniform(cls, items: int, tokens: int, context: int) -> BatchShape:
+        """`of([ItemShape(tokens, context)] * items)` without the per-item loop (the regime asks it for up to
+        thousands of items, many times per decision)."""
+        return cls(
+            batch_size=items,
+            new_tokens=items * tokens,
+            context_tokens=items * context,
+            max_context=context,
+            max_new=tokens,
+            max_total=tokens + context,
+            attn=items * tokens * (context + tokens),
+            items=((tokens, context),) * items,
+        )
+
+    @classmethod
     def from_stats(cls, stats: Any) -> BatchShape:
         """Approximate shape from a `BatchStats` (which carries sums, not per-item shapes)."""
         b = max(int(stats.batch_size), 1)
@@ -195,16 +210,11 @@ DEFAULT_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_rows",
 # (full grid, 7B and 32B, two seeds). The padded features would equal new/ctx/attn on every homogeneous grid
 # point, so only the few ragged mixes would decide the split between them: noise, not cost.
 VARLEN_FEATURES = ("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify", "new_over")
-KNEES = (
-    64,
-    128,
-    256,
-    512,
-    1024,
-)  # candidate knees (new tokens per step); `fitted` keeps the best on its data
+# candidate knees (new tokens per step); `fit` keeps the one that explains its training batches best
+KNEES = (64, 128, 256, 512, 1024)
 
 
-def all_features(shape: BatchShape, rule: GroupRule | None, knee: int = KNEES[2]) -> tuple[int, ...]:
+def all_features(shape: BatchShape, rule: GroupRule | None, knee: int) -> tuple[int, ...]:
     """Every feature of `FEATURES`, in that order (one pass; this is the scheduler's hot path)."""
     g = rows = past = area = 0
     b, c = shape.batch_size, shape.context_tokens
@@ -451,19 +461,16 @@ class VerifyTimeEstimator:
         self._base = obs
         self._recent.clear()
         if "new_over" in self.features and self.knee is None:
-            # the roofline's knee: the candidate whose fit explains these batches best (training error only)
-            best = None
-            for knee in KNEES:
-                self._knee = knee
-                self._refit()
-                err = self.evaluate(obs)
-                if best is None or err < best[0]:
-                    best = (err, knee)
-            assert best is not None
-            self.knee = best[1]
+            self.knee = min(KNEES, key=self._training_error)  # the roofline's knee (training error only)
         self._knee = self.knee if self.knee is not None else KNEES[2]
         self._refit()
         return self
+
+    def _training_error(self, knee: int) -> float:
+        """MAPE on the profile of a fit with this knee (`fit` chooses the knee by it)."""
+        self._knee = knee
+        self._refit()
+        return self.evaluate(self._base)
 
     def _refit(self) -> None:
         rows, ys, ws = [], [], []

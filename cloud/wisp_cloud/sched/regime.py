@@ -92,17 +92,7 @@ def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: in
     """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`."""
     if items <= 0:
         return 0.0
-    shape = BatchShape(
-        batch_size=items,
-        new_tokens=items * tokens,
-        context_tokens=items * context,
-        max_context=context,
-        max_new=tokens,
-        max_total=tokens + context,
-        attn=items * tokens * (context + tokens),
-        items=((tokens, context),) * items,
-    )
-    return 1000.0 * estimator.predict_shape(shape)
+    return 1000.0 * estimator.predict_shape(BatchShape.uniform(items, tokens, context))
 
 
 def _fits(
@@ -161,6 +151,21 @@ class _LineSums:
         self.t = self.t * decay + t
         self.kt = self.kt * decay + k * t
 
+    def line(self) -> DeviceLine:
+        """The least-squares line. Where draft lengths hardly vary (fixed-k controllers) the intercept cannot be
+        told from the slope: then all of the time is charged per token (the fleet's own k costs the same, longer
+        rounds cost more)."""
+        w = self.w
+        if w <= 0.0:
+            return DeviceLine(0.0, 0.0)
+        var = self.kk / w - (self.k / w) ** 2
+        if var > 0.25:
+            slope = (self.kt / w - (self.k / w) * (self.t / w)) / var
+            fixed = self.t / w - slope * self.k / w
+            if slope >= 0.0 and fixed >= 0.0:
+                return DeviceLine(fixed, slope)
+        return DeviceLine(0.0, self.t / max(self.k, 1e-9))
+
 
 class Regime:
     """The fleet's recent sessions and the mode the hybrid drives them to (module docstring)."""
@@ -200,20 +205,8 @@ class Regime:
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
 
     def device(self) -> DeviceLine:
-        """The device line fitted so far. Where draft lengths hardly vary (fixed-k controllers) the intercept
-        cannot be told from the slope: then all of the time is charged per token (the fleet's own k costs the
-        same, longer rounds cost more)."""
-        ln = self._line
-        w, sk, skk, st, skt = ln.w, ln.k, ln.kk, ln.t, ln.kt
-        if w <= 0.0:
-            return DeviceLine(0.0, 0.0)
-        var = skk / w - (sk / w) ** 2
-        if var > 0.25:
-            slope = (skt / w - (sk / w) * (st / w)) / var
-            fixed = st / w - slope * sk / w
-            if slope >= 0.0 and fixed >= 0.0:
-                return DeviceLine(fixed, slope)
-        return DeviceLine(0.0, st / max(sk, 1e-9))
+        """The device line fitted so far (`_LineSums.line`)."""
+        return self._line.line()
 
     def enlist(self) -> bool:
         """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
@@ -237,7 +230,7 @@ class Regime:
         return self.mode
 
     def stats(self) -> dict[str, float | int | str]:
-        last = self.last
+        last, device = self.last, self.device()
         return {
             "mode": self.mode,
             "flips": self.flips,
@@ -246,6 +239,6 @@ class Regime:
             "speculative_capacity": last.speculative if last else -1,
             "speculative_k": last.k if last else -1,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
-            "device_fixed_ms": round(self.device().fixed_ms, 2),
-            "device_per_token_ms": round(self.device().per_token_ms, 2),
+            "device_fixed_ms": round(device.fixed_ms, 2),
+            "device_per_token_ms": round(device.per_token_ms, 2),
         }
