@@ -271,7 +271,9 @@ class WispPolicy(Policy):
             budget = max(0.0, r.deadline - r.downlink_s - r.arrival)
             due -= self.prefill_margin * budget
             slack = due - now - solo
-            pace = r.arrival + (1.0 - self.prefill_margin) * budget * (r.done + n) / max(r.new_tokens, self.pace_tokens)
+            pace = r.arrival + (1.0 - self.prefill_margin) * budget * (r.done + n) / max(
+                r.new_tokens, self.pace_tokens
+            )
             urgency = min(slack, pace - now - solo)
         forced = now - r.arrival >= self.starve_s
         r.solo_s, r.marginal_s = solo, raw_marginal * corr
