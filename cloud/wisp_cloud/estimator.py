@@ -34,6 +34,11 @@ from typing import Any
 FORMAT = "wisp.estimator.v1"
 
 
+# Items of one size whose contexts differ by less than this may share a predicted time (the scheduler's and the
+# wait hints' memos): 32 tokens of context move a 7B or 32B prediction by well under 0.1 %.
+CONTEXT_BUCKET = 32
+
+
 @dataclass(frozen=True)
 class ItemShape:
     """One work item's shape. `context` is the cached prefix it attends to; a cache miss rebuilds it."""

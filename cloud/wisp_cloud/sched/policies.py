@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.estimator import CONTEXT_BUCKET, BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.sched.fill import fill_hold
 from wisp_cloud.sched.requests import Batch, Request, Slot
 
@@ -225,6 +225,9 @@ class WispPolicy(Policy):
         self._hold_until: float | None = None
         self._arrivals: Sequence[float] = ()
         self._regime: Regime | None = None
+        self._raw_memo: dict[tuple[int, int, bool], tuple[float, float]] = {}
+        self._raw_version = -1
+        self._raw_one = 0.0
 
     def expect(self, arrivals: Sequence[float]) -> None:
         self._arrivals = arrivals
@@ -246,16 +249,31 @@ class WispPolicy(Policy):
             ctx += n
         return total
 
+    def _raw_times(self, shape: ItemShape) -> tuple[float, float]:
+        """Raw (uncorrected) solo time of an item, and its marginal time of joining a running batch (a one-token
+        item stands for the batch): density's divisor. Shared by items of one size whose contexts differ by less
+        than `CONTEXT_BUCKET` tokens, until the next refit: a round is a new request every step, so a per-request
+        memo never hits, and three predictions per waiting round were most of `select`'s host time."""
+        est = self.estimator
+        if est.version != self._raw_version:
+            self._raw_memo.clear()
+            self._raw_version = est.version
+            self._raw_one = est.predict_raw(_ONE)
+        key = (shape.new_tokens, shape.context // CONTEXT_BUCKET, shape.cache_miss)
+        times = self._raw_memo.get(key)
+        if times is None:
+            times = (est.predict_raw(_EMPTY.plus(shape)), est.predict_raw(_ONE.plus(shape)) - self._raw_one)
+            self._raw_memo[key] = times
+        return times
+
     def _cand(self, r: Request, n: int, now: float) -> _Cand:
         est = self.estimator
         key = (r.done, n, est.version)
         memo = r.wisp_memo
         if memo is None or memo[0] != key:  # raw (uncorrected) times only change with the piece or a refit
             shape = r.shape(n)
-            raw_solo = est.predict_raw(_EMPTY.plus(shape))
+            raw_solo, raw_marginal = self._raw_times(shape)
             raw_rest = self._rest_s(r, n) / est.correction if n < r.remaining else 0.0
-            # raw marginal time of joining a running batch (a one-token item stands for it): density's divisor
-            raw_marginal = est.predict_raw(_ONE.plus(shape)) - est.predict_raw(_ONE)  # (no refit between)
             memo = (key, shape, raw_solo, raw_rest, raw_marginal)
             r.wisp_memo = memo
         _, shape, raw_solo, raw_rest, raw_marginal = memo
@@ -355,9 +373,15 @@ class WispPolicy(Policy):
             suffix[i] = min(suffix[i + 1], c.latest_start if self._protected(c) else math.inf)
 
         shape = _EMPTY
-        shape_end = now  # when the batch grown so far would finish
+        # When the batch grown so far would finish; None until a check needs it: rounds and decodes join
+        # unchecked (unless `refuse`), and a prediction per joining item was most of this loop's host time.
+        shape_end: float | None = now
         slots: list[Slot] = []
         tokens = 0
+        # Prompt tokens only: the cap on late prompts a step. Counting the rounds' tokens too left no room for a
+        # prompt behind a few hundred rounds, and it waited to be forced at starve_s (H200 run 29: 7B, TPOT 60,
+        # 608 devices, 13 % of sessions over the 2 s TTFT).
+        prompt_tokens = 0
         member_due = math.inf  # earliest finish deadline among feasible members
         soft_due = math.inf  # earliest (due + tolerance) among them: the limit for cheap additions
         rejects = 0
@@ -370,7 +394,7 @@ class WispPolicy(Policy):
                     continue
                 cc = c if n == c.n else self._cand(c.req, n, now)
                 new_shape = shape.plus(cc.shape)
-                end = now + est.predict_shape(new_shape)
+                end: float | None = None
                 # A prompt piece that is urgent (the protected head) or already past its planned due joins like a
                 # forced one: a member pushed a few ms costs its session's mean TPOT little, a missed TTFT fails
                 # the session. Measured on an H200 (run 26, 7B, TPOT 60, 544 devices): refused behind members,
@@ -381,9 +405,12 @@ class WispPolicy(Policy):
                     c.req.kind == "prefill"
                     and (i < n_protected or not cc.feasible)
                     and not self.refuse
-                    and tokens + n <= CENTRALIZED_BATCH_TOKENS
+                    and prompt_tokens + n <= CENTRALIZED_BATCH_TOKENS
                 )
                 if not cc.forced and not urgent_prompt and (self.refuse or c.req.kind == "prefill"):
+                    if shape_end is None:
+                        shape_end = now + est.predict_shape(shape)
+                    end = now + est.predict_shape(new_shape)
                     if cc.feasible and end > cc.due:
                         self.counters["reject_own_" + c.req.kind] += 1
                         continue
@@ -401,6 +428,8 @@ class WispPolicy(Policy):
                 slots.append(Slot(c.req, c.req.done, n, best_effort=not cc.feasible))
                 shape, shape_end = new_shape, end
                 tokens += n
+                if c.req.kind == "prefill":
+                    prompt_tokens += n
                 rejects = 0
                 if self._protected(cc):
                     member_due = min(member_due, cc.due)
