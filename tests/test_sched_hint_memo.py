@@ -1,5 +1,5 @@
 """The wait hints and the WISP policy share predicted times between items of one size whose contexts differ by
-less than `CONTEXT_BUCKET` tokens (host work per verdict, docs/benchmarks.md "GPU runs 27-30"): the shared value
+less than `CONTEXT_BUCKET` tokens (host work per verdict, docs/benchmarks.md "GPU runs 27-31"): the shared value
 must stay within that bucket's error of a fresh prediction and must not outlive a step or a refit."""
 
 from __future__ import annotations
