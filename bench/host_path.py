@@ -207,6 +207,12 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         "step_ms_mean": 1e3 * whole / steps if steps else 0.0,
         "host_us_per_session_step": 1e6 * host / items if items else float("nan"),
         "device_idle_share": host / whole if whole else float("nan"),
+        # the host time's two measured phases, per session-step: the policy's selection and planning, and the
+        # commit of the outcomes (tokens, verdicts, the hybrid's and regime's checks)
+        "schedule_us_per_session_step": 1e6 * (t1.schedule_s - t0.schedule_s) / items
+        if items
+        else float("nan"),
+        "commit_us_per_session_step": 1e6 * (t1.commit_s - t0.commit_s) / items if items else float("nan"),
         # CPU the server process spent (gateway + engine, every thread) per session-step: unlike the wall-clock
         # host time, other jobs preempting the server do not inflate it.
         "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
@@ -216,6 +222,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     print(
         f"N={n:5d}  steps={steps:5d}  batch={row['batch_mean']:7.1f}  step={row['step_ms_mean']:7.2f} ms  "
         f"forward={row['forward_ms_mean']:6.2f} ms  host={row['host_us_per_session_step']:6.1f} µs/session/step  "
+        f"(schedule {row['schedule_us_per_session_step']:.1f}, commit {row['commit_us_per_session_step']:.1f})  "
         f"idle={row['device_idle_share']:.2f}  cpu={row['server_cpu_us_per_session_step']:6.1f} µs/session/step",
         flush=True,
     )

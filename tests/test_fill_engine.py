@@ -43,6 +43,10 @@ def test_engine_announces_the_next_round_after_the_measured_device_time():
                 tokens += draft[: v.accepted] + [v.next_token]
                 seen.append((time.monotonic(), server.engine.queue.announced.get(opened.session_id)))
             await c.aclose()
+            # the step totals split the host time into its two measured phases (bench/host_path.py reads them)
+            t = server.totals
+            assert t.steps >= 7 and 0.0 < t.schedule_s and 0.0 < t.commit_s
+            assert t.schedule_s + t.commit_s < t.step_s - t.forward_s + 0.05
         finally:
             await server.stop()
         return seen

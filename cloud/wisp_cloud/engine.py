@@ -72,6 +72,8 @@ class _Ran:
     items: int
     t_launch: float
     host_s: float  # the device waited this long for the host before this forward
+    schedule_s: float  # of that: selecting and planning this step
+    commit_s: float = 0.0  # committing this step's outcomes (set once the forward has ended)
 
 
 class Engine:
@@ -436,9 +438,12 @@ class Engine:
                 self._housekeeping(now)
             planned: list[Planned] = []
             fut = None
+            schedule_s = 0.0
             try:
                 if self.queue.waiting:
+                    t_sched = time.perf_counter()
                     planned = self._schedule(now)
+                    schedule_s = time.perf_counter() - t_sched
                 if planned:
                     shapes = [ran_shape(p) for p in planned]
                     t_launch = time.perf_counter()
@@ -486,7 +491,16 @@ class Engine:
                 t_free = time.perf_counter()
                 continue
             unsent = replies  # delivered after the next launch: nothing is sent before the loop yields anyway
-            prev = _Ran(records, stats, shapes, len(planned), t_launch, host_s=t_launch - t_free)
+            prev = _Ran(
+                records,
+                stats,
+                shapes,
+                len(planned),
+                t_launch,
+                host_s=t_launch - t_free,
+                schedule_s=schedule_s,
+                commit_s=time.perf_counter() - t_done,
+            )
             t_free = t_done
             # no yield here: the next batch is selected and launched first, then the answers are delivered with
             # its launch hint (the gateway's writers send them, and its readers take new rounds, while it runs)
@@ -502,7 +516,7 @@ class Engine:
             # The estimator learns how long a step holds its rounds (host work before the forward, the forward,
             # the answers): the next batch and every deadline wait on that, not on the forward alone.
             self.estimator.observe(answered_s, ran.shapes)
-        self.steps.add(ran.stats, ran.items, ran.host_s + ran.stats.forward_s)
+        self.steps.add(ran.stats, ran.items, ran.host_s + ran.stats.forward_s, ran.schedule_s, ran.commit_s)
         self.metrics.queued.set(len(self.queue))
 
     def _requeue_chunks(self, outcomes: list[Outcome]) -> None:

@@ -19,12 +19,20 @@ class StepTotals:
     items: int = 0  # work items over all steps (a session counts once per step it is in)
     forward_s: float = 0.0  # time inside backend.forward
     step_s: float = 0.0  # whole step: selection, planning, forward, acceptance, answers
+    # the two host phases on the device's critical path (within step_s − forward_s): the policy's selection and
+    # planning of the step, and the commit of its outcomes (tokens, verdicts, the hybrid's and regime's checks)
+    schedule_s: float = 0.0
+    commit_s: float = 0.0
 
-    def add(self, items: int, forward_s: float, step_s: float) -> None:
+    def add(
+        self, items: int, forward_s: float, step_s: float, schedule_s: float = 0.0, commit_s: float = 0.0
+    ) -> None:
         self.steps += 1
         self.items += items
         self.forward_s += forward_s
         self.step_s += step_s
+        self.schedule_s += schedule_s
+        self.commit_s += commit_s
 
 
 class StepLog:
@@ -37,12 +45,17 @@ class StepLog:
         self.graph_stats = graph_stats
         self.every_s = every_s
         self.totals = StepTotals()
-        self._window: list[tuple[int, int, float, float]] = []  # (batch, tokens, forward_s, step_s)
+        # (batch, tokens, forward_s, step_s, schedule_s, commit_s)
+        self._window: list[tuple[int, int, float, float, float, float]] = []
         self._since = time.monotonic()
 
-    def add(self, stats: BatchStats, items: int, step_s: float) -> None:
-        self.totals.add(items, stats.forward_s, step_s)
-        self._window.append((stats.batch_size, stats.new_tokens, stats.forward_s, step_s))
+    def add(
+        self, stats: BatchStats, items: int, step_s: float, schedule_s: float = 0.0, commit_s: float = 0.0
+    ) -> None:
+        self.totals.add(items, stats.forward_s, step_s, schedule_s, commit_s)
+        self._window.append(
+            (stats.batch_size, stats.new_tokens, stats.forward_s, step_s, schedule_s, commit_s)
+        )
         now = time.monotonic()
         if now - self._since >= self.every_s:
             self._flush(now)
@@ -70,6 +83,9 @@ class StepLog:
             step_ms_p90=pct(whole, 0.9),
             # the device's wait for the host before each forward (whole step = host + forward)
             host_ms_p50=pct([w - f for w, f in zip(whole, fwd, strict=True)], 0.5),
+            # its two measured phases, per step (the rest: KV changes, housekeeping, the event loop)
+            schedule_ms_p50=pct([x[4] for x in steps], 0.5),
+            commit_ms_p50=pct([x[5] for x in steps], 0.5),
             step_over_forward=round(sum(whole) / max(sum(fwd), 1e-9), 3),
             busy=round(sum(whole) / elapsed, 2),  # fraction of the time the batch loop was working
             **({"graphs": dict(graphs)} if graphs else {}),  # type: ignore[call-overload]
