@@ -23,10 +23,8 @@ class WaitHints:
         self.last_shape = _EMPTY
         self.busy_until = 0.0
         self._memo: dict[tuple[int, int, bool], float] = {}
-        self._memo_key: tuple[int, float] = (
-            -1,
-            0.0,
-        )  # the estimator's (version, correction) it was made with
+        # the estimator's (version, correction) that the memo was made with
+        self._memo_key: tuple[int, float] = (-1, 0.0)
 
     def started(self, predicted_s: float, now: float) -> None:
         self.busy_until = now + predicted_s
