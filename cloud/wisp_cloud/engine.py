@@ -73,7 +73,7 @@ class _Ran:
     t_launch: float
     host_s: float  # the device waited this long for the host before this forward
     schedule_s: float  # of that: selecting and planning this step
-    commit_s: float = 0.0  # committing this step's outcomes (set once the forward has ended)
+    commit_s: float  # committing this step's outcomes, after its forward (on the next step's host time)
 
 
 class Engine:
@@ -491,15 +491,9 @@ class Engine:
                 t_free = time.perf_counter()
                 continue
             unsent = replies  # delivered after the next launch: nothing is sent before the loop yields anyway
+            commit_s = time.perf_counter() - t_done
             prev = _Ran(
-                records,
-                stats,
-                shapes,
-                len(planned),
-                t_launch,
-                host_s=t_launch - t_free,
-                schedule_s=schedule_s,
-                commit_s=time.perf_counter() - t_done,
+                records, stats, shapes, len(planned), t_launch, t_launch - t_free, schedule_s, commit_s
             )
             t_free = t_done
             # no yield here: the next batch is selected and launched first, then the answers are delivered with

@@ -47,6 +47,10 @@ class ItemShape:
     context: int = 0
     cache_miss: bool = False
 
+    def bucket(self) -> tuple[int, int, bool]:
+        """The key under which items share a memoized prediction (`CONTEXT_BUCKET`)."""
+        return self.new_tokens, self.context // CONTEXT_BUCKET, self.cache_miss
+
 
 @dataclass(slots=True)
 class BatchShape:

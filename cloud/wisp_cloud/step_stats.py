@@ -24,9 +24,7 @@ class StepTotals:
     schedule_s: float = 0.0
     commit_s: float = 0.0
 
-    def add(
-        self, items: int, forward_s: float, step_s: float, schedule_s: float = 0.0, commit_s: float = 0.0
-    ) -> None:
+    def add(self, items: int, forward_s: float, step_s: float, schedule_s: float, commit_s: float) -> None:
         self.steps += 1
         self.items += items
         self.forward_s += forward_s
@@ -49,9 +47,7 @@ class StepLog:
         self._window: list[tuple[int, int, float, float, float, float]] = []
         self._since = time.monotonic()
 
-    def add(
-        self, stats: BatchStats, items: int, step_s: float, schedule_s: float = 0.0, commit_s: float = 0.0
-    ) -> None:
+    def add(self, stats: BatchStats, items: int, step_s: float, schedule_s: float, commit_s: float) -> None:
         self.totals.add(items, stats.forward_s, step_s, schedule_s, commit_s)
         self._window.append(
             (stats.batch_size, stats.new_tokens, stats.forward_s, step_s, schedule_s, commit_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from wisp_cloud.estimator import CONTEXT_BUCKET, BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 
 _EMPTY = BatchShape()
 
@@ -56,7 +56,7 @@ class WaitHints:
         if stamp != self._memo_key:
             self._memo.clear()
             self._memo_key = stamp
-        key = (item.new_tokens, item.context // CONTEXT_BUCKET, item.cache_miss)
+        key = item.bucket()
         t = self._memo.get(key)
         if t is None:
             t = self._memo[key] = est.predict_shape(self.last_shape.plus(item))

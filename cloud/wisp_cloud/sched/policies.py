@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from wisp_cloud.estimator import CONTEXT_BUCKET, BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.sched.fill import fill_hold
 from wisp_cloud.sched.requests import Batch, Request, Slot
 
@@ -259,7 +259,7 @@ class WispPolicy(Policy):
             self._raw_memo.clear()
             self._raw_version = est.version
             self._raw_one = est.predict_raw(_ONE)
-        key = (shape.new_tokens, shape.context // CONTEXT_BUCKET, shape.cache_miss)
+        key = shape.bucket()
         times = self._raw_memo.get(key)
         if times is None:
             times = (est.predict_raw(_EMPTY.plus(shape)), est.predict_raw(_ONE.plus(shape)) - self._raw_one)
