@@ -139,7 +139,7 @@ async def _clients(
 async def _measure(args: argparse.Namespace, n: int) -> dict:
     from wisp_cloud.backends.fake import FakeBackend
     from wisp_cloud.config import ServerConfig
-    from wisp_cloud.server import WispServer, tune_gc
+    from wisp_cloud.server import WispServer, tune_runtime
 
     backend = FakeBackend(FINGERPRINT_VOCAB, base_s=args.base_ms / 1e3, per_token_s=args.per_token_us / 1e6)
     cfg = ServerConfig(
@@ -153,8 +153,8 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     )
     server = WispServer(backend, cfg)
     await server.start()
-    if not args.no_tune_gc:
-        tune_gc()  # as `wisp serve` does
+    if not args.no_tune_runtime:
+        tune_runtime()  # as `wisp serve` does
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cores, client_cores = (cpus[:1], cpus[1:]) if len(cpus) > 1 else (None, None)
     if server_cores:
@@ -187,7 +187,16 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     await asyncio.sleep(args.warmup)
     t0 = dataclasses.replace(server.totals)  # a copy: the server keeps adding to its own
     cpu0 = time.process_time()
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()  # the event loop's thread: gateway, scheduling and commit (not the forward)
+        prof.enable()
     await asyncio.sleep(args.seconds)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(str(args.profile))
     t1 = server.totals
     cpu_s = time.process_time() - cpu0  # this process is the server (clients are spawned processes)
     results = [await asyncio.to_thread(out.get) for _ in procs]
@@ -279,12 +288,17 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument(
-        "--no-tune-gc", action="store_true", help="keep Python's default GC (wisp serve tunes it)"
+        "--no-tune-runtime",
+        action="store_true",
+        help="keep Python's GC and GIL switch interval (wisp serve tunes them)",
     )
     ap.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds before the window (default 5)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window (default 10)")
     ap.add_argument("--machine", default=f"dev VM ({os.cpu_count()} cores, {platform.machine()})")
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="write cProfile stats of the measured window (event loop)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/host_path/host_path.json"))
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
     args = ap.parse_args()

@@ -367,7 +367,7 @@ def _serve(
 
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.logs import log_event
-    from wisp_cloud.server import WispServer, tune_gc
+    from wisp_cloud.server import WispServer, tune_runtime
 
     if logging.getLogger().level > logging.DEBUG:  # a balancer's health checks would log two lines a second
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
@@ -436,7 +436,7 @@ def _serve(
         servers.append(server)
         await server.start(sock)
         tasks = [asyncio.create_task(control(server), name="wisp-control")] if args.control_stdin else []
-        tune_gc()
+        tune_runtime()
         stop = asyncio.Event()
         drain = asyncio.Event()
         loop = asyncio.get_running_loop()

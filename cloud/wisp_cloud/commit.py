@@ -20,7 +20,6 @@ from wisp_sdk.protocol import (
     Switch,
     pack_tokens,
     pack_verdict,
-    with_launch_hint,
 )
 
 from wisp_cloud.backends.base import BatchStats
@@ -43,13 +42,16 @@ log = logging.getLogger("wisp.engine")
 
 @dataclass(slots=True)
 class Committed:
-    """A job whose tokens were committed and whose answer was built (phase 1), for the SLO bookkeeping (phase 2)."""
+    """A job whose tokens were committed (phase 1), for its answer (phase 2a) and SLO bookkeeping (phase 2b)."""
 
     job: Job
     take: int  # tokens committed
     accepted: int  # draft tokens among them
     done: bool
-    at: float  # when: the answer goes out now
+    at: float  # when its answer went out (set by `answer`)
+    next_token: int = 0  # the last committed token (the answer names it)
+    switch: bool = False  # the answer moves the session to the other mode (hybrid)
+    refusals: list[Reply] | None = None  # the step failed for this job: its answer is a refusal
 
 
 DEFAULT_DRAFT_LEN = 4  # what a session that has not sent a round yet is assumed to draft
@@ -83,10 +85,7 @@ class Committer:
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
         self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
-        # With launch alignment, the last commit's verdicts: their launch hint is stamped once the next step has
-        # launched (`stamp_launch`)
-        self.align = align
-        self._verdicts: list[tuple[Session, Reply]] = []
+        self.align = align  # each verdict carries when the step after the next one launches
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -95,10 +94,12 @@ class Committer:
             k = DEFAULT_DRAFT_LEN if session.mode == "speculative" else 0
         return 1000.0 * self.queue.hints.hint(ItemShape(k + 1, session.committed_len), now)
 
-    def commit(self, outcomes: list[Outcome], stats: BatchStats) -> tuple[list[Committed], list[Reply]]:
-        """Phase 1, right after the forward and before the next selection: commit the tokens, queue the KV
-        changes, build every answer (a re-sent round must find its verdict), and put a centralized session's next
-        decode step straight back in the queue, so it joins the very next batch."""
+    def commit(self, outcomes: list[Outcome], stats: BatchStats) -> list[Committed]:
+        """Phase 1, right after the forward and before the next selection: what that selection needs. Commit the
+        tokens, queue the KV changes, and put a centralized session's next decode step straight back in the
+        queue, so it joins the very next batch. A round's verdict (and the hybrid's and regime's checks on it)
+        waits for `answer`: its session cannot be in the next batch anyway, since its device has not drafted yet.
+        """
         now = time.monotonic()
         self.metrics.observe_batch(stats.batch_size, stats.forward_s)
         self.queue.hints.finished(
@@ -110,17 +111,13 @@ class Committer:
             cap = (last.decode, last.speculative) if last is not None else (-1, -1)
             self.metrics.set_regime(self.regime.mode == "centralized", *cap)
         records: list[Committed] = []
-        replies: list[Reply] = []
-        self._verdicts = []
         for out in outcomes:
-            rec = self._commit_one(out, stats, now, replies)
+            rec = self._commit_one(out, stats, now)
             if rec is not None:
                 records.append(rec)
-        return records, replies
+        return records
 
-    def _commit_one(
-        self, out: Outcome, stats: BatchStats, now: float, replies: list[Reply]
-    ) -> Committed | None:
+    def _commit_one(self, out: Outcome, stats: BatchStats, now: float) -> Committed | None:
         job = out.planned.job
         session = job.session
         job.forward_s += stats.forward_s
@@ -131,8 +128,8 @@ class Committer:
         if session.pending is not job:
             return None
         if out.error is not None:
-            replies += self.fail(job, out.error)
-            return None
+            # its refusal goes out with the step's answers; no SLO bookkeeping (it did not finish)
+            return Committed(job, 0, 0, False, now, refusals=self.fail(job, out.error))
         if out.residual_draws:
             self.metrics.residual_draws.inc(out.residual_draws)
         if out.dense_fallback:
@@ -146,7 +143,7 @@ class Committer:
         proposed = job.draft[: out.accepted] + [out.next_token]
         take, done = cut(session, proposed, self._eos, self.max_context_len)
         session.tokens += proposed[:take]
-        accepted, next_token = take - 1, proposed[take - 1]
+        rec = Committed(job, take, take - 1, done, now, next_token=proposed[take - 1])
         if done:
             session.done = True
             self.kv_ops.append(
@@ -154,84 +151,98 @@ class Committer:
             )  # no more rounds: free the KV (re-sent rounds use the cache)
         else:
             self.kv_ops.append((session.id, session.committed_len - 1))
-        d = session.deadlines
-        if d is not None:  # the answer goes out now: the next deadline counts from here
-            if job.kind == JobKind.open:
-                d.on_first_token(now)
-            else:
-                d.on_round(len(job.draft), accepted, now)
-        conn = session.conn
         if job.kind == JobKind.round:
-            self._sample(session)
-            centralize = not done and self._centralize(session, job)
-            queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
-            verdict = pack_verdict(
-                session.sid_raw,
-                job.round,
-                session.committed_len,
-                accepted,
-                next_token,
-                done,
-                queue_ms,
-                1000.0 * job.forward_s,
-                self.wait_hint_ms(session, now),
-                self.price.price_ms,
-                job.unverified,
-                centralize,
-            )
-            session.last_round = job.round
-            session.last_verdict = verdict
-            if not done and not centralize and session.think_s is not None:
-                # its next round is expected after its measured device time: the policy may hold for it
-                self.queue.announce(session.id, now + session.think_s)
-            if conn is not None:
-                reply = Reply(conn, verdict)
-                replies.append(reply)
-                if self.align:
-                    self._verdicts.append((session, reply))
-        elif job.kind == JobKind.open:
+            return rec  # the rest in `answer`, after the next launch
+        d = session.deadlines
+        if d is not None and job.kind == JobKind.open:  # the answer goes out now: the TPOT clock starts
+            d.on_first_token(now)
+        if job.kind == JobKind.open:
             session.opened = True
             session.probe = self.regime is not None and self.regime.enlist()
             if self.regime is not None and session.start_on_server and not session.probe and not done:
                 # decoded while its draft prefills the prompt: a first round would wait for that prefill, which
                 # on a Mac-mini-class draft takes ≈ 0.5 s for a 300-token prompt (docs/scheduling.md §12)
                 session.mode = "centralized"
-            if conn is not None:
+        else:  # centralized decode step: hand it back to the edge now, or decode its next token in the next step
+            rec.switch = not done and self._back_to_speculative(session)
+        if session.mode == "centralized" and not done:
+            self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
+        return rec
+
+    def answer(self, records: list[Committed], launch_in_ms: float = 0.0) -> list[Reply]:
+        """Phase 2a, once the next step has launched (so off the device's idle path) and before the loop yields:
+        every answer's frame, and for a round the regime's sample, the hybrid's check and the next round's
+        announcement. `launch_in_ms`: when the step after the one just launched starts (`--align`)."""
+        now = time.monotonic()
+        replies: list[Reply] = []
+        for rec in records:
+            job = rec.job
+            session = job.session
+            conn = session.conn
+            if rec.refusals is not None:
+                replies += rec.refusals
+                continue
+            rec.at = now
+            if job.kind == JobKind.round:
+                self._answer_round(rec, now, launch_in_ms, replies)
+            elif conn is None:
+                continue
+            elif job.kind == JobKind.open:
                 opened = Opened(
                     session_id=session.id,
                     committed_len=session.committed_len,
-                    next_token=next_token,
-                    done=done,
+                    next_token=rec.next_token,
+                    done=rec.done,
                     prefill_ms=1000.0 * job.forward_s,
                     queue_ms=1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at),
                     wait_hint_ms=self.wait_hint_ms(session, now),
                     mode=session.mode,
                 )
                 replies.append(Reply(conn, opened))
-        else:  # centralized decode step
-            switch_back = not done and self._back_to_speculative(session)
-            if conn is not None:
+            else:
                 replies.append(
-                    Reply(conn, pack_tokens(session.id, [next_token], session.committed_len, done))
+                    Reply(conn, pack_tokens(session.id, [rec.next_token], session.committed_len, rec.done))
                 )
-                if switch_back:
+                if rec.switch:
                     replies.append(
                         Reply(conn, Switch(session_id=session.id, committed_len=session.committed_len))
                     )
-        if session.mode == "centralized" and not done:
-            self._enqueue(Job(session, JobKind.decode))  # continuous batching: straight back in the queue
-        return Committed(job, take, accepted, done, now)
+        return replies
 
-    def stamp_launch(self, launch_in_ms: float) -> None:
-        """Set the last commit's verdicts' `launch_in_ms` (docs/scheduling.md §11): the engine knows it only once
-        the next step has launched, and the answers are sent only then anyway (the loop does not yield before)."""
-        for session, reply in self._verdicts:
-            old = reply.message
-            assert isinstance(old, bytes)
-            reply.message = with_launch_hint(old, launch_in_ms)
-            if session.last_verdict is old:  # a re-sent round gets the same frame
-                session.last_verdict = reply.message
-        self._verdicts = []
+    def _answer_round(self, rec: Committed, now: float, launch_in_ms: float, replies: list[Reply]) -> None:
+        job, done = rec.job, rec.done
+        session = job.session
+        d = session.deadlines
+        if d is not None:  # the answer goes out now: the next deadline counts from here
+            d.on_round(len(job.draft), rec.accepted, now)
+        self._sample(session)
+        centralize = rec.switch = not done and self._centralize(session, job)
+        queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
+        verdict = pack_verdict(
+            session.sid_raw,
+            job.round,
+            session.committed_len,
+            rec.accepted,
+            rec.next_token,
+            done,
+            queue_ms,
+            1000.0 * job.forward_s,
+            self.wait_hint_ms(session, now),
+            self.price.price_ms,
+            job.unverified,
+            centralize,
+            launch_in_ms if self.align else 0.0,
+        )
+        session.last_round = job.round
+        session.last_verdict = verdict
+        if centralize:
+            # decoded from the step after the one just launched (the verdict says so)
+            self._enqueue(Job(session, JobKind.decode))
+        elif not done and session.think_s is not None:
+            # its next round is expected after its measured device time: the policy may hold for it
+            self.queue.announce(session.id, now + session.think_s)
+        if session.conn is not None:
+            replies.append(Reply(session.conn, verdict))
 
     def _sample(self, session: Session) -> None:
         """After a verdict: the session's measured speculation, for the regime (once it has `MIN_ROUNDS` rounds)."""
@@ -282,9 +293,11 @@ class Committer:
         return True
 
     def finish(self, records: list[Committed]) -> None:
-        """Phase 2, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""
+        """Phase 2b, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""
         committed = rounds = drafted = accepted = 0
         for rec in records:
+            if rec.refusals is not None:
+                continue
             job, session = rec.job, rec.job.session
             committed += rec.take
             if job.kind == JobKind.round:

@@ -421,15 +421,16 @@ class Engine:
     async def run(self) -> None:
         """schedule -> run -> postprocess, the postprocess split around the next forward.
 
-        Right after the forward of step n, `Committer.commit` commits the tokens and builds the answers (a
-        centralized session's next decode step goes straight back in the queue); then step n+1 is selected and
-        launched, and only then does `Committer.finish` (SLO bookkeeping, metrics) and the estimator's update run,
-        overlapping the forward of step n+1. Postprocess never touches the backend while a forward runs: its KV
-        changes are queued and applied before the next plan.
+        Right after the forward of step n, `Committer.commit` commits the tokens (a centralized session's next
+        decode step goes straight back in the queue); then step n+1 is selected and launched, and only then are
+        step n's answers built (`Committer.answer`: the verdicts, the hybrid's and regime's checks) and sent, and
+        `Committer.finish` (SLO bookkeeping, metrics) and the estimator's update run, all overlapping the forward
+        of step n+1. Postprocess never touches the backend while a forward runs: its KV changes are queued and
+        applied before the next plan.
         """
         loop = asyncio.get_running_loop()
         prev: _Ran | None = None
-        unsent: list[Reply] = []  # the last step's answers, sent once the next step has launched
+        unanswered: list[Committed] = []  # the last step's commits, answered once the next step has launched
         t_free = time.perf_counter()  # when the device last became free with work waiting
         while True:
             now = time.monotonic()
@@ -452,11 +453,16 @@ class Engine:
                 log.exception("batch scheduling failed")
                 self._fail_all(planned)
                 planned = []
-            if unsent:
-                if self.align:  # the launch just made (or none: 0) is what a new round can join next
-                    self.committer.stamp_launch(1000.0 * self.queue.hints.launch_in(time.monotonic()))
-                self.deliver(unsent)
-                unsent = []
+            if unanswered:
+                # the launch just made (or none: 0) is what a new round can join next
+                launch_ms = 1000.0 * self.queue.hints.launch_in(time.monotonic()) if self.align else 0.0
+                try:
+                    self.deliver(self.committer.answer(unanswered, launch_ms))
+                except (
+                    Exception
+                ):  # the tokens are committed: a client re-sends its round and gets its verdict
+                    log.exception("answering failed")
+                unanswered = []
             if prev is not None:
                 self._finish(prev)  # overlaps the forward just launched
                 prev = None
@@ -484,20 +490,22 @@ class Engine:
             t_done = time.perf_counter()
             self._requeue_chunks(outcomes)
             try:
-                records, replies = self.committer.commit(outcomes, stats)
+                records = self.committer.commit(outcomes, stats)
             except Exception:
                 log.exception("commit failed")
                 self._fail_all(planned)
                 t_free = time.perf_counter()
                 continue
-            unsent = replies  # delivered after the next launch: nothing is sent before the loop yields anyway
+            unanswered = (
+                records  # answered after the next launch: nothing is sent before the loop yields anyway
+            )
             commit_s = time.perf_counter() - t_done
             prev = _Ran(
                 records, stats, shapes, len(planned), t_launch, t_launch - t_free, schedule_s, commit_s
             )
             t_free = t_done
-            # no yield here: the next batch is selected and launched first, then the answers are delivered with
-            # its launch hint (the gateway's writers send them, and its readers take new rounds, while it runs)
+            # no yield here: the next batch is selected and launched first, then the answers are built and
+            # delivered (the gateway's writers send them, and its readers take new rounds, while it runs)
 
     def _finish(self, ran: _Ran) -> None:
         """Phase 2 of a step's postprocess: SLO bookkeeping, the estimator, step statistics."""

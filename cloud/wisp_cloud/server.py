@@ -185,12 +185,18 @@ def _mean_of_tally(tally: dict[int, int]) -> float | None:
     return round(sum(k * v for k, v in tally.items()) / n, 2) if n else None
 
 
-def tune_gc() -> None:
-    """For a serving process, once its long-lived objects exist (model, graphs, server): move them out of the
-    cyclic collector's sight (`gc.freeze`) and collect the young generation less often. A full collection scans
-    every object, torch's included: on the dev VM it took 266 ms, eight times in 11 s of a 256-session run, each
-    a stall of every session; frozen, none ran (docs/benchmarks.md, "Host path"). vLLM and SGLang do the same."""
+def tune_runtime() -> None:
+    """For a serving process, once its long-lived objects exist (model, graphs, server):
+    - move them out of the cyclic collector's sight (`gc.freeze`) and collect the young generation less often.
+      A full collection scans every object, torch's included: on the dev VM it took 266 ms, eight times in 11 s
+      of a 256-session run, each a stall of every session; frozen, none ran (docs/benchmarks.md, "Host path").
+      vLLM and SGLang do the same;
+    - hand the GIL over within 1 ms, not Python's 5: the step's answers are built on the event loop while the
+      worker thread prepares and launches the next forward, which must not wait a whole switch interval."""
     import gc
+    import sys
+
+    sys.setswitchinterval(0.001)
 
     gc.collect()
     gc.freeze()
