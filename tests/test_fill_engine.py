@@ -64,3 +64,67 @@ def test_no_fill_reaches_the_policy():
     on = WispServer(FakeBackend(VOCAB), ServerConfig(port=0, policy="wisp"))
     off = WispServer(FakeBackend(VOCAB), ServerConfig(port=0, policy="wisp", fill=False))
     assert on.engine.policy.fill is True and off.engine.policy.fill is False
+
+
+def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
+    """The answers of step n (a round's verdict, with the hybrid's and regime's checks on it) are built once step
+    n+1 has launched, off the device's idle path; a server-decoded session keeps a step running after each one.
+    Recorded on the event loop at the engine's two seams: a step's selection (launched right after it) and the
+    committer's `answer`."""
+    events: list[tuple[str, float, frozenset[str]]] = []
+
+    async def main() -> None:
+        backend = FakeBackend(VOCAB, base_s=0.02)
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0, hybrid=False))
+        await server.start()
+        engine = server.engine
+        schedule, answer = engine._schedule, engine.committer.answer
+
+        def traced_schedule(now):
+            planned = schedule(now)
+            if planned:
+                events.append(("launch", time.monotonic(), frozenset(p.job.session.id for p in planned)))
+            return planned
+
+        def traced_answer(records, launch_in_ms=0.0):
+            events.append(("answer", time.monotonic(), frozenset(r.job.session.id for r in records)))
+            return answer(records, launch_in_ms)
+
+        engine._schedule = traced_schedule
+        engine.committer.answer = traced_answer
+        try:
+            dec = await Client.connect(server.url)
+            await dec.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            first = await dec.request(Open(prompt_ids=[1, 2, 3], max_new_tokens=200, mode="centralized"))
+            assert first.mode == "centralized"
+            spec = await Client.connect(server.url)
+            await spec.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            prompt = [5, 6, 7]
+            opened = await spec.request(Open(prompt_ids=prompt, max_new_tokens=40, slo=SLO(tpot_ms=500.0)))
+            tokens = [opened.next_token]
+            for rnd in range(1, 4):
+                seq = prompt + tokens
+                draft = [next_token(seq[-1], len(seq) - 1, VOCAB)]
+                v = await spec.request(
+                    Round(
+                        session_id=opened.session_id,
+                        round=rnd,
+                        committed_len=len(prompt) + len(tokens),
+                        draft_ids=draft,
+                    )
+                )
+                assert isinstance(v, Verdict) and v.round == rnd
+                tokens += draft[: v.accepted] + [v.next_token]
+            sid = opened.session_id
+            await spec.aclose()
+            await dec.aclose()
+        finally:
+            await server.stop()
+        answered = [(t, ids) for kind, t, ids in events if kind == "answer" and sid in ids]
+        assert len(answered) >= 4  # the Opened and three verdicts
+        for t_answer, _ in answered:
+            ran = max(t for kind, t, ids in events if kind == "launch" and sid in ids and t < t_answer)
+            # a launch after the step that ran this session's job, and before its answer was built
+            assert any(kind == "launch" and ran < t < t_answer for kind, t, _ in events), (ran, t_answer)
+
+    asyncio.run(main())
