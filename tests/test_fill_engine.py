@@ -72,6 +72,7 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
     Recorded on the event loop at the engine's two seams: a step's selection (launched right after it) and the
     committer's `answer`."""
     events: list[tuple[str, float, frozenset[str]]] = []
+    moved: list[bool] = []
 
     async def main() -> None:
         backend = FakeBackend(VOCAB, base_s=0.02)
@@ -88,7 +89,11 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
 
         def traced_answer(records, launch_in_ms=0.0):
             events.append(("answer", time.monotonic(), frozenset(r.job.session.id for r in records)))
-            return answer(records, launch_in_ms)
+            replies = answer(records, launch_in_ms)
+            for r in records:  # every committed token moved its session's deadlines (a decode's too)
+                d = r.job.session.deadlines
+                moved.append(d is not None and d.committed == r.job.session.generated - 1)
+            return replies
 
         engine._schedule = traced_schedule
         engine.committer.answer = traced_answer
@@ -128,3 +133,4 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
             assert any(kind == "launch" and ran < t < t_answer for kind, t, _ in events), (ran, t_answer)
 
     asyncio.run(main())
+    assert moved and all(moved)

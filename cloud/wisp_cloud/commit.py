@@ -154,8 +154,11 @@ class Committer:
         if job.kind == JobKind.round:
             return rec  # the rest in `answer`, after the next launch
         d = session.deadlines
-        if d is not None and job.kind == JobKind.open:  # the answer goes out now: the TPOT clock starts
-            d.on_first_token(now)
+        if d is not None:  # the answer goes out now: the next deadline counts from here
+            if job.kind == JobKind.open:
+                d.on_first_token(now)
+            else:
+                d.on_round(0, 0, now)  # a decode step (before its next one is queued, with that deadline)
         if job.kind == JobKind.open:
             session.opened = True
             session.probe = self.regime is not None and self.regime.enlist()
