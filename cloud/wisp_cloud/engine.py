@@ -40,14 +40,14 @@ from wisp_cloud.commit import Committed, Committer
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
-from wisp_cloud.jobs import Job, JobKind
+from wisp_cloud.jobs import Job, JobKind, request_of
 from wisp_cloud.loads import candidate_load, session_load
 from wisp_cloud.logs import log_event
 from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, Planned, fit_budget, plan, ran_shape
 from wisp_cloud.replies import Peer, Refusal, Reply
 from wisp_cloud.runner import Runner
-from wisp_cloud.sched import AdmissionController, Batch, Request, Scheduler, make_policy
+from wisp_cloud.sched import AdmissionController, Batch, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
 from wisp_cloud.sched.pricing import verify_len
 from wisp_cloud.sched.regime import Regime
@@ -384,37 +384,10 @@ class Engine:
                 think = max(0.0, job.enqueued_at - d.anchor)
                 session.think_s = think if session.think_s is None else 0.8 * session.think_s + 0.2 * think
         job.cached_len = self.backend.cached_len(session.id)
-        job.request = self._request(job)
+        job.request = request_of(job)
         session.pending = job
         self.queue.submit(job.request)
         self._wake.set()
-
-    def _request(self, job: Job) -> Request:
-        """The scheduler's view of a job: its tokens still to push, context, deadline and expected commit."""
-        s = job.session
-        pending = max(1, job.pending_tokens)
-        ctx_pending = s.committed_len - job.cached_len
-        if job.kind == JobKind.open or ctx_pending > 1:
-            kind = "prefill"
-        else:
-            kind = "verify" if job.kind == JobKind.round else "decode"
-        d = s.deadlines
-        expected = 1.0
-        if job.kind == JobKind.round:
-            expected = d.expected_tokens(len(job.draft)) if d is not None else float(len(job.draft) + 1)
-        deadline = job.deadline if job.deadline is not None else job.enqueued_at + s.slo.tpot_ms / 1000.0
-        return Request(
-            s.id,
-            kind,  # type: ignore[arg-type]
-            new_tokens=pending,
-            context_len=job.cached_len,
-            deadline=deadline,
-            arrival=job.enqueued_at,
-            expected_tokens=expected,
-            cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
-            payload=job,
-            tenant=s.owner,
-        )
 
     # ---- the loop: schedule -> run -> postprocess ----
 
@@ -567,7 +540,7 @@ class Engine:
             job.cached_len = self.backend.cached_len(job.session.id)
             pending = max(1, job.pending_tokens)
             if pending > r.new_tokens:  # its KV was evicted: a new, larger request
-                job.request = r = self._request(job)
+                job.request = r = request_of(job)
             else:
                 r.done = r.new_tokens - pending  # chunked prefill progress
             fresh.append(r)

@@ -59,3 +59,31 @@ class Job:
     def cache_miss(self) -> bool:
         """Its context is not (fully) cached: evicted, new, or mid-prefill. Costs a prefill before verifying."""
         return self.session.committed_len - self.cached_len > 1
+
+
+def request_of(job: Job) -> Request:
+    """The scheduler's view of a job: its tokens still to push, context, deadline and expected commit."""
+    s = job.session
+    pending = max(1, job.pending_tokens)
+    ctx_pending = s.committed_len - job.cached_len
+    if job.kind == JobKind.open or ctx_pending > 1:
+        kind = "prefill"
+    else:
+        kind = "verify" if job.kind == JobKind.round else "decode"
+    d = s.deadlines
+    expected = 1.0
+    if job.kind == JobKind.round:
+        expected = d.expected_tokens(len(job.draft)) if d is not None else float(len(job.draft) + 1)
+    deadline = job.deadline if job.deadline is not None else job.enqueued_at + s.slo.tpot_ms / 1000.0
+    return Request(
+        s.id,
+        kind,  # type: ignore[arg-type]
+        new_tokens=pending,
+        context_len=job.cached_len,
+        deadline=deadline,
+        arrival=job.enqueued_at,
+        expected_tokens=expected,
+        cache_miss=job.cache_miss and job.kind != JobKind.open and job.cached_len == 0,
+        payload=job,
+        tenant=s.owner,
+    )
