@@ -72,6 +72,7 @@ def test_make_controller():
     assert isinstance(make_controller("fixed:8"), FixedK) and make_controller("fixed:8").k == 8
     assert isinstance(make_controller("wisp"), Wisp)
     assert make_controller("wisp+ahead").draft_ahead > 0
+    assert make_controller("wisp+slo").slo_share > 0 and make_controller("wisp").slo_share == 0
     with pytest.raises(ValueError):
         make_controller("nope")
 
@@ -219,6 +220,37 @@ def test_wisp_price_zero_is_the_unpriced_rule():
     sent, _ = run_round(ctl, stream, base)
     s, e, t = ctl._survive, 1.0 + sum(ctl._survive), sent * 3 + 40 + 10 + 5
     assert not s[-1] * ctl.rate * t > 3 * e
+
+
+def test_wisp_slo_stop_sends_a_round_that_already_meets_its_slo_on_a_loaded_server():
+    """A long hinted wait makes the rate rule draft long; with the SLO stop a loaded server (positive price) gets
+    the shortest round whose predicted time per token is within the share of the TPOT SLO, and nothing changes
+    without a price, without an SLO, or when no round meets it."""
+    stream = [tok(top1=0.9, ent=0.3)] * 40
+
+    def link(price: float, slo: float, wait: float = 120.0) -> LinkState:
+        return LinkState(
+            rtt_ms=10,
+            wait_hint_ms=wait,
+            verify_ms=30,
+            draft_ms=5,
+            max_draft=32,
+            price_ms=price,
+            tpot_slo_ms=slo,
+        )
+
+    plain, _ = run_round(Wisp(max_draft=32), stream, link(4.0, 60.0))
+    ctl = Wisp(max_draft=32, slo_share=0.7)
+    stopped, _ = run_round(ctl, stream, link(4.0, 60.0))
+    assert 1 <= stopped < plain
+    # it is the first k whose round meets 0.7 × 60 ms per expected token
+    e = [1.0 + sum(ctl._survive[:i]) for i in range(1, stopped + 1)]
+    assert ctl.round_ms(stopped) <= 0.7 * 60.0 * e[-1]
+    assert stopped == 1 or ctl.round_ms(stopped - 1) > 0.7 * 60.0 * e[-2]
+    for unchanged in (link(0.0, 60.0), link(4.0, 0.0), link(4.0, 60.0, wait=2000.0)):
+        assert run_round(Wisp(max_draft=32, slo_share=0.7), stream, unchanged) == run_round(
+            Wisp(max_draft=32), stream, unchanged
+        )
 
 
 def test_session_truncated_verdict_commits_the_verified_prefix():

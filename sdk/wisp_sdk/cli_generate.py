@@ -36,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=number(int, min=0), default=0)
     p.add_argument("--seed", type=int, default=None, help="seed for the server's and the draft's sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--controller", default="wisp", help="wisp | wisp+ahead | fixed:K (default: wisp)")
+    p.add_argument(
+        "--controller", default="wisp", help="wisp | wisp+ahead | wisp+slo | fixed:K (default: wisp)"
+    )
     p.add_argument("--mode", choices=["speculative", "centralized"], default="speculative")
     p.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the bundle's chat template"

@@ -23,6 +23,13 @@ sessions right now (0 when the GPU is idle, rising with load; docs/scheduling.md
 is verified whether or not it survives, so it costs c + price, and the rule becomes S * a_next * T > (c + price)
 * E: under compute-bound load drafts shrink, and price 0 is the rule above.
 
+SLO stop (`Wisp(slo_share=f)`, `wisp+slo`; off by default, not yet measured on a GPU). The rule above treats the
+hinted wait as given, but on a compute-bound GPU the wait is the load itself: longer drafts make longer steps and a
+longer queue, which the rule then answers with longer drafts (H200 runs 34-35, docs/benchmarks.md: k 4.4 -> 4.9 and
+6.2 -> 8.2 as the fleet grew). A session gains nothing for its SLO from a rate beyond it, while every verified
+token costs the others the price. So while the price is positive, a round whose predicted time per token
+T(k)/E(k) is already within f × the session's TPOT SLO is sent as it is.
+
 Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
 `launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
 one now running: the earliest step our next round can join. With a round of k tokens arriving at RTT + k*c
@@ -50,6 +57,10 @@ import numpy as np
 from wisp_sdk.draft_runner import DraftToken
 from wisp_sdk.predictor import RejectionPredictor, features
 
+# `wisp+slo`: a round is sent once its predicted time per token is within this share of the TPOT SLO, leaving
+# room for the step-to-step spread of the round time (its p90 was ≈ 1.3-1.5× its p50 on the H200 runs)
+SLO_SHARE = 0.7
+
 
 class Action(enum.Enum):
     CONTINUE = "continue"
@@ -68,6 +79,7 @@ class LinkState:
     max_draft: int = 16  # the server's per-round limit
     price_ms: float = 0.0  # the server's price of one verified token (the last verdict's), in ms
     launch_in_ms: float = 0.0  # the last verdict's: from its sending to the server's next joinable launch
+    tpot_slo_ms: float = 0.0  # the session's TPOT SLO (0: none); read by `Wisp(slo_share=...)` only
 
 
 class Controller(ABC):
@@ -117,6 +129,7 @@ class Wisp(Controller):
         rate0: float = 0.6,
         rate_ema: float = 0.9,
         online_lr: float = 0.05,
+        slo_share: float = 0.0,
     ) -> None:
         # A private copy: it keeps learning from this session's verdicts (online_lr), and those are not the
         # next session's business.
@@ -127,7 +140,8 @@ class Wisp(Controller):
         self.draft_ahead = draft_ahead
         self.rate = rate0
         self.rate_ema = rate_ema
-        self.name = "wisp"
+        self.slo_share = slo_share  # > 0: the SLO stop (module docstring)
+        self.name = "wisp+slo" if slo_share > 0 else "wisp"
         self.link = LinkState()
         self._survive: list[float] = []  # S_i for the tokens of the current round
         self._feats: list[np.ndarray] = []  # predictor features of the kept tokens, for online learning
@@ -184,6 +198,8 @@ class Wisp(Controller):
         link = self.link
         c = max(link.draft_ms, 1e-3)
         price = max(0.0, link.price_ms)
+        if self.meets_slo(k, expected):
+            return False
         if link.launch_in_ms <= 0.0:  # the price rule itself: one token of look-ahead is exact (docstring)
             return s * self.rate * self.round_ms(k) > (c + price) * expected
         cap = min(self.max_draft, link.max_draft)
@@ -196,6 +212,14 @@ class Wisp(Controller):
             if (expected + gain) * base > expected * (self.round_ms(k + extra) + extra * price):
                 return True
         return False
+
+    def meets_slo(self, k: int, expected: float) -> bool:
+        """The SLO stop: on a loaded server (positive price), does a round of k tokens committing `expected` in
+        expectation already meet `slo_share` × the session's TPOT SLO? Never with `slo_share` 0 or no SLO."""
+        link = self.link
+        if self.slo_share <= 0.0 or link.tpot_slo_ms <= 0.0 or link.price_ms <= 0.0:
+            return False
+        return self.round_ms(k) <= self.slo_share * link.tpot_slo_ms * expected
 
     def observe(self, sent: list[DraftToken], accepted: int) -> None:
         # Every accepted token is a 1; the first rejected one a 0; tokens after it were never judged.
@@ -214,7 +238,7 @@ class Wisp(Controller):
 
 
 def make_controller(spec: str | Controller | None, predictor: RejectionPredictor | None = None) -> Controller:
-    """'wisp', 'wisp+ahead', 'fixed:K' (or a Controller, returned as is)."""
+    """'wisp', 'wisp+ahead', 'wisp+slo', 'fixed:K' (or a Controller, returned as is)."""
     if isinstance(spec, Controller):
         return spec
     spec = (spec or "wisp").strip().lower()
@@ -222,9 +246,11 @@ def make_controller(spec: str | Controller | None, predictor: RejectionPredictor
         return Wisp(predictor)
     if spec in ("wisp+ahead", "wisp-ahead"):
         return Wisp(predictor, draft_ahead=8)
+    if spec == "wisp+slo":
+        return Wisp(predictor, slo_share=SLO_SHARE)
     if spec.startswith("fixed:"):
         try:
             return FixedK(int(spec.split(":", 1)[1]))
         except ValueError:
             pass
-    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead or fixed:K")
+    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead, wisp+slo or fixed:K")
