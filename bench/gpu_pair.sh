@@ -27,7 +27,8 @@ CUDA_VISIBLE_DEVICES=1 SERVER_CORES=16-19 FLEET_CORES=20-31 CONFIG=$CONFIG KV=${
 wait
 for d in b512 b256; do
   tmp=$(mktemp -d)
-  tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null
+  # the records' tarball, or (a bench stopped by TMO before it packed them) the server's log as it was left
+  tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null || cp -r "$OUT/$d/bench/logs" "$tmp/" 2>/dev/null
   grep -hE "server_start|steps n=|policy_switch|session_switch" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
   rm -rf "$tmp"
   grep -hE "N=|capacity" "$OUT/$d.log" | cut -c1-160

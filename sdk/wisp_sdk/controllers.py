@@ -23,7 +23,8 @@ sessions right now (0 when the GPU is idle, rising with load; docs/scheduling.md
 is verified whether or not it survives, so it costs c + price, and the rule becomes S * a_next * T > (c + price)
 * E: under compute-bound load drafts shrink, and price 0 is the rule above.
 
-SLO stop (`Wisp(slo_share=f)`, `wisp+slo`; off by default, not yet measured on a GPU). The rule above treats the
+SLO stop (`Wisp(slo_share=f)`, `wisp+slo`; off by default: measured once, H200 run 36, it did not shorten drafts
+at the capacity edge, where every round is near its SLO). The rule above treats the
 hinted wait as given, but on a compute-bound GPU the wait is the load itself: longer drafts make longer steps and a
 longer queue, which the rule then answers with longer drafts (H200 runs 34-35, docs/benchmarks.md: k 4.4 -> 4.9 and
 6.2 -> 8.2 as the fleet grew). A session gains nothing for its SLO from a rate beyond it, while every verified
