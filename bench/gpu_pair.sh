@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Two single-GPU capacity benches side by side on a 2-GPU host (docs/benchmarks.md "GPU runs 32–35"): one row,
-# GPU 0 at --max-batch 512 and GPU 1 at 256, the arms in opposite orders on the two GPUs so that a slow spell of the
-# host does not always land on the same arm. Each half is `bench/gpu_capacity.sh` (server on 4 cores, fleet on 12).
+# Two single-GPU capacity benches side by side on a 2-GPU host (docs/benchmarks.md "GPU runs 32–36"): one row,
+# GPU 0 at --max-batch 512 and GPU 1 at 256, the arms in opposite orders on the two GPUs and (by default,
+# INTERLEAVE=1) point by point, so that a slow spell of the host or the arm order does not land on one arm. Each half is `bench/gpu_capacity.sh` (server on 4 cores, fleet on 12).
 # Writes $OUT/b512, $OUT/b256 (bench.json, records.tgz, steps.txt: the servers' `steps` and switch lines) and the
 # printed lines $OUT/b{512,256}.log.
 #   OUT=/tmp/pair ARMS=centralized,wisp,wisp+wisp+slo,sled N=544,624,704 bash bench/gpu_pair.sh
@@ -13,6 +13,7 @@ if [ -d .whl ]; then
 fi
 export DURATION=${DURATION:-12} WARMUP=${WARMUP:-3} SLED_K=${SLED_K:-3} TPOT=${TPOT:-60}
 export DEVICE_PROFILE=${DEVICE_PROFILE:-mac-m4} LINK=${LINK:-metro-edge} WORKLOAD=${WORKLOAD:-sharegpt}
+export INTERLEAVE=${INTERLEAVE-1}  # every arm at one N before the next (`wisp bench run --interleave`); INTERLEAVE= for arm by arm
 CONFIG=${CONFIG:-qwen2.5-7b}
 EST=${EST:-bench/results/estimator/est-h200-7b-varlen.json}
 ARMS=${ARMS:-centralized,wisp,sled}

@@ -178,6 +178,41 @@ def test_bench_ablation_arms_and_server_stats(tmp_path, tiny_target, tiny_bundle
     assert "fill=" not in switches[1], switches
 
 
+@pytest.mark.timeout(300)
+def test_bench_interleave_runs_every_arm_at_one_n_before_the_next(
+    tmp_path, tiny_target, tiny_bundle, tiny_trace
+):
+    """`--interleave`: the points run N by N, every arm at each N, and the one server gets a fresh engine (a policy
+    switch) before every point, so that neither the arm order nor a slow spell weighs on one arm only."""
+    from wisp_cloud.fleet.bench import run_bench
+    from wisp_sdk.errors import WispError
+
+    args = _bench_args(
+        tmp_path, tiny_target, tiny_bundle, tiny_trace, policies="centralized,wisp", n="1,2", duration=1.5
+    )
+    args.interleave = True
+    result = run_bench(args)
+    assert [(p["policy"], p["n"]) for p in result["points"]] == [
+        ("centralized", 1),
+        ("wisp", 1),
+        ("centralized", 2),
+        ("wisp", 2),
+    ]
+    assert result["config"]["interleave"] is True
+    assert all(p["errors"] == 0 and p["sessions"] > 0 for p in result["points"])
+    log = (tmp_path / "bench" / "logs" / "serve.log").read_text()
+    switches = [line for line in log.splitlines() if "policy_switch" in line]
+    # the server starts as the first arm; then every point after the first switches it
+    assert [("policy=wisp" in x) for x in switches] == [True, False, True], switches
+    assert log.count("server_start") == 1
+    with pytest.raises(WispError, match="interleave"):
+        run_bench(
+            _bench_args(
+                tmp_path, tiny_target, tiny_bundle, tiny_trace, interleave=True, server_per_policy=True
+            )
+        )
+
+
 @pytest.mark.parametrize(
     "spec",
     ["sled+fixed:3", "centralized~no-fill", "wisp~no-such", "wisp+fixed:x", "wisp+magic", "wisp~no-refuse"],

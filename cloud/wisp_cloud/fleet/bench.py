@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,57 @@ def _server_stats(server: ServerProc) -> dict[str, Any]:
     return {k: st.get(k) for k in keep}
 
 
+@dataclass(frozen=True, eq=False)
+class Sweep:
+    """One arm's sweep over N: a server policy (with flags), the clients' controller, one device, link and SLO."""
+
+    spec: str
+    policy: str
+    server_policy: str
+    flags: tuple[str, ...]
+    controller: str
+    k: int | None
+    device: Any
+    link: Any
+    asked: float
+    judge_at: list[float]
+    label: str
+
+
+def _sweeps(
+    policies: list[str], args: Any, devices: list, links: list, tpots: list[float], sled_ks: list[int]
+) -> list[Sweep]:
+    """Every arm × device × link × SLO × controller variant, in the order the arms were given."""
+    sweeps = []
+    for spec in policies:
+        # an arm: a server policy, optionally with the clients' controller (`wisp+fixed:3`) and WISP switches
+        # set for this arm (`wisp~no-fill~refuse`); its points carry the whole spec as their policy
+        policy, arm_controller, flags = parse_arm(spec)
+        # SLO-blind servers are judged at every SLO from one sweep; the others get one sweep per SLO
+        asks = [tpots[0]] if policy in SLO_BLIND else tpots
+        variants = (
+            [(arm_controller, _fixed_k(arm_controller))]
+            if arm_controller
+            else [(f"fixed:{k}", k) for k in sled_ks]
+            if policy == "sled"
+            else [("wisp", None)]
+            if policy == "wisp"
+            else [("", None)]
+        )
+        server_policy = args.server_policy.get(policy, policy) if args.server_policy else policy
+        # a centralized client drafts nothing: its device profile is never used, only its link
+        combos = [(dv, lk) for dv in (devices[:1] if policy in DEVICE_BLIND else devices) for lk in links]
+        for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
+            label = spec + (f"+{controller}" if controller and policy == "sled" else "")
+            label += f"@{asked:g}" if len(asks) > 1 else ""
+            label += f"-{dv.name}-{lk.name}" if len(devices) * len(links) > 1 else ""
+            judge_at = tpots if policy in SLO_BLIND else [asked]
+            sweeps.append(
+                Sweep(spec, policy, server_policy, flags, controller, k, dv, lk, asked, judge_at, label)
+            )
+    return sweeps
+
+
 def run_bench(args: Any) -> dict[str, Any]:
     from wisp_sdk.tokenizer import DraftTokenizer
 
@@ -332,81 +383,87 @@ def run_bench(args: Any) -> dict[str, Any]:
     fleet = Fleet(args.procs)
     log_dir = out / "logs"
     one_server = not getattr(args, "server_per_policy", False)
+    sweeps = _sweeps(policies, args, devices, links, tpots, sled_ks)
+    interleave = bool(getattr(args, "interleave", False))
+    if interleave and not one_server:
+        raise WispError(
+            "--interleave switches one server's policy before every point: not with --server-per-policy"
+        )
+    result["config"]["interleave"] = interleave
+    # arm by arm (each sweep's points in a row), or point by point (every sweep at one N before the next N): then
+    # a slow spell of the host, or the server's state after an arm, does not land on one arm's points only
+    order = [(sw, n) for n in ns for sw in sweeps] if interleave else [(sw, n) for sw in sweeps for n in ns]
+    below: dict[int, int] = {}  # per sweep: points in a row below --stop-below (2 end it)
     with contextlib.ExitStack() as stack:
         stack.callback(fleet.close)
         shared: ServerProc | None = None
-        for spec in policies:
-            # an arm: a server policy, optionally with the clients' controller (`wisp+fixed:3`) and WISP switches
-            # set for this arm (`wisp~no-fill~refuse`); its points carry the whole spec as their policy
-            policy, arm_controller, flags = parse_arm(spec)
-            # SLO-blind servers are judged at every SLO from one sweep; the others get one sweep per SLO
-            asks = [tpots[0]] if policy in SLO_BLIND else tpots
-            variants = (
-                [(arm_controller, _fixed_k(arm_controller))]
-                if arm_controller
-                else [(f"fixed:{k}", k) for k in sled_ks]
-                if policy == "sled"
-                else [("wisp", None)]
-                if policy == "wisp"
-                else [("", None)]
-            )
-            server_policy = args.server_policy.get(policy, policy) if args.server_policy else policy
+        arm: contextlib.ExitStack | None = None
+        server: ServerProc | None = None
+        current: str | None = None  # the arm the server's engine runs now
+        announced: set[str] = set()
+        for sw, n in order:
+            if below.get(id(sw), 0) >= 2:
+                continue
             if one_server and shared is None:
                 # one process for every arm: the model load and graph capture are paid once; each arm gets a
                 # fresh engine and a fresh copy of the start-up estimator (WispServer.switch_policy)
                 shared = stack.enter_context(
                     ServerProc(
-                        serve_args, server_policy, log_dir / "serve.log", server_cmd=server_cmd, control=True
+                        serve_args,
+                        sw.server_policy,
+                        log_dir / "serve.log",
+                        server_cmd=server_cmd,
+                        control=True,
                     )
                 )
-            with contextlib.ExitStack() as arm:
-                if shared is not None:
-                    shared.switch(server_policy, flags)
-                    server = shared
-                else:  # one fresh server per policy, no state carried over
-                    server = arm.enter_context(
-                        ServerProc(
-                            [*serve_args, *(f"--{f}" for f in flags)],
-                            server_policy,
-                            log_dir / f"serve-{spec}.log",
-                            server_cmd=server_cmd,
-                        )
+            if shared is not None:
+                # a fresh engine per arm, and with --interleave per point
+                if interleave or current != sw.spec:
+                    shared.switch(sw.server_policy, sw.flags)
+                    current = sw.spec
+                server = shared
+            elif sw.spec != current:  # one fresh server per policy, no state carried over
+                current = sw.spec
+                if arm is not None:
+                    arm.close()
+                arm = contextlib.ExitStack()
+                server = arm.enter_context(
+                    ServerProc(
+                        [*serve_args, *(f"--{f}" for f in sw.flags)],
+                        sw.server_policy,
+                        log_dir / f"serve-{sw.spec}.log",
+                        server_cmd=server_cmd,
                     )
-                print(f"[bench] {spec}: server at {server.url}", flush=True)
-                if truth is None:
-                    t = time.time()
-                    truth = precompute_truth(server.url, args.draft, prompt_ids, lengths)
-                    print(
-                        f"[bench] target continuations: {sum(map(len, truth.values()))} tokens "
-                        f"in {time.time() - t:.1f}s",
-                        flush=True,
-                    )
-                    result["truth_lengths"] = [len(truth[i]) for i in range(len(prompt_ids))]
-                # a centralized client drafts nothing: its device profile is never used, only its link
-                combos = [
-                    (dv, lk) for dv in (devices[:1] if policy in DEVICE_BLIND else devices) for lk in links
-                ]
-                for (dv, lk), asked, (controller, k) in itertools.product(combos, asks, variants):
-                    judge_at = tpots if policy in SLO_BLIND else [asked]
-                    label = spec + (f"+{controller}" if controller and policy == "sled" else "")
-                    label += f"@{asked:g}" if len(asks) > 1 else ""
-                    label += f"-{dv.name}-{lk.name}" if len(devices) * len(links) > 1 else ""
-                    below = 0
-                    for n in ns:
-                        point = _run_point(
-                            args, fleet, server.url, policy, controller, k, n, asked, judge_at,
-                            prompts, prompt_ids, lengths, truth, trace, dv, lk, out, label,
-                        )  # fmt: skip
-                        point["policy"] = spec
-                        point["device"], point["link"] = dv.name, lk.name
-                        if shared is not None:  # the engine's counters, cumulative over the arm
-                            point["server"] = _server_stats(shared)
-                        result["points"].append(point)
-                        (out / "bench.json").write_text(json.dumps(result, indent=1))
-                        best = max(j["attainment"] for j in point["judged"].values())
-                        below = below + 1 if best < args.stop_below else 0
-                        if below >= 2:
-                            break
+                )
+            assert server is not None
+            if sw.spec not in announced:
+                print(f"[bench] {sw.spec}: server at {server.url}", flush=True)
+                announced.add(sw.spec)
+            if truth is None:
+                t = time.time()
+                truth = precompute_truth(server.url, args.draft, prompt_ids, lengths)
+                print(
+                    f"[bench] target continuations: {sum(map(len, truth.values()))} tokens "
+                    f"in {time.time() - t:.1f}s",
+                    flush=True,
+                )
+                result["truth_lengths"] = [len(truth[i]) for i in range(len(prompt_ids))]
+            point = _run_point(
+                args, fleet, server.url, sw.policy, sw.controller, sw.k, n, sw.asked, sw.judge_at,
+                prompts, prompt_ids, lengths, truth, trace, sw.device, sw.link, out, sw.label,
+            )  # fmt: skip
+            point["policy"] = sw.spec
+            point["device"], point["link"] = sw.device.name, sw.link.name
+            if (
+                shared is not None
+            ):  # the engine's counters, cumulative over the arm (over the point: --interleave)
+                point["server"] = _server_stats(shared)
+            result["points"].append(point)
+            (out / "bench.json").write_text(json.dumps(result, indent=1))
+            best = max(j["attainment"] for j in point["judged"].values())
+            below[id(sw)] = below.get(id(sw), 0) + 1 if best < args.stop_below else 0
+        if arm is not None:
+            arm.close()
     finalize(result, args.attainment)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))

@@ -85,6 +85,12 @@ def add_parser(subparsers) -> None:
         help="start a fresh `wisp serve` per policy (default: one server, its policy switched between arms, so "
         "the model load and CUDA graph capture are paid once)",
     )
+    r.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run every arm at one N before the next N, a fresh engine per point (default: arm by arm): a slow "
+        "spell of the host or the order of the arms then weighs on every arm alike (one server only)",
+    )
     r.add_argument("--attainment", type=float, default=0.9, help="SLO attainment that defines capacity (0-1)")
     r.add_argument(
         "--target", dest="attainment", type=float, action=deprecated("--attainment"), help=argparse.SUPPRESS
