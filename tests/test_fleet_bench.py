@@ -118,6 +118,11 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         assert p["tpot_ms"] == sorted(p["tpot_ms"])
         if p["policy"] == "sled":
             assert p["acceptance"] is not None and 0.0 <= p["acceptance"] <= 1.0
+            # FixedK(2) drafts 2 unless the session's end is nearer; each round commits at most k + 1 of k + 1
+            assert 0.0 < p["draft_len_mean"] <= 2.0 and p["verified_per_committed"] >= 1.0, p
+            assert p["server_decoded_sessions"] == 0
+        if p["policy"] == "centralized":
+            assert p["draft_len_mean"] is None and 0 < p["server_decoded_sessions"] <= p["sessions"]
         if p["policy"] == "wisp":  # None when every session was decoded by the server (the regime's start)
             assert p["acceptance"] is None or 0.0 <= p["acceptance"] <= 1.0
             # The emulated draft proposes the server's own continuation: no session may diverge from it.

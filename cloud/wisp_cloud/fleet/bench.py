@@ -87,6 +87,8 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
     tpots = [r["tpot_ms"] for r in done if r["new_tokens"] >= 2]
     ttfts = [r["ttft_ms"] for r in done]
     drafted = sum(r["drafted"] for r in done)
+    rounds = sum(r["rounds"] for r in done)
+    accepted = sum(r["accepted"] for r in done)
     errs: dict[str, int] = {}
     for r in judged:
         if r["error"]:
@@ -109,7 +111,12 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
         "tpot_p50_ms": _pct(tpots, 50),
         "tpot_p90_ms": _pct(tpots, 90),
         "tpot_p99_ms": _pct(tpots, 99),
-        "acceptance": sum(r["accepted"] for r in done) / drafted if drafted else None,
+        "acceptance": accepted / drafted if drafted else None,
+        # a round's mean draft, and verified tokens (the sent drafts, which a truncated verify may cut, and the
+        # bonus slot) per token the rounds committed: what speculation costs a compute-bound GPU beside decoding's 1.0
+        "draft_len_mean": drafted / rounds if rounds else None,
+        "verified_per_committed": (drafted + rounds) / (accepted + rounds) if rounds else None,
+        "server_decoded_sessions": sum(1 for r in done if r["rounds"] == 0),
         "tokens_per_round": (
             sum(r["new_tokens"] for r in done) / max(sum(r["rounds"] for r in done), 1) if drafted else None
         ),
@@ -225,6 +232,7 @@ def _run_point(
         f"refused {summ['refused']} err {summ['errors']}"
         + (f"  accept {acc:.2f}" if acc is not None else "")
         + (f" diverged {summ['diverged']}" if acc is not None else "")
+        + (f" k {summ['draft_len_mean']:.1f}" if summ["draft_len_mean"] is not None else "")
         + f"  ({time.time() - t:.0f}s)",
         flush=True,
     )
