@@ -134,3 +134,25 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
 
     asyncio.run(main())
     assert moved and all(moved)
+
+
+def test_the_steps_line_reports_each_steps_mix(caplog):
+    """The `steps` line carries the mean mix of the steps (rounds, decodes, prompt pieces) and the requests their
+    selection left waiting, so that host time per step can be put down to the kinds of items."""
+    import logging
+
+    from wisp_cloud.backends.base import BatchStats
+    from wisp_cloud.step_stats import StepLog, StepMix
+
+    steps = StepLog(logging.getLogger("wisp.test_steps"), every_s=3600.0)  # flushed by hand below
+    stats = BatchStats(
+        batch_size=4, new_tokens=12, context_tokens=40, max_context=20, cache_misses=0, forward_s=0.01
+    )
+    steps.add(stats, StepMix.of(["verify", "verify", "decode", "prefill"], left=3), 0.02, 0.001, 0.002)
+    steps.add(stats, StepMix.of(["verify", "decode", "decode", "decode"], left=1), 0.02, 0.001, 0.002)
+    assert steps.totals.items == 8 and steps.totals.steps == 2
+    with caplog.at_level(logging.INFO, logger="wisp.test_steps"):
+        steps._flush(time.monotonic())
+    line = caplog.records[-1].getMessage()
+    for field in ("rounds_mean=1.5", "decodes_mean=2.0", "prefills_mean=0.5", "left_waiting_mean=2.0"):
+        assert field in line, line

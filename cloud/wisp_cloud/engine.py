@@ -53,7 +53,7 @@ from wisp_cloud.sched.pricing import verify_len
 from wisp_cloud.sched.regime import Regime
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
-from wisp_cloud.step_stats import StepLog
+from wisp_cloud.step_stats import StepLog, StepMix
 
 log = logging.getLogger("wisp.engine")
 
@@ -69,7 +69,7 @@ class _Ran:
     records: list[Committed]
     stats: BatchStats
     shapes: list[ItemShape]
-    items: int
+    mix: StepMix
     t_launch: float
     host_s: float  # the device waited this long for the host before this forward
     schedule_s: float  # of that: selecting and planning this step
@@ -420,6 +420,9 @@ class Engine:
                     schedule_s = time.perf_counter() - t_sched
                 if planned:
                     shapes = [ran_shape(p) for p in planned]
+                    mix = StepMix.of(
+                        (p.job.request.kind if p.job.request else "verify" for p in planned), len(self.queue)
+                    )
                     t_launch = time.perf_counter()
                     fut = loop.run_in_executor(self._executor, self.runner.run, planned)
             except Exception:  # never let the loop die: fail what was selected, keep serving
@@ -473,9 +476,7 @@ class Engine:
                 records  # answered after the next launch: nothing is sent before the loop yields anyway
             )
             commit_s = time.perf_counter() - t_done
-            prev = _Ran(
-                records, stats, shapes, len(planned), t_launch, t_launch - t_free, schedule_s, commit_s
-            )
+            prev = _Ran(records, stats, shapes, mix, t_launch, t_launch - t_free, schedule_s, commit_s)
             t_free = t_done
             # no yield here: the next batch is selected and launched first, then the answers are built and
             # delivered (the gateway's writers send them, and its readers take new rounds, while it runs)
@@ -491,7 +492,7 @@ class Engine:
             # The estimator learns how long a step holds its rounds (host work before the forward, the forward,
             # the answers): the next batch and every deadline wait on that, not on the forward alone.
             self.estimator.observe(answered_s, ran.shapes)
-        self.steps.add(ran.stats, ran.items, ran.host_s + ran.stats.forward_s, ran.schedule_s, ran.commit_s)
+        self.steps.add(ran.stats, ran.mix, ran.host_s + ran.stats.forward_s, ran.schedule_s, ran.commit_s)
         self.metrics.queued.set(len(self.queue))
 
     def _requeue_chunks(self, outcomes: list[Outcome]) -> None:

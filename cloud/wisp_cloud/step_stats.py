@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from wisp_cloud.backends.base import BatchStats
@@ -33,6 +34,25 @@ class StepTotals:
         self.commit_s += commit_s
 
 
+@dataclass(slots=True)
+class StepMix:
+    """What one step carried, by the scheduler's request kinds, and what its selection left in the queue."""
+
+    rounds: int = 0
+    decodes: int = 0
+    prefills: int = 0  # prompt pieces: an Open's prompt or chunk, or a context rebuilt after an eviction
+    left: int = 0  # requests the selection left waiting
+
+    @property
+    def items(self) -> int:
+        return self.rounds + self.decodes + self.prefills
+
+    @classmethod
+    def of(cls, kinds: Iterable[str], left: int) -> StepMix:
+        n = Counter(kinds)
+        return cls(n["verify"], n["decode"], n["prefill"], left)
+
+
 class StepLog:
     """Every `every_s`: one `steps` line (batch sizes, forward and whole-step times, busy share, graph cache)."""
 
@@ -43,14 +63,14 @@ class StepLog:
         self.graph_stats = graph_stats
         self.every_s = every_s
         self.totals = StepTotals()
-        # (batch, tokens, forward_s, step_s, schedule_s, commit_s)
-        self._window: list[tuple[int, int, float, float, float, float]] = []
+        # (batch, tokens, forward_s, step_s, schedule_s, commit_s, mix)
+        self._window: list[tuple[int, int, float, float, float, float, StepMix]] = []
         self._since = time.monotonic()
 
-    def add(self, stats: BatchStats, items: int, step_s: float, schedule_s: float, commit_s: float) -> None:
-        self.totals.add(items, stats.forward_s, step_s, schedule_s, commit_s)
+    def add(self, stats: BatchStats, mix: StepMix, step_s: float, schedule_s: float, commit_s: float) -> None:
+        self.totals.add(mix.items, stats.forward_s, step_s, schedule_s, commit_s)
         self._window.append(
-            (stats.batch_size, stats.new_tokens, stats.forward_s, step_s, schedule_s, commit_s)
+            (stats.batch_size, stats.new_tokens, stats.forward_s, step_s, schedule_s, commit_s, mix)
         )
         now = time.monotonic()
         if now - self._since >= self.every_s:
@@ -66,6 +86,11 @@ class StepLog:
 
         fwd = [x[2] for x in steps]
         whole = [x[3] for x in steps]
+        mixes = [x[6] for x in steps]
+
+        def mean(xs: Iterable[int]) -> float:
+            return round(sum(xs) / len(steps), 1)
+
         graphs = self.graph_stats() if self.graph_stats is not None else None
         log_event(
             self.log,
@@ -82,6 +107,11 @@ class StepLog:
             # its two measured phases, per step (the rest: KV changes, housekeeping, the event loop)
             schedule_ms_p50=pct([x[4] for x in steps], 0.5),
             commit_ms_p50=pct([x[5] for x in steps], 0.5),
+            # the step's mix, so that host time can be put down to the kinds of items (per step, means)
+            rounds_mean=mean(m.rounds for m in mixes),
+            decodes_mean=mean(m.decodes for m in mixes),
+            prefills_mean=mean(m.prefills for m in mixes),
+            left_waiting_mean=mean(m.left for m in mixes),
             step_over_forward=round(sum(whole) / max(sum(fwd), 1e-9), 3),
             busy=round(sum(whole) / elapsed, 2),  # fraction of the time the batch loop was working
             **({"graphs": dict(graphs)} if graphs else {}),  # type: ignore[call-overload]
