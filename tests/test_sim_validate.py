@@ -8,6 +8,7 @@ replayed was the CLI's default workload's, not the bench's.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -153,3 +154,41 @@ def test_a_file_that_is_no_bench_result_is_one_clear_error(tmp_path, capsys):
         assert main(["simulate", "--validate", str(path), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert "not a readable `wisp bench` result" in err and "Traceback" not in err
+
+
+def test_validate_re_simulates_at_the_bench_servers_max_batch(tmp_path, monkeypatch):
+    """`--validate` takes the bench server's `--max-batch` (a run at 256 re-simulated at the CLI's default 64
+    would serve a quarter of its decodes per step)."""
+    from wisp_sdk.cli import main
+
+    seen: list[int] = []
+
+    def fake_validate(args, base, bench, path, out):
+        seen.append(base.max_batch)
+        return 0
+
+    monkeypatch.setattr("wisp_cloud.fleet.sim_validate.validate", fake_validate)
+    bench = {
+        "kind": "wisp-bench",
+        "config": {
+            "serve": ["wisp", "serve", "--max-batch", "256", "--kv-budget-tokens", "400000"],
+            "slo": {"ttft_ms": 2000.0, "tpot_ms": 60.0},
+            "prompt_tokens": [10, 20],
+            "lengths": [8, 8],
+            "duration_s": 5.0,
+            "warmup_s": 1.0,
+            "drain_s": 5.0,
+            "mean_gap_s": 1.0,
+            "trace": "",
+        },
+        "points": [],
+    }
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert main(["simulate", "--validate", str(path), "--out", str(tmp_path / "out")]) == 0
+    bench["config"]["serve"] = ["wisp", "serve"]  # none given: the command's own
+    path.write_text(json.dumps(bench))
+    assert (
+        main(["simulate", "--validate", str(path), "--max-batch", "32", "--out", str(tmp_path / "out")]) == 0
+    )
+    assert seen == [256, 32]

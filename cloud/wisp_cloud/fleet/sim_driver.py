@@ -232,4 +232,12 @@ def validate(args: Any, est: dict, trace: dict, out: Path) -> int:
         gap_s=c["mean_gap_s"],
         slo_ttft_ms=c["slo"]["ttft_ms"],
     )
+    # the server's own batch limit (`wisp serve --max-batch`), not this command's: a run at 512 re-simulated at
+    # the default 64 serves an eighth of the decodes per step
+    serve = [str(x) for x in c.get("serve") or []]
+    if "--max-batch" in serve[:-1]:
+        max_batch = int(serve[serve.index("--max-batch") + 1])
+        if max_batch != base.max_batch:
+            print(f"[validate] --max-batch {max_batch}, the bench server's", flush=True)
+        base = replace(base, max_batch=max_batch)
     return run_validate(args, base, bench, args.validate, out)
