@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from wisp_sdk.controllers import Action, FixedK, LinkState, Wisp, make_controller
+from wisp_sdk.controllers import Action, FixedK, LinkState, Wisp, gpu_draft_len, make_controller
 from wisp_sdk.draft_runner import DraftToken
 from wisp_sdk.errors import ProtocolError
 from wisp_sdk.predictor import FEATURES, RejectionPredictor, features, simulate_rounds
@@ -72,7 +72,7 @@ def test_make_controller():
     assert isinstance(make_controller("fixed:8"), FixedK) and make_controller("fixed:8").k == 8
     assert isinstance(make_controller("wisp"), Wisp)
     assert make_controller("wisp+ahead").draft_ahead > 0
-    assert make_controller("wisp+slo").slo_share > 0 and make_controller("wisp").slo_share == 0
+    assert make_controller("wisp+cap").round_overhead > 0 and make_controller("wisp").round_overhead == 0
     with pytest.raises(ValueError):
         make_controller("nope")
 
@@ -222,35 +222,36 @@ def test_wisp_price_zero_is_the_unpriced_rule():
     assert not s[-1] * ctl.rate * t > 3 * e
 
 
-def test_wisp_slo_stop_sends_a_round_that_already_meets_its_slo_on_a_loaded_server():
-    """A long hinted wait makes the rate rule draft long; with the SLO stop a loaded server (positive price) gets
-    the shortest round whose predicted time per token is within the share of the TPOT SLO, and nothing changes
-    without a price, without an SLO, or when no round meets it."""
-    stream = [tok(top1=0.9, ent=0.3)] * 40
+def test_gpu_draft_len_minimizes_gpu_cost_per_committed_token():
+    """(k + 1 + overhead) / E(k): brute force over k agrees; a higher acceptance or a dearer round drafts longer."""
 
-    def link(price: float, slo: float, wait: float = 120.0) -> LinkState:
-        return LinkState(
-            rtt_ms=10,
-            wait_hint_ms=wait,
-            verify_ms=30,
-            draft_ms=5,
-            max_draft=32,
-            price_ms=price,
-            tpot_slo_ms=slo,
-        )
+    def cost(k: int, alpha: float, overhead: float) -> float:
+        return (k + 1 + overhead) / sum(alpha**i for i in range(k + 1))
 
-    plain, _ = run_round(Wisp(max_draft=32), stream, link(4.0, 60.0))
-    ctl = Wisp(max_draft=32, slo_share=0.7)
-    stopped, _ = run_round(ctl, stream, link(4.0, 60.0))
-    assert 1 <= stopped < plain
-    # it is the first k whose round meets 0.7 × 60 ms per expected token
-    e = [1.0 + sum(ctl._survive[:i]) for i in range(1, stopped + 1)]
-    assert ctl.round_ms(stopped) <= 0.7 * 60.0 * e[-1]
-    assert stopped == 1 or ctl.round_ms(stopped - 1) > 0.7 * 60.0 * e[-2]
-    for unchanged in (link(0.0, 60.0), link(4.0, 0.0), link(4.0, 60.0, wait=2000.0)):
-        assert run_round(Wisp(max_draft=32, slo_share=0.7), stream, unchanged) == run_round(
-            Wisp(max_draft=32), stream, unchanged
-        )
+    for alpha in (0.3, 0.6, 0.8, 0.9, 0.97):
+        for overhead in (0.0, 0.5, 1.5, 4.0):
+            best = min(cost(k, alpha, overhead) for k in range(1, 17))
+            got = cost(gpu_draft_len(alpha, overhead, 16), alpha, overhead)
+            assert got == pytest.approx(best), (alpha, overhead)
+    assert gpu_draft_len(0.6, 1.5, 16) < gpu_draft_len(0.9, 1.5, 16) < gpu_draft_len(0.97, 1.5, 16)
+    assert gpu_draft_len(0.9, 0.5, 16) < gpu_draft_len(0.9, 4.0, 16)
+    assert gpu_draft_len(0.99, 4.0, 3) == 3  # the cap
+
+
+def test_wisp_gpu_cap_stops_at_the_cheapest_draft_on_a_loaded_server():
+    """With the GPU cap, a loaded server (positive price) gets the draft length that costs its GPU least per
+    committed token at the session's running rate, even where a long hinted wait would buy a longer one; an idle
+    server (price 0) gets the plain rule."""
+    stream = [tok(top1=0.95, ent=0.2)] * 40
+    loaded = LinkState(rtt_ms=20, wait_hint_ms=300, verify_ms=30, draft_ms=5, max_draft=32, price_ms=4.0)
+    idle = LinkState(rtt_ms=20, wait_hint_ms=300, verify_ms=30, draft_ms=5, max_draft=32, price_ms=0.0)
+    plain, _ = run_round(Wisp(max_draft=32, rate0=0.8), stream, loaded)
+    ctl = Wisp(max_draft=32, rate0=0.8, round_overhead=1.5)
+    capped, _ = run_round(ctl, stream, loaded)
+    assert capped == gpu_draft_len(0.8, 1.5, 32) < plain
+    assert run_round(Wisp(max_draft=32, rate0=0.8, round_overhead=1.5), stream, idle) == run_round(
+        Wisp(max_draft=32, rate0=0.8), stream, idle
+    )
 
 
 def test_session_truncated_verdict_commits_the_verified_prefix():

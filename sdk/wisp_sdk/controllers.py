@@ -23,13 +23,14 @@ sessions right now (0 when the GPU is idle, rising with load; docs/scheduling.md
 is verified whether or not it survives, so it costs c + price, and the rule becomes S * a_next * T > (c + price)
 * E: under compute-bound load drafts shrink, and price 0 is the rule above.
 
-SLO stop (`Wisp(slo_share=f)`, `wisp+slo`; off by default: measured once, H200 run 36, it did not shorten drafts
-at the capacity edge, where every round is near its SLO). The rule above treats the
-hinted wait as given, but on a compute-bound GPU the wait is the load itself: longer drafts make longer steps and a
-longer queue, which the rule then answers with longer drafts (H200 runs 34-35, docs/benchmarks.md: k 4.4 -> 4.9 and
-6.2 -> 8.2 as the fleet grew). A session gains nothing for its SLO from a rate beyond it, while every verified
-token costs the others the price. So while the price is positive, a round whose predicted time per token
-T(k)/E(k) is already within f × the session's TPOT SLO is sent as it is.
+GPU cap (`Wisp(round_overhead=H)`, `wisp+cap`; off by default, not yet measured on a GPU). The rule above treats
+the hinted wait as given, but on a compute-bound GPU the wait is the load itself: longer drafts make longer steps
+and a longer queue, which the rule answers with longer drafts (H200 runs 34-35, docs/benchmarks.md: k 4.4 -> 4.9
+and 6.2 -> 8.2 as the fleet grew, 9.5 at 32B). On such a GPU a round costs about H + (k + 1) verified tokens' worth
+(H: its fixed cost, host work and per-item overhead) and commits E(k), so while the price is positive the round is
+sent at the k that minimizes (k + 1 + H) / E(k) at the running acceptance rate (`gpu_draft_len`). A first try, an
+SLO stop (send a round already within 0.7 x its TPOT SLO), did not shorten drafts at the capacity edge (H200 run
+36) and was removed.
 
 Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
 `launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
@@ -58,9 +59,9 @@ import numpy as np
 from wisp_sdk.draft_runner import DraftToken
 from wisp_sdk.predictor import RejectionPredictor, features
 
-# `wisp+slo`: a round is sent once its predicted time per token is within this share of the TPOT SLO, leaving
-# room for the step-to-step spread of the round time (its p90 was ≈ 1.3-1.5× its p50 on the H200 runs)
-SLO_SHARE = 0.7
+# `wisp+cap`: a round's fixed GPU cost in verified tokens' worth. H200, 7B, compute-bound steps (runs 32-35): ≈ 40 µs
+# of host work and per-item overhead a round against ≈ 27 µs a verified token
+ROUND_OVERHEAD = 1.5
 
 
 class Action(enum.Enum):
@@ -80,7 +81,6 @@ class LinkState:
     max_draft: int = 16  # the server's per-round limit
     price_ms: float = 0.0  # the server's price of one verified token (the last verdict's), in ms
     launch_in_ms: float = 0.0  # the last verdict's: from its sending to the server's next joinable launch
-    tpot_slo_ms: float = 0.0  # the session's TPOT SLO (0: none); read by `Wisp(slo_share=...)` only
 
 
 class Controller(ABC):
@@ -130,7 +130,7 @@ class Wisp(Controller):
         rate0: float = 0.6,
         rate_ema: float = 0.9,
         online_lr: float = 0.05,
-        slo_share: float = 0.0,
+        round_overhead: float = 0.0,
     ) -> None:
         # A private copy: it keeps learning from this session's verdicts (online_lr), and those are not the
         # next session's business.
@@ -141,8 +141,8 @@ class Wisp(Controller):
         self.draft_ahead = draft_ahead
         self.rate = rate0
         self.rate_ema = rate_ema
-        self.slo_share = slo_share  # > 0: the SLO stop (module docstring)
-        self.name = "wisp+slo" if slo_share > 0 else "wisp"
+        self.round_overhead = round_overhead  # > 0: the GPU cap (module docstring), in verified-token units
+        self.name = "wisp+cap" if round_overhead > 0 else "wisp"
         self.link = LinkState()
         self._survive: list[float] = []  # S_i for the tokens of the current round
         self._feats: list[np.ndarray] = []  # predictor features of the kept tokens, for online learning
@@ -199,7 +199,7 @@ class Wisp(Controller):
         link = self.link
         c = max(link.draft_ms, 1e-3)
         price = max(0.0, link.price_ms)
-        if self.meets_slo(k, expected):
+        if self.past_gpu_cap(k):
             return False
         if link.launch_in_ms <= 0.0:  # the price rule itself: one token of look-ahead is exact (docstring)
             return s * self.rate * self.round_ms(k) > (c + price) * expected
@@ -214,13 +214,12 @@ class Wisp(Controller):
                 return True
         return False
 
-    def meets_slo(self, k: int, expected: float) -> bool:
-        """The SLO stop: on a loaded server (positive price), does a round of k tokens committing `expected` in
-        expectation already meet `slo_share` × the session's TPOT SLO? Never with `slo_share` 0 or no SLO."""
-        link = self.link
-        if self.slo_share <= 0.0 or link.tpot_slo_ms <= 0.0 or link.price_ms <= 0.0:
+    def past_gpu_cap(self, k: int) -> bool:
+        """The GPU cap: on a loaded server (positive price), is k at least the draft length that costs a
+        compute-bound GPU least per committed token, at the running acceptance rate?"""
+        if self.round_overhead <= 0.0 or self.link.price_ms <= 0.0:
             return False
-        return self.round_ms(k) <= self.slo_share * link.tpot_slo_ms * expected
+        return k >= gpu_draft_len(self.rate, self.round_overhead, min(self.max_draft, self.link.max_draft))
 
     def observe(self, sent: list[DraftToken], accepted: int) -> None:
         # Every accepted token is a 1; the first rejected one a 0; tokens after it were never judged.
@@ -238,8 +237,22 @@ class Wisp(Controller):
         return max(0, min(self.draft_ahead, int(expected_wait / max(self.link.draft_ms, 1e-3))))
 
 
+def gpu_draft_len(alpha: float, overhead: float, cap: int) -> int:
+    """The k in [1, cap] minimizing (k + 1 + overhead) / E(k): verified tokens plus a round's fixed cost (in
+    tokens' worth) per committed token, E(k) = Σ_{i=0..k} α^i. The ratio falls then rises in k, so the first k
+    where it stops falling is the minimum."""
+    a = min(max(alpha, 0.0), 0.999)
+    best, best_cost = 1, math.inf
+    for k in range(1, max(1, cap) + 1):
+        cost = (k + 1 + overhead) * (1.0 - a) / (1.0 - a ** (k + 1))
+        if cost >= best_cost:
+            break
+        best, best_cost = k, cost
+    return best
+
+
 def make_controller(spec: str | Controller | None, predictor: RejectionPredictor | None = None) -> Controller:
-    """'wisp', 'wisp+ahead', 'wisp+slo', 'fixed:K' (or a Controller, returned as is)."""
+    """'wisp', 'wisp+ahead', 'wisp+cap', 'fixed:K' (or a Controller, returned as is)."""
     if isinstance(spec, Controller):
         return spec
     spec = (spec or "wisp").strip().lower()
@@ -247,11 +260,11 @@ def make_controller(spec: str | Controller | None, predictor: RejectionPredictor
         return Wisp(predictor)
     if spec in ("wisp+ahead", "wisp-ahead"):
         return Wisp(predictor, draft_ahead=8)
-    if spec == "wisp+slo":
-        return Wisp(predictor, slo_share=SLO_SHARE)
+    if spec == "wisp+cap":
+        return Wisp(predictor, round_overhead=ROUND_OVERHEAD)
     if spec.startswith("fixed:"):
         try:
             return FixedK(int(spec.split(":", 1)[1]))
         except ValueError:
             pass
-    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead, wisp+slo or fixed:K")
+    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead, wisp+cap or fixed:K")

@@ -139,7 +139,6 @@ class Generation:
             self.stats.ttft_ms = (time.perf_counter() - self.t_start) * 1000.0
         link.rtt_ms = self.transport.rtt_ms
         link.wait_hint_ms = opened.wait_hint_ms
-        link.tpot_slo_ms = self.request.slo.tpot_ms
         welcome = self.transport.welcome
         if welcome is not None:
             link.max_draft = welcome.limits.max_draft_len

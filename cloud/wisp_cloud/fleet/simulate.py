@@ -190,7 +190,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.first_dev = None
         s.last_dev = None
         s.ctl = None if centralized else make_controller(cfg.controller)
-        s.link = LinkState(max_draft=cfg.max_draft, tpot_slo_ms=cfg.slo_tpot_ms)
+        s.link = LinkState(max_draft=cfg.max_draft)
         s.sent = 0
         s.kept = []
         s.n_drafted = s.n_accepted = 0
