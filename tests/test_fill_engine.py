@@ -16,6 +16,16 @@ VOCAB = 1000
 THINK_S = 0.03  # the device's time between a verdict and its next round
 
 
+async def _one_round(c: Client, sid: str, rnd: int, prompt: list[int], tokens: list[int]) -> Verdict:
+    """Round `rnd` of one token, the fake target's own next one; `tokens` (committed after the prompt) grows."""
+    seq = prompt + tokens
+    draft = [next_token(seq[-1], len(seq) - 1, VOCAB)]
+    v = await c.request(Round(session_id=sid, round=rnd, committed_len=len(seq), draft_ids=draft))
+    assert isinstance(v, Verdict)
+    tokens += draft[: v.accepted] + [v.next_token]
+    return v
+
+
 def test_engine_announces_the_next_round_after_the_measured_device_time():
     async def main() -> list[tuple[float, float | None]]:
         server = WispServer(FakeBackend(VOCAB), ServerConfig(port=0, policy="wisp", admission_target=0.0))
@@ -29,18 +39,8 @@ def test_engine_announces_the_next_round_after_the_measured_device_time():
             tokens = [opened.next_token]
             for rnd in range(1, 7):
                 await asyncio.sleep(THINK_S)
-                seq = prompt + tokens
-                draft = [next_token(seq[-1], len(seq) - 1, VOCAB)]
-                v = await c.request(
-                    Round(
-                        session_id=opened.session_id,
-                        round=rnd,
-                        committed_len=len(prompt) + len(tokens),
-                        draft_ids=draft,
-                    )
-                )
-                assert isinstance(v, Verdict) and not v.done
-                tokens += draft[: v.accepted] + [v.next_token]
+                v = await _one_round(c, opened.session_id, rnd, prompt, tokens)
+                assert not v.done
                 seen.append((time.monotonic(), server.engine.queue.announced.get(opened.session_id)))
             await c.aclose()
             # the step totals split the host time into its two measured phases (bench/host_path.py reads them)
@@ -108,18 +108,7 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
             opened = await spec.request(Open(prompt_ids=prompt, max_new_tokens=40, slo=SLO(tpot_ms=500.0)))
             tokens = [opened.next_token]
             for rnd in range(1, 4):
-                seq = prompt + tokens
-                draft = [next_token(seq[-1], len(seq) - 1, VOCAB)]
-                v = await spec.request(
-                    Round(
-                        session_id=opened.session_id,
-                        round=rnd,
-                        committed_len=len(prompt) + len(tokens),
-                        draft_ids=draft,
-                    )
-                )
-                assert isinstance(v, Verdict) and v.round == rnd
-                tokens += draft[: v.accepted] + [v.next_token]
+                assert (await _one_round(spec, opened.session_id, rnd, prompt, tokens)).round == rnd
             sid = opened.session_id
             await spec.aclose()
             await dec.aclose()

@@ -71,7 +71,6 @@ class Committer:
         enqueue: Callable[[Job], None],
         hybrid: HybridRule | None = None,
         regime: Regime | None = None,
-        align: bool = False,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -85,7 +84,6 @@ class Committer:
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
         self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
-        self.align = align  # each verdict carries when the step after the next one launches
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -175,7 +173,7 @@ class Committer:
     def answer(self, records: list[Committed], launch_in_ms: float = 0.0) -> list[Reply]:
         """Phase 2a, once the next step has launched (so off the device's idle path) and before the loop yields:
         every answer's frame, and for a round the regime's sample, the hybrid's check and the next round's
-        announcement. `launch_in_ms`: when the step after the one just launched starts (`--align`)."""
+        announcement. `launch_in_ms`: when the step after the one just launched starts (`--align`; else 0)."""
         now = time.monotonic()
         replies: list[Reply] = []
         for rec in records:
@@ -234,7 +232,7 @@ class Committer:
             self.price.price_ms,
             job.unverified,
             centralize,
-            launch_in_ms if self.align else 0.0,
+            launch_in_ms,
         )
         session.last_round = job.round
         session.last_verdict = verdict

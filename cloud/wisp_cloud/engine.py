@@ -148,7 +148,6 @@ class Engine:
             self._enqueue,
             self.hybrid,
             Regime(self.estimator) if self.hybrid is not None and wisp and config.regime else None,
-            align=self.align,
         )
         if self.committer.regime is not None:
             self.policy.follow(self.committer.regime)
@@ -434,9 +433,8 @@ class Engine:
                 launch_ms = 1000.0 * self.queue.hints.launch_in(time.monotonic()) if self.align else 0.0
                 try:
                     self.deliver(self.committer.answer(unanswered, launch_ms))
-                except (
-                    Exception
-                ):  # the tokens are committed: a client re-sends its round and gets its verdict
+                except Exception:
+                    # the tokens are committed: a client re-sends its round and gets its verdict
                     log.exception("answering failed")
                 unanswered = []
             if prev is not None:
@@ -472,9 +470,8 @@ class Engine:
                 self._fail_all(planned)
                 t_free = time.perf_counter()
                 continue
-            unanswered = (
-                records  # answered after the next launch: nothing is sent before the loop yields anyway
-            )
+            # answered after the next launch: nothing is sent before the loop yields anyway
+            unanswered = records
             commit_s = time.perf_counter() - t_done
             prev = _Ran(records, stats, shapes, mix, t_launch, t_launch - t_free, schedule_s, commit_s)
             t_free = t_done

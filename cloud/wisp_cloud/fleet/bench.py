@@ -34,7 +34,7 @@ from wisp_sdk.errors import WispError
 
 from wisp_cloud.config import ARM_FLAGS
 from wisp_cloud.fleet.capacity import DEVICE_BLIND, SLO_BLIND, finalize, judge, print_summary
-from wisp_cloud.fleet.profiles import get_device, get_link
+from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile, get_device, get_link
 from wisp_cloud.fleet.server_proc import ServerProc
 from wisp_cloud.fleet.workload import SLOSpec, load_prompts, plan_sessions
 
@@ -117,9 +117,7 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
         "draft_len_mean": drafted / rounds if rounds else None,
         "verified_per_committed": (drafted + rounds) / (accepted + rounds) if rounds else None,
         "server_decoded_sessions": sum(1 for r in done if r["rounds"] == 0),
-        "tokens_per_round": (
-            sum(r["new_tokens"] for r in done) / max(sum(r["rounds"] for r in done), 1) if drafted else None
-        ),
+        "tokens_per_round": (sum(r["new_tokens"] for r in done) / max(rounds, 1) if drafted else None),
         "diverged": sum(1 for r in done if r.get("diverged_at") is not None),
         "wasted_ms_mean": sum(r["wasted_ms"] for r in done) / len(done) if done else 0.0,
         "tpot_ms": sorted(round(x, 3) for x in tpots),
@@ -279,15 +277,20 @@ class Sweep:
     flags: tuple[str, ...]
     controller: str
     k: int | None
-    device: Any
-    link: Any
+    device: DeviceProfile
+    link: LinkProfile
     asked: float
     judge_at: list[float]
     label: str
 
 
 def _sweeps(
-    policies: list[str], args: Any, devices: list, links: list, tpots: list[float], sled_ks: list[int]
+    policies: list[str],
+    args: Any,
+    devices: list[DeviceProfile],
+    links: list[LinkProfile],
+    tpots: list[float],
+    sled_ks: list[int],
 ) -> list[Sweep]:
     """Every arm × device × link × SLO × controller variant, in the order the arms were given."""
     sweeps = []
@@ -401,16 +404,17 @@ def run_bench(args: Any) -> dict[str, Any]:
     # arm by arm (each sweep's points in a row), or point by point (every sweep at one N before the next N): then
     # a slow spell of the host, or the server's state after an arm, does not land on one arm's points only
     order = [(sw, n) for n in ns for sw in sweeps] if interleave else [(sw, n) for sw in sweeps for n in ns]
-    below: dict[int, int] = {}  # per sweep: points in a row below --stop-below (2 end it)
+    below: dict[Sweep, int] = {}  # per sweep: points in a row below --stop-below (2 end it)
     with contextlib.ExitStack() as stack:
         stack.callback(fleet.close)
         shared: ServerProc | None = None
-        arm: contextlib.ExitStack | None = None
+        # the server of the arm now running (--server-per-policy): closed when the next arm starts, or by `stack`
+        arm = stack.enter_context(contextlib.ExitStack())
         server: ServerProc | None = None
         current: str | None = None  # the arm the server's engine runs now
         announced: set[str] = set()
         for sw, n in order:
-            if below.get(id(sw), 0) >= 2:
+            if below.get(sw, 0) >= 2:
                 continue
             if one_server and shared is None:
                 # one process for every arm: the model load and graph capture are paid once; each arm gets a
@@ -432,9 +436,7 @@ def run_bench(args: Any) -> dict[str, Any]:
                 server = shared
             elif sw.spec != current:  # one fresh server per policy, no state carried over
                 current = sw.spec
-                if arm is not None:
-                    arm.close()
-                arm = contextlib.ExitStack()
+                arm.close()
                 server = arm.enter_context(
                     ServerProc(
                         [*serve_args, *(f"--{f}" for f in sw.flags)],
@@ -462,16 +464,13 @@ def run_bench(args: Any) -> dict[str, Any]:
             )  # fmt: skip
             point["policy"] = sw.spec
             point["device"], point["link"] = sw.device.name, sw.link.name
-            if (
-                shared is not None
-            ):  # the engine's counters, cumulative over the arm (over the point: --interleave)
+            if shared is not None:
+                # the engine's counters, cumulative over the arm (over the point: --interleave)
                 point["server"] = _server_stats(shared)
             result["points"].append(point)
             (out / "bench.json").write_text(json.dumps(result, indent=1))
             best = max(j["attainment"] for j in point["judged"].values())
-            below[id(sw)] = below.get(id(sw), 0) + 1 if best < args.stop_below else 0
-        if arm is not None:
-            arm.close()
+            below[sw] = below.get(sw, 0) + 1 if best < args.stop_below else 0
     finalize(result, args.attainment)
     result["wall_s"] = round(time.time() - t_begin, 1)
     (out / "bench.json").write_text(json.dumps(result, indent=1))
