@@ -143,12 +143,13 @@ def test_in_the_centralized_regime_wisp_batches_exactly_as_the_centralized_polic
             reqs.append(Request(f"s{i}", kind, n, 0 if kind == "prefill" else 400, 10.0 + i * 1e-3, i * 1e-3))
         return reqs
 
-    central = CentralizedPolicy(est32, max_batch=256, prefill_chunk=256)
-    wisp = WispPolicy(est32, max_batch=256, prefill_chunk=256)
+    central = CentralizedPolicy(est32, max_batch=512, prefill_chunk=256)
+    wisp = WispPolicy(est32, max_batch=512, prefill_chunk=256)
     regime = Regime(est32)
     wisp.follow(regime)
     want = [(s.request.session_id, s.n_tokens) for s in central.select(queue(), 1.0).slots]
-    assert sum(n for _, n in want) <= 2048 and any(sid == "s0" for sid, _ in want)
+    # every running session's item first, then the oldest prompts' pieces up to the token cap
+    assert sum(n for _, n in want) == 2048 and any(sid == "s0" for sid, _ in want)
     regime.mode = "speculative"  # the priced path takes every prompt piece its members' deadlines allow
     assert [(s.request.session_id, s.n_tokens) for s in wisp.select(queue(), 1.0).slots] != want
     regime.mode = "centralized"

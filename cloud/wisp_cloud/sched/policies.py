@@ -5,7 +5,7 @@ Policies (docs/scheduling.md):
   sled         static batching: waits until max_batch requests are queued or the oldest waited max_wait_s,
                then FIFO; no SLO awareness, no chunking.
   centralized  continuous batching of decode steps (the server queues one decode item per active session per
-               step): FIFO over items, long prompts prefilled in chunks under a token budget.
+               step): every waiting decode first, then long prompts prefilled in chunks under a token budget.
   wisp         SLO-aware: urgent requests (least slack) first, then late ones (best-effort), then the rest by
                throughput density; a piece is added only while the predicted batch time keeps every member
                (and every request left waiting) within its deadline; cheap pieces may push members by a small
@@ -39,6 +39,14 @@ _ONE = _EMPTY.plus(ItemShape(1))  # a running batch's stand-in when pricing a jo
 
 def _by_arrival(waiting: Sequence[Request]) -> list[Request]:
     return sorted(waiting, key=lambda r: (r.arrival, r.rid))
+
+
+def _running_first(waiting: Sequence[Request]) -> list[Request]:
+    """Running sessions' one-step items (decodes, and a probe's round) before prompt pieces, each in arrival
+    order: vLLM's continuous batching. In plain arrival order four 512-token prompt chunks ahead of the decodes
+    filled the 2048-token cap, and every decode behind them waited a whole step (H200 run 37, 7B, 640
+    devices: centralized left 12-260 items waiting a step, its sessions' TPOT p50 50-58 ms on 33 ms steps)."""
+    return sorted(waiting, key=lambda r: (r.kind == "prefill", r.arrival, r.rid))
 
 
 @dataclass
@@ -117,11 +125,18 @@ CENTRALIZED_BATCH_TOKENS = 2048  # the centralized policy's cap on Σ new tokens
 
 @dataclass
 class CentralizedPolicy(FifoPolicy):
-    """Continuous batching for the no-drafting baseline: FIFO over decode items and prefill chunks."""
+    """Continuous batching for the no-drafting baseline: every waiting decode item, then prefill chunks in
+    arrival order under the token cap (`_running_first`)."""
 
     name: str = "centralized"
     prefill_chunk: int | None = 512
     max_batch_tokens: int | None = CENTRALIZED_BATCH_TOKENS
+
+    def select(self, waiting: Sequence[Request], now: float) -> Batch:
+        return self._fifo(_running_first(waiting), now)
+
+    def rank(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        return _running_first(waiting)
 
 
 @dataclass
@@ -335,7 +350,7 @@ class WispPolicy(Policy):
             # without the cap new sessions' prompt pieces stretched the decodes' steps (run 24, 7B, TPOT 30:
             # 512 new tokens a step against centralized's 364, step p50 27 against 22 ms, 0.79x its capacity).
             self.counters["fifo"] += 1
-            return self._fifo(_by_arrival(waiting), now, CENTRALIZED_BATCH_TOKENS)
+            return self._fifo(_running_first(waiting), now, CENTRALIZED_BATCH_TOKENS)
         est = self.estimator
         cands = [self._cand(r, self._piece(r), now) for r in waiting]
         plan = self._order(cands, now)
