@@ -23,6 +23,24 @@ def test_price_is_zero_when_idle_and_rises_with_load():
     assert f > 0
 
 
+def test_price_after_a_decode_only_step_is_one_tokens_compute_not_the_kernel_switch():
+    """H200 run 38's online estimator (7B, varlen features): a step of decodes only runs the one-row attention
+    kernel, any round the tiled one (`pad_verify` = batch × longest context). The price of a verified token must
+    not hold that switch: it was 5-13 s after decode-only steps, and moved sessions to the server by hundreds."""
+    est = VerifyTimeEstimator(
+        features=("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify", "new_over"),
+        coef=[5.54e-3, 7.89e-5, 2.75e-6, 0.0, 0.0, 0.0, 2.71e-8, 2.85e-5],
+        knee=128,
+    )
+    price = VerifyPrice(est)
+    decodes = BatchShape.of([ItemShape(1, 900)] * 400)
+    rounds = BatchShape.of([ItemShape(4, 900)] * 100)
+    f_decodes, f_rounds = price.per_token_ms(decodes), price.per_token_ms(rounds)
+    # ≈ 31 µs a token past the knee, whatever kernel the last step ran
+    assert f_decodes == pytest.approx(f_rounds, rel=0.05) and 0.02 < f_decodes < 0.05
+    assert price.update(decodes, waiting=100) < 20.0
+
+
 def test_verify_len_keeps_the_prefix_that_pays():
     assert verify_len(6, None, 10.0, 50.0) == 6  # no acceptance measured yet: verify all
     assert verify_len(6, 0.8, 0.0, 50.0) == 6  # free: verify all

@@ -23,11 +23,15 @@ class VerifyPrice:
         self.price_ms = 0.0  # the current price, refreshed once per step (`update`)
 
     def per_token_ms(self, shape: BatchShape) -> float:
-        """Marginal ms of one more verified token in a batch of `shape` (at its mean context)."""
+        """Marginal ms of one more verified token in a batch of `shape` (at its mean context): a round of 2
+        tokens against one of 3. A round has at least 2 (a draft and the target's own), so the step already
+        runs the tiled attention kernel; priced from a 1-token item, the price held the switch from the
+        decode-only kernel (`pad_verify`: batch × longest context) whenever the last step was all decodes.
+        H200 run 38 (7B, 640-720 devices): 5-13 s prices, and sessions moved to server decoding by the hundred."""
         ctx = shape.context_tokens // shape.batch_size if shape.batch_size else 0
-        one = shape.plus(ItemShape(1, ctx))
         two = shape.plus(ItemShape(2, ctx))
-        return max(0.0, 1000.0 * (self.estimator.predict_shape(two) - self.estimator.predict_shape(one)))
+        three = shape.plus(ItemShape(3, ctx))
+        return max(0.0, 1000.0 * (self.estimator.predict_shape(three) - self.estimator.predict_shape(two)))
 
     def update(self, last_shape: BatchShape, waiting: int) -> float:
         """Refresh the price from the batch that just ran and the queue behind it."""
