@@ -119,7 +119,7 @@ def test_sled_waits_for_a_full_batch_or_timeout():
     assert batch is not None and len(batch) == 4
 
 
-def test_centralized_batches_decodes_first_then_chunked_prefill_under_the_token_budget():
+def test_centralized_prompt_chunks_leave_room_for_the_decodes_under_the_token_budget():
     gpu = linear_estimator()
     pol = CentralizedPolicy(gpu, max_batch=64, prefill_chunk=512, max_batch_tokens=600)
     reqs = [prefill("p", 0.0, 1500), prefill("q", 0.0005, 1500)] + [
@@ -129,12 +129,24 @@ def test_centralized_batches_decodes_first_then_chunked_prefill_under_the_token_
     first = trace.batches[0][1]
     assert [s.request.session_id for s in first.slots] == ["p"] and first.slots[0].n_tokens == 512
     second = trace.batches[1][1]
-    ids = [s.request.session_id for s in second.slots]
-    # every decode rides the step although two older prompts would fill the cap; the older prompt keeps its
-    # place among the prompts and takes what the cap leaves
-    assert ids[:10] == [f"d{i}" for i in range(10)] and ids[10] == "p"
-    assert sum(s.n_tokens for s in second.slots) == 600
+    pieces = {s.request.session_id: s.n_tokens for s in second.slots}
+    # FIFO: the older prompts keep their places, but their chunks leave room for every decode (run 37: four
+    # prompt chunks filled the cap and the decodes behind them waited a whole step)
+    assert [s.request.session_id for s in second.slots][:2] == ["p", "q"]
+    assert all(pieces.get(f"d{i}") == 1 for i in range(10))
+    assert pieces["p"] == 512 and pieces["q"] == 600 - 512 - 10
     assert len(trace.outcomes) == 12
+
+
+def test_centralized_keeps_arrival_order_for_places_so_prompts_do_not_starve():
+    """Run 39 put every decode first: past max_batch running sessions no prompt got a place (TTFT, 0.12
+    attainment at 720 devices). Places go by arrival."""
+    gpu = linear_estimator()
+    pol = CentralizedPolicy(gpu, max_batch=4, prefill_chunk=512, max_batch_tokens=2048)
+    waiting = [Request(f"d{i}", "decode", 1, 100, deadline=1.0, arrival=0.002 + i * 1e-4) for i in range(6)]
+    waiting.append(prefill("p", 0.001, 300))
+    ids = [s.request.session_id for s in pol.select(waiting, 0.01).slots]
+    assert ids == ["p", "d0", "d1", "d2"]
 
 
 def test_chunked_prefill_advances_context():
