@@ -111,3 +111,25 @@ def test_the_dwell_doubles_per_round_trip():
         for trips in range(5)
     ]
     assert back == [16, 32, 64, 64, 64]
+
+
+def test_the_hybrid_weighs_a_decoded_tokens_own_item_against_a_rounds_waste():
+    """A decoded token is an item of its own in every step; a round shares one among its E tokens. H200 run 39's
+    online estimator (7B) prices an item at ≈ 2 verified tokens: a session at α 0.6 costs the GPU less on the edge,
+    and the rule (which took a decoded token for free and moved 1460 sessions in three points) keeps it there."""
+    est = VerifyTimeEstimator(
+        features=("groups", "batch", "new", "ctx", "miss", "attn", "pad_verify", "new_over"),
+        coef=[5.59e-3, 3.93e-5, 8.0e-6, 0.0, 0.0, 0.0, 2.57e-8, 2.04e-5],
+        knee=128,
+    )
+    price = VerifyPrice(est)
+    assert price.update(BatchShape.of([ItemShape(4, 900)] * 150), waiting=100) > 0
+    assert 1.5 < price.item_ratio < 3.0
+    rule = HybridRule()
+    busy = {"price_ms": 40.0, "tpot_ms": 60.0}
+    assert rule.to_centralized(rounds=8, k=4, alpha=0.6, **busy)  # as before: a decoded token taken as free
+    assert not rule.to_centralized(rounds=8, k=4, alpha=0.6, item_ratio=price.item_ratio, **busy)
+    assert HybridRule.cost(4, 0.6, 40.0, 60.0, price.item_ratio) < 0  # speculating is the cheaper way
+    # drafts that are mostly rejected still go to the server, and a decoded one at α 0.6 comes back
+    assert rule.to_centralized(rounds=8, k=4, alpha=0.2, item_ratio=price.item_ratio, **busy)
+    assert rule.to_speculative(decoded=32, k=4, alpha=0.6, item_ratio=price.item_ratio, **busy)

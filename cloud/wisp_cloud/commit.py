@@ -280,7 +280,10 @@ class Committer:
             round_ms, decode_ms = round_and_decode_ms(
                 session.think_s, lambda item: self.queue.wait_hint(item, now), k, session.committed_len
             )
-            return k, alpha, self.price.price_ms, session.slo.tpot_ms, round_ms, decode_ms
+            price = self.price
+            return SwitchInputs(
+                k, alpha, price.price_ms, session.slo.tpot_ms, round_ms, decode_ms, price.item_ratio
+            )
 
         trips = session.switches // 2  # session.switches counts both directions: a round trip is two
         moved = self.hybrid.moves(to == "speculative", session.mode_steps, trips, decode_all, probing, inputs)

@@ -408,8 +408,16 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             round_ms, decode_ms = round_and_decode_ms(
                 s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
             )
-            price = reps[s.rep].price.price_ms
-            return k, s.dl.acceptance.measured_alpha, price, cfg.slo_tpot_ms, round_ms, decode_ms
+            price = reps[s.rep].price
+            return SwitchInputs(
+                k,
+                s.dl.acceptance.measured_alpha,
+                price.price_ms,
+                cfg.slo_tpot_ms,
+                round_ms,
+                decode_ms,
+                price.item_ratio,
+            )
 
         # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
         moved = hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs)

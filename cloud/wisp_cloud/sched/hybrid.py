@@ -1,13 +1,16 @@
 """The load-adaptive hybrid: when to move a session from edge speculation to server-side decoding, and back.
 
 A speculative round of k drafts commits E(k, α) tokens but makes the GPU verify k + 1, so each committed token
-carries (k + 1)/E − 1 tokens of wasted verify compute; a centralized token carries none (it pays a share of the
-weight read instead, which a busy GPU shares among many sessions). Priced at the verify price (pricing.py), a
-session's speculation costs the others
+carries (k + 1)/E − 1 tokens of wasted verify compute; a centralized token carries none. But a decoded token is an
+item of its own in its step, and an item costs beyond its tokens (per-sequence work, and the host work an online
+fit holds): r tokens' worth (`VerifyPrice.item_ratio`), which a round shares among its E tokens. Priced at the
+verify price (pricing.py), a session's speculation costs the others, beyond what decoding it would,
 
-    cost = waste × price_ms / tpot_ms,   waste = (k + 1) / E(k, α) − 1
+    cost = (waste − r × (1 − 1/E)) × price_ms / tpot_ms,   waste = (k + 1) / E(k, α) − 1
 
-GPU ms of waste per ms of its own TPOT budget. The rule, with hysteresis so a session does not flap:
+GPU ms per ms of its own TPOT budget (negative: decoding would cost more). Without r (before session 11) the rule
+took a decoded token for free: on an H200 (7B, Mac mini, ShareGPT, run 39, r ≈ 2.3) it moved 1460 sessions to the
+server in three points, and WISP served 647 devices against 714 without the hybrid. The rule, with hysteresis so a session does not flap:
   - speculative → centralized when cost > `enter` (0.5), judged only after `min_rounds` rounds (α is measured);
   - centralized → speculative when cost < `leave` (0.25) at the session's last measured α and k, after at least
     `dwell_tokens` (16) decoded tokens, doubled for each round trip the session already made (up to 2^`backoff`):
@@ -32,13 +35,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import ItemShape
 
-# The hybrid rule's per-session inputs: k, measured α (None before), price ms, TPOT ms, round and decode ms (None
-# until the device time is measured; round_and_decode_ms)
-SwitchInputs = tuple[int, float | None, float, float, float | None, float | None]
+
+class SwitchInputs(NamedTuple):
+    """The hybrid rule's per-session inputs (positional, in the order `to_centralized` takes them)."""
+
+    k: int
+    alpha: float | None  # measured acceptance, None before
+    price_ms: float
+    tpot_ms: float
+    round_ms: float | None  # None until the device time is measured (round_and_decode_ms)
+    decode_ms: float | None
+    item_ratio: float = 0.0  # VerifyPrice.item_ratio
 
 
 @dataclass(frozen=True)
@@ -56,10 +68,11 @@ class HybridRule:
     prior_alpha: float = 0.794
 
     @staticmethod
-    def cost(k: int, alpha: float, price_ms: float, tpot_ms: float) -> float:
-        """GPU ms wasted on rejected drafts, per ms of the session's TPOT budget, per committed token."""
-        e = expected_committed(max(0, k), alpha)
-        waste = (k + 1) / max(e, 1.0) - 1.0
+    def cost(k: int, alpha: float, price_ms: float, tpot_ms: float, item_ratio: float = 0.0) -> float:
+        """GPU ms a committed token of speculation costs the others beyond a decoded one's, per ms of the
+        session's TPOT budget: rejected drafts' compute, less the items decoding would add (module docstring)."""
+        e = max(expected_committed(max(0, k), alpha), 1.0)
+        waste = (k + 1) / e - 1.0 - max(0.0, item_ratio) * (1.0 - 1.0 / e)
         return waste * max(0.0, price_ms) / max(tpot_ms, 1e-6)
 
     def too_slow(
@@ -81,6 +94,7 @@ class HybridRule:
         tpot_ms: float,
         round_ms: float | None = None,
         decode_ms: float | None = None,
+        item_ratio: float = 0.0,
     ) -> bool:
         """After a verdict: switch this speculative session to server-side decoding?"""
         if self.every:
@@ -91,7 +105,7 @@ class HybridRule:
             return True
         if alpha is None or rounds < self.min_rounds:
             return False
-        return self.cost(k, alpha, price_ms, tpot_ms) > self.enter
+        return self.cost(k, alpha, price_ms, tpot_ms, item_ratio) > self.enter
 
     def moves(
         self,
@@ -131,6 +145,7 @@ class HybridRule:
         tpot_ms: float,
         round_ms: float | None = None,
         decode_ms: float | None = None,
+        item_ratio: float = 0.0,
         trips: int = 0,
     ) -> bool:
         """After a decode step: hand this (switched) session back to the edge? `trips`: how many times it already
@@ -141,7 +156,7 @@ class HybridRule:
             return True
         if alpha is None:
             return True
-        return self.cost(k, alpha, price_ms, tpot_ms) < self.leave and not self.too_slow(
+        return self.cost(k, alpha, price_ms, tpot_ms, item_ratio) < self.leave and not self.too_slow(
             k, alpha, tpot_ms, round_ms, decode_ms
         )
 

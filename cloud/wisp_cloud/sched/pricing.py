@@ -21,6 +21,9 @@ class VerifyPrice:
     def __init__(self, estimator: VerifyTimeEstimator) -> None:
         self.estimator = estimator
         self.price_ms = 0.0  # the current price, refreshed once per step (`update`)
+        # what one more item costs a step beyond its tokens (per-sequence work, host work the online fit holds),
+        # in verified tokens' worth: the hybrid weighs a decoded token's item against a round's (`update`)
+        self.item_ratio = 0.0
 
     def per_token_ms(self, shape: BatchShape) -> float:
         """Marginal ms of one more verified token in a batch of `shape` (at its mean context): a round of 2
@@ -28,15 +31,25 @@ class VerifyPrice:
         runs the tiled attention kernel; priced from a 1-token item, the price held the switch from the
         decode-only kernel (`pad_verify`: batch × longest context) whenever the last step was all decodes.
         H200 run 38 (7B, 640-720 devices): 5-13 s prices, and sessions moved to server decoding by the hundred."""
+        return self._marginals(shape)[0]
+
+    def _marginals(self, shape: BatchShape) -> tuple[float, float]:
+        """(ms per token, ms per item beyond its tokens) of joining `shape`, both on the tiled kernel."""
         ctx = shape.context_tokens // shape.batch_size if shape.batch_size else 0
-        two = shape.plus(ItemShape(2, ctx))
-        three = shape.plus(ItemShape(3, ctx))
-        return max(0.0, 1000.0 * (self.estimator.predict_shape(three) - self.estimator.predict_shape(two)))
+        predict = self.estimator.predict_shape
+        base = shape.plus(ItemShape(2, ctx))  # a round in the step: the kernel every item below runs on
+        t0 = predict(base)
+        two = predict(base.plus(ItemShape(2, ctx))) - t0
+        three = predict(base.plus(ItemShape(3, ctx))) - t0
+        per_token = max(0.0, three - two)
+        return 1000.0 * per_token, 1000.0 * max(0.0, two - 2.0 * per_token)
 
     def update(self, last_shape: BatchShape, waiting: int) -> float:
         """Refresh the price from the batch that just ran and the queue behind it."""
         others = max(0, last_shape.batch_size - 1) + max(0, waiting)
-        self.price_ms = self.per_token_ms(last_shape) * others if others else 0.0
+        per_token, per_item = self._marginals(last_shape)
+        self.price_ms = per_token * others if others else 0.0
+        self.item_ratio = per_item / per_token if per_token > 0.0 else 0.0
         return self.price_ms
 
 
