@@ -103,7 +103,7 @@ def test_one_session_in_probe_every_is_a_probe():
 
 
 def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_must():
-    from wisp_cloud.sched.hybrid import HybridRule
+    from wisp_cloud.sched.hybrid import HybridRule, Why
 
     asked: list[int] = []
 
@@ -120,12 +120,12 @@ def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_m
 
     rule = HybridRule()
     # the centralized regime: every speculative session moves, a probe excepted; none goes back
-    assert rule.moves(False, 1, 0, True, False, inputs) and not asked
+    assert rule.moves(False, 1, 0, True, False, inputs) is Why.regime and not asked
     assert not rule.moves(True, 100, 0, True, False, inputs) and not asked
     assert not rule.moves(False, 1, 0, True, True, inputs) and len(asked) == 1  # a probe: the rule decides
     # the speculative regime: a decoded session within its dwell is refused before any prediction
     assert not rule.moves(True, rule.dwell_tokens - 1, 0, False, False, inputs) and len(asked) == 1
-    assert rule.moves(True, rule.dwell_tokens, 0, False, False, inputs) and len(asked) == 2
+    assert rule.moves(True, rule.dwell_tokens, 0, False, False, inputs) is Why.edge and len(asked) == 2
 
 
 def test_in_the_centralized_regime_wisp_batches_exactly_as_the_centralized_policy(est32):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
-from wisp_cloud.sched.hybrid import HybridRule
+from wisp_cloud.sched.hybrid import HybridRule, Why
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
 
 
@@ -133,3 +133,15 @@ def test_the_hybrid_weighs_a_decoded_tokens_own_item_against_a_rounds_waste():
     # drafts that are mostly rejected still go to the server, and a decoded one at α 0.6 comes back
     assert rule.to_centralized(rounds=8, k=4, alpha=0.2, item_ratio=price.item_ratio, **busy)
     assert rule.to_speculative(decoded=32, k=4, alpha=0.6, item_ratio=price.item_ratio, **busy)
+
+
+def test_the_rule_says_why_it_moves_a_session():
+    """The server logs the reason with each `session_switch` and counts them (`switch_reasons`), so a GPU run can
+    put its moves down to the regime, a slow link or the cost."""
+    rule = HybridRule()
+    busy = {"price_ms": 40.0, "tpot_ms": 50.0}
+    assert rule.why_centralized(rounds=8, k=4, alpha=0.2, **busy) is Why.cost
+    assert rule.why_centralized(rounds=8, k=4, alpha=0.98, **busy) is None
+    # a round of 200 ms for ≈ 2.3 tokens on a 50 ms SLO, where a decode step takes 30 ms
+    assert rule.why_centralized(rounds=1, k=4, alpha=0.6, round_ms=200.0, decode_ms=30.0, **busy) is Why.slow
+    assert HybridRule(every=2).why_centralized(rounds=2, k=4, alpha=0.9, **busy) is Why.hook

@@ -75,6 +75,7 @@ class Committer:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
         self.switch_counts: collections.Counter[str] = collections.Counter()  # by the mode moved to (stats)
+        self.switch_reasons: collections.Counter[str] = collections.Counter()  # by the rule's reason (stats)
         self._eos, self.max_context_len = eos, max_context_len
         self._enqueue = enqueue  # a centralized session's next decode step goes straight back in the queue
         # KV changes for the engine to apply between forwards: (session, truncate length; None = release)
@@ -286,14 +287,22 @@ class Committer:
             )
 
         trips = session.switches // 2  # session.switches counts both directions: a round trip is two
-        moved = self.hybrid.moves(to == "speculative", session.mode_steps, trips, decode_all, probing, inputs)
-        if not moved:
+        why = self.hybrid.moves(to == "speculative", session.mode_steps, trips, decode_all, probing, inputs)
+        if why is None:
             return False
         session.mode, session.mode_steps = to, 0
         session.switches += 1
         self.switch_counts[to] += 1
+        self.switch_reasons[why.value] += 1
         self.metrics.switches.labels(to).inc()
-        log_event(log, "session_switch", session=session.id[:8], mode=to, price_ms=self.price.price_ms)
+        log_event(
+            log,
+            "session_switch",
+            session=session.id[:8],
+            mode=to,
+            why=why.value,
+            price_ms=self.price.price_ms,
+        )
         return True
 
     def finish(self, records: list[Committed]) -> None:

@@ -174,6 +174,7 @@ class WispServer:
             "estimator_correction": e.estimator.correction,
             "policy_counters": dict(e.policy.counters),
             "session_switches": dict(e.committer.switch_counts),
+            "switch_reasons": dict(e.committer.switch_reasons),
             "steps": sum(e.metrics.batch_size_tally.values()),
             "batch_mean": _mean_of_tally(e.metrics.batch_size_tally),
             "regime": e.committer.regime.stats() if e.committer.regime is not None else None,

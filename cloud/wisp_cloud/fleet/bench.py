@@ -263,7 +263,15 @@ def _fixed_k(controller: str) -> int | None:
 
 def _server_stats(server: ServerProc) -> dict[str, Any]:
     st = server.stats()
-    keep = ("policy_counters", "session_switches", "steps", "batch_mean", "estimator_correction", "regime")
+    keep = (
+        "policy_counters",
+        "session_switches",
+        "switch_reasons",
+        "steps",
+        "batch_mean",
+        "estimator_correction",
+        "regime",
+    )
     return {k: st.get(k) for k in keep}
 
 

@@ -420,8 +420,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             )
 
         # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
-        moved = hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs)
-        if not moved:
+        if hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs) is None:
             return False
         s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
         return True

@@ -35,10 +35,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import NamedTuple
 
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import ItemShape
+
+
+class Why(str, Enum):
+    """Why the rule moved a session (the server logs it with each `session_switch`)."""
+
+    regime = "regime"  # the regime decodes the whole fleet
+    slow = "slow"  # too slow for its SLO on its link and device
+    cost = "cost"  # its rejected drafts cost the others more than decoding it would
+    hook = "hook"  # the `every` test hook
+    edge = "edge"  # back to the edge: drafting pays again
 
 
 class SwitchInputs(NamedTuple):
@@ -97,15 +108,32 @@ class HybridRule:
         item_ratio: float = 0.0,
     ) -> bool:
         """After a verdict: switch this speculative session to server-side decoding?"""
+        return (
+            self.why_centralized(rounds, k, alpha, price_ms, tpot_ms, round_ms, decode_ms, item_ratio)
+            is not None
+        )
+
+    def why_centralized(
+        self,
+        rounds: int,
+        k: int,
+        alpha: float | None,
+        price_ms: float,
+        tpot_ms: float,
+        round_ms: float | None = None,
+        decode_ms: float | None = None,
+        item_ratio: float = 0.0,
+    ) -> Why | None:
+        """`to_centralized`, with the reason it moves (None: it stays)."""
         if self.every:
-            return rounds >= self.every
+            return Why.hook if rounds >= self.every else None
         # Too slow is judged from the first measured round, at the prior α until α is measured: a session that
         # waits `min_rounds` slow rounds has already spent most of a short generation's TPOT budget.
         if self.too_slow(k, self.prior_alpha if alpha is None else alpha, tpot_ms, round_ms, decode_ms):
-            return True
+            return Why.slow
         if alpha is None or rounds < self.min_rounds:
-            return False
-        return self.cost(k, alpha, price_ms, tpot_ms, item_ratio) > self.enter
+            return None
+        return Why.cost if self.cost(k, alpha, price_ms, tpot_ms, item_ratio) > self.enter else None
 
     def moves(
         self,
@@ -115,20 +143,21 @@ class HybridRule:
         decode_all: bool,
         probing: bool,
         inputs: Callable[[], SwitchInputs],
-    ) -> bool:
-        """The whole decision, as the server (commit.py) and the simulator take it: after a verdict (`to_edge`
-        False) or a decode step of a moved session (True), `steps` rounds / decoded tokens since the last switch.
+    ) -> Why | None:
+        """The whole decision, as the server (commit.py) and the simulator take it, with its reason (None: the
+        session stays): after a verdict (`to_edge` False) or a decode step of a moved session (True), `steps`
+        rounds / decoded tokens since the last switch.
         The regime's comes first (sched/regime.py): while it decodes the whole fleet (`decode_all`) no session goes
         back to the edge and every speculative one moves, a probe still measuring excepted. Cheap refusals come
         before `inputs` (k, α, price, TPOT, round and decode ms), which costs two wait-hint predictions, and a
         decoded session asks after every step."""
         if to_edge:
             if decode_all or not self.dwelt(steps, trips):
-                return False
-            return self.to_speculative(steps, *inputs(), trips=trips)
+                return None
+            return Why.edge if self.to_speculative(steps, *inputs(), trips=trips) else None
         if decode_all and not probing:
-            return True
-        return self.to_centralized(steps, *inputs())
+            return Why.regime
+        return self.why_centralized(steps, *inputs())
 
     def dwelt(self, decoded: int, trips: int = 0) -> bool:
         """Has a decoded session stayed long enough to be handed back (`to_speculative` asks this first)?"""
