@@ -3,6 +3,7 @@ the GPU's own estimator, speculation where it can, with hysteresis and a sample 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -154,3 +155,19 @@ def test_in_the_centralized_regime_wisp_batches_exactly_as_the_centralized_polic
     assert [(s.request.session_id, s.n_tokens) for s in wisp.select(queue(), 1.0).slots] != want
     regime.mode = "centralized"
     assert [(s.request.session_id, s.n_tokens) for s in wisp.select(queue(), 1.0).slots] == want
+
+
+def test_the_regime_waits_for_the_online_fit_before_its_first_decision(est32):
+    """A server starts on `wisp profile`'s fit, which holds no host time per item, so it overrates decoding (H200
+    run 40: every fresh engine flipped to the centralized regime and back). The first decision waits for refits."""
+    est = copy.deepcopy(est32)
+    est.refit_every = 4
+    r = Regime(est, min_samples=4, every_s=0.0, min_refits=2)
+    for i in range(8):
+        r.observe(f"s{i}", SessionSample(0.1, 30.0, 500), 4.0, 60.0)  # hopeless speculation: decoding wins
+    assert r.decide(1.0) == "speculative" and r.last is None  # no refit yet: not decided
+    shapes = [ItemShape(1, 500)] * 64
+    for _ in range(8):  # two refits on steps as the profile predicts them
+        est.observe(est.predict(shapes), shapes)
+    assert est.refits == 2
+    assert r.decide(2.0) == "centralized" and r.last is not None

@@ -60,6 +60,9 @@ log = logging.getLogger("wisp.engine")
 _HOUSEKEEPING_S = 1.0
 MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is numerically undefined in float32
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
+# The regime's first decision waits for this many online refits of the estimator (sched/regime.py, Regime):
+# the start-up profile holds no host time per item. Two refits are 128 steps, a few seconds under load.
+REGIME_MIN_REFITS = 2
 
 
 @dataclass(slots=True)
@@ -147,7 +150,9 @@ class Engine:
             self.max_context_len,
             self._enqueue,
             self.hybrid,
-            Regime(self.estimator) if self.hybrid is not None and wisp and config.regime else None,
+            Regime(self.estimator, min_refits=REGIME_MIN_REFITS)
+            if self.hybrid is not None and wisp and config.regime
+            else None,
         )
         if self.committer.regime is not None:
             self.policy.follow(self.committer.regime)

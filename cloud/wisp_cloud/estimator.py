@@ -370,6 +370,7 @@ class VerifyTimeEstimator:
     _log_corr: float = field(default=0.0, repr=False)
     _since_refit: int = field(default=0, repr=False)
     version: int = field(default=0, repr=False)  # bumped whenever the weights change (a cache key)
+    refits: int = field(default=0, repr=False)  # online refits so far (`observe`)
     _corr: float = field(default=1.0, repr=False)
     # `wisp profile`'s held-out timings, kept in the file so that a fit can be re-scored offline; never fitted on
     heldout: list[Observation] = field(default_factory=list, repr=False)
@@ -495,6 +496,7 @@ class VerifyTimeEstimator:
         self._log_corr = 0.0
         self._corr = 1.0
         self._since_refit = 0
+        self.refits += 1
 
     def observe(self, stats: Any, items: Iterable[ItemShape] | None = None) -> None:
         """Refine online from a batch that ran: its `BatchStats` (and, better, its exact item shapes)."""

@@ -182,8 +182,16 @@ class Regime:
         every_s: float = 2.0,
         probe_every: int = 16,
         probe_rounds: int = 8,
+        min_refits: int = 0,
     ) -> None:
         self.estimator = estimator
+        # The server's estimator starts as `wisp profile`'s fit, which holds the GPU's time only: decoding's
+        # per-item host work (39 µs an item at 7B in H200 run 40's online fit, against a profile that prices a
+        # sequence at 0) enters with the online refits. On the profile, N_dec came out 1952 against ≈ 600 after
+        # two refits, and in run 40 every fresh engine flipped to the centralized regime and back (2 flips a
+        # point, 300-370 sessions moved to the server). So the first decision waits for `min_refits` refits.
+        self.min_refits = min_refits
+        self._refits0 = estimator.refits
         self.quantile, self.margin, self.hysteresis = quantile, margin, hysteresis
         self.window, self.min_samples, self.every_s = window, min_samples, every_s
         self.probe_every, self.probe_rounds = probe_every, probe_rounds
@@ -216,6 +224,8 @@ class Regime:
     def decide(self, now: float) -> Mode:
         """The current mode, re-decided at most every `every_s` seconds."""
         if now - self._decided_at < self.every_s or len(self._samples) < self.min_samples:
+            return self.mode
+        if self.estimator.refits - self._refits0 < self.min_refits:
             return self.mode
         self._decided_at = now
         cap = capacities(
