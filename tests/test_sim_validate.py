@@ -43,6 +43,8 @@ def test_arm_specs_map_onto_the_simulators_switches():
     assert (c.hybrid, c.truncate, c.policy_kw) == (True, False, {"fill": True, "refuse": True})
     c = arm_config(base, "wisp+fixed:3", "fixed:3")
     assert (c.policy, c.controller) == ("wisp", "fixed:3")
+    c = arm_config(base, "wisp~no-start-on-server", "wisp")
+    assert (c.start_on_server, c.regime, c.hybrid) == (False, True, True) and base.start_on_server
     c = arm_config(base, "sled", "fixed:5")
     assert (c.policy, c.controller, c.policy_kw) == ("sled", "fixed:5", None)
     with pytest.raises(WispError, match="no-refuse"):  # run 19's flag name, gone since: skipped, not guessed

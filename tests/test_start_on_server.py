@@ -33,10 +33,14 @@ def test_sdk_greedy_is_identical_when_sessions_start_on_the_server(backend, tiny
         assert sum(r.committed for r in res.stats.rounds) < MAX_NEW - 16  # the first 16 tokens were decoded
 
 
-@pytest.mark.parametrize("regime", [True, False])
-def test_the_server_takes_the_offer_only_with_the_regime(backend, regime):
+@pytest.mark.parametrize("regime, take", [(True, True), (False, True), (True, False)])
+def test_the_server_takes_the_offer_only_with_the_regime(backend, regime, take):
+    """`--no-start-on-server` (take=False) declines the offer although the regime is on."""
+
     async def main():
-        async with running_server(backend, policy="wisp", hybrid=True, regime=regime) as server:
+        async with running_server(
+            backend, policy="wisp", hybrid=True, regime=regime, start_on_server=take
+        ) as server:
             client = await Client.connect(server.url)
             await client.hello(backend.tokenizer_fingerprint)
             opened = await client.open(PROMPTS[0], max_new_tokens=24, start_on_server=True)
@@ -50,7 +54,7 @@ def test_the_server_takes_the_offer_only_with_the_regime(backend, regime):
             return opened, frames
 
     opened, frames = asyncio.run(main())
-    if not regime:
+    if not (regime and take):
         assert opened.mode == "speculative" and not frames
         return
     assert opened.mode == "centralized"

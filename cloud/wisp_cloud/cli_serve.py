@@ -186,6 +186,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "is on by default; docs/scheduling.md §12)",
     )
     p.add_argument(
+        "--no-start-on-server",
+        action="store_true",
+        help="--policy wisp: decline devices' start_on_server offers (with the regime they are taken: the server "
+        "decodes a session's first tokens while its draft prefills the prompt; docs/scheduling.md §12)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -284,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
         fault_token=args.debug_fault_token,
         hybrid=not args.no_hybrid,
         regime=not args.no_regime,
+        start_on_server=not args.no_start_on_server,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

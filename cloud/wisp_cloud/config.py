@@ -49,6 +49,11 @@ class ServerConfig:
     # offer it start decoded while their draft prefills. Measured on an H200 (runs 21-22, docs/benchmarks.md) it
     # serves as many as centralized serving where speculation cannot pay. `--no-regime` turns it off.
     regime: bool = True
+    # `--policy wisp` with the regime: take devices' `start_on_server` offers (decode a session's first tokens while
+    # its draft prefills the prompt). `--no-start-on-server` declines them: in the simulator validated on H200 run
+    # 40 (7B, Mac mini, ShareGPT) the offers cost WISP 15-19 % of its goodput at 640-720 devices; on the GPU (run
+    # 23, 32B, HumanEval, TPOT 30) they lifted WISP at 32 devices from 0.69 to 0.92. Not yet an A/B on a GPU.
+    start_on_server: bool = True
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -150,6 +155,7 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "no-hybrid": ("hybrid", False),
     "no-regime": ("regime", False),
     "regime": ("regime", True),  # runs 21-22 ran it as an arm, before it was the default
+    "no-start-on-server": ("start_on_server", False),
     "no-truncate": ("truncate_drafts", False),
     "refuse": ("refuse", True),
     "align": ("align", True),

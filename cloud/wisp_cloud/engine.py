@@ -200,7 +200,7 @@ class Engine:
             raise Refusal(ErrorCode.overloaded, str(exc)) from exc
         session.conn = conn
         session.hybrid = self.hybrid is not None and msg.mode == "speculative"
-        session.start_on_server = session.hybrid and msg.start_on_server
+        session.start_on_server = session.hybrid and msg.start_on_server and self.cfg.start_on_server
         session.deadlines = SessionDeadlines.from_slo(
             msg.slo, now, max_new_tokens=msg.max_new_tokens - len(msg.committed_ids)
         )

@@ -97,6 +97,11 @@ def add_parser(subparsers) -> None:
         help="wisp policy: no regime (as `wisp serve --no-regime`)",
     )
     p.add_argument(
+        "--no-start-on-server",
+        action="store_true",
+        help="devices do not offer to start decoded by the server (as `wisp serve --no-start-on-server` declines)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
