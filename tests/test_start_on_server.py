@@ -9,6 +9,7 @@ import asyncio
 import pytest
 from wisp_sdk import AsyncEdgeClient, FixedK
 from wisp_sdk.protocol import Opened, Switch, Tokens
+from wisp_sdk.session import offers_start_on_server
 from ws_client import Client, running_server
 
 PROMPTS = [[5, 17, 42, 99, 123], [7, 8, 9, 10, 11, 12, 13, 200], [300, 12, 45]]
@@ -18,7 +19,9 @@ MAX_NEW = 40  # past the hybrid's 16-token dwell: every session is handed to the
 def test_sdk_greedy_is_identical_when_sessions_start_on_the_server(backend, tiny_bundle, reference):
     async def main():
         async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
-            async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(3)) as client:
+            async with AsyncEdgeClient(
+                server.url, tiny_bundle, threads=1, controller=FixedK(3), start_on_server=True
+            ) as client:
                 results = [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
             registry = server.engine.metrics.registry
             # three sessions are too few samples for a decision: still speculative, no capacities yet
@@ -61,3 +64,36 @@ def test_the_server_takes_the_offer_only_with_the_regime(backend, regime, take):
     tokens = [t for f in frames if isinstance(f, Tokens) for t in f.tokens]
     assert isinstance(frames[-1], Switch) and frames[-1].committed_len == len(PROMPTS[0]) + 1 + len(tokens)
     assert len(tokens) == 16  # the hybrid's dwell: then the edge, whose draft has prefilled meanwhile
+
+
+def test_the_sdk_offers_only_where_its_prompt_prefill_is_a_sizable_share_of_the_tpot_budget():
+    # a Mac-mini-class draft prefills 1.81 ms a token; TPOT budgets of 30 and 60 ms
+    assert offers_start_on_server(129, 24, 30.0, 1.81)  # HumanEval's median: 10 ms a token of a 30 ms budget
+    assert not offers_start_on_server(26, 120, 60.0, 1.81)  # ShareGPT's median: 0.4 ms a token of 60
+    assert not offers_start_on_server(129, 24, 60.0, 1.0)
+    assert offers_start_on_server(5, 200, 60.0, None)  # nothing timed yet: offer, the server decides
+
+
+def test_the_client_times_its_prefill_and_then_offers_by_the_rule(backend, tiny_bundle, reference):
+    """The first generation offers (no prefill timed yet) and is started on the server; the tiny draft's prefill of
+    a few tokens is then timed, and a 40-token generation does not offer: it speculates from its first round."""
+
+    async def main():
+        async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
+            async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(3)) as client:
+                assert client.prefill_ms_per_token is None
+                first = await client.generate(PROMPTS[0], max_new_tokens=MAX_NEW)
+                rate = client.prefill_ms_per_token
+                second = await client.generate(PROMPTS[1], max_new_tokens=MAX_NEW)
+                return first, rate, second
+
+    first, rate, second = asyncio.run(main())
+    assert first.token_ids == reference(PROMPTS[0], MAX_NEW) and first.stats.switches >= 1
+    assert rate is not None and 0.0 < rate < 1000.0
+    assert not offers_start_on_server(len(PROMPTS[1]), MAX_NEW, 200.0, rate)
+    assert second.token_ids == reference(PROMPTS[1], MAX_NEW)
+    # every token after the first (the Open's) came from its rounds
+    assert (
+        second.stats.switches == 0
+        and sum(r.committed for r in second.stats.rounds) == second.stats.new_tokens - 1
+    )

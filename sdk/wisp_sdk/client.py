@@ -26,7 +26,7 @@ from wisp_sdk.errors import WispError
 from wisp_sdk.generation import Generation
 from wisp_sdk.predictor import RejectionPredictor
 from wisp_sdk.protocol import SLO, Mode, SamplingParams, Welcome
-from wisp_sdk.session import GenerationRequest
+from wisp_sdk.session import GenerationRequest, offers_start_on_server
 from wisp_sdk.stats import GenerationResult
 from wisp_sdk.tokenizer import DraftTokenizer
 from wisp_sdk.transport import LinkDown, Transport, tls_context
@@ -57,6 +57,7 @@ class AsyncEdgeClient:
         overload_retry_s: float = 10.0,
         ca_file: str | Path | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        start_on_server: bool | None = None,
     ) -> None:
         if mode not in ("speculative", "centralized"):
             raise WispError(f"mode must be speculative or centralized, not {mode!r}")
@@ -99,6 +100,10 @@ class AsyncEdgeClient:
             if mode == "speculative"
             else None
         )
+        # `Open.start_on_server`: None offers it where `offers_start_on_server` says it pays, from the draft's
+        # prompt prefill time measured on the previous generations (`prefill_ms_per_token`); True always, False never
+        self.start_on_server = start_on_server
+        self.prefill_ms_per_token: float | None = None
         self.last_result: GenerationResult | None = None
         self._lock: asyncio.Lock | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-draft")
@@ -155,13 +160,19 @@ class AsyncEdgeClient:
         """
         if timeout is not None and timeout <= 0:
             raise WispError(f"timeout must be > 0 seconds, not {timeout}")
+        ids = self.encode_prompt(prompt)
+        slo = slo or self.slo
+        offer = self.start_on_server
+        if offer is None:
+            offer = offers_start_on_server(len(ids), max_new_tokens, slo.tpot_ms, self.prefill_ms_per_token)
         request = GenerationRequest(
-            prompt_ids=self.encode_prompt(prompt),
+            prompt_ids=ids,
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-            slo=slo or self.slo,
+            slo=slo,
             stop=[stop] if isinstance(stop, str) else list(stop or []),
             mode=self.mode,
+            start_on_server=offer,
         )
         ctl = make_controller(controller or self.controller_spec, self.predictor)
         if self._lock is None:
@@ -179,6 +190,7 @@ class AsyncEdgeClient:
                 resume_deadline_s=self.resume_deadline_s,
                 connect_timeout_s=self.connect_timeout_s,
                 overload_retry_s=self.overload_retry_s,
+                on_prefill=self._prefilled,
             )
             gen = generation.run()
             try:
@@ -205,6 +217,13 @@ class AsyncEdgeClient:
                 # Runs `run`'s cleanup now, under the lock (not later from the garbage collector), so the
                 # server session is closed before the next generation may start.
                 await gen.aclose()
+
+    def _prefilled(self, ms: float, tokens: int) -> None:
+        """The draft's prompt prefill of a new generation took `ms` for `tokens` (on the draft's thread)."""
+        if tokens > 0 and ms > 0.0:
+            rate = ms / tokens
+            last = self.prefill_ms_per_token
+            self.prefill_ms_per_token = rate if last is None else 0.8 * last + 0.2 * rate
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """A string is tokenized as is; chat messages go through the bundle's template; ids pass through."""

@@ -19,8 +19,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -61,8 +61,10 @@ class Generation:
         resume_deadline_s: float,
         connect_timeout_s: float,
         overload_retry_s: float,
+        on_prefill: Callable[[float, int], None] | None = None,
     ) -> None:
         self.request = request
+        self.on_prefill = on_prefill  # (ms, tokens) of the draft's prompt prefill, on the draft's thread
         self.ctl = controller
         self.transport = transport
         self.runner = runner
@@ -130,7 +132,17 @@ class Generation:
             await self.transport.connect()
         await self.transport.send(sess.open_message())
         if self.runner is not None and self.request.mode == "speculative":  # prefill the draft too
-            self.pool.submit(self.runner.sync, sess.context)  # FIFO: before any round
+            fut = self.pool.submit(self.runner.sync, sess.context)  # FIFO: before any round
+            report, n = self.on_prefill, len(sess.context)
+            if (
+                report is not None and not sess.generated
+            ):  # the prompt's own prefill, not a rebuild's catch-up
+
+                def timed(f: Future[float]) -> None:
+                    if not f.cancelled() and f.exception() is None:
+                        report(f.result(), n)
+
+                fut.add_done_callback(timed)
         opened, _ = await self.transport.recv_expect(sess, Opened)
         delta = sess.on_opened(opened)
         self.need_open, self.need_send, self.predrafted = False, False, []

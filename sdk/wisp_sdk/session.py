@@ -29,6 +29,29 @@ from wisp_sdk.protocol import (
 )
 from wisp_sdk.tokenizer import DraftTokenizer, TextStream
 
+# `offers_start_on_server`: the share of a token's TPOT budget above which the device's prompt prefill, spread over
+# the generation, is worth the server's decoding while it runs.
+START_ON_SERVER_SHARE = 0.1
+
+
+def offers_start_on_server(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    tpot_ms: float,
+    prefill_ms_per_token: float | None,
+    share: float = START_ON_SERVER_SHARE,
+) -> bool:
+    """Should the device offer `Open.start_on_server`? The offer hides its draft's prompt prefill (P ms) behind the
+    server's decoding, but the server then decodes the session's first tokens (16 at least) at one step item each,
+    and the device catches its draft up on them. P costs a generation of n tokens P / (n - 1) ms a token of TPOT:
+    offer where that is more than `share` of the budget. Simulated (docs/scheduling.md §12): ShareGPT prompts on a
+    Mac mini (median 26 tokens, ≈ 0.05 s) cost 15-19 % of WISP's goodput offered, at 7B and TPOT 60; HumanEval
+    (median 129 tokens, 24-token generations) at TPOT 30 lost half its attainment without. Unmeasured
+    (`prefill_ms_per_token` None: no prefill timed yet): offer, and let the server decide."""
+    if prefill_ms_per_token is None:
+        return True
+    return prompt_tokens * prefill_ms_per_token > share * tpot_ms * max(1, max_new_tokens - 1)
+
 
 @dataclass
 class GenerationRequest:

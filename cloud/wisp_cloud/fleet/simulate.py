@@ -120,6 +120,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
+    from wisp_sdk.session import offers_start_on_server
 
     if cfg.balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}, not {cfg.balance!r}")
@@ -200,8 +201,13 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.probe = regime is not None and regime.enlist()
         s.think = s.answered = None
         active[s.sid] = s
-        # start_on_server: the device prefills its draft while the server prefills and then decodes
-        on = cfg.start_on_server and reps[s.rep].regime is not None
+        # start_on_server: the device prefills its draft while the server prefills and then decodes; it offers
+        # where its prefill is a sizable share of the TPOT budget (the SDK's rule, with the rate it measured)
+        on = (
+            cfg.start_on_server
+            and reps[s.rep].regime is not None
+            and offers_start_on_server(s.plen, s.max_new, cfg.slo_tpot_ms, dev_prof.prefill_ms_per_token)
+        )
         s.ready_at = now + dev_prof.step_s(rng, s.plen + 1) if on else None
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
         s.dl = SessionDeadlines(
