@@ -9,7 +9,7 @@ import time
 from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend, next_token
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.server import WispServer
-from wisp_sdk.protocol import SLO, Hello, Open, Round, Verdict
+from wisp_sdk.protocol import SLO, Open, Round, Verdict
 from ws_client import Client
 
 VOCAB = 1000
@@ -33,7 +33,7 @@ def test_engine_announces_the_next_round_after_the_measured_device_time():
         seen: list[tuple[float, float | None]] = []  # (verdict received, announced time) per round
         try:
             c = await Client.connect(server.url)
-            await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            await c.hello(FAKE_FINGERPRINT)
             prompt = [5, 6, 7]
             opened = await c.request(Open(prompt_ids=prompt, max_new_tokens=60, slo=SLO(tpot_ms=200.0)))
             tokens = [opened.next_token]
@@ -99,11 +99,11 @@ def test_a_rounds_verdict_is_built_after_the_next_step_has_launched():
         engine.committer.answer = traced_answer
         try:
             dec = await Client.connect(server.url)
-            await dec.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            await dec.hello(FAKE_FINGERPRINT)
             first = await dec.request(Open(prompt_ids=[1, 2, 3], max_new_tokens=200, mode="centralized"))
             assert first.mode == "centralized"
             spec = await Client.connect(server.url)
-            await spec.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            await spec.hello(FAKE_FINGERPRINT)
             prompt = [5, 6, 7]
             opened = await spec.request(Open(prompt_ids=prompt, max_new_tokens=40, slo=SLO(tpot_ms=500.0)))
             tokens = [opened.next_token]

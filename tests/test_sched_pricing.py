@@ -70,7 +70,7 @@ def test_hybrid_rule_switches_with_hysteresis():
 
 def test_hybrid_test_hook_switches_every_n():
     rule = HybridRule(every=3)
-    assert [rule.to_centralized(r, 4, 0.99, 0.0, 50.0) for r in (1, 2, 3)] == [False, False, True]
+    assert [rule.to_centralized(r, 4, 0.99, 0.0, 50.0) for r in (1, 2, 3)] == [None, None, Why.hook]
     assert [rule.to_speculative(d, 4, 0.0, 1e9, 50.0) for d in (1, 2, 3)] == [False, False, True]
 
 
@@ -140,8 +140,8 @@ def test_the_rule_says_why_it_moves_a_session():
     put its moves down to the regime, a slow link or the cost."""
     rule = HybridRule()
     busy = {"price_ms": 40.0, "tpot_ms": 50.0}
-    assert rule.why_centralized(rounds=8, k=4, alpha=0.2, **busy) is Why.cost
-    assert rule.why_centralized(rounds=8, k=4, alpha=0.98, **busy) is None
+    assert rule.to_centralized(rounds=8, k=4, alpha=0.2, **busy) is Why.cost
+    assert rule.to_centralized(rounds=8, k=4, alpha=0.98, **busy) is None
     # a round of 200 ms for ≈ 2.3 tokens on a 50 ms SLO, where a decode step takes 30 ms
-    assert rule.why_centralized(rounds=1, k=4, alpha=0.6, round_ms=200.0, decode_ms=30.0, **busy) is Why.slow
-    assert HybridRule(every=2).why_centralized(rounds=2, k=4, alpha=0.9, **busy) is Why.hook
+    assert rule.to_centralized(rounds=1, k=4, alpha=0.6, round_ms=200.0, decode_ms=30.0, **busy) is Why.slow
+    assert HybridRule(every=2).to_centralized(rounds=2, k=4, alpha=0.9, **busy) is Why.hook

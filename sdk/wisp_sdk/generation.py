@@ -134,9 +134,8 @@ class Generation:
         if self.runner is not None and self.request.mode == "speculative":  # prefill the draft too
             fut = self.pool.submit(self.runner.sync, sess.context)  # FIFO: before any round
             report, n = self.on_prefill, len(sess.context)
-            if (
-                report is not None and not sess.generated
-            ):  # the prompt's own prefill, not a rebuild's catch-up
+            # the prompt's own prefill, not a rebuild's catch-up
+            if report is not None and not sess.generated:
 
                 def timed(f: Future[float]) -> None:
                     if not f.cancelled() and f.exception() is None:

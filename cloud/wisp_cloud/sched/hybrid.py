@@ -106,25 +106,8 @@ class HybridRule:
         round_ms: float | None = None,
         decode_ms: float | None = None,
         item_ratio: float = 0.0,
-    ) -> bool:
-        """After a verdict: switch this speculative session to server-side decoding?"""
-        return (
-            self.why_centralized(rounds, k, alpha, price_ms, tpot_ms, round_ms, decode_ms, item_ratio)
-            is not None
-        )
-
-    def why_centralized(
-        self,
-        rounds: int,
-        k: int,
-        alpha: float | None,
-        price_ms: float,
-        tpot_ms: float,
-        round_ms: float | None = None,
-        decode_ms: float | None = None,
-        item_ratio: float = 0.0,
     ) -> Why | None:
-        """`to_centralized`, with the reason it moves (None: it stays)."""
+        """After a verdict: switch this speculative session to server-side decoding? Why, or None: it stays."""
         if self.every:
             return Why.hook if rounds >= self.every else None
         # Too slow is judged from the first measured round, at the prior α until α is measured: a session that
@@ -157,7 +140,7 @@ class HybridRule:
             return Why.edge if self.to_speculative(steps, *inputs(), trips=trips) else None
         if decode_all and not probing:
             return Why.regime
-        return self.why_centralized(steps, *inputs())
+        return self.to_centralized(steps, *inputs())
 
     def dwelt(self, decoded: int, trips: int = 0) -> bool:
         """Has a decoded session stayed long enough to be handed back (`to_speculative` asks this first)?"""

@@ -188,8 +188,8 @@ class Regime:
         # The server's estimator starts as `wisp profile`'s fit, which holds the GPU's time only: decoding's
         # per-item host work (39 µs an item at 7B in H200 run 40's online fit, against a profile that prices a
         # sequence at 0) enters with the online refits. On the profile, N_dec came out 1952 against ≈ 600 after
-        # two refits, and in run 40 every fresh engine flipped to the centralized regime and back (2 flips a
-        # point, 300-370 sessions moved to the server). So the first decision waits for `min_refits` refits.
+        # two refits, and in run 40 every fresh engine flipped to the centralized regime and back (2 flips and
+        # 298-366 moves to the server a point). So the first decision waits for `min_refits` refits.
         self.min_refits = min_refits
         self._refits0 = estimator.refits
         self.quantile, self.margin, self.hysteresis = quantile, margin, hysteresis
