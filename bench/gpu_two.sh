@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Two different rows side by side on a 2-GPU host, one per GPU (docs/benchmarks.md "GPU runs 37-40" ran them as
+# inline commands): each half is `bench/gpu_capacity.sh` with the server on 4 cores and the fleet on 12, as in
+# bench/gpu_pair.sh. ROW0 / ROW1 are the halves' settings, shell assignments (eval'ed, so quote values with spaces).
+# Writes $OUT/g0, $OUT/g1 (bench/bench.json, est-online.json, records.tgz, steps.txt) and the printed lines
+# $OUT/g{0,1}.log.
+#   OUT=/tmp/two ROW0="CONFIG=qwen2.5-7b N=640,720 POLICIES=centralized,wisp,sled" \
+#     ROW1="CONFIG=qwen2.5-32b KV=200000 MAX_BATCH=256 EST=bench/results/estimator/est-h200-32b-varlen.json" \
+#     bash bench/gpu_two.sh
+set -u
+OUT=${OUT:-runs/gpu-two}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+half() {  # half GPU SERVER_CORES FLEET_CORES ROW
+  (
+    export DURATION=12 WARMUP=3 SLED_K=3 TPOT=60 INTERLEAVE=1 DEVICE_PROFILE=mac-m4 LINK=metro-edge
+    export WORKLOAD=sharegpt CONFIG=qwen2.5-7b KV=800000 MAX_BATCH=512 GRAPH_WARMUP_S=60
+    export EST=bench/results/estimator/est-h200-7b-varlen.json
+    eval "export $4"
+    export SERVE_EXTRA="--max-context-len 1024 --graph-warmup-s $GRAPH_WARMUP_S --admission-target 0 ${SERVE_MORE:-}"
+    CUDA_VISIBLE_DEVICES=$1 SERVER_CORES=$2 FLEET_CORES=$3 OUT=$OUT/g$1 \
+      timeout "${TMO:-540}" bash bench/gpu_capacity.sh > "$OUT/g$1.log" 2>&1
+  )
+}
+half 0 0-3 4-15 "${ROW0:-}" &
+half 1 16-19 20-31 "${ROW1:-}" &
+wait
+for d in g0 g1; do
+  tmp=$(mktemp -d)
+  tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null || cp -r "$OUT/$d/bench/logs" "$tmp/" 2>/dev/null
+  grep -hE "server_start|steps n=|policy_switch|session_switch" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
+  rm -rf "$tmp"
+  grep -hE "N=|capacity" "$OUT/$d.log" | cut -c1-200
+done
