@@ -291,6 +291,7 @@ class Committer:
         if why is None:
             return False
         session.mode, session.mode_steps = to, 0
+        session.catching_up = to == "speculative"
         session.switches += 1
         self.switch_counts[to] += 1
         self.switch_reasons[why.value] += 1

@@ -383,10 +383,13 @@ class Engine:
             # admission pairs the mean draft length with the mean device time (a controller varies k per round)
             session.k_mean = float(k) if session.k_mean is None else 0.8 * session.k_mean + 0.2 * k
             # device time since our last answer: draft + network. Not the first round's: it also holds the
-            # device's one-off prompt prefill, which would make the session look slow for many rounds.
-            if d is not None and d.anchor is not None and not first_round:
+            # device's one-off prompt prefill, which would make the session look slow for many rounds. Nor the
+            # first after a return from server decoding (its catch-up feed): on an H200 (run 41) that made
+            # returned sessions look slow, and the hybrid's too-slow rule sent them back to the server.
+            if d is not None and d.anchor is not None and not first_round and not session.catching_up:
                 think = max(0.0, job.enqueued_at - d.anchor)
                 session.think_s = think if session.think_s is None else 0.8 * session.think_s + 0.2 * think
+            session.catching_up = False
         job.cached_len = self.backend.cached_len(session.id)
         job.request = request_of(job)
         session.pending = job

@@ -71,6 +71,9 @@ class Session:
     start_on_server: bool = False
     switches: int = 0
     mode_steps: int = 0
+    # back from server decoding: its next round's device time also holds the draft's catch-up feed of the tokens
+    # decoded meanwhile (16-256 of them), so, like a first round's prompt prefill, it is not device time to learn
+    catching_up: bool = False
     sid_raw: bytes = field(init=False, repr=False)  # the id's 16 bytes, as binary frames carry it
     work_sampling: Sampling = field(init=False, repr=False)  # the backend's plain copy of `sampling`
 
