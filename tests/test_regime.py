@@ -171,3 +171,16 @@ def test_the_regime_waits_for_the_online_fit_before_its_first_decision(est32):
         est.observe(est.predict(shapes), shapes)
     assert est.refits == 2
     assert r.decide(2.0) == "centralized" and r.last is not None
+
+
+def test_decoding_is_chosen_only_while_it_would_serve_every_open_session(est32):
+    # the fleet of the flip above (decoding serves more), but more sessions open than decoding could serve: all of
+    # them would miss decoded, so the regime stays speculative (H200 run 42: an overloaded fleet flipped and lost)
+    r = Regime(est32, min_samples=8, every_s=1.0)
+    for i in range(8):
+        _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
+    assert r.decide(0.0, active=10_000) == "speculative"
+    n_dec = r.last.decode if r.last is not None else -1
+    assert n_dec > 0
+    assert r.decide(1.0, active=n_dec + 1) == "speculative"
+    assert r.decide(2.0, active=n_dec) == "centralized"

@@ -271,7 +271,7 @@ class Committer:
         session.mode_steps += 1
         now = time.monotonic()
         regime = self.regime
-        decode_all = regime is not None and regime.decide(now) == "centralized"
+        decode_all = regime is not None and regime.decide(now, len(self.store)) == "centralized"
         probing = session.probe and regime is not None and session.mode_steps < regime.probe_rounds
 
         def inputs() -> SwitchInputs:

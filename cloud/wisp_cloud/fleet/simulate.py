@@ -405,7 +405,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if back:
             s.catchup += 1
         regime = reps[s.rep].regime
-        decode_all = regime is not None and regime.decide(now) == "centralized"
+        decode_all = regime is not None and regime.decide(now, reps[s.rep].live) == "centralized"
         probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
 
         def inputs() -> SwitchInputs:

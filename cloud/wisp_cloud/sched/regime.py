@@ -20,7 +20,9 @@ fast, links short and acceptance high. On an H200 (estimators of runs 12–13, M
 token, a 5 ms link, ShareGPT's 10th-percentile acceptance 0.66) the model gives N_dec 80 against N_spec ≈ 45 at 32B,
 TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every speculative arm missed (runs 19–21).
 
-`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %): in the centralized
+`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), and decoding only
+while it would serve every open session (past N_dec all of them would miss, so an overloaded fleet stays
+speculative, where the well-accepted sessions still meet the SLO): in the centralized
 regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
 WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
 per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `MIN_ROUNDS` measured rounds; in the
@@ -221,8 +223,13 @@ class Regime:
         self._opened += 1
         return self._opened % self.probe_every == 0
 
-    def decide(self, now: float) -> Mode:
-        """The current mode, re-decided at most every `every_s` seconds."""
+    def decide(self, now: float, active: int | None = None) -> Mode:
+        """The current mode, re-decided at most every `every_s` seconds. `active`: the sessions open now. Decoding
+        is chosen only while it would serve them all (active ≤ N_dec): past that every decoded session misses its
+        SLO, while speculation still serves the well-accepted ones. On an H200 (7B, Jetson, code10, run 42) an
+        overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
+        server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
+        attainment at 1120-1280 devices, where centralized served 0.25."""
         if now - self._decided_at < self.every_s or len(self._samples) < self.min_samples:
             return self.mode
         if self.estimator.refits - self._refits0 < self.min_refits:
@@ -233,7 +240,8 @@ class Regime:
         )
         self.last = cap
         h = 1.0 + self.hysteresis
-        if self.mode == "speculative" and cap.decode > h * cap.speculative:
+        serves_all = active is None or active <= cap.decode
+        if self.mode == "speculative" and cap.decode > h * cap.speculative and serves_all:
             self.mode, self.flips = "centralized", self.flips + 1
         elif self.mode == "centralized" and cap.speculative > h * cap.decode:
             self.mode, self.flips = "speculative", self.flips + 1
