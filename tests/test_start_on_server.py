@@ -97,3 +97,24 @@ def test_the_client_times_its_prefill_and_then_offers_by_the_rule(backend, tiny_
         second.stats.switches == 0
         and sum(r.committed for r in second.stats.rounds) == second.stats.new_tokens - 1
     )
+
+
+def test_warm_up_times_the_prefill_before_the_first_generation(backend, tiny_bundle, reference):
+    """`warm_up` runs the real draft and times a prefill, so the first generation already follows the rule: this
+    40-token one does not offer and speculates from its first round. The centralized mode has no draft to time."""
+
+    async def main():
+        async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
+            async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(3)) as client:
+                rate = await client.warm_up(16)
+                assert rate == client.prefill_ms_per_token
+                first = await client.generate(PROMPTS[1], max_new_tokens=MAX_NEW)
+            async with AsyncEdgeClient(server.url, tiny_bundle, mode="centralized") as central:
+                none = await central.warm_up()
+            return rate, first, none
+
+    rate, first, none = asyncio.run(main())
+    assert rate is not None and 0.0 < rate < 1000.0 and none is None
+    assert first.token_ids == reference(PROMPTS[1], MAX_NEW)
+    assert first.stats.switches == 0
+    assert sum(r.committed for r in first.stats.rounds) == first.stats.new_tokens - 1

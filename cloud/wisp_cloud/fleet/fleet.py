@@ -56,6 +56,10 @@ async def _device(
     client = ShapedClient.from_prototype(
         proto, mode, link=cfg["link"], seed=cfg["seed"] * 100_003 + dev, controller=cfg["controller"]
     )
+    # a device that warmed its draft up at start-up (`AsyncEdgeClient.warm_up`) knows its prefill rate from the first
+    # generation on, as the simulator's devices do; without it every first session offers `start_on_server`
+    if mode == "speculative":
+        client.prefill_ms_per_token = cfg["device"].prefill_ms_per_token
     prompts: list[list[int]] = cfg["prompt_ids"]
     truths: dict[int, list[int]] = cfg.get("truth") or {}
     slo = SLO(ttft_ms=cfg["slo_ttft_ms"], tpot_ms=cfg["slo_tpot_ms"])
