@@ -13,6 +13,7 @@ by least squares over the busy windows (busy ≥ 0.5: in idle windows the gap ho
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import sys
@@ -27,7 +28,8 @@ def windows(path: str) -> list[tuple[str, float, float, float, float]]:
     """(arm kind, batch mean, tokens mean, host p50 ms, busy) per busy window of a steps log."""
     out = []
     kind = "verify"
-    for line in open(path, encoding="utf-8"):
+    opener = gzip.open if path.endswith(".gz") else open  # the larger logs are kept gzipped
+    for line in opener(path, "rt", encoding="utf-8"):
         if "server_start" in line or "engine backend" in line or "policy_switch" in line:
             # one server per arm, or (since run 18) one server whose policy the bench switches between arms
             m = _POLICY.search(line)
