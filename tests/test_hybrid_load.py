@@ -32,9 +32,18 @@ def fake_greedy(prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
-async def drive(url: str, prompt: list[int], n: int, accept: float, k: int, tpot_ms: float, seed: int) -> Run:
+async def drive(
+    url: str,
+    prompt: list[int],
+    n: int,
+    accept: float,
+    k: int,
+    tpot_ms: float,
+    seed: int,
+    think_s: float = 0.0,
+) -> Run:
     """A client drafting k tokens per round, each right with probability `accept`, that follows the server's mode
-    switches (no draft model: the fake target's continuation is known)."""
+    switches (no draft model: the fake target's continuation is known); `think_s`: its drafting time a round."""
     rng = random.Random(seed)
     c = await Client.connect(url)
     await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
@@ -54,6 +63,8 @@ async def drive(url: str, prompt: list[int], n: int, accept: float, k: int, tpot
                 done = msg.done
             continue
         rnd += 1
+        if think_s:
+            await asyncio.sleep(think_s)
         seq = prompt + run.tokens
         draft: list[int] = []
         for _ in range(min(k, n - len(run.tokens) - 1)):
@@ -86,11 +97,21 @@ def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decod
         await server.start()
         try:
             prompts = [[3 + i, 40 + i, 7] for i in range(24)]
-            # 23 short sessions with poor drafts and a tight TPOT load the GPU; one long one (a TPOT its link meets
-            # easily, so only the load can move it) outlives them
+            # 23 short sessions with poor drafts, a tight TPOT and a slow device (20 ms of drafting a round, for
+            # ≈ 1.25 tokens: too slow for 10 ms a token whatever the queue) load the GPU; one long one (a TPOT its
+            # link meets easily, so only the load can move it) outlives them
             runs = await asyncio.gather(
                 *(
-                    drive(server.url, p, 160 if i == 0 else 60, 0.2, 6, 20.0 if i == 0 else 10.0, seed=i)
+                    drive(
+                        server.url,
+                        p,
+                        160 if i == 0 else 60,
+                        0.2,
+                        6,
+                        20.0 if i == 0 else 10.0,
+                        seed=i,
+                        think_s=0.0 if i == 0 else 0.02,
+                    )
                     for i, p in enumerate(prompts)
                 )
             )
