@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             await client.connect()  # a wrong URL, token or bundle fails here, before we listen
+            # the draft's first (slow) run and its prefill rate, before the first request: the rate decides the
+            # start_on_server offer from the first generation on
+            await client.warm_up()
             model = args.model_name or Path(args.draft).resolve().name
             api = OpenAIHttp(
                 EdgeCompleter(client, model), frozenset([args.api_key]) if args.api_key else frozenset()
