@@ -9,53 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from wisp_cloud.backends.fake import FAKE_FINGERPRINT, FakeBackend, next_token
+from fake_drive import VOCAB, drive
+from wisp_cloud.backends.fake import FakeBackend
 from wisp_cloud.config import ServerConfig
 from wisp_cloud.server import WispServer
-from wisp_sdk.protocol import SLO, Hello, Open, Round, Switch, Tokens, Verdict
-from ws_client import Client
 
-VOCAB = 1000
 CATCH_UP_S = 0.3  # the device's catch-up feed after each return to the edge
-
-
-async def drive(url: str, prompt: list[int], n: int) -> tuple[str, int]:
-    """Perfect 3-token drafts sent at once, except the first round after each return: (session id, returns)."""
-    c = await Client.connect(url)
-    await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
-    opened = await c.request(Open(prompt_ids=prompt, max_new_tokens=n, slo=SLO(tpot_ms=60.0)))
-    tokens = [opened.next_token]
-    done, rnd, central, returns = opened.done, 0, False, 0
-    while not done:
-        if central:
-            msg = await c.recv()
-            if isinstance(msg, Switch):
-                central, returns = False, returns + 1
-                await asyncio.sleep(CATCH_UP_S)
-            else:
-                assert isinstance(msg, Tokens), msg
-                tokens += msg.tokens
-                done = msg.done
-            continue
-        rnd += 1
-        seq = prompt + tokens
-        draft: list[int] = []
-        for _ in range(min(3, n - len(tokens) - 1)):
-            draft.append(next_token(seq[-1], len(seq) - 1, VOCAB))
-            seq = seq + [draft[-1]]
-        v = await c.request(
-            Round(
-                session_id=opened.session_id,
-                round=rnd,
-                committed_len=len(prompt) + len(tokens),
-                draft_ids=draft,
-            )
-        )
-        assert isinstance(v, Verdict), v
-        tokens += draft[: v.accepted] + [v.next_token]
-        done, central = v.done, v.centralize
-    await c.aclose()
-    return opened.session_id, returns
 
 
 def test_catch_up_after_a_return_is_not_device_time():
@@ -65,10 +24,11 @@ def test_catch_up_after_a_return_is_not_device_time():
         server = WispServer(backend, config)
         await server.start()
         try:
-            sid, returns = await drive(server.url, [5, 6, 7], 40)
-            session = server.engine.store.get(sid)
+            # perfect 3-token drafts sent at once, except the first round after each return
+            run = await drive(server.url, [5, 6, 7], 40, 1.0, 3, 60.0, seed=0, catch_up_s=CATCH_UP_S)
+            session = server.engine.store.get(run.session_id)
             assert session is not None
-            return returns, session.think_s
+            return run.modes.count("speculative"), session.think_s
         finally:
             await server.stop()
 
