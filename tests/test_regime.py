@@ -184,3 +184,56 @@ def test_decoding_is_chosen_only_while_it_would_serve_every_open_session(est32):
     assert n_dec > 0
     assert r.decide(1.0, active=n_dec + 1) == "speculative"
     assert r.decide(2.0, active=n_dec) == "centralized"
+
+
+def test_prompt_work_rides_every_step_in_both_modes(est32):
+    # a HumanEval-like fleet at TPOT 60: prompts several times longer than the answers make every step compute-bound
+    fleet = _fleet(0.88, 60.0)
+    bare = capacities(est32, fleet, MAC_M4)
+    heavy = capacities(est32, fleet, MAC_M4, prompt_per_token=7.0)
+    assert heavy.decode < bare.decode / 4 and heavy.speculative < bare.speculative / 4, (bare, heavy)
+    # N_dec is still the largest batch whose step (its decodes and their share of prompt tokens) fits the SLO
+    n = heavy.decode
+    assert step_ms(est32, n, 1, 500, 7 * n) <= 54.0 < step_ms(est32, n + 1, 1, 500, 7 * (n + 1))
+
+
+def test_the_fleets_own_draft_length_is_the_one_priced(est32):
+    fleet = _fleet(0.88, 30.0)
+    best = capacities(est32, fleet, MAC_M4)
+    own = capacities(est32, fleet, MAC_M4, fleet_k=11.2)
+    assert own.k == 11 and best.k != 11
+    assert own.speculative <= best.speculative
+
+
+def test_the_regime_measures_prompt_tokens_per_committed_token():
+    r = Regime(VerifyTimeEstimator())
+    assert r.prompt_per_token() == 0.0
+    for _ in range(20):  # 20 sessions: a 150-token prompt and its first token, then 24 tokens in rounds of 4
+        r.produced(150, 1)
+        for _ in range(6):
+            r.produced(0, 4)
+    assert r.prompt_per_token() == pytest.approx(150 / 25, rel=0.05)
+    assert r.stats()["prompt_per_token"] == pytest.approx(6.0, rel=0.05)
+
+
+def test_the_engine_counts_prompts_and_committed_tokens_for_the_regime():
+    import asyncio
+
+    from fake_drive import VOCAB, drive
+    from wisp_cloud.backends.fake import FakeBackend
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.server import WispServer
+
+    async def main() -> float:
+        backend = FakeBackend(VOCAB, base_s=0.001, per_token_s=0.0)
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
+        await server.start()
+        try:
+            await drive(server.url, list(range(5, 45)), 20, 1.0, 3, 60.0, seed=0)  # 40 prompt tokens, 20 new
+            regime = server.engine.committer.regime
+            assert regime is not None
+            return regime.prompt_per_token()
+        finally:
+            await server.stop()
+
+    assert asyncio.run(main()) == pytest.approx(40 / 20, rel=0.02)

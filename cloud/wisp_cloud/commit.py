@@ -141,6 +141,8 @@ class Committer:
             self.queue.hints.queued(job.started_at - job.enqueued_at)
         proposed = job.draft[: out.accepted] + [out.next_token]
         take, done = cut(session, proposed, self._eos, self.max_context_len)
+        if self.regime is not None:
+            self.regime.produced(session.committed_len if job.kind == JobKind.open else 0, take)
         session.tokens += proposed[:take]
         rec = Committed(job, take, take - 1, done, now, next_token=proposed[take - 1])
         if done:

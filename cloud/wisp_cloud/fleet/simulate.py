@@ -323,8 +323,11 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
 
     def on_answer(s: Sess, req: Request, finish: float, batch_s: float) -> None:
         """A request's last piece ran at `finish`: commit, answer the device, queue what follows."""
+        regime = reps[s.rep].regime
         if req.kind == "prefill":
             s.gen = 1
+            if regime is not None:
+                regime.produced(s.plen, 1)
             s.dl.on_first_token(finish)
             arrive = finish + down(_VERDICT_BYTES)
             s.first_dev = s.last_dev = arrive
@@ -340,6 +343,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             return
         if req.kind == "decode":
             s.gen += 1
+            if regime is not None:
+                regime.produced(0, 1)
             s.dl.on_round(0, 0, finish)
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
@@ -360,6 +365,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         room = s.max_new - s.gen
         commit = min(accepted + 1, room)
         s.gen += commit
+        if regime is not None:
+            regime.produced(0, commit)
         s.unfed = int(s.tail_unfed and accepted == len(kept))
         s.n_drafted += len(kept)
         s.n_accepted += accepted
@@ -379,7 +386,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
-        regime = reps[s.rep].regime
         acc = s.dl.acceptance
         if regime is not None and s.think is not None and s.k_mean is not None and acc.n_rounds >= MIN_ROUNDS:
             sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)

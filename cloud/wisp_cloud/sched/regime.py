@@ -11,8 +11,14 @@ one: the lowest acceptance, the tightest SLO.
   does not read as a slower device), then half a step of waiting for the running step and one step S. A round
   commits E(k, α_i) tokens, so session i meets its SLO while S ≤ S_i = (m·E(k, α_i)·TPOT_i − a − b·k) / 1.5.
   The GPU may run steps as long as S = quantile_q(S_i); each session rides one step per round R_i = a + b·k + 1.5·S
-  with k + 1 tokens. N_spec(k) is the largest N with step(N · mean(S/R_i) items of k + 1 tokens) ≤ S, and
-  N_spec is its best over k (the controllers adapt k).
+  with k + 1 tokens. N_spec is the largest N with step(N · mean(S/R_i) items of k + 1 tokens) ≤ S at the fleet's
+  own mean draft length k (what its controllers draft now, not the k that would serve most: at 32B / HumanEval
+  the fleet drafted k ≈ 11 where the best k was 4); before any round is measured, the best k in 1..`max_k`.
+- **Prompts** cost both modes alike: ρ prompt tokens per committed token (the fleet's, measured) ride the steps as
+  one more item of ρ × (the step's committed tokens). Where ρ is large (HumanEval: a 158-token prompt for a
+  22-token answer, ρ ≈ 7) every step is compute-bound, and speculation's (k + 1)/E verified tokens per committed
+  one cost what they cost in compute, unshared: left out, the model put N_dec and N_spec at 249–350 sessions on
+  an H200 at 32B where ≈ 50 were open at 90 % attainment (run 43), and never chose decoding.
 
 Rejected drafts are verified too: speculation pays only where its longer steps share the weight read among more
 sessions than its (k + 1)/E tokens per committed token cost in compute, i.e. where TPOT is close to w, drafts are
@@ -40,7 +46,7 @@ from dataclasses import dataclass
 from wisp_sdk.protocol import Mode
 
 from wisp_cloud.deadlines import expected_committed
-from wisp_cloud.estimator import BatchShape, VerifyTimeEstimator
+from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 
 WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to end, then rides the next
 
@@ -90,18 +96,25 @@ def _largest(ok: Callable[[int], bool], hi: int) -> int:
     return lo
 
 
-def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: int) -> float:
-    """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`."""
+def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: int, prompt: int = 0) -> float:
+    """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`, plus `prompt` prompt
+    tokens (one more item, no context)."""
     if items <= 0:
         return 0.0
-    return 1000.0 * estimator.predict_shape(BatchShape.uniform(items, tokens, context))
+    shape = BatchShape.uniform(items, tokens, context)
+    if prompt > 0:
+        shape = shape.plus(ItemShape(prompt, 0))
+    return 1000.0 * estimator.predict_shape(shape)
 
 
 def _fits(
-    estimator: VerifyTimeEstimator, share: float, tokens: int, context: int, period: float
+    estimator: VerifyTimeEstimator, share: float, tokens: int, context: int, period: float, prompt: float
 ) -> Callable[[int], bool]:
-    """Does a step of N sessions' rounds (N × share items of `tokens` tokens) fit in `period` ms?"""
-    return lambda n: step_ms(estimator, max(1, round(n * share)), tokens, context) <= period
+    """Does a step of N sessions' rounds (N × share items of `tokens` tokens, and N × `prompt` prompt tokens)
+    fit in `period` ms?"""
+    return lambda n: (
+        step_ms(estimator, max(1, round(n * share)), tokens, context, round(n * prompt)) <= period
+    )
 
 
 def capacities(
@@ -112,13 +125,18 @@ def capacities(
     margin: float = 0.9,
     most: int = 2048,
     max_k: int = 8,
+    prompt_per_token: float = 0.0,
+    fleet_k: float | None = None,
 ) -> Capacities:
-    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`."""
+    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`, with
+    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k)."""
     context = round(sum(s.context for s in samples) / len(samples))
+    rho = max(0.0, prompt_per_token)
     s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
-    n_dec = _largest(lambda n: step_ms(estimator, n, 1, context) <= s_dec, most)
+    n_dec = _largest(lambda n: step_ms(estimator, n, 1, context, round(n * rho)) <= s_dec, most)
     best = Capacities(n_dec, 0, 0, 0.0)
-    for k in range(1, max_k + 1):
+    ks = range(1, max_k + 1) if fleet_k is None else [max(1, round(fleet_k))]
+    for k in ks:
         think = device.ms(k)
         period = _quantile(
             [
@@ -130,7 +148,8 @@ def capacities(
         if period <= 0.0:
             continue
         share = period / (think + (1.0 + WAIT_STEPS) * period)  # steps per round a session rides
-        n = _largest(_fits(estimator, share, k + 1, context, period), most)
+        committed = share * sum(expected_committed(k, s.alpha) for s in samples) / len(samples)
+        n = _largest(_fits(estimator, share, k + 1, context, period, rho * committed), most)
         if n > best.speculative:
             best = Capacities(n_dec, n, k, period)
     return best
@@ -152,6 +171,9 @@ class _LineSums:
         self.kk = self.kk * decay + k * k
         self.t = self.t * decay + t
         self.kt = self.kt * decay + k * t
+
+    def mean_k(self) -> float | None:
+        return self.k / self.w if self.w > 0.0 else None
 
     def line(self) -> DeviceLine:
         """The least-squares line. Where draft lengths hardly vary (fixed-k controllers) the intercept cannot be
@@ -204,6 +226,9 @@ class Regime:
         self._decided_at = float("-inf")
         self._opened = 0
         self._line = _LineSums()
+        # decayed tokens: prompts prefilled and tokens committed (their ratio is the fleet's ρ)
+        self._prompt = 0.0
+        self._committed = 0.0
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -213,6 +238,16 @@ class Regime:
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
+
+    def produced(self, prompt: int, committed: int) -> None:
+        """A step committed `committed` tokens of a session, and prefilled its `prompt` tokens (its first)."""
+        decay = 1.0 - committed / (32.0 * self.window)
+        self._prompt = self._prompt * decay + prompt
+        self._committed = self._committed * decay + committed
+
+    def prompt_per_token(self) -> float:
+        """ρ: the fleet's prompt tokens per committed token, lately."""
+        return self._prompt / self._committed if self._committed > 0.0 else 0.0
 
     def device(self) -> DeviceLine:
         """The device line fitted so far (`_LineSums.line`)."""
@@ -236,7 +271,13 @@ class Regime:
             return self.mode
         self._decided_at = now
         cap = capacities(
-            self.estimator, list(self._samples.values()), self.device(), self.quantile, self.margin
+            self.estimator,
+            list(self._samples.values()),
+            self.device(),
+            self.quantile,
+            self.margin,
+            prompt_per_token=self.prompt_per_token(),
+            fleet_k=self._line.mean_k(),
         )
         self.last = cap
         h = 1.0 + self.hysteresis
@@ -259,4 +300,5 @@ class Regime:
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),
+            "prompt_per_token": round(self.prompt_per_token(), 3),
         }
