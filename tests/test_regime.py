@@ -60,7 +60,7 @@ def _observe(r: Regime, sid: str, alpha: float, k: float, line: DeviceLine) -> N
 
 
 def test_regime_waits_for_samples_and_flips_with_hysteresis(est32):
-    r = Regime(est32, min_samples=8, every_s=1.0)
+    r = Regime(est32, min_samples=8, every_s=1.0, confirm=1)
     for i in range(7):
         _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
     assert r.decide(0.0) == "speculative"  # too few samples: as the sessions opened
@@ -162,7 +162,7 @@ def test_the_regime_waits_for_the_online_fit_before_its_first_decision(est32):
     run 40: every fresh engine flipped to the centralized regime and back). The first decision waits for refits."""
     est = copy.deepcopy(est32)
     est.refit_every = 4
-    r = Regime(est, min_samples=4, every_s=0.0, min_refits=2)
+    r = Regime(est, min_samples=4, every_s=0.0, min_refits=2, confirm=1)
     for i in range(8):
         r.observe(f"s{i}", SessionSample(0.1, 30.0, 500), 4.0, 60.0)  # hopeless speculation: decoding wins
     assert r.decide(1.0) == "speculative" and r.last is None  # no refit yet: not decided
@@ -176,7 +176,7 @@ def test_the_regime_waits_for_the_online_fit_before_its_first_decision(est32):
 def test_decoding_is_chosen_only_while_it_would_serve_every_open_session(est32):
     # the fleet of the flip above (decoding serves more), but more sessions open than decoding could serve: all of
     # them would miss decoded, so the regime stays speculative (H200 run 42: an overloaded fleet flipped and lost)
-    r = Regime(est32, min_samples=8, every_s=1.0)
+    r = Regime(est32, min_samples=8, every_s=1.0, confirm=1)
     for i in range(8):
         _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
     assert r.decide(0.0, active=10_000) == "speculative"
@@ -205,18 +205,34 @@ def test_the_fleets_own_draft_length_is_the_one_priced(est32):
     assert own.speculative <= best.speculative
 
 
-def test_the_regime_measures_prompt_tokens_per_committed_token():
+def test_the_regime_measures_prompt_tokens_per_answer_token_of_finished_sessions():
     r = Regime(VerifyTimeEstimator())
     assert r.prompt_per_token() == 0.0
-    for _ in range(20):  # 20 sessions: a 150-token prompt and its first token, then 24 tokens in rounds of 4
-        r.produced(150, 1)
-        for _ in range(6):
-            r.produced(0, 4)
-    assert r.prompt_per_token() == pytest.approx(150 / 25, rel=0.05)
-    assert r.stats()["prompt_per_token"] == pytest.approx(6.0, rel=0.05)
+    for _ in range(20):  # HumanEval-like: a 150-token prompt for a 25-token answer
+        r.finished(150, 25)
+    assert r.prompt_per_token() == pytest.approx(6.0)
+    assert r.stats()["prompt_per_token"] == pytest.approx(6.0)
+    for _ in range(2000):  # the fleet changes: ShareGPT-like
+        r.finished(60, 120)
+    assert r.prompt_per_token() == pytest.approx(0.5, rel=0.01)
 
 
-def test_the_engine_counts_prompts_and_committed_tokens_for_the_regime():
+def test_a_flip_needs_the_same_verdict_confirm_decisions_in_a_row(est32):
+    r = Regime(est32, min_samples=8, every_s=1.0, confirm=2)
+    for i in range(8):
+        _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
+    assert r.decide(0.0) == "speculative"  # decoding wins once: not yet
+    for i in range(8):
+        _observe(r, f"s{i}", 0.9, 3 + i % 3, MAC_M4)
+    assert r.decide(1.0) == "speculative"  # speculation wins: the count starts over
+    for i in range(8):
+        _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
+    assert r.decide(2.0) == "speculative"
+    assert r.decide(3.0) == "centralized"
+    assert r.stats()["flips"] == 1
+
+
+def test_the_engine_reports_finished_sessions_to_the_regime():
     import asyncio
 
     from fake_drive import VOCAB, drive
@@ -229,7 +245,8 @@ def test_the_engine_counts_prompts_and_committed_tokens_for_the_regime():
         server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
         await server.start()
         try:
-            await drive(server.url, list(range(5, 45)), 20, 1.0, 3, 60.0, seed=0)  # 40 prompt tokens, 20 new
+            for seed in range(2):  # 40 prompt tokens, 20 new, twice
+                await drive(server.url, list(range(5, 45)), 20, 1.0, 3, 60.0, seed=seed)
             regime = server.engine.committer.regime
             assert regime is not None
             return regime.prompt_per_token()

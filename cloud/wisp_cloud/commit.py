@@ -141,12 +141,12 @@ class Committer:
             self.queue.hints.queued(job.started_at - job.enqueued_at)
         proposed = job.draft[: out.accepted] + [out.next_token]
         take, done = cut(session, proposed, self._eos, self.max_context_len)
-        if self.regime is not None:
-            self.regime.produced(session.committed_len if job.kind == JobKind.open else 0, take)
         session.tokens += proposed[:take]
         rec = Committed(job, take, take - 1, done, now, next_token=proposed[take - 1])
         if done:
             session.done = True
+            if self.regime is not None:
+                self.regime.finished(session.prompt_len, session.generated)
             self.kv_ops.append(
                 (session.id, None)
             )  # no more rounds: free the KV (re-sent rounds use the cache)
@@ -265,6 +265,24 @@ class Committer:
         """After a decode step of a switched session: hand it back to the edge?"""
         return self._switch(session, "speculative", DEFAULT_DRAFT_LEN)
 
+    def _decide(self, regime: Regime, now: float) -> Mode:
+        """The regime's mode now; a flip is logged with the model's view (sched/regime.py)."""
+        flips = regime.flips
+        mode = regime.decide(now, len(self.store))
+        if regime.flips != flips and regime.last is not None:
+            last = regime.last
+            log_event(
+                log,
+                "regime_flip",
+                mode=mode,
+                active=len(self.store),
+                decode=last.decode,
+                speculative=last.speculative,
+                k=last.k,
+                rho=round(regime.prompt_per_token(), 3),
+            )
+        return mode
+
     def _switch(self, session: Session, to: Mode, default_k: int) -> bool:
         """Count one more step in the session's mode, ask the hybrid rule whether to move it `to` the other mode,
         and if so switch it (the caller sends the frame that says so)."""
@@ -273,7 +291,7 @@ class Committer:
         session.mode_steps += 1
         now = time.monotonic()
         regime = self.regime
-        decode_all = regime is not None and regime.decide(now, len(self.store)) == "centralized"
+        decode_all = regime is not None and self._decide(regime, now) == "centralized"
         probing = session.probe and regime is not None and session.mode_steps < regime.probe_rounds
 
         def inputs() -> SwitchInputs:

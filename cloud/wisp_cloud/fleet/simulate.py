@@ -257,6 +257,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     def finish_session(s: Sess, now: float) -> None:
         active.pop(s.sid, None)
         reps[s.rep].live -= 1
+        if reps[s.rep].regime is not None:
+            reps[s.rep].regime.finished(s.plen, s.gen)
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
@@ -326,8 +328,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         regime = reps[s.rep].regime
         if req.kind == "prefill":
             s.gen = 1
-            if regime is not None:
-                regime.produced(s.plen, 1)
             s.dl.on_first_token(finish)
             arrive = finish + down(_VERDICT_BYTES)
             s.first_dev = s.last_dev = arrive
@@ -343,8 +343,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             return
         if req.kind == "decode":
             s.gen += 1
-            if regime is not None:
-                regime.produced(0, 1)
             s.dl.on_round(0, 0, finish)
             s.last_dev = finish + down(_TOKENS_BYTES)
             if s.gen >= s.max_new:
@@ -365,8 +363,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         room = s.max_new - s.gen
         commit = min(accepted + 1, room)
         s.gen += commit
-        if regime is not None:
-            regime.produced(0, commit)
         s.unfed = int(s.tail_unfed and accepted == len(kept))
         s.n_drafted += len(kept)
         s.n_accepted += accepted

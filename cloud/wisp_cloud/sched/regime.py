@@ -14,8 +14,10 @@ one: the lowest acceptance, the tightest SLO.
   with k + 1 tokens. N_spec is the largest N with step(N · mean(S/R_i) items of k + 1 tokens) ≤ S at the fleet's
   own mean draft length k (what its controllers draft now, not the k that would serve most: at 32B / HumanEval
   the fleet drafted k ≈ 11 where the best k was 4); before any round is measured, the best k in 1..`max_k`.
-- **Prompts** cost both modes alike: ρ prompt tokens per committed token (the fleet's, measured) ride the steps as
-  one more item of ρ × (the step's committed tokens). Where ρ is large (HumanEval: a 158-token prompt for a
+- **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
+  ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
+  last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
+  synchronized session starts as a surge (H200 run 45, 7B: the regime flipped twice a point). Where ρ is large (HumanEval: a 158-token prompt for a
   22-token answer, ρ ≈ 7) every step is compute-bound, and speculation's (k + 1)/E verified tokens per committed
   one cost what they cost in compute, unshared: left out, the model put N_dec and N_spec at 249–350 sessions on
   an H200 at 32B where ≈ 50 were open at 90 % attainment (run 43), and never chose decoding.
@@ -26,7 +28,9 @@ fast, links short and acceptance high. On an H200 (estimators of runs 12–13, M
 token, a 5 ms link, ShareGPT's 10th-percentile acceptance 0.66) the model gives N_dec 80 against N_spec ≈ 45 at 32B,
 TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every speculative arm missed (runs 19–21).
 
-`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), and decoding only
+`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %) and once the same
+verdict has come `confirm` decisions in a row (near-equal capacities read either way from one decision to the next,
+and each flip moves every session), and decoding only
 while it would serve every open session (past N_dec all of them would miss, so an overloaded fleet stays
 speculative, where the well-accepted sessions still meet the SLO): in the centralized
 regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
@@ -207,6 +211,7 @@ class Regime:
         probe_every: int = 16,
         probe_rounds: int = 8,
         min_refits: int = 0,
+        confirm: int = 2,
     ) -> None:
         self.estimator = estimator
         # The server's estimator starts as `wisp profile`'s fit, which holds the GPU's time only: decoding's
@@ -226,9 +231,11 @@ class Regime:
         self._decided_at = float("-inf")
         self._opened = 0
         self._line = _LineSums()
-        # decayed tokens: prompts prefilled and tokens committed (their ratio is the fleet's ρ)
+        # finished sessions' decayed prompt and answer tokens (their ratio is the fleet's ρ)
         self._prompt = 0.0
-        self._committed = 0.0
+        self._answer = 0.0
+        self.confirm = confirm
+        self._leaning = 0  # consecutive decisions that said flip
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -239,15 +246,15 @@ class Regime:
             self._samples.popitem(last=False)
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
 
-    def produced(self, prompt: int, committed: int) -> None:
-        """A step committed `committed` tokens of a session, and prefilled its `prompt` tokens (its first)."""
-        decay = 1.0 - committed / (32.0 * self.window)
+    def finished(self, prompt: int, answer: int) -> None:
+        """A session finished: `prompt` tokens of prompt, `answer` generated."""
+        decay = 1.0 - 1.0 / self.window
         self._prompt = self._prompt * decay + prompt
-        self._committed = self._committed * decay + committed
+        self._answer = self._answer * decay + answer
 
     def prompt_per_token(self) -> float:
-        """ρ: the fleet's prompt tokens per committed token, lately."""
-        return self._prompt / self._committed if self._committed > 0.0 else 0.0
+        """ρ: the fleet's prompt tokens per generated token, over its recent finished sessions."""
+        return self._prompt / self._answer if self._answer > 0.0 else 0.0
 
     def device(self) -> DeviceLine:
         """The device line fitted so far (`_LineSums.line`)."""
@@ -282,10 +289,15 @@ class Regime:
         self.last = cap
         h = 1.0 + self.hysteresis
         serves_all = active is None or active <= cap.decode
-        if self.mode == "speculative" and cap.decode > h * cap.speculative and serves_all:
-            self.mode, self.flips = "centralized", self.flips + 1
-        elif self.mode == "centralized" and cap.speculative > h * cap.decode:
-            self.mode, self.flips = "speculative", self.flips + 1
+        if self.mode == "speculative":
+            flip = cap.decode > h * cap.speculative and serves_all
+        else:
+            flip = cap.speculative > h * cap.decode
+        self._leaning = self._leaning + 1 if flip else 0
+        if self._leaning >= self.confirm:
+            self.mode = "centralized" if self.mode == "speculative" else "speculative"
+            self.flips += 1
+            self._leaning = 0
         return self.mode
 
     def stats(self) -> dict[str, float | int | str]:
