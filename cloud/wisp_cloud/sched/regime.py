@@ -17,10 +17,11 @@ one: the lowest acceptance, the tightest SLO.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
-  synchronized session starts as a surge (H200 run 45, 7B: the regime flipped twice a point). Where ρ is large (HumanEval: a 158-token prompt for a
-  22-token answer, ρ ≈ 7) every step is compute-bound, and speculation's (k + 1)/E verified tokens per committed
-  one cost what they cost in compute, unshared: left out, the model put N_dec and N_spec at 249–350 sessions on
-  an H200 at 32B where ≈ 50 were open at 90 % attainment (run 43), and never chose decoding.
+  synchronized session starts as a surge (H200 run 45, 7B: the regime flipped twice a point). Where ρ is large
+  (HumanEval: a 158-token prompt for a 22-token answer, ρ ≈ 7) every step is compute-bound, and speculation's
+  (k + 1)/E verified tokens per committed one cost what they cost in compute, unshared: left out, the model put
+  N_dec and N_spec at 249–350 sessions on an H200 at 32B where ≈ 50 were open at 90 % attainment (run 43), and
+  never chose decoding; with it, 46–59 and 34–50 (runs 46–48).
 
 Rejected drafts are verified too: speculation pays only where its longer steps share the weight read among more
 sessions than its (k + 1)/E tokens per committed token cost in compute, i.e. where TPOT is close to w, drafts are
@@ -28,11 +29,11 @@ fast, links short and acceptance high. On an H200 (estimators of runs 12–13, M
 token, a 5 ms link, ShareGPT's 10th-percentile acceptance 0.66) the model gives N_dec 80 against N_spec ≈ 45 at 32B,
 TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every speculative arm missed (runs 19–21).
 
-`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %) and once the same
+`Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), once the same
 verdict has come `confirm` decisions in a row (near-equal capacities read either way from one decision to the next,
-and each flip moves every session), and decoding only
-while it would serve every open session (past N_dec all of them would miss, so an overloaded fleet stays
-speculative, where the well-accepted sessions still meet the SLO): in the centralized
+and each flip moves every session), and decoding only while it would serve every open session (past N_dec all of
+them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still meet the SLO):
+in the centralized
 regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
 WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
 per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `MIN_ROUNDS` measured rounds; in the
