@@ -254,3 +254,40 @@ def test_the_engine_reports_finished_sessions_to_the_regime():
             await server.stop()
 
     assert asyncio.run(main()) == pytest.approx(40 / 20, rel=0.02)
+
+
+def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
+    """The simulator's regime decides as the server's does: only after MIN_REFITS refits, which its estimator (it
+    does not learn) counts at the server's pace, one every `refit_every` steps."""
+    from sim_inputs import sharegpt_32b
+    from wisp_cloud.fleet import simulate
+    from wisp_cloud.fleet.profiles import get_device
+
+    decided: list[tuple[float, int]] = []  # (time, refits so far) of each decision taken
+    decide = Regime.decide
+
+    def spy(self: Regime, now: float, active: int | None = None) -> str:
+        before = self._decided_at
+        mode = decide(self, now, active)
+        if self._decided_at != before:
+            decided.append((now, self.estimator.refits))
+        return mode
+
+    monkeypatch.setattr(Regime, "decide", spy)
+    monkeypatch.setattr(
+        simulate, "MIN_REFITS", 4
+    )  # later than its samples would allow (first at ≈ 3.7 s, 2 refits)
+    cfg = sharegpt_32b(
+        40,
+        policy="wisp",
+        controller="wisp",
+        devices=60,
+        duration_s=10.0,
+        warmup_s=2.0,
+        drain_s=4.0,
+        slo_tpot_ms=30.0,
+        device=get_device("mac-m4"),
+    )
+    simulate.run_point(cfg)
+    assert decided, "the simulated regime never decided: its refits do not advance"
+    assert decided[0][1] >= 4, decided[:3]

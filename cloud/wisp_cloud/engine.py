@@ -50,7 +50,7 @@ from wisp_cloud.runner import Runner
 from wisp_cloud.sched import AdmissionController, Batch, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
 from wisp_cloud.sched.pricing import verify_len
-from wisp_cloud.sched.regime import Regime
+from wisp_cloud.sched.regime import MIN_REFITS, Regime
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 from wisp_cloud.step_stats import StepLog, StepMix
@@ -60,9 +60,6 @@ log = logging.getLogger("wisp.engine")
 _HOUSEKEEPING_S = 1.0
 MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is numerically undefined in float32
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
-# The regime's first decision waits for this many online refits of the estimator (sched/regime.py, Regime):
-# the start-up profile holds no host time per item. Two refits are 128 steps, a few seconds under load.
-REGIME_MIN_REFITS = 2
 
 
 @dataclass(slots=True)
@@ -150,7 +147,7 @@ class Engine:
             self.max_context_len,
             self._enqueue,
             self.hybrid,
-            Regime(self.estimator, min_refits=REGIME_MIN_REFITS)
+            Regime(self.estimator, min_refits=MIN_REFITS)
             if self.hybrid is not None and wisp and config.regime
             else None,
         )

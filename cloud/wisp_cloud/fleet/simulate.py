@@ -53,7 +53,7 @@ from wisp_cloud.fleet.sim_state import Replica, Sess, Trace
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
-from wisp_cloud.sched.regime import Regime, SessionSample
+from wisp_cloud.sched.regime import MIN_REFITS, Regime, SessionSample
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -134,7 +134,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **kw)
         sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
-        regime = Regime(est) if on else None
+        # the server's regime waits for MIN_REFITS online refits; the simulated estimator does not learn, but its
+        # refit count advances at the server's pace (one every `refit_every` steps, in try_run)
+        regime = Regime(est, min_refits=MIN_REFITS) if on else None
         if regime is not None:
             policy.follow(regime)
         reps.append(Replica(sched, VerifyPrice(est), regime))
@@ -459,6 +461,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 push(rp.wake_at, "wake", r)
             return
         dur = clock.step_s(batch)
+        rp.steps += 1
+        if rp.regime is not None and rp.steps % rp.regime.estimator.refit_every == 0:
+            rp.regime.estimator.refits += 1
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
         rp.busy_until = now + dur

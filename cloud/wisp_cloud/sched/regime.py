@@ -54,6 +54,9 @@ from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 
 WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to end, then rides the next
+# The server's regime waits for this many online refits of its estimator before its first decision: the start-up
+# profile holds no host time per item. Two refits are 128 steps, a few seconds under load (≈ 6 s at 32B).
+MIN_REFITS = 2
 
 
 @dataclass(frozen=True, slots=True)
