@@ -274,9 +274,8 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
         return mode
 
     monkeypatch.setattr(Regime, "decide", spy)
-    monkeypatch.setattr(
-        simulate, "MIN_REFITS", 4
-    )  # later than its samples would allow (first at ≈ 3.7 s, 2 refits)
+    # later than its samples would allow (first at ≈ 3.7 s, 2 refits)
+    monkeypatch.setattr(simulate, "MIN_REFITS", 4)
     cfg = sharegpt_32b(
         40,
         policy="wisp",

@@ -327,7 +327,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
 
     def on_answer(s: Sess, req: Request, finish: float, batch_s: float) -> None:
         """A request's last piece ran at `finish`: commit, answer the device, queue what follows."""
-        regime = reps[s.rep].regime
         if req.kind == "prefill":
             s.gen = 1
             s.dl.on_first_token(finish)
@@ -384,6 +383,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
+        regime = reps[s.rep].regime
         acc = s.dl.acceptance
         if regime is not None and s.think is not None and s.k_mean is not None and acc.n_rounds >= MIN_ROUNDS:
             sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)

@@ -146,17 +146,18 @@ def capacities(
     ks = range(1, max_k + 1) if fleet_k is None else [max(1, round(fleet_k))]
     for k in ks:
         think = device.ms(k)
+        e = [expected_committed(k, s.alpha) for s in samples]
         period = _quantile(
             [
-                (margin * expected_committed(k, s.alpha) * s.tpot_ms - think) / (1.0 + WAIT_STEPS)
-                for s in samples
+                (margin * e_i * s.tpot_ms - think) / (1.0 + WAIT_STEPS)
+                for e_i, s in zip(e, samples, strict=True)
             ],
             quantile,
         )
         if period <= 0.0:
             continue
         share = period / (think + (1.0 + WAIT_STEPS) * period)  # steps per round a session rides
-        committed = share * sum(expected_committed(k, s.alpha) for s in samples) / len(samples)
+        committed = share * sum(e) / len(e)
         n = _largest(_fits(estimator, share, k + 1, context, period, rho * committed), most)
         if n > best.speculative:
             best = Capacities(n_dec, n, k, period)
