@@ -180,10 +180,22 @@ def test_decoding_is_chosen_only_while_it_would_serve_every_open_session(est32):
     for i in range(8):
         _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
     assert r.decide(0.0, active=10_000) == "speculative"
-    n_dec = r.last.decode if r.last is not None else -1
-    assert n_dec > 0
-    assert r.decide(1.0, active=n_dec + 1) == "speculative"
-    assert r.decide(2.0, active=n_dec) == "centralized"
+    assert r.last is not None
+    n_dec, limit = r.last.decode, r.last.decode_limit
+    assert 0 < n_dec < limit
+    assert r.decide(1.0, active=limit + 1) == "speculative"
+    assert r.decide(2.0, active=limit) == "centralized"
+
+
+def test_the_gate_is_decodings_capacity_at_the_slo_itself(est32):
+    # N_dec carries the margin m (steps ≤ m × TPOT) for the comparison with speculation; the gate on the open
+    # sessions does not: a fleet between the two is still served decoded (H200 run 47: 51 open, N_dec 50-54)
+    fleet = _fleet(0.66, 60.0)
+    cap = capacities(est32, fleet, MAC_M4, margin=0.9, prompt_per_token=7.0)
+    n = cap.decode_limit
+    assert step_ms(est32, n, 1, 500, 7 * n) <= 60.0 < step_ms(est32, n + 1, 1, 500, 7 * (n + 1))
+    assert cap.decode < n
+    assert capacities(est32, fleet, MAC_M4, margin=1.0, prompt_per_token=7.0).decode == n
 
 
 def test_prompt_work_rides_every_step_in_both_modes(est32):
@@ -290,3 +302,35 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
     simulate.run_point(cfg)
     assert decided, "the simulated regime never decided: its refits do not advance"
     assert decided[0][1] >= 4, decided[:3]
+
+
+def test_a_session_enters_the_regime_after_sample_rounds_rounds():
+    """The server samples a session's speculation after SAMPLE_ROUNDS rounds: 32B / HumanEval sessions, decoded
+    for their first 16 tokens and drafting k ≈ 12, rarely reached 4 (H200 runs 46-48)."""
+    import asyncio
+
+    from fake_drive import VOCAB, drive
+    from wisp_cloud.backends.fake import FakeBackend
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.sched.regime import SAMPLE_ROUNDS
+    from wisp_cloud.server import WispServer
+
+    assert SAMPLE_ROUNDS == 2
+
+    async def main() -> list[int]:
+        backend = FakeBackend(VOCAB, base_s=0.001, per_token_s=0.0)
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
+        await server.start()
+        try:
+            regime = server.engine.committer.regime
+            assert regime is not None
+            counts = []
+            # every draft token right, k = 3: a round commits 4 tokens after the Open's one
+            for rounds in (1, 2, 3):
+                await drive(server.url, list(range(5, 45)), 1 + 4 * rounds, 1.0, 3, 60.0, seed=rounds)
+                counts.append(regime.stats()["samples"])
+            return [int(c) for c in counts]
+        finally:
+            await server.stop()
+
+    assert asyncio.run(main()) == [0, 1, 2]

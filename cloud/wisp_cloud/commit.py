@@ -23,7 +23,6 @@ from wisp_sdk.protocol import (
 )
 
 from wisp_cloud.backends.base import BatchStats
-from wisp_cloud.deadlines import MIN_ROUNDS
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.jobs import Job, JobKind
 from wisp_cloud.logs import log_event
@@ -33,7 +32,7 @@ from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
 from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice
-from wisp_cloud.sched.regime import Regime, SessionSample
+from wisp_cloud.sched.regime import SAMPLE_ROUNDS, Regime, SessionSample
 from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 
@@ -249,11 +248,11 @@ class Committer:
             replies.append(Reply(session.conn, verdict))
 
     def _sample(self, session: Session) -> None:
-        """After a verdict: the session's measured speculation, for the regime (once it has `MIN_ROUNDS` rounds)."""
+        """After a verdict: the session's measured speculation, for the regime (once it has `SAMPLE_ROUNDS` rounds)."""
         d = session.deadlines
         if self.regime is None or d is None or session.think_s is None or session.k_mean is None:
             return
-        if d.acceptance.n_rounds >= MIN_ROUNDS:
+        if d.acceptance.n_rounds >= SAMPLE_ROUNDS:
             sample = SessionSample(d.acceptance.alpha, session.slo.tpot_ms, session.committed_len)
             self.regime.observe(session.id, sample, session.k_mean, 1000.0 * session.think_s)
 
@@ -277,6 +276,7 @@ class Committer:
                 mode=mode,
                 active=len(self.store),
                 decode=last.decode,
+                decode_limit=last.decode_limit,
                 speculative=last.speculative,
                 k=last.k,
                 rho=round(regime.prompt_per_token(), 3),

@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from wisp_cloud.deadlines import MIN_ROUNDS, SessionDeadlines
+from wisp_cloud.deadlines import SessionDeadlines
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.capacity import judge
 from wisp_cloud.fleet.gpu_clock import GpuClock
@@ -53,7 +53,7 @@ from wisp_cloud.fleet.sim_state import Replica, Sess, Trace
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
-from wisp_cloud.sched.regime import MIN_REFITS, Regime, SessionSample
+from wisp_cloud.sched.regime import MIN_REFITS, SAMPLE_ROUNDS, Regime, SessionSample
 
 _OPEN_BYTES, _ROUND_BYTES, _VERDICT_BYTES, _TOKENS_BYTES = 400, 120, 160, 90
 
@@ -385,7 +385,12 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
         regime = reps[s.rep].regime
         acc = s.dl.acceptance
-        if regime is not None and s.think is not None and s.k_mean is not None and acc.n_rounds >= MIN_ROUNDS:
+        if (
+            regime is not None
+            and s.think is not None
+            and s.k_mean is not None
+            and acc.n_rounds >= SAMPLE_ROUNDS
+        ):
             sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)
             regime.observe(s.sid, sample, s.k_mean, 1000 * s.think)
         s.answered = finish

@@ -31,14 +31,15 @@ TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every sp
 
 `Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), once the same
 verdict has come `confirm` decisions in a row (near-equal capacities read either way from one decision to the next,
-and each flip moves every session), and decoding only while it would serve every open session (past N_dec all of
-them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still meet the SLO):
-in the centralized
-regime the hybrid moves every speculative session to the server after its first verdict and none comes back, so
-WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's own
-per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `MIN_ROUNDS` measured rounds; in the
-centralized regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay
-fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp` (`--no-regime` turns it off).
+and each flip moves every session), and decoding only while it would serve every open session (past the N that
+decoding serves at the quantile TPOT itself, with no margin, all of them would miss, so an overloaded fleet stays
+speculative, where the well-accepted sessions still meet the SLO). In the centralized regime the hybrid moves every
+speculative session to the server after its first verdict and none comes back, so WISP serves as centralized
+serving does instead of losing to it; in the speculative regime the hybrid's own per-session rule
+(sched/hybrid.py) applies. Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
+regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay fresh. Until
+`min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
+(`--no-regime` turns it off).
 Pure: time is passed in.
 """
 
@@ -57,6 +58,11 @@ WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to 
 # The server's regime waits for this many online refits of its estimator before its first decision: the start-up
 # profile holds no host time per item. Two refits are 128 steps, a few seconds under load (≈ 6 s at 32B).
 MIN_REFITS = 2
+# A session's sample enters the regime after this many measured rounds; the acceptance prior (4 tries at 0.7)
+# carries the rest. HumanEval at 32B (H200 runs 46-48): the server decodes a session's first 16 tokens, its
+# answer is ≈ 24 and the fleet drafts k ≈ 12, so few sessions ever reached 4 rounds and the first decision came
+# 9-22 s into each point.
+SAMPLE_ROUNDS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,8 @@ class Capacities:
     speculative: int  # ... and edge speculation, at its best k
     k: int  # that k
     step_ms: float  # the speculative regime's step period S at that k (0 where it cannot meet the SLO)
+    # sessions decoding would serve at the quantile TPOT itself (no margin): the gate on the open sessions
+    decode_limit: int = 0
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -141,8 +149,13 @@ def capacities(
     context = round(sum(s.context for s in samples) / len(samples))
     rho = max(0.0, prompt_per_token)
     s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
-    n_dec = _largest(lambda n: step_ms(estimator, n, 1, context, round(n * rho)) <= s_dec, most)
-    best = Capacities(n_dec, 0, 0, 0.0)
+
+    def dec_fits(period: float) -> Callable[[int], bool]:
+        return lambda n: step_ms(estimator, n, 1, context, round(n * rho)) <= period
+
+    n_dec = _largest(dec_fits(s_dec), most)
+    limit = _largest(dec_fits(s_dec / margin), most) if margin < 1.0 else n_dec
+    best = Capacities(n_dec, 0, 0, 0.0, limit)
     ks = range(1, max_k + 1) if fleet_k is None else [max(1, round(fleet_k))]
     for k in ks:
         think = device.ms(k)
@@ -160,7 +173,7 @@ def capacities(
         committed = share * sum(e) / len(e)
         n = _largest(_fits(estimator, share, k + 1, context, period, rho * committed), most)
         if n > best.speculative:
-            best = Capacities(n_dec, n, k, period)
+            best = Capacities(n_dec, n, k, period, limit)
     return best
 
 
@@ -272,8 +285,10 @@ class Regime:
 
     def decide(self, now: float, active: int | None = None) -> Mode:
         """The current mode, re-decided at most every `every_s` seconds. `active`: the sessions open now. Decoding
-        is chosen only while it would serve them all (active ≤ N_dec): past that every decoded session misses its
-        SLO, while speculation still serves the well-accepted ones. On an H200 (7B, Jetson, code10, run 42) an
+        is chosen only while it would serve them all (active ≤ `decode_limit`, N_dec at the quantile TPOT itself):
+        past that every decoded session misses its SLO, while speculation still serves the well-accepted ones.
+        The gate has no margin: with N_dec's (m = 0.9) it held a 32B / HumanEval fleet at 51 open sessions
+        speculative for 22 s against N_dec 50-54 (H200 run 47). On an H200 (7B, Jetson, code10, run 42) an
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25."""
@@ -293,7 +308,7 @@ class Regime:
         )
         self.last = cap
         h = 1.0 + self.hysteresis
-        serves_all = active is None or active <= cap.decode
+        serves_all = active is None or active <= cap.decode_limit
         if self.mode == "speculative":
             flip = cap.decode > h * cap.speculative and serves_all
         else:
