@@ -30,7 +30,7 @@ wait
 for d in g0 g1; do
   tmp=$(mktemp -d)
   tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null || cp -r "$OUT/$d/bench/logs" "$tmp/" 2>/dev/null
-  grep -hE "server_start|steps n=|policy_switch|session_switch|regime_flip" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
+  grep -hE "server_start|steps n=|policy_switch|session_switch|regime_flip|regime_decision" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
   rm -rf "$tmp" "$OUT/$d/records.tgz" "$OUT/$d/bench.log"
   grep -hE "N=|capacity" "$OUT/$d.log" | cut -c1-200
 done

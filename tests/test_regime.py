@@ -240,8 +240,11 @@ def test_a_flip_needs_the_same_verdict_confirm_decisions_in_a_row(est32):
     for i in range(8):
         _observe(r, f"s{i}", 0.66, 2 + i % 3, MAC_M4)
     assert r.decide(2.0) == "speculative"
+    assert r.leaning == 1
     assert r.decide(3.0) == "centralized"
     assert r.stats()["flips"] == 1
+    assert r.decide(3.5) == "centralized"  # within `every_s`: no decision
+    assert r.decisions == 4 and r.leaning == 0
 
 
 def test_the_engine_reports_finished_sessions_to_the_regime():

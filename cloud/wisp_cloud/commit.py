@@ -265,21 +265,25 @@ class Committer:
         return self._switch(session, "speculative", DEFAULT_DRAFT_LEN)
 
     def _decide(self, regime: Regime, now: float) -> Mode:
-        """The regime's mode now; a flip is logged with the model's view (sched/regime.py)."""
-        flips = regime.flips
-        mode = regime.decide(now, len(self.store))
-        if regime.flips != flips and regime.last is not None:
+        """The regime's mode now. Each decision is logged with the model's view (sched/regime.py): `regime_flip`
+        where it flipped, else `regime_decision` (every `every_s` at most: when and why a fleet is decoded)."""
+        flips, decisions = regime.flips, regime.decisions
+        active = len(self.store)
+        mode = regime.decide(now, active)
+        if regime.decisions != decisions and regime.last is not None:
             last = regime.last
             log_event(
                 log,
-                "regime_flip",
+                "regime_flip" if regime.flips != flips else "regime_decision",
                 mode=mode,
-                active=len(self.store),
+                active=active,
                 decode=last.decode,
                 decode_limit=last.decode_limit,
                 speculative=last.speculative,
                 k=last.k,
                 rho=round(regime.prompt_per_token(), 3),
+                samples=len(regime.samples),
+                leaning=regime.leaning,
             )
         return mode
 

@@ -245,6 +245,7 @@ class Regime:
         self.mode: Mode = "speculative"
         self.last: Capacities | None = None  # the capacities of the last decision (stats)
         self.flips = 0
+        self.decisions = 0  # decisions taken (each re-reads the model)
         self._samples: collections.OrderedDict[str, SessionSample] = collections.OrderedDict()
         self._decided_at = float("-inf")
         self._opened = 0
@@ -297,6 +298,7 @@ class Regime:
         if self.estimator.refits - self._refits0 < self.min_refits:
             return self.mode
         self._decided_at = now
+        self.decisions += 1
         cap = capacities(
             self.estimator,
             list(self._samples.values()),
@@ -319,6 +321,16 @@ class Regime:
             self.flips += 1
             self._leaning = 0
         return self.mode
+
+    @property
+    def samples(self) -> collections.OrderedDict[str, SessionSample]:
+        """The recent sessions' samples (read-only use: the log and tests)."""
+        return self._samples
+
+    @property
+    def leaning(self) -> int:
+        """Consecutive decisions so far that said flip (`confirm` of them flip)."""
+        return self._leaning
 
     def stats(self) -> dict[str, float | int | str]:
         last, device = self.last, self.device()
