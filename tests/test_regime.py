@@ -337,3 +337,48 @@ def test_a_session_enters_the_regime_after_sample_rounds_rounds():
             await server.stop()
 
     assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_in_the_centralized_regime_decoded_sessions_skip_the_hybrid_check_until_a_decision_is_due(
+    monkeypatch,
+):
+    """A decoded session cannot go back to the edge in the centralized regime: between the regime's decisions the
+    check after each decoded token is skipped (it cost ≈ 3.6 µs a token), and its dwell still counts."""
+    import asyncio
+    import time
+
+    from fake_drive import VOCAB, drive
+    from wisp_cloud.backends.fake import FakeBackend
+    from wisp_cloud.commit import Committer
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.server import WispServer
+
+    calls: list[str] = []
+    switch = Committer._switch
+
+    def spy(self: Committer, session, to, default_k):  # type: ignore[no-untyped-def]
+        calls.append(to)
+        return switch(self, session, to, default_k)
+
+    monkeypatch.setattr(Committer, "_switch", spy)
+
+    async def main() -> tuple[list[str], dict[str, int]]:
+        backend = FakeBackend(VOCAB, base_s=0.001, per_token_s=0.0)
+        server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
+        await server.start()
+        try:
+            committer = server.engine.committer
+            regime = committer.regime
+            assert regime is not None
+            regime.mode, regime.min_samples, regime.probe_every = "centralized", 1 << 30, 1 << 30
+            # a decision taken now, the next an hour away
+            regime.every_s, regime._decided_at = 3600.0, time.monotonic()
+            run = await drive(server.url, list(range(5, 45)), 40, 1.0, 3, 60.0, seed=0)
+            assert run.modes == ["centralized"], run.modes  # moved at its first verdict, never back
+            return calls, dict(committer.switch_counts)
+        finally:
+            await server.stop()
+
+    calls_made, counts = asyncio.run(main())
+    assert calls_made == ["centralized"], calls_made  # the move; no check after the ≈ 35 decoded tokens
+    assert counts.get("centralized") == 1 and not counts.get("speculative"), counts

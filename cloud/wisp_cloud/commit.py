@@ -261,7 +261,19 @@ class Committer:
         return self._switch(session, "centralized", len(job.draft))
 
     def _back_to_speculative(self, session: Session) -> bool:
-        """After a decode step of a switched session: hand it back to the edge?"""
+        """After a decode step of a switched session: hand it back to the edge? In the centralized regime none goes
+        back, so until the regime's next decision is due the answer is no, without the full check: that check ran
+        after every decoded token of every session (≈ 3.6 µs each under cProfile on the dev VM, 256 sessions)."""
+        regime = self.regime
+        if (
+            regime is not None
+            and regime.mode == "centralized"
+            and self.hybrid is not None
+            and session.hybrid
+            and not regime.due(time.monotonic())
+        ):
+            session.mode_steps += 1  # counted as `_switch` does: the dwell before a return to the edge
+            return False
         return self._switch(session, "speculative", DEFAULT_DRAFT_LEN)
 
     def _decide(self, regime: Regime, now: float) -> Mode:

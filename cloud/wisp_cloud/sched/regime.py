@@ -284,6 +284,10 @@ class Regime:
         self._opened += 1
         return self._opened % self.probe_every == 0
 
+    def due(self, now: float) -> bool:
+        """Would `decide` re-decide at `now` (its period has passed)? Before that it returns the mode as it is."""
+        return now - self._decided_at >= self.every_s
+
     def decide(self, now: float, active: int | None = None) -> Mode:
         """The current mode, re-decided at most every `every_s` seconds. `active`: the sessions open now. Decoding
         is chosen only while it would serve them all (active ≤ `decode_limit`, N_dec at the quantile TPOT itself):
@@ -293,7 +297,7 @@ class Regime:
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25."""
-        if now - self._decided_at < self.every_s or len(self._samples) < self.min_samples:
+        if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         if self.estimator.refits - self._refits0 < self.min_refits:
             return self.mode
