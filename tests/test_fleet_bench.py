@@ -303,3 +303,29 @@ def test_simulate_replicas_behind_a_balancer(tiny_trace):
     assert one == simulate_gpu(SimConfig(**{**cfg.__dict__, "devices": 20}))
     with pytest.raises(ValueError, match="balance must be"):
         simulate_gpu(SimConfig(**{**cfg.__dict__, "balance": "random"}))
+
+
+def test_summary_splits_attainment_by_whether_sessions_sent_rounds():
+    from wisp_cloud.fleet.bench import summarize
+
+    def rec(start: float, rounds: int, met: bool) -> dict:
+        return {
+            "start_s": start,
+            "met": met,
+            "ttft_ms": 100.0,
+            "tpot_ms": 40.0,
+            "new_tokens": 10,
+            "drafted": 4 * rounds,
+            "rounds": rounds,
+            "accepted": 3 * rounds,
+            "error": None,
+            "refused": False,
+            "wasted_ms": 0.0,
+        }
+
+    records = [rec(0.5, 2, False)]  # in the warm-up: not judged
+    records += [rec(2.0, 0, True), rec(2.0, 0, True), rec(2.0, 0, False)]
+    records += [rec(3.0, 1, True), rec(3.0, 5, False)]
+    s = summarize(records, warmup_s=1.0, duration_s=10.0)
+    assert s["met_by_rounds"] == {"none": [3, 2], "some": [2, 1]}
+    assert s["server_decoded_sessions"] == 3 and s["met"] == 3

@@ -117,7 +117,14 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
         # bonus slot) per token the rounds committed: what speculation costs a compute-bound GPU beside decoding's 1.0
         "draft_len_mean": drafted / rounds if rounds else None,
         "verified_per_committed": (drafted + rounds) / (accepted + rounds) if rounds else None,
+        # sessions that sent no round (the server decoded them throughout) — not those moved after a round
         "server_decoded_sessions": sum(1 for r in done if r["rounds"] == 0),
+        # [sessions, met] of the judged sessions that sent no round and of those that sent some: in which mode a
+        # point's misses ran (session 14 could not tell, in the regime's centralized mode, from aggregates alone)
+        "met_by_rounds": {
+            "none": [sum(1 for r in judged if r["rounds"] == 0), sum(1 for r in met if r["rounds"] == 0)],
+            "some": [sum(1 for r in judged if r["rounds"] > 0), sum(1 for r in met if r["rounds"] > 0)],
+        },
         "tokens_per_round": (sum(r["new_tokens"] for r in done) / max(rounds, 1) if drafted else None),
         "diverged": sum(1 for r in done if r.get("diverged_at") is not None),
         "wasted_ms_mean": sum(r["wasted_ms"] for r in done) / len(done) if done else 0.0,
