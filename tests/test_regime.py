@@ -353,14 +353,16 @@ def test_in_the_centralized_regime_decoded_sessions_skip_the_hybrid_check_until_
     from wisp_cloud.config import ServerConfig
     from wisp_cloud.server import WispServer
 
+    # every full hybrid check asks the regime first (`Committer._decide`); the skipped ones do not
     calls: list[str] = []
-    switch = Committer._switch
+    decide = Committer._decide
 
-    def spy(self: Committer, session, to, default_k):  # type: ignore[no-untyped-def]
-        calls.append(to)
-        return switch(self, session, to, default_k)
+    def spy(self: Committer, regime, now):  # type: ignore[no-untyped-def]
+        mode = decide(self, regime, now)
+        calls.append(mode)
+        return mode
 
-    monkeypatch.setattr(Committer, "_switch", spy)
+    monkeypatch.setattr(Committer, "_decide", spy)
 
     async def main() -> tuple[list[str], dict[str, int]]:
         backend = FakeBackend(VOCAB, base_s=0.001, per_token_s=0.0)

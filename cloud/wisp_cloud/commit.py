@@ -261,19 +261,7 @@ class Committer:
         return self._switch(session, "centralized", len(job.draft))
 
     def _back_to_speculative(self, session: Session) -> bool:
-        """After a decode step of a switched session: hand it back to the edge? In the centralized regime none goes
-        back, so until the regime's next decision is due the answer is no, without the full check: that check ran
-        after every decoded token of every session (≈ 3.6 µs each under cProfile on the dev VM, 256 sessions)."""
-        regime = self.regime
-        if (
-            regime is not None
-            and regime.mode == "centralized"
-            and self.hybrid is not None
-            and session.hybrid
-            and not regime.due(time.monotonic())
-        ):
-            session.mode_steps += 1  # counted as `_switch` does: the dwell before a return to the edge
-            return False
+        """After a decode step of a switched session: hand it back to the edge?"""
         return self._switch(session, "speculative", DEFAULT_DRAFT_LEN)
 
     def _decide(self, regime: Regime, now: float) -> Mode:
@@ -294,7 +282,7 @@ class Committer:
                 speculative=last.speculative,
                 k=last.k,
                 rho=round(regime.prompt_per_token(), 3),
-                samples=len(regime.samples),
+                samples=regime.sample_count,
                 leaning=regime.leaning,
             )
         return mode
@@ -307,6 +295,15 @@ class Committer:
         session.mode_steps += 1
         now = time.monotonic()
         regime = self.regime
+        if (
+            to == "speculative"
+            and regime is not None
+            and regime.mode == "centralized"
+            and not regime.due(now)
+        ):
+            # none goes back to the edge in the centralized regime, and until its next decision is due that is
+            # the answer: the full check ran after every decoded token (≈ 3.6 µs each under cProfile, dev VM)
+            return False
         decode_all = regime is not None and self._decide(regime, now) == "centralized"
         probing = session.probe and regime is not None and session.mode_steps < regime.probe_rounds
 

@@ -327,9 +327,9 @@ class Regime:
         return self.mode
 
     @property
-    def samples(self) -> collections.OrderedDict[str, SessionSample]:
-        """The recent sessions' samples (read-only use: the log and tests)."""
-        return self._samples
+    def sample_count(self) -> int:
+        """How many recent sessions' samples the model reads."""
+        return len(self._samples)
 
     @property
     def leaning(self) -> int:
@@ -341,7 +341,7 @@ class Regime:
         return {
             "mode": self.mode,
             "flips": self.flips,
-            "samples": len(self._samples),
+            "samples": self.sample_count,
             "decode_capacity": last.decode if last else -1,
             "speculative_capacity": last.speculative if last else -1,
             "speculative_k": last.k if last else -1,
