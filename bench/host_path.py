@@ -33,6 +33,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 FINGERPRINT_VOCAB = 1000
 
@@ -86,6 +87,19 @@ async def _clients(
     rounds = 0
     errors = 0
 
+    async def decoded(ws: Any, done: bool) -> bool:
+        """The server decodes the session: one Tokens frame per step until done. Returns `done` (still False
+        after a frame that is not Tokens, which counts as an error)."""
+        nonlocal rounds, errors
+        while not done:
+            t = decode_server(await ws.recv())
+            if not isinstance(t, Tokens):
+                errors += 1
+                break
+            rounds += 1
+            done = t.done
+        return done
+
     async def one(i: int) -> None:
         nonlocal rounds, errors
         async with connect(
@@ -102,15 +116,8 @@ async def _clients(
                     errors += 1
                     await asyncio.sleep(0.05)
                     continue
-                if central:  # the server streams one Tokens frame per decode step until done
-                    done = msg.done
-                    while not done:
-                        t = decode_server(await ws.recv())
-                        if not isinstance(t, Tokens):
-                            errors += 1
-                            break
-                        rounds += 1
-                        done = t.done
+                if central:
+                    await decoded(ws, msg.done)
                     continue
                 sid, tokens, rnd, done = msg.session_id, prompt + [msg.next_token], 0, msg.done
                 while not done and time.monotonic() < stop_at:
@@ -134,13 +141,8 @@ async def _clients(
                     tokens += draft[: v.accepted] + [v.next_token]
                     rounds += 1
                     done = v.done
-                    while v.centralize and not done:  # moved to server decoding: Tokens until done
-                        t = decode_server(await ws.recv())
-                        if not isinstance(t, Tokens):
-                            errors += 1
-                            break
-                        rounds += 1
-                        done = t.done
+                    if v.centralize:  # moved to server decoding
+                        done = await decoded(ws, done)
 
     await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=False)
     return {"rounds": rounds, "errors": errors}
