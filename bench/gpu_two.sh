@@ -7,6 +7,7 @@
 #   OUT=/tmp/two ROW0="CONFIG=qwen2.5-7b N=640,720 POLICIES=centralized,wisp,sled" \
 #     ROW1="CONFIG=qwen2.5-32b KV=200000 MAX_BATCH=256 EST=bench/results/estimator/est-h200-32b-varlen.json" \
 #     bash bench/gpu_two.sh
+# ONE=1 runs ROW0 alone on a 1-GPU host.
 set -u
 OUT=${OUT:-runs/gpu-two}
 mkdir -p "$OUT"
@@ -25,9 +26,10 @@ half() {  # half GPU SERVER_CORES FLEET_CORES ROW
   )
 }
 half 0 0-3 4-15 "${ROW0:-}" &
-half 1 16-19 20-31 "${ROW1:-}" &
+# ONE=1: a 1-GPU host runs ROW0 alone
+[ "${ONE:-0}" = 1 ] || half 1 16-19 20-31 "${ROW1:-}" &
 wait
-for d in g0 g1; do
+for d in g0 $([ "${ONE:-0}" = 1 ] || echo g1); do
   tmp=$(mktemp -d)
   tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null || cp -r "$OUT/$d/bench/logs" "$tmp/" 2>/dev/null
   grep -hE "server_start|steps n=|policy_switch|session_switch|regime_flip|regime_decision" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
