@@ -175,6 +175,12 @@ def _verdict_vectors(p) -> list[dict]:
                 session_id=SID, round=7, committed_len=90, accepted=3, next_token=5, price_ms=2.5, launch_in_ms=18.75
             ),
         ),
+        (
+            "draft_cap",
+            p.Verdict(
+                session_id=SID2, round=9, committed_len=120, accepted=2, next_token=11, price_ms=4.0, draft_cap=3
+            ),
+        ),
     ]
     out = []
     for name, msg in verdicts:
@@ -204,6 +210,7 @@ def _invalid_vectors(p) -> list[dict]:
         ("verdict", "wrong_kind", good_round),
         ("verdict", "wrong_version", bytes([1]) + good_verdict[1:]),  # a v1 frame
         ("verdict", "v2_frame", bytes([2]) + good_verdict[1:-4]),  # a v2 frame: no launch_in_ms
+        ("verdict", "v3_frame", bytes([3]) + good_verdict[1:-6] + good_verdict[-4:]),  # a v3 frame: no draft_cap
         ("verdict", "negative_launch", good_verdict[:-4] + struct.pack("<f", -1.0)),
     ]
     out = []

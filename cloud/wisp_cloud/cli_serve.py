@@ -192,6 +192,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "decodes a session's first tokens while its draft prefills the prompt; docs/scheduling.md §12)",
     )
     p.add_argument(
+        "--no-draft-cap",
+        action="store_true",
+        help="--policy wisp: never cap devices' drafts (with the regime, under load, verdicts cap the next round at "
+        "the draft length that serves the most sessions at their SLO; docs/scheduling.md §13)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -222,6 +228,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     # test hooks: switch sessions every N rounds / decoded tokens; verify at most N draft tokens per round
     p.add_argument("--debug-hybrid-every", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--debug-verify-cap", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--debug-draft-cap", type=int, default=0, help=argparse.SUPPRESS)
     # `wisp bench`: read `policy NAME` lines on stdin and switch (WispServer.switch_policy), answering
     # `policy NAME ready` on stdout, so every arm shares one model load and one graph capture.
     p.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -291,12 +298,14 @@ def run(args: argparse.Namespace) -> int:
         hybrid=not args.no_hybrid,
         regime=not args.no_regime,
         start_on_server=not args.no_start_on_server,
+        draft_cap=not args.no_draft_cap,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,
         align=args.align,
         hybrid_every=max(0, args.debug_hybrid_every),
         verify_cap=args.debug_verify_cap,
+        force_draft_cap=max(0, args.debug_draft_cap),
     )
     if not 0.0 <= cfg.admission_target <= 1.0:
         raise WispError("--admission-target must be in [0, 1]")

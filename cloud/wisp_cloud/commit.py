@@ -70,6 +70,7 @@ class Committer:
         enqueue: Callable[[Job], None],
         hybrid: HybridRule | None = None,
         regime: Regime | None = None,
+        forced_cap: int = 0,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -84,6 +85,7 @@ class Committer:
         self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
         self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
+        self.forced_cap = forced_cap  # a test hook: every verdict carries this draft cap (0: the regime's)
 
     def wait_hint_ms(self, session: Session, now: float) -> float:
         """Expected wait (queue + model time) for this session's next round."""
@@ -235,6 +237,7 @@ class Committer:
             job.unverified,
             centralize,
             launch_in_ms,
+            self.draft_cap,
         )
         session.last_round = job.round
         session.last_verdict = verdict
@@ -246,6 +249,13 @@ class Committer:
             self.queue.announce(session.id, now + session.think_s)
         if session.conn is not None:
             replies.append(Reply(session.conn, verdict))
+
+    @property
+    def draft_cap(self) -> int:
+        """The most draft tokens the next rounds should carry (the regime's cap under load; 0: none)."""
+        if self.forced_cap > 0:
+            return self.forced_cap
+        return self.regime.draft_cap if self.regime is not None else 0
 
     def _sample(self, session: Session) -> None:
         """After a verdict: the session's measured speculation, for the regime (once it has `SAMPLE_ROUNDS` rounds)."""
@@ -281,6 +291,9 @@ class Committer:
                 decode_limit=last.decode_limit,
                 speculative=last.speculative,
                 k=last.k,
+                draft_cap=regime.draft_cap,
+                fleet_speculative=regime.fleet.speculative if regime.fleet is not None else -1,
+                fleet_k=regime.fleet.k if regime.fleet is not None else -1,
                 rho=round(regime.prompt_per_token(), 3),
                 samples=regime.sample_count,
                 leaning=regime.leaning,

@@ -54,6 +54,9 @@ class ServerConfig:
     # 40 (7B, Mac mini, ShareGPT) the offers cost WISP 15-19 % of its goodput at 640-720 devices; on the GPU (run
     # 23, 32B, HumanEval, TPOT 30) they lifted WISP at 32 devices from 0.69 to 0.92. Not yet an A/B on a GPU.
     start_on_server: bool = True
+    # `--policy wisp` with the regime: under load, cap drafts at the regime's best draft length (`Verdict.draft_cap`,
+    # sched/regime.py). `--no-draft-cap` turns it off.
+    draft_cap: bool = True
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -69,9 +72,10 @@ class ServerConfig:
     # costs at 7B through the hybrid's too-slow test, and no GPU has measured it.
     align: bool = False
     # Test hooks (hidden flags), active under any policy: switch every N rounds / decoded tokens; verify at most
-    # this many draft tokens of a round.
+    # this many draft tokens of a round; every verdict caps the next round's draft at this many (0: the regime's).
     hybrid_every: int = 0
     verify_cap: int | None = None
+    force_draft_cap: int = 0
     # Bounded work per connection (docs/security.md): a connection must say Hello within `hello_timeout_s`; at
     # most `max_connections` at once and `max_connections_per_ip` from one address; closed after
     # `max_bad_frames` refused frames; at most `outbox_frames` answers queued for a client that does not read.
@@ -157,6 +161,7 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "regime": ("regime", True),  # runs 21-22 ran it as an arm, before it was the default
     "no-start-on-server": ("start_on_server", False),
     "no-truncate": ("truncate_drafts", False),
+    "no-draft-cap": ("draft_cap", False),
     "refuse": ("refuse", True),
     "align": ("align", True),
 }

@@ -147,9 +147,10 @@ class Engine:
             self.max_context_len,
             self._enqueue,
             self.hybrid,
-            Regime(self.estimator, min_refits=MIN_REFITS)
+            Regime(self.estimator, min_refits=MIN_REFITS, cap=config.draft_cap)
             if self.hybrid is not None and wisp and config.regime
             else None,
+            forced_cap=config.force_draft_cap,
         )
         if self.committer.regime is not None:
             self.policy.follow(self.committer.regime)
@@ -282,13 +283,13 @@ class Engine:
 
     def _verify_len(self, session: Session, k: int) -> int:
         """How many of a round's k draft tokens to verify (sched/pricing.py, `verify_len`)."""
-        if not self.truncate:
-            return k
-        d = session.deadlines
-        alpha = d.acceptance.measured_alpha if d is not None else None
-        m = verify_len(k, alpha, self.committer.price.price_ms, session.slo.tpot_ms)
-        cap = self.cfg.verify_cap
-        return m if cap is None else min(m, cap)
+        cap = self.committer.draft_cap  # the regime's cap: a round drafted before the verdict that set it
+        m = k if cap <= 0 else min(k, cap)
+        if self.truncate:
+            d = session.deadlines
+            alpha = d.acceptance.measured_alpha if d is not None else None
+            m = verify_len(m, alpha, self.committer.price.price_ms, session.slo.tpot_ms)
+        return m if self.cfg.verify_cap is None else min(m, self.cfg.verify_cap)
 
     def resume(self, session: Session, conn: Peer) -> list[Reply]:
         in_flight = session.pending is not None and session.pending.kind == JobKind.round

@@ -211,6 +211,10 @@ class Generation:
         ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
         link.price_ms = verdict.price_ms
         link.launch_in_ms = verdict.launch_in_ms
+        welcome = self.transport.welcome
+        limit = welcome.limits.max_draft_len if welcome is not None else link.max_draft
+        # the server's cap on the next round (its regime's best draft length under load), never above the limit
+        link.max_draft = min(limit, verdict.draft_cap) if verdict.draft_cap else limit
         self.stats.switches = sess.switches
         # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
         if (

@@ -9,7 +9,7 @@ round of k draft tokens costs ~26 + 4k bytes. Layout (little-endian):
              n_draft * i token,
              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
-             f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, f launch_in_ms
+             f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, H draft_cap, f launch_in_ms
 
 A session's committed context is prompt + every committed token. `Opened` and each `Verdict` commit exactly
 one target token (`next_token`) after any accepted draft tokens, so the edge always drafts from a context whose
@@ -32,7 +32,9 @@ from wisp_sdk.errors import ProtocolError
 # session to centralized decoding and back (Verdict flag, `Switch`).
 # 3: the Verdict carries `launch_in_ms`, when the server's next step launches (round alignment). A Hello of an
 # older version is refused with one clear error.
-PROTOCOL_VERSION = 3
+# 4: the Verdict carries `draft_cap`, the most draft tokens the server wants in the session's next round (the
+# regime's best k under load; 0: no cap beyond the Welcome's limit).
+PROTOCOL_VERSION = 4
 SUBPROTOCOL = (
     "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
 )
@@ -48,7 +50,7 @@ KIND_VERDICT = 2
 
 _HEADER = struct.Struct("<BBH")
 _ROUND = struct.Struct("<16sIIH")
-_VERDICT = struct.Struct("<16sIIHiffffHf")
+_VERDICT = struct.Struct("<16sIIHiffffHHf")
 _NNZ = struct.Struct("<H")
 
 # How a session generates: edge drafts verified by the server, or the server decoding alone (the baseline).
@@ -255,6 +257,10 @@ class Verdict(_Msg):
     # earliest step a round drafted after this verdict can join (0: the GPU would be idle, a round joins when it
     # arrives). The controller drafts the tokens that fit before that launch (docs/scheduling.md §11).
     launch_in_ms: float = Field(0.0, ge=0.0)
+    # The most draft tokens the server wants in the next round (0: none beyond `Limits.max_draft_len`). Under load
+    # the server's regime sets it at the draft length that serves the most sessions at their SLO
+    # (docs/scheduling.md §13); a longer draft is not refused, only its tail goes unverified.
+    draft_cap: int = Field(0, ge=0, le=0xFFFF)
 
 
 def new_session_id() -> str:
@@ -314,6 +320,7 @@ def encode_verdict(msg: Verdict) -> bytes:
         msg.unverified,
         msg.centralize,
         msg.launch_in_ms,
+        msg.draft_cap,
     )
 
 
@@ -331,6 +338,7 @@ def pack_verdict(
     unverified: int = 0,
     centralize: bool = False,
     launch_in_ms: float = 0.0,
+    draft_cap: int = 0,
 ) -> bytes:
     """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
     flags = (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0)
@@ -345,6 +353,7 @@ def pack_verdict(
         wait_hint_ms,
         price_ms,
         unverified,
+        draft_cap,
         launch_in_ms,
     )
 
@@ -428,7 +437,7 @@ def decode_verdict(data: bytes) -> Verdict:
     flags = _read_header(data, KIND_VERDICT)
     if len(data) != _HEADER.size + _VERDICT.size:
         raise ProtocolError("verdict frame has the wrong size")
-    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms, price_ms, unverified, launch_ms = (
+    sid, rnd, committed, accepted, nxt, queue_ms, verify_ms, wait_ms, price_ms, unverified, cap, launch_ms = (
         _VERDICT.unpack_from(data, _HEADER.size)
     )
     if not launch_ms >= 0.0:  # negative or NaN
@@ -447,6 +456,7 @@ def decode_verdict(data: bytes) -> Verdict:
         unverified=unverified,
         centralize=bool(flags & FLAG_CENTRALIZE),
         launch_in_ms=launch_ms,
+        draft_cap=cap,
     )
 
 

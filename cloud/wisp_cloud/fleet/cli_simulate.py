@@ -107,6 +107,11 @@ def add_parser(subparsers) -> None:
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
     )
     p.add_argument(
+        "--no-draft-cap",
+        action="store_true",
+        help="wisp policy: verdicts never cap drafts (as `wisp serve --no-draft-cap`)",
+    )
+    p.add_argument(
         "--refuse",
         action="store_true",
         help="wisp policy: a round or decode may be left out of a batch for a member's deadline (as `wisp serve --refuse`)",

@@ -87,6 +87,9 @@ class SimConfig:
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
+    draft_cap: bool = (
+        True  # `wisp` policy with the regime: under load, verdicts cap drafts (`--no-draft-cap`: off)
+    )
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
@@ -136,7 +139,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
         # the server's regime waits for MIN_REFITS online refits; the simulated estimator does not learn, but its
         # refit count advances at the server's pace (one every `refit_every` steps, in try_run)
-        regime = Regime(est, min_refits=MIN_REFITS) if on else None
+        regime = Regime(est, min_refits=MIN_REFITS, cap=cfg.draft_cap) if on else None
         if regime is not None:
             policy.follow(regime)
         reps.append(Replica(sched, VerifyPrice(est), regime))
@@ -293,6 +296,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.catchup = s.unfed = 0
         n_drafted = len(kept)
         s.tail_unfed = bool(kept) and (len(kept) == limit or action is Action.SEND)
+        regime = reps[s.rep].regime
+        if regime is not None and 0 < regime.draft_cap < len(kept):  # a round drafted before the cap was set
+            kept = kept[: regime.draft_cap]
+            s.tail_unfed = False
         if truncate:  # the server verifies only the prefix that pays; the client judges only that
             kept = kept[
                 : verify_len(
@@ -380,6 +387,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             ItemShape(len(kept) + 1, s.plen + s.gen), finish
         )
         s.link.price_ms = reps[s.rep].price.price_ms
+        cap = reps[s.rep].regime.draft_cap if reps[s.rep].regime is not None else 0
+        s.link.max_draft = min(cfg.max_draft, cap) if cap else cfg.max_draft  # the verdict's draft_cap
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs

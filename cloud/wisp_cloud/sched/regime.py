@@ -14,6 +14,12 @@ one: the lowest acceptance, the tightest SLO.
   with k + 1 tokens. N_spec is the largest N with step(N · mean(S/R_i) items of k + 1 tokens) ≤ S at the fleet's
   own mean draft length k (what its controllers draft now, not the k that would serve most: at 32B / HumanEval
   the fleet drafted k ≈ 11 where the best k was 4); before any round is measured, the best k in 1..`max_k`.
+- **The draft cap.** A device's controller drafts for its own token rate, not for the fleet's capacity: on an H200
+  (32B, Jetson-class devices, code10, run 53) the fleet drafted k ≈ 8.6 where the model's best k was 2-3, N_spec
+  at the fleet's k was 125-142 against N_dec 163-252, the regime decoded the fleet, and SLED at k = 3 served more
+  (≥ 320 devices against 289). So under load (open sessions ≥ `cap_load` × N_spec at the best k) the regime caps
+  drafts at that best k: every verdict carries it (`Verdict.draft_cap`; the server also verifies no more), and
+  speculation is then priced at the best k. Below that load a longer draft costs no one, and no cap is set.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
@@ -197,20 +203,23 @@ class _LineSums:
     def mean_k(self) -> float | None:
         return self.k / self.w if self.w > 0.0 else None
 
-    def line(self) -> DeviceLine:
-        """The least-squares line. Where draft lengths hardly vary (fixed-k controllers) the intercept cannot be
-        told from the slope: then all of the time is charged per token (the fleet's own k costs the same, longer
-        rounds cost more)."""
+    def line(self) -> DeviceLine | None:
+        """The least-squares line; None where draft lengths hardly vary (fixed-k controllers, a capped fleet),
+        since then the intercept cannot be told from the slope."""
         w = self.w
         if w <= 0.0:
-            return DeviceLine(0.0, 0.0)
+            return None
         var = self.kk / w - (self.k / w) ** 2
         if var > 0.25:
             slope = (self.kt / w - (self.k / w) * (self.t / w)) / var
             fixed = self.t / w - slope * self.k / w
             if slope >= 0.0 and fixed >= 0.0:
                 return DeviceLine(fixed, slope)
-        return DeviceLine(0.0, self.t / max(self.k, 1e-9))
+        return None
+
+    def per_token(self) -> DeviceLine:
+        """All of the time charged per token: the fleet's own k costs what it costs, longer rounds cost more."""
+        return DeviceLine(0.0, self.t / max(self.k, 1e-9)) if self.w > 0.0 else DeviceLine(0.0, 0.0)
 
 
 class Regime:
@@ -220,6 +229,8 @@ class Regime:
         self,
         estimator: VerifyTimeEstimator,
         *,
+        cap: bool = True,
+        cap_load: float = 0.5,
         quantile: float = 0.1,
         margin: float = 0.9,
         hysteresis: float = 0.1,
@@ -250,11 +261,15 @@ class Regime:
         self._decided_at = float("-inf")
         self._opened = 0
         self._line = _LineSums()
+        self._known: DeviceLine | None = None  # the last determined device line (`device`)
         # finished sessions' decayed prompt and answer tokens (their ratio is the fleet's ρ)
         self._prompt = 0.0
         self._answer = 0.0
         self.confirm = confirm
         self._leaning = 0  # consecutive decisions that said flip
+        self.cap, self.cap_load = cap, cap_load
+        self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
+        self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -276,8 +291,13 @@ class Regime:
         return self._prompt / self._answer if self._answer > 0.0 else 0.0
 
     def device(self) -> DeviceLine:
-        """The device line fitted so far (`_LineSums.line`)."""
-        return self._line.line()
+        """The device line fitted so far (`_LineSums.line`). Where the fleet's draft lengths stop varying (a
+        capped fleet drafts the cap), the last determined line stands: charged all per token, the time of a capped
+        fleet's k would make every shorter k look cheaper than it is, and each cap would lower the next."""
+        line = self._line.line()
+        if line is not None:
+            self._known = line
+        return self._known if self._known is not None else self._line.per_token()
 
     def enlist(self) -> bool:
         """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
@@ -303,15 +323,17 @@ class Regime:
             return self.mode
         self._decided_at = now
         self.decisions += 1
-        cap = capacities(
-            self.estimator,
-            list(self._samples.values()),
-            self.device(),
-            self.quantile,
-            self.margin,
-            prompt_per_token=self.prompt_per_token(),
-            fleet_k=self._line.mean_k(),
-        )
+        cap = self.fleet = self._capacities(self._line.mean_k())
+        capped, self.draft_cap = self.draft_cap > 0, 0
+        if self.cap:
+            best = self._capacities(None)
+            # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
+            # serves. A fleet that drafts no more than that needs no cap; once capped, its own k is the cap's, so
+            # the cap holds while the load does.
+            loaded = active is not None and active >= self.cap_load * best.speculative
+            if loaded and (capped or cap.k > best.k):
+                self.draft_cap = best.k
+                cap = best
         self.last = cap
         h = 1.0 + self.hysteresis
         serves_all = active is None or active <= cap.decode_limit
@@ -325,6 +347,17 @@ class Regime:
             self.flips += 1
             self._leaning = 0
         return self.mode
+
+    def _capacities(self, fleet_k: float | None) -> Capacities:
+        return capacities(
+            self.estimator,
+            list(self._samples.values()),
+            self.device(),
+            self.quantile,
+            self.margin,
+            prompt_per_token=self.prompt_per_token(),
+            fleet_k=fleet_k,
+        )
 
     @property
     def sample_count(self) -> int:
@@ -345,6 +378,7 @@ class Regime:
             "decode_capacity": last.decode if last else -1,
             "speculative_capacity": last.speculative if last else -1,
             "speculative_k": last.k if last else -1,
+            "draft_cap": self.draft_cap,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),

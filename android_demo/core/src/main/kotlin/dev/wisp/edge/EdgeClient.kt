@@ -130,6 +130,8 @@ class EdgeClient(
         var mode: String = "speculative",
         // The server's committed_len at the last resume: Tokens must bring us up to it before drafting.
         var serverLen: Int = 0,
+        // The last verdict's draft_cap: the most draft tokens the server wants in the next round (0: no cap).
+        var draftCap: Int = 0,
     ) {
         val output: List<Int> get() = committed.subList(prompt.size, committed.size)
     }
@@ -173,6 +175,7 @@ class EdgeClient(
             val proposed = ArrayList<DraftToken>()
             val kept = ArrayList<DraftToken>()
             link.maxDraft = limits?.maxDraftLen ?: link.maxDraft
+            if (s.draftCap > 0) link.maxDraft = minOf(link.maxDraft, s.draftCap)
             controller.startRound(link)
             // The verdict always adds one token, so never draft what max_new_tokens would cut anyway; and never
             // past the server's context limit (context + draft may not exceed it: too_large).
@@ -236,6 +239,7 @@ class EdgeClient(
                     controller.observe(kept.subList(0, verified), accepted)
                     link.priceMs = outcome.priceMs.toDouble()
                     link.launchInMs = outcome.launchInMs.toDouble()
+                    s.draftCap = outcome.draftCap
                     if (outcome.centralize && !s.done) {
                         s.mode = "centralized"
                         stats.switches++

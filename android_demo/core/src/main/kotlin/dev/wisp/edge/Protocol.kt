@@ -17,14 +17,15 @@ import java.nio.ByteOrder
  *              n_draft * i token,
  *              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
  *     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
- *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, f launch_in_ms
+ *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, H draft_cap, f launch_in_ms
  *
  * The shared test vectors (`core/src/test/resources/vectors.json`, written by `tools/make_vectors.py` from the
  * Python module) keep the two implementations from drifting.
  */
 object Protocol {
-    // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode; 3: Verdict launch_in_ms
-    const val VERSION = 3
+    // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode; 3: Verdict launch_in_ms;
+    // 4: Verdict draft_cap
+    const val VERSION = 4
     const val SUBPROTOCOL = "wisp.v1"
     const val FLAG_SPARSE_Q = 1
     const val FLAG_EOS = 1
@@ -33,7 +34,7 @@ object Protocol {
     const val KIND_VERDICT = 2
     const val HEADER_BYTES = 4
     const val ROUND_FIXED_BYTES = 16 + 4 + 4 + 2
-    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2 + 4
+    const val VERDICT_BYTES = HEADER_BYTES + 16 + 4 + 4 + 2 + 4 + 4 + 4 + 4 + 4 + 2 + 2 + 4
 }
 
 class ProtocolException(message: String, cause: Throwable? = null) : RuntimeException(message, cause)
@@ -367,6 +368,8 @@ data class Verdict(
     val centralize: Boolean = false,
     /** Ms from this verdict leaving the server to the next launch a new round can join (0: none running). */
     val launchInMs: Float = 0f,
+    /** The most draft tokens the server wants in the next round (0: no cap beyond the Welcome's limit). */
+    val draftCap: Int = 0,
 ) : ServerMessage {
     fun encode(): ByteArray {
         val buf = ByteBuffer.allocate(Protocol.VERDICT_BYTES).order(ByteOrder.LITTLE_ENDIAN)
@@ -376,7 +379,7 @@ data class Verdict(
         buf.put(sessionIdBytes(sessionId))
         buf.putInt(round).putInt(committedLen).putShort(u16(accepted, "accepted")).putInt(nextToken)
         buf.putFloat(queueMs).putFloat(verifyMs).putFloat(waitHintMs).putFloat(priceMs)
-        buf.putShort(u16(unverified, "unverified"))
+        buf.putShort(u16(unverified, "unverified")).putShort(u16(draftCap, "draft_cap"))
         buf.putFloat(launchInMs)
         return buf.array()
     }
@@ -401,6 +404,7 @@ data class Verdict(
                 priceMs = buf.float,
                 unverified = buf.short.toInt() and 0xFFFF,
                 centralize = flags and Protocol.FLAG_CENTRALIZE != 0,
+                draftCap = buf.short.toInt() and 0xFFFF, // named arguments are read in this order
                 launchInMs = buf.float,
             )
             if (!(v.launchInMs >= 0f)) { // negative or NaN

@@ -94,6 +94,15 @@ class EdgeClientTest {
     }
 
     @Test
+    fun aVerdictsDraftCapBoundsTheNextRound() {
+        val server = FakeServer(target).apply { draftCap = 2 }
+        val res = client(server, FixedK(6)).generate(prompt, GenerateOptions(maxNewTokens = 40))
+        assertEquals(expected, res.tokens)
+        assertEquals(6, server.roundsSeen.first().draftIds.size) // before any verdict: the controller's own k
+        assertTrue(server.roundsSeen.drop(1).all { it.draftIds.size <= 2 }, "${server.roundsSeen.map { it.draftIds.size }}")
+    }
+
+    @Test
     fun fixedKDraftsKAndAcceptanceIsCounted() {
         val server = FakeServer(target)
         val res = client(server, FixedK(4)).generate(prompt, GenerateOptions(maxNewTokens = 40))

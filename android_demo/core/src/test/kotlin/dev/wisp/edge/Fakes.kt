@@ -87,6 +87,8 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
     var startOnServerTokens = 0
     /** Verify at most this many draft tokens of a round (the rest is `unverified`). */
     var verifyCap: Int? = null
+    /** Every verdict's draft_cap: the most draft tokens the next round should carry (0: no cap). */
+    var draftCap = 0
 
     inner class Conn : Connection {
         val inbox = LinkedBlockingQueue<Frame>()
@@ -204,7 +206,7 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
         val centralize = hybridEvery > 0 && r.round % hybridEvery == 0 && !s.done
         val v = Verdict(
             s.id, r.round, s.tokens.size, accepted, next, s.done, 0.5f, 1.0f, 2.0f,
-            priceMs = 3.0f, unverified = r.draftIds.size - verified, centralize = centralize,
+            priceMs = 3.0f, unverified = r.draftIds.size - verified, centralize = centralize, draftCap = draftCap,
         )
         s.lastRound = r.round
         s.lastVerdict = v

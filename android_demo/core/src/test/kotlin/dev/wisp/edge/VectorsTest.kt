@@ -100,6 +100,7 @@ class VectorsTest {
                 unverified = f.getInt("unverified"),
                 centralize = f.getBoolean("centralize"),
                 launchInMs = f.getDouble("launch_in_ms").toFloat(),
+                draftCap = f.getInt("draft_cap"),
             )
             assertEquals(expected, d)
             assertEquals(f.getDouble("wait_hint_ms"), d.waitHintMs.toDouble(), 0.0) // float32 values, exactly

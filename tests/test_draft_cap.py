@@ -1,0 +1,120 @@
+"""The draft cap (sched/regime.py, docs/scheduling.md §13): under load the regime caps drafts at the draft length
+that serves the most sessions at their SLO, every verdict carries it (`Verdict.draft_cap`, protocol 4), the SDK
+drafts no more, and the server verifies no more of a round drafted before it was set. Output stays the target's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_process import ServerProcess
+from pydantic import ValidationError
+from sim_inputs import EST_32B
+from wisp_cloud.estimator import VerifyTimeEstimator
+from wisp_cloud.sched.regime import DeviceLine, Regime, SessionSample, capacities
+from wisp_sdk import EdgeClient, FixedK, Wisp
+from wisp_sdk.errors import ProtocolError
+from wisp_sdk.protocol import PROTOCOL_VERSION, Verdict, decode_verdict, encode_verdict, new_session_id
+
+JETSON = DeviceLine(20.0, 18.5)  # Jetson Orin-class drafts (18.5 ms a token) on wifi-metro (20 ms)
+
+
+@pytest.fixture(scope="module")
+def est32() -> VerifyTimeEstimator:
+    return VerifyTimeEstimator.from_dict(json.loads(EST_32B.read_text()))
+
+
+# ---- protocol ----
+
+
+def test_the_verdict_carries_the_cap_in_protocol_4():
+    assert PROTOCOL_VERSION == 4
+    msg = Verdict(
+        session_id=new_session_id(), round=3, committed_len=9, accepted=1, next_token=4, draft_cap=3
+    )
+    frame = encode_verdict(msg)
+    assert decode_verdict(frame) == msg
+    blank = Verdict(session_id=msg.session_id, round=3, committed_len=9, accepted=1, next_token=4)
+    assert decode_verdict(encode_verdict(blank)).draft_cap == 0  # no cap
+    # a v3 frame (no draft_cap) is refused with one clear error, not misread
+    v3 = bytes([3]) + frame[1:-6] + frame[-4:]
+    with pytest.raises(ProtocolError, match="protocol version 3, expected 4"):
+        decode_verdict(v3)
+    with pytest.raises(ValidationError):
+        Verdict(session_id=msg.session_id, round=3, committed_len=9, accepted=1, next_token=4, draft_cap=-1)
+
+
+# ---- the regime ----
+
+
+def _loaded(r: Regime, k: float, n: int = 64, alpha: float = 0.82, line: DeviceLine = JETSON) -> None:
+    """n sessions' samples of a code-like fleet at TPOT 60, drafting rounds of about k tokens."""
+    for i in range(n):
+        kk = max(1.0, k + (i % 5 - 2))  # rounds of varying length: the device line is determined
+        r.observe(f"s{i}", SessionSample(alpha, 60.0, 500), kk, line.ms(round(kk)))
+
+
+def test_a_loaded_fleet_that_drafts_long_is_capped_at_the_best_k(est32):
+    r = Regime(est32, every_s=1.0)
+    _loaded(r, 8.0)
+    samples = [SessionSample(0.82, 60.0, 500)] * 64
+    best = capacities(est32, samples, r.device())
+    own = capacities(est32, samples, r.device(), fleet_k=8.0)
+    assert best.k < own.k and best.speculative > own.speculative, (best, own)  # the premise
+    r.decide(0.0, active=best.speculative)  # loaded: the open sessions reach speculation's capacity
+    assert r.draft_cap == best.k and r.stats()["draft_cap"] == best.k
+    assert r.last is not None and r.last.k == best.k  # speculation is priced at the k the fleet will draft
+    assert r.fleet is not None and r.fleet.k == own.k  # ... and the fleet's own, logged beside it
+
+
+def test_no_cap_below_the_load_where_it_matters_or_when_turned_off(est32):
+    r = Regime(est32, every_s=1.0)
+    _loaded(r, 8.0)
+    r.decide(0.0, active=2)  # a quiet server: a long draft costs no one
+    assert r.draft_cap == 0 and r.last is not None and r.last.k == 8
+    off = Regime(est32, every_s=1.0, cap=False)
+    _loaded(off, 8.0)
+    off.decide(0.0, active=10_000)
+    assert off.draft_cap == 0
+
+
+def test_the_cap_holds_once_the_fleet_drafts_it_and_the_device_line_stands(est32):
+    r = Regime(est32, every_s=1.0)
+    _loaded(r, 8.0)
+    line = r.device()
+    r.decide(0.0, active=500)
+    cap = r.draft_cap
+    assert 0 < cap < 8
+    # the capped fleet now drafts exactly the cap: its draft lengths no longer vary
+    for j in range(2000):
+        r.observe(f"s{j % 64}", SessionSample(0.82, 60.0, 500), float(cap), JETSON.ms(cap))
+    assert r.device() == line  # all per token, the cap's time would make every shorter k look cheap
+    r.decide(1.0, active=500)
+    assert r.draft_cap == cap  # its own k is now the cap's, and the cap holds while the load does
+    r.decide(2.0, active=2)
+    assert r.draft_cap == 0  # the load fell
+
+
+# ---- end to end: the SDK drafts no more than the verdict's cap, and the output is the target's ----
+
+
+@pytest.fixture(scope="module")
+def capped(tiny_target, tiny_bundle):
+    srv = ServerProcess(tiny_target, 0, "--policy", "wisp", "--debug-draft-cap", "2")
+    client = EdgeClient(srv.url, tiny_bundle, threads=1)
+    yield client
+    client.close()
+    srv.stop()
+
+
+@pytest.mark.parametrize("controller", [FixedK(6), Wisp(max_draft=16)], ids=["fixed:6", "wisp"])
+def test_the_sdk_drafts_no_more_than_the_cap_and_greedy_is_the_targets(capped, reference, controller):
+    prompt = "def fibonacci(n):\n"
+    ids = capped.encode_prompt(prompt)
+    res = capped.generate(prompt, max_new_tokens=32, controller=controller)
+    assert res.token_ids == reference(ids, 32)
+    rounds = res.stats.rounds
+    assert len(rounds) > 3 and all(r.drafted <= 2 for r in rounds[1:]), [r.drafted for r in rounds]
+    if isinstance(controller, FixedK):
+        # the first round was drafted before any verdict (6 tokens): the server verified only the cap's 2
+        assert rounds[0].drafted == 6 and rounds[0].unverified == 4
