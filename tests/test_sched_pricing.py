@@ -68,6 +68,19 @@ def test_hybrid_rule_switches_with_hysteresis():
     assert not rule.to_speculative(decoded=32, k=4, alpha=0.2, price_ms=8.0, tpot_ms=50.0)
 
 
+def test_no_cost_move_to_decoding_that_would_miss_the_slo():
+    rule = HybridRule()
+    # a costly session that meets its TPOT on the edge (30 ms a round for E ≈ 1.25 tokens: 24 ms a token)
+    costly = dict(rounds=8, k=4, alpha=0.2, price_ms=40.0, tpot_ms=50.0, round_ms=30.0)
+    assert (
+        rule.to_centralized(**costly, decode_ms=70.0) is Why.cost
+    )  # a decode's wait and step: 1.5 steps of 47 ms
+    # steps longer than its TPOT (a loaded speculative GPU): decoded, it would miss at every token
+    assert rule.to_centralized(**costly, decode_ms=80.0) is None  # 1.5 steps of 53 ms
+    # a session that misses on the edge too still moves: decoded it at least costs the others less
+    assert rule.to_centralized(**{**costly, "round_ms": 70.0}, decode_ms=80.0) is Why.cost
+
+
 def test_hybrid_test_hook_switches_every_n():
     rule = HybridRule(every=3)
     assert [rule.to_centralized(r, 4, 0.99, 0.0, 50.0) for r in (1, 2, 3)] == [None, None, Why.hook]

@@ -11,7 +11,9 @@ verify price (pricing.py), a session's speculation costs the others, beyond what
 GPU ms per ms of its own TPOT budget (negative: decoding would cost more). Without r (before session 11) the rule
 took a decoded token for free: on an H200 (7B, Mac mini, ShareGPT, run 39, r ≈ 2.3) it moved 1460 sessions to the
 server in three points, and WISP served 647 devices against 714 without the hybrid. The rule, with hysteresis so a session does not flap:
-  - speculative → centralized when cost > `enter` (0.5), judged only after `min_rounds` rounds (α is measured);
+  - speculative → centralized when cost > `enter` (0.5), judged only after `min_rounds` rounds (α is measured),
+    but not when the session meets its TPOT on the edge and a server-side decode step would not (decoded in steps
+    longer than its TPOT it would miss at every token: `meets_only_on_the_edge`);
   - centralized → speculative when cost < `leave` (0.25) at the session's last measured α and k, after at least
     `dwell_tokens` (16) decoded tokens, doubled for each round trip the session already made (up to 2^`backoff`):
     the load fell, drafting pays again. The doubling is measured, not designed: on an H200 (7B, TPOT 30 and 60,
@@ -43,6 +45,10 @@ from typing import NamedTuple
 
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import ItemShape
+
+# A decode's predicted wait plus step (`round_and_decode_ms`) in steps, where steps run back to back: half a step
+# for the running one, then its own.
+DECODE_WAIT_STEPS = 1.5
 
 
 class Why(str, Enum):
@@ -100,6 +106,19 @@ class HybridRule:
         per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
         return per_token > self.slow_margin * tpot_ms and decode_ms < self.faster * per_token
 
+    @staticmethod
+    def meets_only_on_the_edge(
+        k: int, alpha: float, tpot_ms: float, round_ms: float | None, decode_ms: float | None
+    ) -> bool:
+        """Does the session meet its TPOT by speculation, where decoded it would miss at every token (it gets one
+        a step, and `decode_ms` is a decode's wait plus its step, ≈ 1.5 steps back to back)? Then moving it saves
+        the others GPU time but serves no more sessions (H200 run 54, 32B, Jetson, code10: speculative steps of
+        60-90 ms at TPOT 60 and 199 such moves a point)."""
+        if round_ms is None or decode_ms is None:
+            return False
+        per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
+        return per_token <= tpot_ms < decode_ms / DECODE_WAIT_STEPS
+
     def to_centralized(
         self,
         rounds: int,
@@ -119,6 +138,8 @@ class HybridRule:
         if self.too_slow(k, self.prior_alpha if alpha is None else alpha, tpot_ms, round_ms, decode_ms):
             return Why.slow
         if alpha is None or rounds < self.min_rounds:
+            return None
+        if self.meets_only_on_the_edge(k, alpha, tpot_ms, round_ms, decode_ms):
             return None
         return Why.cost if self.cost(k, alpha, price_ms, tpot_ms, item_ratio) > self.enter else None
 
