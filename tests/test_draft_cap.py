@@ -118,3 +118,28 @@ def test_the_sdk_drafts_no_more_than_the_cap_and_greedy_is_the_targets(capped, r
     if isinstance(controller, FixedK):
         # the first round was drafted before any verdict (6 tokens): the server verified only the cap's 2
         assert rounds[0].drafted == 6 and rounds[0].unverified == 4
+
+
+def test_the_cap_is_set_before_the_online_refits_the_mode_waits_for_them(est32):
+    """An uncapped fleet's long rounds cost every step until the first decision (H200 run 55: 77-104 ms steps for
+    10-15 s); the cap ranks draft lengths on the start-up fit, the mode waits for the refits (test_regime.py)."""
+    r = Regime(est32, every_s=1.0, min_refits=2)
+    _loaded(r, 8.0)
+    r.decide(0.0, active=500)
+    assert r.draft_cap > 0 and r.mode == "speculative" and r.leaning == 0
+
+
+def test_a_sessions_alpha_is_shrunk_toward_the_fleets(est32):
+    r = Regime(est32)
+    # a fleet at 0.85, and one session that met a bad round early: 1 of 4 tries
+    for i in range(20):
+        r.observe(f"s{i}", SessionSample(0.8, 60.0, 500, accepted=17.0, tried=20.0), 3.0, 80.0)
+    r.observe("bad", SessionSample(0.5, 60.0, 500, accepted=1.0, tried=4.0), 3.0, 80.0)
+    shrunk = {s.alpha for s in r.fleet_samples()}
+    rate = (20 * 17.0 + 1.0) / (20 * 20.0 + 4.0)
+    assert min(shrunk) == pytest.approx((1.0 + 8.0 * rate) / 12.0)  # 0.65, not the 0.25 its tries alone say
+    assert max(shrunk) == pytest.approx((17.0 + 8.0 * rate) / 28.0)
+    # samples without counts (older callers) pass through
+    plain = Regime(est32)
+    plain.observe("x", SessionSample(0.6, 60.0, 500), 3.0, 80.0)
+    assert plain.fleet_samples()[0].alpha == 0.6

@@ -263,7 +263,10 @@ class Committer:
         if self.regime is None or d is None or session.think_s is None or session.k_mean is None:
             return
         if d.acceptance.n_rounds >= SAMPLE_ROUNDS:
-            sample = SessionSample(d.acceptance.alpha, session.slo.tpot_ms, session.committed_len)
+            acc = d.acceptance
+            sample = SessionSample(
+                acc.alpha, session.slo.tpot_ms, session.committed_len, acc.accepted, acc.tried
+            )
             self.regime.observe(session.id, sample, session.k_mean, 1000.0 * session.think_s)
 
     def _centralize(self, session: Session, job: Job) -> bool:
@@ -294,6 +297,9 @@ class Committer:
                 draft_cap=regime.draft_cap,
                 fleet_speculative=regime.fleet.speculative if regime.fleet is not None else -1,
                 fleet_k=regime.fleet.k if regime.fleet is not None else -1,
+                step_ms=round(last.step_ms, 1),
+                device_fixed_ms=round(regime.device().fixed_ms, 1),
+                device_per_token_ms=round(regime.device().per_token_ms, 2),
                 rho=round(regime.prompt_per_token(), 3),
                 samples=regime.sample_count,
                 leaning=regime.leaning,

@@ -400,7 +400,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             and s.k_mean is not None
             and acc.n_rounds >= SAMPLE_ROUNDS
         ):
-            sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen)
+            sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen, acc.accepted, acc.tried)
             regime.observe(s.sid, sample, s.k_mean, 1000 * s.think)
         s.answered = finish
         if s.gen >= s.max_new:

@@ -52,6 +52,7 @@ Pure: time is passed in.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,8 @@ MIN_REFITS = 2
 # answer is ≈ 24 and the fleet drafts k ≈ 12, so few sessions ever reached 4 rounds and the first decision came
 # 9-22 s into each point.
 SAMPLE_ROUNDS = 2
+# A session's α enters the model shrunk toward the fleet's rate by this many tries at it (`Regime.fleet_samples`).
+SHRINK_TRIES = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ class SessionSample:
     alpha: float  # its measured per-token acceptance
     tpot_ms: float  # its TPOT SLO
     context: int  # tokens in its context
+    # the draft tokens behind `alpha`, the server's prior left out (decayed counts; 0: only `alpha` is known)
+    accepted: float = 0.0
+    tried: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,14 +325,13 @@ class Regime:
         attainment at 1120-1280 devices, where centralized served 0.25."""
         if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
-        if self.estimator.refits - self._refits0 < self.min_refits:
-            return self.mode
         self._decided_at = now
         self.decisions += 1
-        cap = self.fleet = self._capacities(self._line.mean_k())
+        samples = self.fleet_samples()
+        cap = self.fleet = self._capacities(samples, self._line.mean_k())
         capped, self.draft_cap = self.draft_cap > 0, 0
         if self.cap:
-            best = self._capacities(None)
+            best = self._capacities(samples, None)
             # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
             # serves. A fleet that drafts no more than that needs no cap; once capped, its own k is the cap's, so
             # the cap holds while the load does.
@@ -335,6 +340,12 @@ class Regime:
                 self.draft_cap = best.k
                 cap = best
         self.last = cap
+        if self.estimator.refits - self._refits0 < self.min_refits:
+            # The cap is set on the start-up profile's fit: it ranks draft lengths, whose steps differ in tokens,
+            # and an uncapped fleet's long rounds cost every step meanwhile (H200 run 55: 77-104 ms steps for the
+            # 10-15 s to the first decision, against 57 ms capped). The mode waits for the online refits, which
+            # price decoding's per-item host work.
+            return self.mode
         h = 1.0 + self.hysteresis
         serves_all = active is None or active <= cap.decode_limit
         if self.mode == "speculative":
@@ -348,10 +359,26 @@ class Regime:
             self._leaning = 0
         return self.mode
 
-    def _capacities(self, fleet_k: float | None) -> Capacities:
+    def fleet_samples(self) -> list[SessionSample]:
+        """The samples, each session's α shrunk toward the fleet's own (`SHRINK_TRIES` tries at the fleet's rate):
+        a session's α after a few rounds is mostly noise and its server-side prior (4 tries at 0.7), and the
+        quantile of noisy estimates sits far under the quantile of the sessions' true rates."""
+        samples = list(self._samples.values())
+        tried = sum(s.tried for s in samples)
+        if tried <= 0.0:
+            return samples
+        rate = sum(s.accepted for s in samples) / tried
+        return [
+            dataclasses.replace(s, alpha=(s.accepted + SHRINK_TRIES * rate) / (s.tried + SHRINK_TRIES))
+            if s.tried > 0.0
+            else s
+            for s in samples
+        ]
+
+    def _capacities(self, samples: list[SessionSample], fleet_k: float | None) -> Capacities:
         return capacities(
             self.estimator,
-            list(self._samples.values()),
+            samples,
             self.device(),
             self.quantile,
             self.margin,
