@@ -279,7 +279,7 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
     from wisp_cloud.fleet import simulate
     from wisp_cloud.fleet.profiles import get_device
 
-    decided: list[tuple[float, int, int]] = []  # (time, refits so far, leaning + flips) of each decision taken
+    decided: list[tuple[float, int, int]] = []  # each decision's (time, refits so far, leaning + flips)
     decide = Regime.decide
 
     def spy(self: Regime, now: float, active: int | None = None) -> str:
