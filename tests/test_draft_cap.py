@@ -1,6 +1,7 @@
-"""The draft cap (sched/regime.py, docs/scheduling.md §13): under load the regime caps drafts at the draft length
-that serves the most sessions at their SLO, every verdict carries it (`Verdict.draft_cap`, protocol 4), the SDK
-drafts no more, and the server verifies no more of a round drafted before it was set. Output stays the target's."""
+"""The draft cap (sched/regime.py, docs/scheduling.md §13; `wisp serve --draft-cap`, off by default): under load
+the regime caps drafts at the draft length that serves the most sessions at their SLO, every verdict carries it
+(`Verdict.draft_cap`, protocol 4), the SDK drafts no more, and the server verifies no more of a round drafted before
+it was set. Output stays the target's."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _loaded(r: Regime, k: float, n: int = 64, alpha: float = 0.82, line: DeviceL
 
 
 def test_a_loaded_fleet_that_drafts_long_is_capped_at_the_best_k(est32):
-    r = Regime(est32, every_s=1.0)
+    r = Regime(est32, every_s=1.0, cap=True)
     _loaded(r, 8.0)
     samples = [SessionSample(0.82, 60.0, 500)] * 64
     best = capacities(est32, samples, r.device())
@@ -68,18 +69,18 @@ def test_a_loaded_fleet_that_drafts_long_is_capped_at_the_best_k(est32):
 
 
 def test_no_cap_below_the_load_where_it_matters_or_when_turned_off(est32):
-    r = Regime(est32, every_s=1.0)
+    r = Regime(est32, every_s=1.0, cap=True)
     _loaded(r, 8.0)
     r.decide(0.0, active=2)  # a quiet server: a long draft costs no one
     assert r.draft_cap == 0 and r.last is not None and r.last.k == 8
-    off = Regime(est32, every_s=1.0, cap=False)
+    off = Regime(est32, every_s=1.0)  # the default: no cap
     _loaded(off, 8.0)
     off.decide(0.0, active=10_000)
     assert off.draft_cap == 0
 
 
 def test_the_cap_holds_once_the_fleet_drafts_it_and_the_device_line_stands(est32):
-    r = Regime(est32, every_s=1.0)
+    r = Regime(est32, every_s=1.0, cap=True)
     _loaded(r, 8.0)
     line = r.device()
     r.decide(0.0, active=500)
@@ -123,23 +124,32 @@ def test_the_sdk_drafts_no_more_than_the_cap_and_greedy_is_the_targets(capped, r
 def test_the_cap_is_set_before_the_online_refits_the_mode_waits_for_them(est32):
     """An uncapped fleet's long rounds cost every step until the first decision (H200 run 55: 77-104 ms steps for
     10-15 s); the cap ranks draft lengths on the start-up fit, the mode waits for the refits (test_regime.py)."""
-    r = Regime(est32, every_s=1.0, min_refits=2)
+    r = Regime(est32, every_s=1.0, min_refits=2, cap=True)
     _loaded(r, 8.0)
     r.decide(0.0, active=500)
     assert r.draft_cap > 0 and r.mode == "speculative" and r.leaning == 0
 
 
-def test_a_sessions_alpha_is_shrunk_toward_the_fleets(est32):
-    r = Regime(est32)
-    # a fleet at 0.85, and one session that met a bad round early: 1 of 4 tries
+def _with_bad(r: Regime) -> Regime:
+    """A fleet at 0.85, and one session that met a bad round early: 1 of 4 tries."""
     for i in range(20):
         r.observe(f"s{i}", SessionSample(0.8, 60.0, 500, accepted=17.0, tried=20.0), 3.0, 80.0)
     r.observe("bad", SessionSample(0.5, 60.0, 500, accepted=1.0, tried=4.0), 3.0, 80.0)
+    return r
+
+
+def test_a_sessions_alpha_is_shrunk_toward_the_fleets_with_the_cap(est32):
+    r = _with_bad(Regime(est32, cap=True))
     shrunk = {s.alpha for s in r.fleet_samples()}
     rate = (20 * 17.0 + 1.0) / (20 * 20.0 + 4.0)
     assert min(shrunk) == pytest.approx((1.0 + 8.0 * rate) / 12.0)  # 0.65, not the 0.25 its tries alone say
     assert max(shrunk) == pytest.approx((17.0 + 8.0 * rate) / 28.0)
+    # without the cap (the default) the regime reads the samples as they are, as runs 45-53 measured it
+    assert Regime(est32)._samples == {} and {s.alpha for s in _with_bad(Regime(est32)).fleet_samples()} == {
+        0.8,
+        0.5,
+    }
     # samples without counts (older callers) pass through
-    plain = Regime(est32)
+    plain = Regime(est32, cap=True)
     plain.observe("x", SessionSample(0.6, 60.0, 500), 3.0, 80.0)
     assert plain.fleet_samples()[0].alpha == 0.6

@@ -166,7 +166,7 @@ def test_the_regime_waits_for_the_online_fit_before_its_first_decision(est32):
     r = Regime(est, min_samples=4, every_s=0.0, min_refits=2, confirm=1)
     for i in range(8):
         r.observe(f"s{i}", SessionSample(0.1, 30.0, 500), 4.0, 60.0)  # hopeless speculation: decoding wins
-    assert r.decide(1.0) == "speculative" and r.leaning == 0  # no refit yet: the mode is not decided
+    assert r.decide(1.0) == "speculative" and r.last is None  # no refit yet: not decided
     shapes = [ItemShape(1, 500)] * 64
     for _ in range(8):  # two refits on steps as the profile predicts them
         est.observe(est.predict(shapes), shapes)

@@ -192,10 +192,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "decodes a session's first tokens while its draft prefills the prompt; docs/scheduling.md §12)",
     )
     p.add_argument(
-        "--no-draft-cap",
+        "--draft-cap",
         action="store_true",
-        help="--policy wisp: never cap devices' drafts (with the regime, under load, verdicts cap the next round at "
-        "the draft length that serves the most sessions at their SLO; docs/scheduling.md §13)",
+        help="--policy wisp: with the regime, under load, verdicts cap the next round's draft at the draft length "
+        "that serves the most sessions at their SLO (off by default: it cost the 7B / Jetson row on an H200; "
+        "docs/scheduling.md §13)",
     )
     p.add_argument(
         "--no-truncate",
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         hybrid=not args.no_hybrid,
         regime=not args.no_regime,
         start_on_server=not args.no_start_on_server,
-        draft_cap=not args.no_draft_cap,
+        draft_cap=args.draft_cap,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

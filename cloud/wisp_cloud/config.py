@@ -54,9 +54,11 @@ class ServerConfig:
     # 40 (7B, Mac mini, ShareGPT) the offers cost WISP 15-19 % of its goodput at 640-720 devices; on the GPU (run
     # 23, 32B, HumanEval, TPOT 30) they lifted WISP at 32 devices from 0.69 to 0.92. Not yet an A/B on a GPU.
     start_on_server: bool = True
-    # `--policy wisp` with the regime: under load, cap drafts at the regime's best draft length (`Verdict.draft_cap`,
-    # sched/regime.py). `--no-draft-cap` turns it off.
-    draft_cap: bool = True
+    # `--policy wisp` with the regime, `--draft-cap`: under load, cap drafts at the regime's best draft length
+    # (`Verdict.draft_cap`, sched/regime.py). Off by default: on an H200 it raised 32B / Jetson / code10 from ≤ 1.00×
+    # to 1.06× centralized (run 56) and took 7B / Jetson / code10 from 0.97 to 0.31 attainment at 960 devices
+    # (run 57; docs/scheduling.md §13).
+    draft_cap: bool = False
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -161,6 +163,7 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "regime": ("regime", True),  # runs 21-22 ran it as an arm, before it was the default
     "no-start-on-server": ("start_on_server", False),
     "no-truncate": ("truncate_drafts", False),
+    "draft-cap": ("draft_cap", True),
     "no-draft-cap": ("draft_cap", False),
     "refuse": ("refuse", True),
     "align": ("align", True),

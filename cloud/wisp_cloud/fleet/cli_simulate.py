@@ -107,9 +107,9 @@ def add_parser(subparsers) -> None:
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
     )
     p.add_argument(
-        "--no-draft-cap",
+        "--draft-cap",
         action="store_true",
-        help="wisp policy: verdicts never cap drafts (as `wisp serve --no-draft-cap`)",
+        help="wisp policy: under load, verdicts cap drafts at the regime's best k (as `wisp serve --draft-cap`)",
     )
     p.add_argument(
         "--refuse",

@@ -87,9 +87,7 @@ class SimConfig:
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
-    draft_cap: bool = (
-        True  # `wisp` policy with the regime: under load, verdicts cap drafts (`--no-draft-cap`: off)
-    )
+    draft_cap: bool = False  # `wisp` policy with the regime: under load, verdicts cap drafts (`--draft-cap`)
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)

@@ -19,7 +19,11 @@ one: the lowest acceptance, the tightest SLO.
   at the fleet's k was 125-142 against N_dec 163-252, the regime decoded the fleet, and SLED at k = 3 served more
   (≥ 320 devices against 289). So under load (open sessions ≥ `cap_load` × N_spec at the best k) the regime caps
   drafts at that best k: every verdict carries it (`Verdict.draft_cap`; the server also verifies no more), and
-  speculation is then priced at the best k. Below that load a longer draft costs no one, and no cap is set.
+  speculation is then priced at the best k. Below that load a longer draft costs no one, and no cap is set. With
+  the cap a session's α also enters the model shrunk toward the fleet's (`fleet_samples`). Off by default
+  (`cap`, `wisp serve --draft-cap`): on an H200 it raised 32B / Jetson / code10 from ≤ 1.00× to 1.06× centralized
+  (run 56), and at 7B / Jetson / code10 (run 57) the model's best k (3) left Jetson rounds no slack, the hybrid moved
+  the too-slow sessions to the server and back (580 and 300 moves a point), and WISP fell from 0.97 to 0.31.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
@@ -235,7 +239,7 @@ class Regime:
         self,
         estimator: VerifyTimeEstimator,
         *,
-        cap: bool = True,
+        cap: bool = False,
         cap_load: float = 0.5,
         quantile: float = 0.1,
         margin: float = 0.9,
@@ -325,6 +329,9 @@ class Regime:
         attainment at 1120-1280 devices, where centralized served 0.25."""
         if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
+        refitted = self.estimator.refits - self._refits0 >= self.min_refits
+        if not refitted and not self.cap:
+            return self.mode
         self._decided_at = now
         self.decisions += 1
         samples = self.fleet_samples()
@@ -340,7 +347,7 @@ class Regime:
                 self.draft_cap = best.k
                 cap = best
         self.last = cap
-        if self.estimator.refits - self._refits0 < self.min_refits:
+        if not refitted:
             # The cap is set on the start-up profile's fit: it ranks draft lengths, whose steps differ in tokens,
             # and an uncapped fleet's long rounds cost every step meanwhile (H200 run 55: 77-104 ms steps for the
             # 10-15 s to the first decision, against 57 ms capped). The mode waits for the online refits, which
@@ -365,7 +372,7 @@ class Regime:
         quantile of noisy estimates sits far under the quantile of the sessions' true rates."""
         samples = list(self._samples.values())
         tried = sum(s.tried for s in samples)
-        if tried <= 0.0:
+        if tried <= 0.0 or not self.cap:  # the regime's margins were measured on unshrunk α (runs 45-53)
             return samples
         rate = sum(s.accepted for s in samples) / tried
         return [
