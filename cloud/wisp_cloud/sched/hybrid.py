@@ -61,6 +61,11 @@ class Why(str, Enum):
     edge = "edge"  # back to the edge: drafting pays again
 
 
+def _per_token_ms(k: int, alpha: float, round_ms: float) -> float:
+    """A speculative session's ms a committed token: its round's time over the tokens a round commits."""
+    return round_ms / max(expected_committed(max(0, k), alpha), 1.0)
+
+
 class SwitchInputs(NamedTuple):
     """The hybrid rule's per-session inputs (positional, in the order `to_centralized` takes them)."""
 
@@ -103,7 +108,7 @@ class HybridRule:
         faster (it need not meet the SLO itself: where neither can, decoding is what centralized serving would do)."""
         if round_ms is None or decode_ms is None:
             return False
-        per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
+        per_token = _per_token_ms(k, alpha, round_ms)
         return per_token > self.slow_margin * tpot_ms and decode_ms < self.faster * per_token
 
     @staticmethod
@@ -116,8 +121,7 @@ class HybridRule:
         60-90 ms at TPOT 60 and 199 such moves a point)."""
         if round_ms is None or decode_ms is None:
             return False
-        per_token = round_ms / max(expected_committed(max(0, k), alpha), 1.0)
-        return per_token <= tpot_ms < decode_ms / DECODE_WAIT_STEPS
+        return _per_token_ms(k, alpha, round_ms) <= tpot_ms < decode_ms / DECODE_WAIT_STEPS
 
     def to_centralized(
         self,
@@ -139,9 +143,9 @@ class HybridRule:
             return Why.slow
         if alpha is None or rounds < self.min_rounds:
             return None
-        if self.meets_only_on_the_edge(k, alpha, tpot_ms, round_ms, decode_ms):
+        if self.cost(k, alpha, price_ms, tpot_ms, item_ratio) <= self.enter:
             return None
-        return Why.cost if self.cost(k, alpha, price_ms, tpot_ms, item_ratio) > self.enter else None
+        return None if self.meets_only_on_the_edge(k, alpha, tpot_ms, round_ms, decode_ms) else Why.cost
 
     def moves(
         self,
