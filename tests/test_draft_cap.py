@@ -94,6 +94,12 @@ def test_the_cap_holds_once_the_fleet_drafts_it_and_the_device_line_stands(est32
     assert r.draft_cap == cap  # its own k is now the cap's, and the cap holds while the load does
     r.decide(2.0, active=2)
     assert r.draft_cap == 0  # the load fell
+    # without the cap the regime reads the device line as session 14's did: all per token once lengths stop varying
+    off = Regime(est32)
+    _loaded(off, 8.0)
+    for j in range(2000):
+        off.observe(f"s{j % 64}", SessionSample(0.82, 60.0, 500), float(cap), JETSON.ms(cap))
+    assert off.device().fixed_ms == 0.0 and off.device().ms(cap) == pytest.approx(JETSON.ms(cap), rel=0.01)
 
 
 # ---- end to end: the SDK drafts no more than the verdict's cap, and the output is the target's ----

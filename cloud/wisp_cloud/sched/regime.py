@@ -301,13 +301,15 @@ class Regime:
         return self._prompt / self._answer if self._answer > 0.0 else 0.0
 
     def device(self) -> DeviceLine:
-        """The device line fitted so far (`_LineSums.line`). Where the fleet's draft lengths stop varying (a
-        capped fleet drafts the cap), the last determined line stands: charged all per token, the time of a capped
-        fleet's k would make every shorter k look cheaper than it is, and each cap would lower the next."""
+        """The device line fitted so far (`_LineSums.line`); where draft lengths hardly vary, all of the time
+        charged per token. With the cap, once the fleet drafts the cap its lengths stop varying, and the last
+        determined line stands: charged all per token, the time of a capped fleet's k would make every shorter k
+        look cheaper than it is, and each cap would lower the next."""
         line = self._line.line()
         if line is not None:
             self._known = line
-        return self._known if self._known is not None else self._line.per_token()
+            return line
+        return self._known if self.cap and self._known is not None else self._line.per_token()
 
     def enlist(self) -> bool:
         """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
