@@ -284,7 +284,7 @@ class Committer:
         active = len(self.store)
         mode = regime.decide(now, active)
         if regime.decisions != decisions and regime.last is not None:
-            last = regime.last
+            last, device = regime.last, regime.device()
             log_event(
                 log,
                 "regime_flip" if regime.flips != flips else "regime_decision",
@@ -298,8 +298,8 @@ class Committer:
                 fleet_speculative=regime.fleet.speculative if regime.fleet is not None else -1,
                 fleet_k=regime.fleet.k if regime.fleet is not None else -1,
                 step_ms=round(last.step_ms, 1),
-                device_fixed_ms=round(regime.device().fixed_ms, 1),
-                device_per_token_ms=round(regime.device().per_token_ms, 2),
+                device_fixed_ms=round(device.fixed_ms, 1),
+                device_per_token_ms=round(device.per_token_ms, 2),
                 rho=round(regime.prompt_per_token(), 3),
                 samples=regime.sample_count,
                 leaning=regime.leaning,

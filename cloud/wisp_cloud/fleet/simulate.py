@@ -385,12 +385,12 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             ItemShape(len(kept) + 1, s.plen + s.gen), finish
         )
         s.link.price_ms = reps[s.rep].price.price_ms
-        cap = reps[s.rep].regime.draft_cap if reps[s.rep].regime is not None else 0
+        regime = reps[s.rep].regime
+        cap = regime.draft_cap if regime is not None else 0
         s.link.max_draft = min(cfg.max_draft, cap) if cap else cfg.max_draft  # the verdict's draft_cap
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
             s.think = obs if s.think is None else 0.8 * s.think + 0.2 * obs
-        regime = reps[s.rep].regime
         acc = s.dl.acceptance
         if (
             regime is not None
