@@ -495,7 +495,10 @@ class Engine:
             # The estimator learns how long a step holds its rounds (host work before the forward, the forward,
             # the answers): the next batch and every deadline wait on that, not on the forward alone.
             self.estimator.observe(answered_s, ran.shapes)
-        self.steps.add(ran.stats, ran.mix, ran.host_s + ran.stats.forward_s, ran.schedule_s, ran.commit_s)
+        step_s = ran.host_s + ran.stats.forward_s
+        self.steps.add(ran.stats, ran.mix, step_s, ran.schedule_s, ran.commit_s)
+        if self.committer.regime is not None and ran.stats.forward_s > 0:
+            self.committer.regime.stepped(1000.0 * step_s)
         self.metrics.queued.set(len(self.queue))
 
     def _requeue_chunks(self, outcomes: list[Outcome]) -> None:

@@ -24,6 +24,10 @@ one: the lowest acceptance, the tightest SLO.
   (`cap`, `wisp serve --draft-cap`): on an H200 it raised 32B / Jetson / code10 from ≤ 1.00× to 1.06× centralized
   (run 56), and at 7B / Jetson / code10 (run 57) the model's best k (3) left Jetson rounds no slack, the hybrid moved
   the too-slow sessions to the server and back (580 and 300 moves a point), and WISP fell from 0.97 to 0.31.
+  So the cap has slack: it is the best k among those at which the SLO-quantile session meets its TPOT (no margin)
+  at the steps the server measures now (`stepped`; a cap makes steps shorter, not longer), and no cap where none
+  does. Run 57: k = 3 allowed 22-34 ms steps where they ran 50-54 ms; run 56 (32B): k = 3 allowed ≈ 57 ms where
+  they ran 47-53 ms.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
@@ -76,6 +80,8 @@ MIN_REFITS = 2
 SAMPLE_ROUNDS = 2
 # A session's α enters the model shrunk toward the fleet's rate by this many tries at it (`Regime.fleet_samples`).
 SHRINK_TRIES = 8.0
+# The measured step the cap's slack is read against is a decayed mean over about this many steps (≈ 3 s at 32B).
+STEP_STEPS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,17 @@ def _fits(
     )
 
 
+def _allowed_step(
+    samples: Sequence[SessionSample], e: list[float], think: float, margin: float, quantile: float
+) -> float:
+    """The longest step at which the `quantile` session, committing `e` tokens a round after `think` ms on its
+    device, meets `margin` × its TPOT."""
+    return _quantile(
+        [(margin * e_i * s.tpot_ms - think) / (1.0 + WAIT_STEPS) for e_i, s in zip(e, samples, strict=True)],
+        quantile,
+    )
+
+
 def capacities(
     estimator: VerifyTimeEstimator,
     samples: Sequence[SessionSample],
@@ -159,9 +176,11 @@ def capacities(
     max_k: int = 8,
     prompt_per_token: float = 0.0,
     fleet_k: float | None = None,
+    slack_ms: float = 0.0,
 ) -> Capacities:
     """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`, with
-    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k)."""
+    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k
+    among those at which the quantile session meets its TPOT, with no margin, at steps of `slack_ms`)."""
     context = round(sum(s.context for s in samples) / len(samples))
     rho = max(0.0, prompt_per_token)
     s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
@@ -176,14 +195,8 @@ def capacities(
     for k in ks:
         think = device.ms(k)
         e = [expected_committed(k, s.alpha) for s in samples]
-        period = _quantile(
-            [
-                (margin * e_i * s.tpot_ms - think) / (1.0 + WAIT_STEPS)
-                for e_i, s in zip(e, samples, strict=True)
-            ],
-            quantile,
-        )
-        if period <= 0.0:
+        period = _allowed_step(samples, e, think, margin, quantile)
+        if period <= 0.0 or (slack_ms > 0.0 and _allowed_step(samples, e, think, 1.0, quantile) < slack_ms):
             continue
         share = period / (think + (1.0 + WAIT_STEPS) * period)  # steps per round a session rides
         committed = share * sum(e) / len(e)
@@ -280,6 +293,7 @@ class Regime:
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
+        self.step_ms = 0.0  # the measured step, a decayed mean (ms; 0: none yet)
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -289,6 +303,10 @@ class Regime:
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
+
+    def stepped(self, ms: float) -> None:
+        """A step ran for `ms` (host work and forward): the cap's slack is read against these."""
+        self.step_ms = ms if self.step_ms <= 0.0 else self.step_ms + (ms - self.step_ms) / STEP_STEPS
 
     def finished(self, prompt: int, answer: int) -> None:
         """A session finished: `prompt` tokens of prompt, `answer` generated."""
@@ -340,12 +358,12 @@ class Regime:
         cap = self.fleet = self._capacities(samples, self._line.mean_k())
         capped, self.draft_cap = self.draft_cap > 0, 0
         if self.cap:
-            best = self._capacities(samples, None)
+            best = self._capacities(samples, None, self.step_ms)
             # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
             # serves. A fleet that drafts no more than that needs no cap; once capped, its own k is the cap's, so
-            # the cap holds while the load does.
+            # the cap holds while the load does. No k with slack at today's steps: no cap.
             loaded = active is not None and active >= self.cap_load * best.speculative
-            if loaded and (capped or cap.k > best.k):
+            if best.k > 0 and loaded and (capped or cap.k > best.k):
                 self.draft_cap = best.k
                 cap = best
         self.last = cap
@@ -384,7 +402,9 @@ class Regime:
             for s in samples
         ]
 
-    def _capacities(self, samples: list[SessionSample], fleet_k: float | None) -> Capacities:
+    def _capacities(
+        self, samples: list[SessionSample], fleet_k: float | None, slack_ms: float = 0.0
+    ) -> Capacities:
         return capacities(
             self.estimator,
             samples,
@@ -393,6 +413,7 @@ class Regime:
             self.margin,
             prompt_per_token=self.prompt_per_token(),
             fleet_k=fleet_k,
+            slack_ms=slack_ms,
         )
 
     @property
@@ -416,6 +437,7 @@ class Regime:
             "speculative_k": last.k if last else -1,
             "draft_cap": self.draft_cap,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
+            "measured_step_ms": round(self.step_ms, 2),
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),
             "prompt_per_token": round(self.prompt_per_token(), 3),
