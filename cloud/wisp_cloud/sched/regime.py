@@ -24,10 +24,13 @@ one: the lowest acceptance, the tightest SLO.
   (`cap`, `wisp serve --draft-cap`): on an H200 it raised 32B / Jetson / code10 from ≤ 1.00× to 1.06× centralized
   (run 56), and at 7B / Jetson / code10 (run 57) the model's best k (3) left Jetson rounds no slack, the hybrid moved
   the too-slow sessions to the server and back (580 and 300 moves a point), and WISP fell from 0.97 to 0.31.
-  So the cap has slack: it is the best k among those at which the SLO-quantile session meets its TPOT (no margin)
-  at the steps the server measures now (`stepped`; a cap makes steps shorter, not longer), and no cap where none
-  does. Run 57: k = 3 allowed 22-34 ms steps where they ran 50-54 ms; run 56 (32B): k = 3 allowed ≈ 57 ms where
-  they ran 47-53 ms.
+  So a cap is tried, then checked: once `STEP_STEPS` steps have run under it (`stepped`), it stays (at the best
+  k among those at which the SLO-quantile session meets its TPOT, no margin, at the measured steps) only while the
+  capped k itself does; otherwise it is given up until the load falls under the load line. Run 57 (7B): k = 3
+  allowed 22-34 ms steps where they ran 50-54 ms; run 56 (32B): k = 3 allowed ≈ 57 ms where they ran 47-53 ms.
+  Steps measured without the cap say little about it: in run 59 (32B) an uncapped fleet's rounds (k = 7) ran
+  87 ms steps, longer than any k allows, where capped at k = 3 they ran 48 ms; and the estimator misses that
+  ratio (it predicts 70 against 83 ms: it overprices these mixed steps' small ones).
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
@@ -293,7 +296,9 @@ class Regime:
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
-        self.step_ms = 0.0  # the measured step, a decayed mean (ms; 0: none yet)
+        self.step_ms = 0.0  # the step measured since the cap last changed, a decayed mean (ms; 0: none yet)
+        self._steps = 0  # steps since the cap last changed
+        self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
@@ -306,7 +311,10 @@ class Regime:
 
     def stepped(self, ms: float) -> None:
         """A step ran for `ms` (host work and forward): the cap's slack is read against these."""
-        self.step_ms = ms if self.step_ms <= 0.0 else self.step_ms + (ms - self.step_ms) / STEP_STEPS
+        self._steps += 1
+        self.step_ms = (
+            ms if self._steps == 1 else self.step_ms + (ms - self.step_ms) / min(self._steps, STEP_STEPS)
+        )
 
     def finished(self, prompt: int, answer: int) -> None:
         """A session finished: `prompt` tokens of prompt, `answer` generated."""
@@ -356,16 +364,8 @@ class Regime:
         self.decisions += 1
         samples = self.fleet_samples()
         cap = self.fleet = self._capacities(samples, self._line.mean_k())
-        capped, self.draft_cap = self.draft_cap > 0, 0
         if self.cap:
-            best = self._capacities(samples, None, self.step_ms)
-            # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
-            # serves. A fleet that drafts no more than that needs no cap; once capped, its own k is the cap's, so
-            # the cap holds while the load does. No k with slack at today's steps: no cap.
-            loaded = active is not None and active >= self.cap_load * best.speculative
-            if best.k > 0 and loaded and (capped or cap.k > best.k):
-                self.draft_cap = best.k
-                cap = best
+            cap = self._draft_cap(samples, active, cap)
         self.last = cap
         if not refitted:
             # The cap is set on the start-up profile's fit: it ranks draft lengths, whose steps differ in tokens,
@@ -385,6 +385,33 @@ class Regime:
             self.flips += 1
             self._leaning = 0
         return self.mode
+
+    def _draft_cap(self, samples: list[SessionSample], active: int | None, own: Capacities) -> Capacities:
+        """Set `draft_cap` (module docstring) and return the capacities that speculation is priced at: the cap's,
+        or the fleet's own (`own`) where there is none."""
+        before = self.draft_cap
+        best = self._capacities(samples, None)
+        loaded = active is not None and active >= self.cap_load * best.speculative
+        priced = own
+        if not loaded:
+            self.draft_cap, self._no_slack = 0, False  # below the load line a long draft costs no one
+        elif self._no_slack:
+            self.draft_cap = 0
+        elif before == 0:
+            # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
+            # serves. A fleet that drafts no more than that needs no cap.
+            if own.k > best.k:
+                self.draft_cap, priced = best.k, best
+        elif self._steps < STEP_STEPS:
+            priced = self._capacities(samples, before)  # the cap holds until its steps are measured
+        elif self._capacities(samples, before, self.step_ms).k == 0:
+            self.draft_cap, self._no_slack = 0, True  # no slack at the steps it runs: given up
+        else:
+            priced = self._capacities(samples, None, self.step_ms)
+            self.draft_cap = priced.k
+        if self.draft_cap != before:
+            self._steps = 0
+        return priced
 
     def fleet_samples(self) -> list[SessionSample]:
         """The samples, each session's α shrunk toward the fleet's own (`SHRINK_TRIES` tries at the fleet's rate):
@@ -422,6 +449,11 @@ class Regime:
         return len(self._samples)
 
     @property
+    def no_slack(self) -> bool:
+        """Was the cap given up for lack of slack (until the load falls)?"""
+        return self._no_slack
+
+    @property
     def leaning(self) -> int:
         """Consecutive decisions so far that said flip (`confirm` of them flip)."""
         return self._leaning
@@ -438,6 +470,7 @@ class Regime:
             "draft_cap": self.draft_cap,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
             "measured_step_ms": round(self.step_ms, 2),
+            "cap_no_slack": int(self._no_slack),
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),
             "prompt_per_token": round(self.prompt_per_token(), 3),
