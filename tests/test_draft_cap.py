@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sim_inputs import EST_32B
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.sched.regime import SLACK_TOLERANCE, STEP_STEPS, DeviceLine, Regime, SessionSample, capacities
+from wisp_cloud.sched.regime import STEP_STEPS, DeviceLine, Regime, SessionSample, capacities
 from wisp_sdk import EdgeClient, FixedK, Wisp
 from wisp_sdk.errors import ProtocolError
 from wisp_sdk.protocol import PROTOCOL_VERSION, Verdict, decode_verdict, encode_verdict, new_session_id
@@ -121,14 +121,11 @@ def test_a_cap_without_slack_at_its_measured_steps_is_given_up_while_the_load_la
     r.decide(0.0, active=500)
     cap = r.draft_cap
     assert 0 < cap < 8 and r.step_ms == 1000.0
-    too_long = (
-        SLACK_TOLERANCE * _allowed_ms(line, cap) + 5.0
-    )  # longer than the cap allows, with the tolerance
     for _ in range(STEP_STEPS - 1):
-        r.stepped(too_long)
+        r.stepped(_allowed_ms(line, cap) + 5.0)  # a little longer than the cap allows
     r.decide(1.0, active=500)
     assert r.draft_cap == cap  # not yet measured: it holds
-    r.stepped(too_long)
+    r.stepped(_allowed_ms(line, cap) + 5.0)
     r.decide(2.0, active=500)
     assert r.draft_cap == 0 and r.no_slack and r.last is not None and r.last.k == 8  # priced at the fleet's k
     for _ in range(500):
@@ -147,9 +144,7 @@ def test_a_cap_with_slack_stays_at_the_best_k_that_has_it(est32):
     r.decide(0.0, active=500)
     cap = r.draft_cap
     assert 0 < cap < 8
-    step = (
-        SLACK_TOLERANCE * _allowed_ms(line, cap) - 1.0
-    )  # the cap meets the TPOT at its steps, within tolerance
+    step = _allowed_ms(line, cap) - 1.0  # the cap meets the TPOT at its steps
     for _ in range(STEP_STEPS):
         r.stepped(step)
     r.decide(1.0, active=500)

@@ -25,9 +25,8 @@ one: the lowest acceptance, the tightest SLO.
   (run 56), and at 7B / Jetson / code10 (run 57) the model's best k (3) left Jetson rounds no slack, the hybrid moved
   the too-slow sessions to the server and back (580 and 300 moves a point), and WISP fell from 0.97 to 0.31.
   So a cap is tried, then checked: once `STEP_STEPS` steps have run under it (`stepped`), it stays (at the best
-  k among those at which the SLO-quantile session meets its TPOT, no margin, at the measured steps over
-  `SLACK_TOLERANCE`) only while the capped k itself does; otherwise it is given up until the load falls under the
-  load line. Run 57 (7B): k = 3
+  k among those at which the SLO-quantile session meets its TPOT, no margin, at the measured steps) only while the
+  capped k itself does; otherwise it is given up until the load falls under the load line. Run 57 (7B): k = 3
   allowed 22-34 ms steps where they ran 50-54 ms; run 56 (32B): k = 3 allowed ≈ 57 ms where they ran 47-53 ms.
   Steps measured without the cap say little about it: in run 59 (32B) an uncapped fleet's rounds (k = 7) ran
   87 ms steps, longer than any k allows, where capped at k = 3 they ran 48 ms; and the estimator misses that
@@ -86,11 +85,6 @@ SAMPLE_ROUNDS = 2
 SHRINK_TRIES = 8.0
 # The measured step the cap's slack is read against is a decayed mean over about this many steps (≈ 3 s at 32B).
 STEP_STEPS = 64
-# A cap has slack while its measured steps run no longer than this many times the step the model allows it with no
-# margin. The model is pessimistic there: at 32B / Jetson / code10 (H200 runs 59-60) sessions capped at k = 3 met
-# their SLO (0.87-0.90 attainment) at 47-48 ms steps where it allowed 41 ms; the 7B cap that failed (run 57)
-# ran 50-54 ms steps where it allowed 22-34 ms.
-SLACK_TOLERANCE = 1.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,10 +404,10 @@ class Regime:
                 self.draft_cap, priced = best.k, best
         elif self._steps < STEP_STEPS:
             priced = self._capacities(samples, before)  # the cap holds until its steps are measured
-        elif self._capacities(samples, before, self.step_ms / SLACK_TOLERANCE).k == 0:
+        elif self._capacities(samples, before, self.step_ms).k == 0:
             self.draft_cap, self._no_slack = 0, True  # no slack at the steps it runs: given up
         else:
-            priced = self._capacities(samples, None, self.step_ms / SLACK_TOLERANCE)
+            priced = self._capacities(samples, None, self.step_ms)
             self.draft_cap = priced.k
         if self.draft_cap != before:
             self._steps = 0
