@@ -30,7 +30,10 @@ one: the lowest acceptance, the tightest SLO.
   allowed 22-34 ms steps where they ran 50-54 ms; run 56 (32B): k = 3 allowed ≈ 57 ms where they ran 47-53 ms.
   Steps measured without the cap say little about it: in run 59 (32B) an uncapped fleet's rounds (k = 7) ran
   87 ms steps, longer than any k allows, where capped at k = 3 they ran 48 ms; and the estimator misses that
-  ratio (it predicts 70 against 83 ms: it overprices these mixed steps' small ones).
+  ratio (it predicts 70 against 83 ms: it overprices these mixed steps' small ones). Measured (runs 60-61): the
+  check keeps 7B / Jetson safe (0.90 at 960 devices, against 0.31 unchecked in run 57) but gives the 32B cap up
+  within 4 s (the model allows k = 3 41 ms steps; capped sessions met the SLO at 47-48 ms); allowing 25 % over the
+  model's step kept the 32B cap and lost 7B (0.51). No single allowance fits both rows.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
   last `window` of them): a rate of prompts prefilled over tokens committed in the last second read each wave of
