@@ -32,7 +32,7 @@ one: the lowest acceptance, the tightest SLO.
   87 ms steps, longer than any k allows, where capped at k = 3 they ran 48 ms; and the estimator misses that
   ratio (it predicts 70 against 83 ms: it overprices these mixed steps' small ones). Measured (runs 60-61): the
   check keeps 7B / Jetson safe (0.90 at 960 devices, against 0.31 unchecked in run 57) but gives the 32B cap up
-  within 4 s (the model allows k = 3 41 ms steps; capped sessions met the SLO at 47-48 ms); allowing 25 % over the
+  within 4-6 s (the model allows k = 3 41 ms steps; capped sessions met the SLO at 47-48 ms); allowing 25 % over the
   model's step kept the 32B cap and lost 7B (0.51). No single allowance fits both rows.
 - **Prompts** cost both modes alike: ρ prompt tokens per committed token ride the steps as one more item of
   ρ × (the step's committed tokens). ρ is the fleet's, from its finished sessions (Σ prompt / Σ answer over the
