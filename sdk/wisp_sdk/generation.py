@@ -152,7 +152,7 @@ class Generation:
         link.wait_hint_ms = opened.wait_hint_ms
         welcome = self.transport.welcome
         if welcome is not None:
-            link.max_draft = welcome.limits.max_draft_len
+            link.limit = link.max_draft = welcome.limits.max_draft_len
         self.resume_by = None
         return delta
 
@@ -211,10 +211,9 @@ class Generation:
         ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
         link.price_ms = verdict.price_ms
         link.launch_in_ms = verdict.launch_in_ms
-        welcome = self.transport.welcome
-        limit = welcome.limits.max_draft_len if welcome is not None else link.max_draft
-        # the server's cap on the next round (its regime's best draft length under load), never above the limit
-        link.max_draft = min(limit, verdict.draft_cap) if verdict.draft_cap else limit
+        # the server's cap on the next round (its regime's best draft length under load), never above the limit;
+        # a verdict without one lifts the last
+        link.max_draft = min(link.limit, verdict.draft_cap) if verdict.draft_cap else link.limit
         self.stats.switches = sess.switches
         # Draft ahead pays off only if the verifier took every draft and its token is our first guess.
         if (
