@@ -49,8 +49,13 @@ def test_the_verdict_carries_the_cap_in_protocol_4():
 # ---- the regime ----
 
 
-def _loaded(r: Regime, k: float, n: int = 64, alpha: float = 0.82, line: DeviceLine = JETSON) -> None:
-    """n sessions' samples of a code-like fleet at TPOT 60, drafting rounds of about k tokens."""
+def _loaded(
+    r: Regime, k: float, n: int = 64, alpha: float = 0.82, line: DeviceLine = JETSON, finished: bool = True
+) -> None:
+    """n sessions' samples of a code-like fleet at TPOT 60, drafting rounds of about k tokens (and, `finished`,
+    sessions that ended: ρ is known, 0 here)."""
+    if finished:
+        r.finished(0, 100)
     for i in range(n):
         kk = max(1.0, k + (i % 5 - 2))  # rounds of varying length: the device line is determined
         r.observe(f"s{i}", SessionSample(alpha, 60.0, 500), kk, line.ms(round(kk)))
@@ -67,6 +72,17 @@ def test_a_loaded_fleet_that_drafts_long_is_capped_at_the_best_k(est32):
     assert r.draft_cap == best.k and r.stats()["draft_cap"] == best.k
     assert r.last is not None and r.last.k == best.k  # speculation is priced at the k the fleet will draft
     assert r.fleet is not None and r.fleet.k == own.k  # ... and the fleet's own, logged beside it
+
+
+def test_no_cap_before_a_session_has_finished(est32):
+    """Until then the prompt ratio is unknown, and the best k would be priced as if prompts cost nothing."""
+    r = Regime(est32, every_s=1.0, cap=True)
+    _loaded(r, 8.0, finished=False)
+    r.decide(0.0, active=500)
+    assert r.draft_cap == 0
+    r.finished(0, 100)
+    r.decide(1.0, active=500)
+    assert r.draft_cap > 0
 
 
 def test_no_cap_below_the_load_where_it_matters_or_when_turned_off(est32):

@@ -402,8 +402,10 @@ class Regime:
             self.draft_cap = 0
         elif before == 0:
             # Under load the fleet drafts the best k from now on (the verdicts' cap), so that is what speculation
-            # serves. A fleet that drafts no more than that needs no cap.
-            if own.k > best.k:
+            # serves. A fleet that drafts no more than that needs no cap. Not before a session has finished: with
+            # no prompt ratio the best k is priced as if prompts cost nothing (run 61, 32B: a first cap of k = 6
+            # on 16 samples, where the fleet's later decisions put it at 2-4).
+            if own.k > best.k and self._answer > 0.0:
                 self.draft_cap, priced = best.k, best
         elif self._steps < STEP_STEPS:
             priced = self._capacities(samples, before)  # the cap holds until its steps are measured
