@@ -80,9 +80,7 @@ class LinkState:
     wait_hint_ms: float = 0.0  # the server's predicted queueing wait for our next round
     verify_ms: float = 5.0  # server verify time per round
     draft_ms: float = 5.0  # draft forward time per token on this device
-    max_draft: int = (
-        16  # the most draft tokens the next round may carry: the server's limit, or its cap if lower
-    )
+    max_draft: int = 16  # the most drafts the next round may carry: the server's limit, or its cap if lower
     limit: int = 16  # the server's per-round limit (its Welcome's), which a verdict's cap never lowers
     price_ms: float = 0.0  # the server's price of one verified token (the last verdict's), in ms
     launch_in_ms: float = 0.0  # the last verdict's: from its sending to the server's next joinable launch

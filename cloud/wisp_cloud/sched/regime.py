@@ -185,8 +185,9 @@ def capacities(
     slack_ms: float = 0.0,
 ) -> Capacities:
     """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`, with
-    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k
-    among those at which the quantile session meets its TPOT, with no margin, at steps of `slack_ms`)."""
+    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k).
+    With `slack_ms`, only a k at which the quantile session meets its TPOT (no margin) at steps of `slack_ms`
+    counts."""
     context = round(sum(s.context for s in samples) / len(samples))
     rho = max(0.0, prompt_per_token)
     s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
