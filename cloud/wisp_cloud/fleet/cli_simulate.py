@@ -36,7 +36,12 @@ def add_parser(subparsers) -> None:
         description="Simulate devices, links and GPUs; the scheduler, estimator, deadlines and controllers are "
         "the real ones. GPU time comes from a `wisp profile` estimator file.",
     )
-    p.add_argument("--estimator", help="estimator JSON from `wisp profile` (default: the built-in prior)")
+    p.add_argument(
+        "--estimator",
+        help="estimator JSON from `wisp profile` (default: the built-in prior). It is the simulated GPU's clock: "
+        "a running server's online estimator has learned step-to-answer times, 1.1-1.6x the step period on H200 "
+        "runs 60-61 (docs/benchmarks.md), so the start-up profile with the default --host-time fits better",
+    )
     add_workload_args(p)
     p.add_argument("--trace", help="acceptance trace (default: the workload's)")
     p.add_argument("--policies", default="centralized,sled,wisp")
