@@ -2,8 +2,10 @@
 # Two different rows side by side on a 2-GPU host, one per GPU (docs/benchmarks.md "GPU runs 37-40" ran them as
 # inline commands): each half is `bench/gpu_capacity.sh` with the server on 4 cores and the fleet on 12, as in
 # bench/gpu_pair.sh. ROW0 / ROW1 are the halves' settings, shell assignments (eval'ed, so quote values with spaces).
-# Writes $OUT/g0, $OUT/g1 (bench/bench.json, est-online.json, steps.txt) and the printed lines $OUT/g{0,1}.log:
+# Writes $OUT/g0, $OUT/g1 (bench.json, est-online.json, steps.txt) and the printed lines $OUT/g{0,1}.log:
 # 8 files, the most the device tool brings back (the records' tarball and bench.log, a copy of g*.log, are removed).
+# bench.json is moved up out of g*/bench/: the device tool leaves out files four folders deep, so under an OUT
+# with one more folder (two calls in one run, session 16) g*/bench/bench.json did not come back.
 #   OUT=/tmp/two ROW0="CONFIG=qwen2.5-7b N=640,720 POLICIES=centralized,wisp,sled" \
 #     ROW1="CONFIG=qwen2.5-32b KV=200000 MAX_BATCH=256 EST=bench/results/estimator/est-h200-32b-varlen.json" \
 #     bash bench/gpu_two.sh
@@ -34,5 +36,6 @@ for d in g0 $([ "${ONE:-0}" = 1 ] || echo g1); do
   tar -C "$tmp" -xzf "$OUT/$d/records.tgz" 2>/dev/null || cp -r "$OUT/$d/bench/logs" "$tmp/" 2>/dev/null
   grep -hE "server_start|steps n=|policy_switch|session_switch|regime_flip|regime_decision" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
   rm -rf "$tmp" "$OUT/$d/records.tgz" "$OUT/$d/bench.log"
+  mv "$OUT/$d/bench/bench.json" "$OUT/$d/bench.json" 2>/dev/null && rmdir "$OUT/$d/bench" 2>/dev/null
   grep -hE "N=|capacity" "$OUT/$d.log" | cut -c1-200
 done
