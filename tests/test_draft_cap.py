@@ -136,7 +136,7 @@ def test_a_cap_without_slack_at_its_measured_steps_is_given_up_while_the_load_la
         r.stepped(1000.0)  # steps measured before the cap say nothing about it
     r.decide(0.0, active=500)
     cap = r.draft_cap
-    assert 0 < cap < 8 and r.step_ms == 1000.0
+    assert 0 < cap < 8 and r.measured_step_ms == 1000.0
     for _ in range(STEP_STEPS - 1):
         r.stepped(_allowed_ms(line, cap) + 5.0)  # a little longer than the cap allows
     r.decide(1.0, active=500)

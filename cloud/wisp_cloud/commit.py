@@ -298,7 +298,7 @@ class Committer:
                 fleet_speculative=regime.fleet.speculative if regime.fleet is not None else -1,
                 fleet_k=regime.fleet.k if regime.fleet is not None else -1,
                 step_ms=round(last.step_ms, 1),
-                measured_step_ms=round(regime.step_ms, 1),
+                measured_step_ms=round(regime.measured_step_ms, 1),
                 no_slack=int(regime.no_slack),
                 device_fixed_ms=round(device.fixed_ms, 1),
                 device_per_token_ms=round(device.per_token_ms, 2),

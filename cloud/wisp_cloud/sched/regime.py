@@ -300,7 +300,7 @@ class Regime:
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
-        self.step_ms = 0.0  # the step measured since the cap last changed, a decayed mean (ms; 0: none yet)
+        self.measured_step_ms = 0.0  # since the cap last changed, a decayed mean (ms; 0: none yet)
         self._steps = 0  # steps since the cap last changed
         self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
@@ -316,9 +316,8 @@ class Regime:
     def stepped(self, ms: float) -> None:
         """A step ran for `ms` (host work and forward): the cap's slack is read against these."""
         self._steps += 1
-        self.step_ms = (
-            ms if self._steps == 1 else self.step_ms + (ms - self.step_ms) / min(self._steps, STEP_STEPS)
-        )
+        m = self.measured_step_ms
+        self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
 
     def finished(self, prompt: int, answer: int) -> None:
         """A session finished: `prompt` tokens of prompt, `answer` generated."""
@@ -410,10 +409,10 @@ class Regime:
                 self.draft_cap, priced = best.k, best
         elif self._steps < STEP_STEPS:
             priced = self._capacities(samples, before)  # the cap holds until its steps are measured
-        elif self._capacities(samples, before, self.step_ms).k == 0:
+        elif self._capacities(samples, before, self.measured_step_ms).k == 0:
             self.draft_cap, self._no_slack = 0, True  # no slack at the steps it runs: given up
         else:
-            priced = self._capacities(samples, None, self.step_ms)
+            priced = self._capacities(samples, None, self.measured_step_ms)
             self.draft_cap = priced.k
         if self.draft_cap != before:
             self._steps = 0
@@ -475,7 +474,7 @@ class Regime:
             "speculative_k": last.k if last else -1,
             "draft_cap": self.draft_cap,
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
-            "measured_step_ms": round(self.step_ms, 2),
+            "measured_step_ms": round(self.measured_step_ms, 2),
             "cap_no_slack": int(self._no_slack),
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),
