@@ -96,13 +96,20 @@ def test_no_cap_below_the_load_where_it_matters_or_when_turned_off(est32):
     assert off.draft_cap == 0
 
 
-def test_the_cap_holds_once_the_fleet_drafts_it_and_the_device_line_stands(est32):
-    r = Regime(est32, every_s=1.0, cap=True)
+def _capped(est: VerifyTimeEstimator) -> tuple[Regime, DeviceLine, int]:
+    """A regime with the cap on over a loaded fleet drafting k ≈ 8, after its first decision: the regime, its
+    device line, and the cap it set (a shorter k)."""
+    r = Regime(est, every_s=1.0, cap=True)
     _loaded(r, 8.0)
     line = r.device()
     r.decide(0.0, active=500)
     cap = r.draft_cap
     assert 0 < cap < 8
+    return r, line, cap
+
+
+def test_the_cap_holds_once_the_fleet_drafts_it_and_the_device_line_stands(est32):
+    r, line, cap = _capped(est32)
     # the capped fleet now drafts exactly the cap: its draft lengths no longer vary
     for j in range(2000):
         r.observe(f"s{j % 64}", SessionSample(0.82, 60.0, 500), float(cap), JETSON.ms(cap))
@@ -154,12 +161,7 @@ def test_a_cap_without_slack_at_its_measured_steps_is_given_up_while_the_load_la
 
 
 def test_a_cap_with_slack_stays_at_the_best_k_that_has_it(est32):
-    r = Regime(est32, every_s=1.0, cap=True)
-    _loaded(r, 8.0)
-    line = r.device()
-    r.decide(0.0, active=500)
-    cap = r.draft_cap
-    assert 0 < cap < 8
+    r, line, cap = _capped(est32)
     step = _allowed_ms(line, cap) - 1.0  # the cap meets the TPOT at its steps
     for _ in range(STEP_STEPS):
         r.stepped(step)
