@@ -9,7 +9,8 @@
 #   OUT=/tmp/two ROW0="CONFIG=qwen2.5-7b N=640,720 POLICIES=centralized,wisp,sled" \
 #     ROW1="CONFIG=qwen2.5-32b KV=200000 MAX_BATCH=256 EST=bench/results/estimator/est-h200-32b-varlen.json" \
 #     bash bench/gpu_two.sh
-# ONE=1 runs ROW0 alone on a 1-GPU host.
+# ONE=1 runs ROW0 alone on a 1-GPU host. SAMPLE_HOST=1: the server samples its threads' stacks (`wisp serve
+# --sample-host`, one file per point), packed into g*/host.tgz (read with bench/host_profile.py).
 set -u
 OUT=${OUT:-runs/gpu-two}
 mkdir -p "$OUT"
@@ -23,6 +24,7 @@ half() {  # half GPU SERVER_CORES FLEET_CORES ROW
     export EST=bench/results/estimator/est-h200-7b-varlen.json
     eval "export $4"
     export SERVE_EXTRA="--max-context-len 1024 --graph-warmup-s $GRAPH_WARMUP_S --admission-target 0 ${SERVE_MORE:-}"
+    [ "${SAMPLE_HOST:-0}" = 1 ] && SERVE_EXTRA="$SERVE_EXTRA --sample-host $OUT/g$1/host"
     CUDA_VISIBLE_DEVICES=$1 SERVER_CORES=$2 FLEET_CORES=$3 OUT=$OUT/g$1 \
       timeout "${TMO:-540}" bash bench/gpu_capacity.sh > "$OUT/g$1.log" 2>&1
   )
@@ -37,5 +39,6 @@ for d in g0 $([ "${ONE:-0}" = 1 ] || echo g1); do
   grep -hE "server_start|steps n=|policy_switch|session_switch|regime_flip|regime_decision" "$tmp"/logs/*.log > "$OUT/$d/steps.txt" 2>/dev/null || true
   rm -rf "$tmp" "$OUT/$d/records.tgz" "$OUT/$d/bench.log"
   mv "$OUT/$d/bench/bench.json" "$OUT/$d/bench.json" 2>/dev/null && rmdir "$OUT/$d/bench" 2>/dev/null
+  [ -d "$OUT/$d/host" ] && tar -C "$OUT/$d" -czf "$OUT/$d/host.tgz" host && rm -rf "$OUT/$d/host"
   grep -hE "N=|capacity" "$OUT/$d.log" | cut -c1-200
 done

@@ -206,6 +206,11 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     await asyncio.sleep(args.warmup)
     t0 = dataclasses.replace(server.totals)  # a copy: the server keeps adding to its own
     cpu0 = time.process_time()
+    sampler = None
+    if args.sample_host:
+        from wisp_cloud.host_sampler import HostSampler
+
+        sampler = HostSampler().start()
     prof = None
     if args.profile:
         import cProfile
@@ -216,6 +221,9 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     if prof is not None:
         prof.disable()
         prof.dump_stats(str(args.profile))
+    if sampler is not None:
+        sampler.stop()
+        sampler.dump(args.sample_host, f"{args.policy}-{n}")
     t1 = server.totals
     cpu_s = time.process_time() - cpu0  # this process is the server (clients are spawned processes)
     results = [await asyncio.to_thread(out.get) for _ in procs]
@@ -323,6 +331,12 @@ def main() -> int:
     ap.add_argument("--machine", default=f"dev VM ({os.cpu_count()} cores, {platform.machine()})")
     ap.add_argument(
         "--profile", type=Path, default=None, help="write cProfile stats of the measured window (event loop)"
+    )
+    ap.add_argument(
+        "--sample-host",
+        type=Path,
+        metavar="DIR",
+        help="write the server's sampled thread stacks over the window to DIR (wisp_cloud/host_sampler.py)",
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/host_path/host_path.json"))
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")

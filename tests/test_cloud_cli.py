@@ -39,8 +39,8 @@ def start_server(target: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[-1]
 
 
-def test_cli_serves_and_shuts_down_cleanly(tiny_target, tiny_draft):
-    proc, url = start_server(tiny_target, "--threads", "1")
+def test_cli_serves_and_shuts_down_cleanly(tiny_target, tiny_draft, tmp_path):
+    proc, url = start_server(tiny_target, "--threads", "1", "--sample-host", str(tmp_path / "host"))
     assert url.startswith("ws://127.0.0.1:") and not url.endswith(":0")
     drafter = Drafter(tiny_draft)
     fp = tokenizer_fingerprint(Path(tiny_target) / "tokenizer.json")
@@ -73,6 +73,13 @@ def test_cli_serves_and_shuts_down_cleanly(tiny_target, tiny_draft):
     )
     # Each k=4 round costs 46 + 52 bytes; the bound only guards against an accidental format blow-up.
     assert per_token < 100
+    # --sample-host: every thread's stacks, written at exit (no --control-stdin): the event loop's, and the
+    # engine's forward worker running a forward
+    (sampled,) = (tmp_path / "host").glob("host-001-*.txt")
+    stacks = sampled.read_text().splitlines()
+    assert stacks[0].startswith("# label=")
+    assert any(s.startswith("MainThread;") and "BaseEventLoop.run_forever" in s for s in stacks[1:])
+    assert any(s.startswith("wisp-forward") and "runner:Runner._forward" in s for s in stacks[1:])
 
 
 def test_cli_errors_are_one_line(tmp_path):

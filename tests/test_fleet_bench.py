@@ -196,7 +196,14 @@ def test_bench_interleave_runs_every_arm_at_one_n_before_the_next(
         tmp_path, tiny_target, tiny_bundle, tiny_trace, policies="centralized,wisp", n="1,2", duration=1.5
     )
     args.interleave = True
+    args.serve_args += ["--sample-host", str(tmp_path / "host")]  # one file of sampled stacks per point
     result = run_bench(args)
+    assert sorted(p.name for p in (tmp_path / "host").iterdir()) == [
+        "host-001-centralized.txt",
+        "host-002-wisp.txt",
+        "host-003-centralized.txt",
+        "host-004-wisp.txt",
+    ]
     assert [(p["policy"], p["n"]) for p in result["points"]] == [
         ("centralized", 1),
         ("wisp", 1),

@@ -18,6 +18,7 @@ from wisp_sdk.errors import WispError
 from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
+from wisp_cloud.host_sampler import HostSampler
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 if TYPE_CHECKING:
@@ -233,6 +234,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     # `wisp bench`: read `policy NAME` lines on stdin and switch (WispServer.switch_policy), answering
     # `policy NAME ready` on stdout, so every arm shares one model load and one graph capture.
     p.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--sample-host",
+        type=Path,
+        metavar="DIR",
+        help="sample every Python thread's stack at 200 Hz (wisp_cloud/host_sampler.py) and write them, collapsed, "
+        "to DIR: with --control-stdin one file per benchmark point (at each `stats`), else one at exit",
+    )
 
 
 def _resolve_target(target: str) -> Path:
@@ -419,6 +427,12 @@ def _serve(
 
     servers: list[WispServer] = []
 
+    sampler = HostSampler().start() if args.sample_host else None
+
+    def dump_samples(policy: str) -> None:
+        if sampler is not None:
+            sampler.dump(args.sample_host, policy)
+
     async def control(server: WispServer) -> None:
         import threading
 
@@ -435,6 +449,7 @@ def _serve(
         while True:
             words = (await lines.get()).split()
             if words == ["stats"]:  # one JSON line: what the bench records after each point
+                dump_samples(server.engine.policy.name)
                 print("stats " + json.dumps(server.stats()), flush=True)
                 continue
             options = _arm_flags(words[2:])
@@ -446,6 +461,8 @@ def _serve(
                 )
                 continue
             await server.switch_policy(words[1], options=options)
+            if sampler is not None:
+                sampler.take()  # the next point's file starts here, without the switch and the idle time before
             print(f"policy {words[1]} ready", flush=True)
 
     async def main() -> None:
@@ -467,6 +484,8 @@ def _serve(
         finally:
             for task in tasks:
                 task.cancel()
+            if not args.control_stdin:
+                dump_samples(server.engine.policy.name)
             await server.stop()
 
     try:
