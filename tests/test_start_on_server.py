@@ -118,3 +118,23 @@ def test_warm_up_times_the_prefill_before_the_first_generation(backend, tiny_bun
     assert first.token_ids == reference(PROMPTS[1], MAX_NEW)
     assert first.stats.switches == 0
     assert sum(r.committed for r in first.stats.rounds) == first.stats.new_tokens - 1
+
+
+def test_decode_all_holds_the_centralized_regime_from_the_first_session(backend, tiny_bundle, reference):
+    """`wisp serve --decode-all` (the bench arm `wisp~decode-all`): the regime decodes every session from the start
+    and never re-decides; sessions that offer to start on the server stay there to the end, lossless."""
+
+    async def main():
+        async with running_server(
+            backend, policy="wisp", hybrid=True, regime=True, decode_all=True
+        ) as server:
+            async with AsyncEdgeClient(
+                server.url, tiny_bundle, threads=1, controller=FixedK(3), start_on_server=True
+            ) as client:
+                results = [await client.generate(p, max_new_tokens=MAX_NEW) for p in PROMPTS]
+            assert server.engine.metrics.registry.get_sample_value("wisp_regime_centralized") == 1.0
+            return results
+
+    for prompt, res in zip(PROMPTS, asyncio.run(main()), strict=True):
+        assert res.token_ids == reference(prompt, MAX_NEW)
+        assert res.stats.switches == 0 and not res.stats.rounds, res.stats  # decoded by the server throughout

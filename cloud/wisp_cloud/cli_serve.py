@@ -200,6 +200,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "docs/scheduling.md §13)",
     )
     p.add_argument(
+        "--decode-all",
+        action="store_true",
+        help="--policy wisp, benchmarks: the regime decodes every session from the start and never decides "
+        "(WISP's decode path beside centralized serving's)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -308,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         regime=not args.no_regime,
         start_on_server=not args.no_start_on_server,
         draft_cap=args.draft_cap,
+        decode_all=args.decode_all,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

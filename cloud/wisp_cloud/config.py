@@ -59,6 +59,10 @@ class ServerConfig:
     # to 1.06× centralized (run 56) and took 7B / Jetson / code10 from 0.97 to 0.31 attainment at 960 devices
     # (run 57; docs/scheduling.md §13).
     draft_cap: bool = False
+    # Benchmarks (`--decode-all`, arm `wisp~decode-all`): the regime holds the centralized mode from the first
+    # session on and never decides, so WISP's decode path (probes and start-on-server included) runs beside
+    # centralized serving's at any N (H200 run 52: after its flip WISP's steps cost 1.65x centralized's host time).
+    decode_all: bool = False
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -165,6 +169,7 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "no-truncate": ("truncate_drafts", False),
     "draft-cap": ("draft_cap", True),
     "no-draft-cap": ("draft_cap", False),
+    "decode-all": ("decode_all", True),
     "refuse": ("refuse", True),
     "align": ("align", True),
 }

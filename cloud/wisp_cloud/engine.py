@@ -147,7 +147,12 @@ class Engine:
             self.max_context_len,
             self._enqueue,
             self.hybrid,
-            Regime(self.estimator, min_refits=MIN_REFITS, cap=config.draft_cap)
+            Regime(
+                self.estimator,
+                min_refits=MIN_REFITS,
+                cap=config.draft_cap,
+                hold="centralized" if config.decode_all else None,
+            )
             if self.hybrid is not None and wisp and config.regime
             else None,
             forced_cap=config.force_draft_cap,

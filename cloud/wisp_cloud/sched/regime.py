@@ -271,8 +271,11 @@ class Regime:
         probe_rounds: int = 8,
         min_refits: int = 0,
         confirm: int = 2,
+        hold: Mode | None = None,
     ) -> None:
         self.estimator = estimator
+        # benchmarks (`wisp serve --decode-all`): this mode from the start, never re-decided
+        self.hold = hold
         # The server's estimator starts as `wisp profile`'s fit, which holds the GPU's time only: decoding's
         # per-item host work (39 µs an item at 7B in H200 run 40's online fit, against a profile that prices a
         # sequence at 0) enters with the online refits. On the profile, N_dec came out 1952 against ≈ 600 after
@@ -283,7 +286,7 @@ class Regime:
         self.quantile, self.margin, self.hysteresis = quantile, margin, hysteresis
         self.window, self.min_samples, self.every_s = window, min_samples, every_s
         self.probe_every, self.probe_rounds = probe_every, probe_rounds
-        self.mode: Mode = "speculative"
+        self.mode: Mode = hold or "speculative"
         self.last: Capacities | None = None  # the capacities of the last decision (stats)
         self.flips = 0
         self.decisions = 0  # decisions taken (each re-reads the model)
@@ -358,7 +361,7 @@ class Regime:
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25."""
-        if not self.due(now) or len(self._samples) < self.min_samples:
+        if self.hold is not None or not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         refitted = self.estimator.refits - self._refits0 >= self.min_refits
         if not refitted and not self.cap:
