@@ -15,6 +15,7 @@ every point); `bench/host_profile.py` compares two files.
 from __future__ import annotations
 
 import collections
+import gc
 import sys
 import threading
 import time
@@ -52,14 +53,30 @@ class HostSampler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="wisp-sampler")
+        # the cyclic collector's runs (a pause of whichever thread allocated, so spread over the stacks above):
+        # per generation, how many and their seconds
+        self.gc_runs = [0, 0, 0]
+        self.gc_s = [0.0, 0.0, 0.0]
+        self._gc_t0 = 0.0
 
     def start(self) -> HostSampler:
+        gc.callbacks.append(self._on_gc)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1.0)
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            g = min(int(info.get("generation", 0)), 2)
+            self.gc_runs[g] += 1
+            self.gc_s[g] += time.perf_counter() - self._gc_t0
 
     def _run(self) -> None:
         me = threading.get_ident()
@@ -78,21 +95,28 @@ class HostSampler:
 
     def take(self) -> tuple[collections.Counter[str], int, float]:
         """The counts since the last `take` (or the start), how many samples they are, and over how many seconds;
-        the counting starts again."""
+        the counting starts again (the collector's tallies too)."""
         now = time.monotonic()
         with self._lock:
             counts, samples, since = self.counts, self.samples, self.started
             self.counts, self.samples, self.started = collections.Counter(), 0, now
+        self.gc_runs, self.gc_s = [0, 0, 0], [0.0, 0.0, 0.0]
         return counts, samples, now - since
 
     def dump(self, directory: Path, label: str) -> Path:
         """Write the counts since the last `take` to `directory`/host-NNN-`label`.txt, numbered in order (collapsed
         stacks, most sampled first, under a header line)."""
+        gc_runs, gc_s = self.gc_runs, self.gc_s
         counts, samples, seconds = self.take()
         self.dumps += 1
         path = directory / f"host-{self.dumps:03d}-{label}.txt"
         directory.mkdir(parents=True, exist_ok=True)
-        lines = [f"# label={label} samples={samples} seconds={seconds:.2f} interval_s={self.interval_s}"]
+        gcs = " ".join(
+            f"gc{g}_runs={n} gc{g}_s={t:.3f}" for g, (n, t) in enumerate(zip(gc_runs, gc_s, strict=True))
+        )
+        lines = [
+            f"# label={label} samples={samples} seconds={seconds:.2f} interval_s={self.interval_s} {gcs}"
+        ]
         lines += [f"{stack} {n}" for stack, n in counts.most_common()]
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -349,8 +349,9 @@ class Regime:
         return self._opened % self.probe_every == 0
 
     def due(self, now: float) -> bool:
-        """Would `decide` re-decide at `now` (its period has passed)? Before that it returns the mode as it is."""
-        return now - self._decided_at >= self.every_s
+        """Would `decide` re-decide at `now` (its period has passed)? Before that it returns the mode as it is.
+        A held mode is never re-decided (else the hybrid's full check would run after every decoded token)."""
+        return self.hold is None and now - self._decided_at >= self.every_s
 
     def decide(self, now: float, active: int | None = None) -> Mode:
         """The current mode, re-decided at most every `every_s` seconds. `active`: the sessions open now. Decoding
@@ -361,7 +362,7 @@ class Regime:
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25."""
-        if self.hold is not None or not self.due(now) or len(self._samples) < self.min_samples:
+        if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         refitted = self.estimator.refits - self._refits0 >= self.min_refits
         if not refitted and not self.cap:
