@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from wisp_sdk import AsyncEdgeClient, FixedK
 from wisp_sdk.protocol import Opened, Switch, Tokens
-from wisp_sdk.session import offers_start_on_server
+from wisp_sdk.session import offers_start_on_server, server_decodes_next
 from ws_client import Client, running_server
 
 PROMPTS = [[5, 17, 42, 99, 123], [7, 8, 9, 10, 11, 12, 13, 200], [300, 12, 45]]
@@ -138,3 +138,54 @@ def test_decode_all_holds_the_centralized_regime_from_the_first_session(backend,
     for prompt, res in zip(PROMPTS, asyncio.run(main()), strict=True):
         assert res.token_ids == reference(prompt, MAX_NEW)
         assert res.stats.switches == 0 and not res.stats.rounds, res.stats  # decoded by the server throughout
+
+
+@pytest.mark.parametrize(
+    "previous, moved, handed, on_edge, offer",
+    [
+        (False, True, False, False, True),  # moved by a verdict and decoded to the end: the server decodes us
+        (True, False, False, False, True),  # decoded from the start, finished before any hand-back: no news
+        (False, False, False, False, False),
+        (True, True, True, True, False),  # handed back to the edge: the server speculates again
+        (True, False, False, True, False),  # stayed on the edge
+    ],
+)
+def test_server_decodes_next_follows_the_last_generations_moves(previous, moved, handed, on_edge, offer):
+    assert server_decodes_next(previous, moved, handed, on_edge) is offer
+
+
+def test_a_device_offers_once_the_server_has_moved_its_session_and_stops_after_a_hand_back(
+    backend, tiny_bundle, reference
+):
+    """The client's offer rule (`start_on_server=None`): the prefill rule, or the last generation's moves. Under
+    `--decode-all` a session that did not offer is moved at its first verdict after one speculative round; the
+    device's next session then offers and is decoded from its first token. Once the server speculates again, an
+    offered session is handed to the edge after the dwell, and the one after it follows the prefill rule."""
+    prompt = PROMPTS[1]
+
+    async def main():
+        async with running_server(
+            backend, policy="wisp", hybrid=True, regime=True, decode_all=True
+        ) as server:
+            async with AsyncEdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(3)) as client:
+                results = []
+                # unmeasured prefill: offered; then measured (the tiny draft is fast): the rule does not offer
+                for _ in range(3):
+                    results.append(await client.generate(prompt, max_new_tokens=MAX_NEW))
+                regime = server.engine.committer.regime
+                regime.hold, regime.mode, regime.min_samples = None, "speculative", 1 << 30  # speculates now
+                for _ in range(2):
+                    results.append(await client.generate(prompt, max_new_tokens=MAX_NEW))
+                return results
+
+    results = asyncio.run(main())
+    for res in results:
+        assert res.token_ids == reference(prompt, MAX_NEW)
+    rounds = [len(res.stats.rounds) for res in results]
+    assert rounds[0] == 0 and rounds[1] == 1 and rounds[2] == 0, (
+        rounds
+    )  # offered / moved at round 1 / offered
+    assert results[3].stats.switches == 1 and rounds[3] > 0  # offered, decoded 16 tokens, handed to the edge
+    assert (
+        results[4].stats.switches == 0 and rounds[4] > 0
+    )  # the prefill rule again: no offer, all on the edge

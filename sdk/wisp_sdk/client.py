@@ -26,7 +26,7 @@ from wisp_sdk.errors import WispError
 from wisp_sdk.generation import Generation
 from wisp_sdk.predictor import RejectionPredictor
 from wisp_sdk.protocol import SLO, Mode, SamplingParams, Welcome
-from wisp_sdk.session import GenerationRequest, offers_start_on_server
+from wisp_sdk.session import GenerationRequest, offers_start_on_server, server_decodes_next
 from wisp_sdk.stats import GenerationResult
 from wisp_sdk.tokenizer import DraftTokenizer
 from wisp_sdk.transport import LinkDown, Transport, tls_context
@@ -104,6 +104,8 @@ class AsyncEdgeClient:
         # prompt prefill time measured on the previous generations (`prefill_ms_per_token`); True always, False never
         self.start_on_server = start_on_server
         self.prefill_ms_per_token: float | None = None
+        # the server decoded the last generation after moving it there (`server_decodes_next`): offer regardless
+        self.server_decodes = False
         self.last_result: GenerationResult | None = None
         self._lock: asyncio.Lock | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-draft")
@@ -164,7 +166,9 @@ class AsyncEdgeClient:
         slo = slo or self.slo
         offer = self.start_on_server
         if offer is None:
-            offer = offers_start_on_server(len(ids), max_new_tokens, slo.tpot_ms, self.prefill_ms_per_token)
+            offer = self.server_decodes or offers_start_on_server(
+                len(ids), max_new_tokens, slo.tpot_ms, self.prefill_ms_per_token
+            )
         request = GenerationRequest(
             prompt_ids=ids,
             max_new_tokens=max_new_tokens,
@@ -214,6 +218,10 @@ class AsyncEdgeClient:
                     generation.result is not None
                 ):  # the loop reached its end (even if a timeout hit just then)
                     self.last_result = generation.result
+                sess = generation.session
+                self.server_decodes = server_decodes_next(
+                    self.server_decodes, sess.moved_to_server, sess.handed_to_edge, sess.mode == "speculative"
+                )
                 # Runs `run`'s cleanup now, under the lock (not later from the garbage collector), so the
                 # server session is closed before the next generation may start.
                 await gen.aclose()

@@ -55,6 +55,7 @@ class Sess:
         "trace",
         "kept",
         "moves",  # times the hybrid moved it to server-side decoding
+        "handed",  # the hybrid handed it back to the edge at least once (session.server_decodes_next)
         "n_drafted",
         "n_accepted",
         "central",  # the hybrid moved it to server-side decoding

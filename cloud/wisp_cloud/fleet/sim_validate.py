@@ -50,7 +50,7 @@ def arm_config(cfg: SimConfig, spec: str, controller: str) -> SimConfig:
         field, value = ARM_FLAGS[flag]
         if field in ("fill", "refuse"):
             kw[field] = value
-        elif field in ("hybrid", "regime", "start_on_server", "draft_cap"):
+        elif field in ("hybrid", "regime", "start_on_server", "draft_cap", "decode_all"):
             over[field] = value
         elif field == "truncate_drafts":
             over["truncate"] = value

@@ -88,6 +88,9 @@ class SimConfig:
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
     draft_cap: bool = False  # `wisp` policy with the regime: under load, verdicts cap drafts (`--draft-cap`)
+    decode_all: bool = (
+        False  # `wisp` policy with the regime: it decodes the fleet from the start (`--decode-all`)
+    )
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
@@ -121,7 +124,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
-    from wisp_sdk.session import offers_start_on_server
+    from wisp_sdk.session import offers_start_on_server, server_decodes_next
 
     if cfg.balance not in BALANCE:
         raise ValueError(f"balance must be one of {', '.join(BALANCE)}, not {cfg.balance!r}")
@@ -137,7 +140,16 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
         # the server's regime waits for MIN_REFITS online refits; the simulated estimator does not learn, but its
         # refit count advances at the server's pace (one every `refit_every` steps, in try_run)
-        regime = Regime(est, min_refits=MIN_REFITS, cap=cfg.draft_cap) if on else None
+        regime = (
+            Regime(
+                est,
+                min_refits=MIN_REFITS,
+                cap=cfg.draft_cap,
+                hold="centralized" if cfg.decode_all else None,
+            )
+            if on
+            else None
+        )
         if regime is not None:
             policy.follow(regime)
         reps.append(Replica(sched, VerifyPrice(est), regime))
@@ -167,6 +179,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     # ---- devices ----
     for d in range(cfg.devices):
         push(rng.uniform(0, cfg.gap_s), "start", d)
+    # per device, as the SDK's client keeps it: the server decoded its last session after moving it there
+    server_decodes = [False] * cfg.devices
 
     def assign(d: int) -> int:
         n = len(reps)
@@ -199,7 +213,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.kept = []
         s.n_drafted = s.n_accepted = 0
         s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
-        s.unfed, s.tail_unfed, s.moves = 0, False, 0
+        s.unfed, s.tail_unfed, s.moves, s.handed = 0, False, 0, False
         regime = reps[s.rep].regime
         s.probe = regime is not None and regime.enlist()
         s.think = s.answered = None
@@ -209,7 +223,10 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         on = (
             cfg.start_on_server
             and reps[s.rep].regime is not None
-            and offers_start_on_server(s.plen, s.max_new, cfg.slo_tpot_ms, dev_prof.prefill_ms_per_token)
+            and (
+                server_decodes[d]
+                or offers_start_on_server(s.plen, s.max_new, cfg.slo_tpot_ms, dev_prof.prefill_ms_per_token)
+            )
         )
         s.ready_at = now + dev_prof.step_s(rng, s.plen + 1) if on else None
         t_srv = now + up(_OPEN_BYTES + 4 * s.plen)
@@ -262,6 +279,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         reps[s.rep].live -= 1
         if reps[s.rep].regime is not None:
             reps[s.rep].regime.finished(s.plen, s.gen)
+        server_decodes[s.dev] = server_decodes_next(
+            server_decodes[s.dev], s.moves > 0, s.handed, not s.central
+        )
         record(s, True)
         push(now + rng.expovariate(1.0 / cfg.gap_s), "start", s.dev)
 
@@ -445,6 +465,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs) is None:
             return False
         s.central, s.mode_steps, s.moves = not back, 0, s.moves + (not back)
+        s.handed = s.handed or back
         return True
 
     def submit_decode(s: Sess, now: float) -> None:
