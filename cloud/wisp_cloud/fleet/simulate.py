@@ -88,9 +88,7 @@ class SimConfig:
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
     draft_cap: bool = False  # `wisp` policy with the regime: under load, verdicts cap drafts (`--draft-cap`)
-    decode_all: bool = (
-        False  # `wisp` policy with the regime: it decodes the fleet from the start (`--decode-all`)
-    )
+    decode_all: bool = False  # `wisp` policy with the regime: it decodes from the start (`--decode-all`)
     replicas: int = 1  # GPUs simulated together in this one event loop
     balance: str = "device-hash"  # device-hash | leastconn | roundrobin: which replica a new session opens on
     host: dict | None = None  # gpu_clock.HostTime as a dict: serial host time per step (None: a perfect loop)
@@ -124,6 +122,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     """One GPU and its devices; returns one record per session (same fields as `wisp bench`)."""
     from wisp_sdk.controllers import Action, LinkState, make_controller
     from wisp_sdk.draft_runner import DraftToken
+    from wisp_sdk.protocol import Mode
     from wisp_sdk.session import offers_start_on_server, server_decodes_next
 
     if cfg.balance not in BALANCE:
@@ -140,16 +139,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
         # the server's regime waits for MIN_REFITS online refits; the simulated estimator does not learn, but its
         # refit count advances at the server's pace (one every `refit_every` steps, in try_run)
-        regime = (
-            Regime(
-                est,
-                min_refits=MIN_REFITS,
-                cap=cfg.draft_cap,
-                hold="centralized" if cfg.decode_all else None,
-            )
-            if on
-            else None
-        )
+        hold: Mode | None = "centralized" if cfg.decode_all else None
+        regime = Regime(est, min_refits=MIN_REFITS, cap=cfg.draft_cap, hold=hold) if on else None
         if regime is not None:
             policy.follow(regime)
         reps.append(Replica(sched, VerifyPrice(est), regime))
@@ -179,8 +170,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     # ---- devices ----
     for d in range(cfg.devices):
         push(rng.uniform(0, cfg.gap_s), "start", d)
-    # per device, as the SDK's client keeps it: the server decoded its last session after moving it there
-    server_decodes = [False] * cfg.devices
+    server_decodes = [False] * cfg.devices  # per device, as the SDK's client keeps it (server_decodes_next)
 
     def assign(d: int) -> int:
         n = len(reps)
