@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 from typing import Any
 
@@ -181,4 +182,13 @@ def run_shard(cfg: dict) -> list[dict]:
     """Entry point of a fleet worker process (also callable in-process)."""
     logging.getLogger("wisp.client").setLevel(logging.WARNING)
     random.seed(cfg["seed"])
-    return asyncio.run(_shard_main(cfg))
+    # An emulated draft sleeps on its client's thread while this process's loop runs the other devices' frames;
+    # waking, it waits for the GIL up to the switch interval, and the server counts that as device time. Python's
+    # 5 ms stretched 26-ms drafts to 31-37 ms beside a loop busy 30-60 % in 20-ms bursts, 1 ms to 28-30
+    # (bench/fleet_gil.py, dev VM). A real device drafts on its own core: 1 ms, as the server does (tune_runtime).
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    try:
+        return asyncio.run(_shard_main(cfg))
+    finally:
+        sys.setswitchinterval(interval)
