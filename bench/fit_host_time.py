@@ -3,7 +3,9 @@
 Each `steps` line (cloud/wisp_cloud/step_stats.py) is one 10 s window: mean batch size, forward p50 and the host
 gap before each forward (p50: selection, planning and the previous step's commit, which the next forward waits
 for). Per arm kind (centralized = decode steps; sled/wisp = verify steps) this fits host_ms = fixed + per_item · B
-by least squares over the busy windows (busy ≥ 0.5: in idle windows the gap holds no commit).
+by least squares over the busy windows (busy ≥ 0.5: in idle windows the gap holds no commit). A WISP arm with the
+regime runs decode or verify steps by its mode: each of its windows counts as the kind of at least 80 % of its
+items (rounds against decodes), and not at all when neither is.
 
     python bench/fit_host_time.py bench/results/capacity/h200-run1{1,2,3}-steps.txt [--check RUN-steps.txt ...]
 
@@ -22,6 +24,10 @@ _STEP = re.compile(
     r"batch_mean=([\d.]+) tokens_mean=([\d.]+) forward_ms_p50=([\d.]+).*?host_ms_p50=([\d.]+).*?busy=([\d.]+)"
 )
 _POLICY = re.compile(r"policy=(\w+)")
+_MIX = re.compile(r"rounds_mean=([\d.]+) decodes_mean=([\d.]+)")
+MIXED_SHARE = (
+    0.8  # a WISP window counts as decode (verify) steps when this share of its items are decodes (rounds)
+)
 
 
 def windows(path: str) -> list[tuple[str, float, float, float, float]]:
@@ -38,10 +44,21 @@ def windows(path: str) -> list[tuple[str, float, float, float, float]]:
             elif m:
                 kind = "decode" if m.group(1) == "centralized" else "verify"
         m = _STEP.search(line)
-        if m and "steps n=" in line and kind != "mixed":
+        if m and "steps n=" in line:
             b, t, _f, h, busy = (float(x) for x in m.groups())
-            if busy >= 0.5:
-                out.append((kind, b, t, h, busy))
+            k = kind
+            if kind == "mixed":
+                mix = _MIX.search(line)
+                rounds, decodes = (float(x) for x in mix.groups()) if mix else (0.0, 0.0)
+                k = (
+                    "verify"
+                    if rounds >= MIXED_SHARE * b
+                    else "decode"
+                    if decodes >= MIXED_SHARE * b
+                    else "mixed"
+                )
+            if busy >= 0.5 and k != "mixed":
+                out.append((k, b, t, h, busy))
     return out
 
 
