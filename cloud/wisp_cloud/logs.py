@@ -92,9 +92,8 @@ def logs_off_loop(root: logging.Logger | None = None) -> Iterator[None]:
     """While inside: the root logger's handlers format and write on a thread of their own, and a log call costs the
     caller one queue put. The server logs every session's open and end (and WISP every move between the edge and
     the server, and its regime's decisions) from the event loop; on an H200 host (run 63, centralized, 7B) the
-    handler's write to the bench's log file took ≈ 0.4 ms a line, 2.4 % of the loop's time. The queue is
-    unbounded: the server writes tens to a few hundred lines a second. On leaving, the queue is drained and the
-    handlers are put back."""
+    handler's write to the bench's log file took ≈ 0.4 ms a line, 2.4 % of the loop's time. On leaving, the
+    queue is drained and the handlers are put back."""
     root = root or logging.getLogger()
     handlers = list(root.handlers)
     listener = logging.handlers.QueueListener(queue.SimpleQueue(), *handlers, respect_handler_level=True)
