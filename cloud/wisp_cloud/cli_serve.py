@@ -19,7 +19,6 @@ from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
 from wisp_cloud.host_sampler import HostSampler
-from wisp_cloud.logs import logs_off_loop
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 if TYPE_CHECKING:
@@ -497,8 +496,7 @@ def _serve(
             await server.stop()
 
     try:
-        with logs_off_loop():  # a log line is written off the event loop
-            asyncio.run(main())
+        asyncio.run(main())
         if args.save_estimator:
             (servers[0].estimator if servers else estimator).save(args.save_estimator)
     finally:
