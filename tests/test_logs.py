@@ -17,7 +17,7 @@ import pytest
 from test_cloud_cli import start_server
 from test_gateway_limits import Srv, _hello, _ws
 from websockets.asyncio.client import connect
-from wisp_cloud.logs import JsonFormatter, LogEvent, log_event, use_log_format
+from wisp_cloud.logs import JsonFormatter, LogEvent, log_event, logs_off_loop, use_log_format
 from wisp_sdk.bundle import tokenizer_fingerprint
 from wisp_sdk.protocol import SUBPROTOCOL, Hello, decode_server, encode
 
@@ -131,3 +131,31 @@ def test_cli_log_format(tiny_target, fmt):
     else:
         assert sum(" hello client=" in ln for ln in lines) == 1
         assert not any(ln.lstrip().startswith("{") or ln.startswith("INFO session_open") for ln in lines)
+
+
+def test_logs_off_loop_writes_from_its_own_thread_and_puts_the_handlers_back():
+    """`wisp serve` logs through `logs_off_loop`: the handler writes on the listener's thread, a `LogEvent` still
+    reaches the JSON formatter whole (its fields as JSON values), and on leaving every record is written and the
+    handlers are as before."""
+    import threading
+
+    class Recording(logging.StreamHandler):
+        threads: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.threads.append(threading.current_thread().name)
+            super().emit(record)
+
+    root = logging.Logger("r")
+    out = io.StringIO()
+    handler = Recording(out)
+    root.addHandler(handler)
+    use_log_format("json", root)
+    with logs_off_loop(root):
+        assert root.handlers != [handler]
+        for i in range(100):
+            log_event(root, "session_open", session=f"s{i}", n=i, ratio=0.5)
+    assert root.handlers == [handler]
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [x["n"] for x in lines] == list(range(100)) and lines[0]["event"] == "session_open"
+    assert lines[0]["ratio"] == 0.5 and threading.main_thread().name not in handler.threads

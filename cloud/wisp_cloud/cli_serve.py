@@ -19,6 +19,7 @@ from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
 from wisp_cloud.host_sampler import HostSampler
+from wisp_cloud.logs import logs_off_loop
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 if TYPE_CHECKING:
@@ -483,7 +484,11 @@ def _serve(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGTERM, lambda: (drain.set(), stop.set()))
-        print(f"listening on {cfg.scheme}://{cfg.host}:{server.port}", flush=True)
+        # one write, newline included: `print` writes the end apart, and a log line from the logging thread
+        # (`logs_off_loop`) fell between them where stderr shares stdout's pipe (`wisp cluster`'s replicas), so
+        # the port was read as "33913" + the log line's date
+        sys.stdout.write(f"listening on {cfg.scheme}://{cfg.host}:{server.port}\n")
+        sys.stdout.flush()
         try:
             await stop.wait()
             if drain.is_set() and args.drain_s > 0:  # SIGTERM: finish the rounds in flight first
@@ -496,7 +501,8 @@ def _serve(
             await server.stop()
 
     try:
-        asyncio.run(main())
+        with logs_off_loop():  # a log line is written off the event loop
+            asyncio.run(main())
         if args.save_estimator:
             (servers[0].estimator if servers else estimator).save(args.save_estimator)
     finally:
