@@ -25,9 +25,8 @@ _STEP = re.compile(
 )
 _POLICY = re.compile(r"policy=(\w+)")
 _MIX = re.compile(r"rounds_mean=([\d.]+) decodes_mean=([\d.]+)")
-MIXED_SHARE = (
-    0.8  # a WISP window counts as decode (verify) steps when this share of its items are decodes (rounds)
-)
+# a WISP window counts as decode (verify) steps when this share of its items are decodes (rounds)
+MIXED_SHARE = 0.8
 
 
 def windows(path: str) -> list[tuple[str, float, float, float, float]]:

@@ -11,6 +11,7 @@ from wisp_sdk.argtypes import number
 from wisp_sdk.errors import WispError
 
 from wisp_cloud.cli_serve import add_serve_args
+from wisp_cloud.logs import say
 
 # Serve flags the cluster sets per replica itself, or that cannot be shared by N replicas on one machine.
 _OWN = ("host", "port", "device")
@@ -105,15 +106,15 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda *_: rolling.set())
     try:
         cluster.start()
-        print(f"listening on {cluster.url}", flush=True)
+        say(f"listening on {cluster.url}")
         for r in cluster.replicas:
-            print(f"replica {r.index} pid {r.pid} {r.url}", flush=True)
+            say(f"replica {r.index} pid {r.pid} {r.url}")
         while not stop.wait(0.5):
             if rolling.is_set():
                 rolling.clear()
                 cluster.rolling_restart()
                 for r in cluster.replicas:
-                    print(f"replica {r.index} pid {r.pid} {r.url}", flush=True)
+                    say(f"replica {r.index} pid {r.pid} {r.url}")
             for r in cluster.replicas:
                 if not r.alive() and not r.exit_reported:
                     r.exit_reported = True

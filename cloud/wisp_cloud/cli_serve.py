@@ -19,7 +19,7 @@ from wisp_cloud.backends.base import Backend
 from wisp_cloud.backends.factory import capture_startup_graphs, check_device, device_arg, native_backend
 from wisp_cloud.config import ARM_FLAGS, ServerConfig, parse_tenant_weight
 from wisp_cloud.host_sampler import HostSampler
-from wisp_cloud.logs import logs_off_loop
+from wisp_cloud.logs import logs_off_loop, say
 from wisp_cloud.random_model import add_random_model_args, check_model_args
 
 if TYPE_CHECKING:
@@ -458,20 +458,19 @@ def _serve(
             words = (await lines.get()).split()
             if words == ["stats"]:  # one JSON line: what the bench records after each point
                 dump_samples(server.engine.policy.name)
-                print("stats " + json.dumps(server.stats()), flush=True)
+                say("stats " + json.dumps(server.stats()))
                 continue
             options = _arm_flags(words[2:])
             if len(words) < 2 or words[0] != "policy" or words[1] not in POLICIES or options is None:
-                print(
+                say(
                     f"control error: expected `policy NAME [{'] ['.join(ARM_FLAGS)}]` (NAME one of "
-                    f"{', '.join(POLICIES)}) or `stats`",
-                    flush=True,
+                    f"{', '.join(POLICIES)}) or `stats`"
                 )
                 continue
             await server.switch_policy(words[1], options=options)
             if sampler is not None:
                 sampler.take()  # the next point's file starts here, without the switch and the idle time before
-            print(f"policy {words[1]} ready", flush=True)
+            say(f"policy {words[1]} ready")
 
     async def main() -> None:
         server = WispServer(backend, cfg, estimator=estimator, tokenizer=tokenizer, model_name=model_name)
@@ -484,11 +483,7 @@ def _serve(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGTERM, lambda: (drain.set(), stop.set()))
-        # one write, newline included: `print` writes the end apart, and a log line from the logging thread
-        # (`logs_off_loop`) fell between them where stderr shares stdout's pipe (`wisp cluster`'s replicas), so
-        # the port was read as "33913" + the log line's date
-        sys.stdout.write(f"listening on {cfg.scheme}://{cfg.host}:{server.port}\n")
-        sys.stdout.flush()
+        say(f"listening on {cfg.scheme}://{cfg.host}:{server.port}")
         try:
             await stop.wait()
             if drain.is_set() and args.drain_s > 0:  # SIGTERM: finish the rounds in flight first

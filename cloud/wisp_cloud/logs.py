@@ -15,6 +15,7 @@ import logging
 import logging.handlers
 import queue
 import re
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,15 @@ def use_log_format(fmt: str, root: logging.Logger | None = None) -> None:
     formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     for handler in (root or logging.getLogger()).handlers:
         handler.setFormatter(formatter)
+
+
+def say(line: str) -> None:
+    """A line another process reads on our stdout (`listening on …`, a replica's address, a control answer): one
+    write, newline included, then flushed. `print` writes the end apart, and a log line from another thread fell
+    between them where stderr shares stdout's pipe (`wisp cluster`'s replicas, with `logs_off_loop`): the cluster
+    read the port as "33913" followed by the log line's date."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 class _Handoff(logging.handlers.QueueHandler):
