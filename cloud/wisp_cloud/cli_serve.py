@@ -207,12 +207,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "(WISP's decode path beside centralized serving's)",
     )
     p.add_argument(
-        "--no-read-before-launch",
-        action="store_true",
-        help="benchmarks: do not read the rounds that arrived during a step's commit before the next launch "
-        "(they then wait a step more; on by default for every policy)",
-    )
-    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -322,7 +316,6 @@ def run(args: argparse.Namespace) -> int:
         start_on_server=not args.no_start_on_server,
         draft_cap=args.draft_cap,
         decode_all=args.decode_all,
-        read_before_launch=not args.no_read_before_launch,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

@@ -63,10 +63,6 @@ class ServerConfig:
     # session on and never decides, so WISP's decode path (probes and start-on-server included) runs beside
     # centralized serving's at any N (H200 run 52: after its flip WISP's steps cost 1.65x centralized's host time).
     decode_all: bool = False
-    # Every policy: between a forward's commit and the next selection the loop reads what reached its sockets
-    # meanwhile, so a round that arrived then rides the next step, not the one after (engine.py). Off
-    # (`--no-read-before-launch`, arm `~no-read-before-launch`) only to measure what it changes.
-    read_before_launch: bool = True
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -176,5 +172,4 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "decode-all": ("decode_all", True),
     "refuse": ("refuse", True),
     "align": ("align", True),
-    "no-read-before-launch": ("read_before_launch", False),
 }

@@ -24,7 +24,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from wisp_sdk.protocol import ErrorCode, Limits, Open, Resumed, Round, Tokens
+from wisp_sdk.protocol import (
+    ErrorCode,
+    Limits,
+    Open,
+    Resumed,
+    Round,
+    Tokens,
+)
 from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
 from wisp_cloud.acceptance import DraftError, sparse_q
@@ -53,9 +60,6 @@ log = logging.getLogger("wisp.engine")
 _HOUSEKEEPING_S = 1.0
 MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is numerically undefined in float32
 _MIN_SLEEP_S = 0.0005  # shortest wait after an empty selection
-# Loop passes that turn bytes waiting on the sockets into queued rounds (the loop runs its callbacks after ours):
-# one for the transports' reads, one for the gateway's readers that they wake, one to come back after those.
-_ARRIVAL_PASSES = 3
 
 
 @dataclass(slots=True)
@@ -228,8 +232,10 @@ class Engine:
         def bad(code: ErrorCode, text: str) -> Refusal:
             return Refusal(code, text, session_id=sid, round=rnd)
 
-        if rnd == session.last_round and session.last_verdict is not None:  # an idempotent re-send:
-            return [Reply(conn, session.last_verdict)]  # the same verdict, nothing applied
+        if rnd == session.last_round and session.last_verdict is not None:
+            return [
+                Reply(conn, session.last_verdict)
+            ]  # idempotent re-send: the same verdict, nothing applied
         pending = session.pending
         if pending is not None and pending.kind == JobKind.round and pending.round == rnd:
             return []  # already being verified: its verdict goes to this connection when ready
@@ -480,11 +486,8 @@ class Engine:
             commit_s = time.perf_counter() - t_done
             prev = _Ran(records, stats, shapes, mix, t_launch, t_launch - t_free, schedule_s, commit_s)
             t_free = t_done
-            # Rounds that reached the socket while the forward ended and the commit ran are read now: the loop
-            # reads nothing until its next await, so they would miss the next launch and wait a whole step more.
-            # Then the next batch is launched, and the answers are built and sent while it runs.
-            for _ in range(_ARRIVAL_PASSES if self.cfg.read_before_launch else 0):
-                await asyncio.sleep(0)
+            # no yield here: the next batch is selected and launched first, then the answers are built and
+            # delivered (the gateway's writers send them, and its readers take new rounds, while it runs)
 
     def _finish(self, ran: _Ran) -> None:
         """Phase 2 of a step's postprocess: SLO bookkeeping, the estimator, step statistics."""
