@@ -49,11 +49,16 @@ def _client_proc(
     cores: list[int] | None,
     seed: int,
     central: bool,
+    draft_ms: float,
     out: mp.Queue,
 ) -> None:
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    out.put(asyncio.run(_clients(url, n_sessions, k, alpha, prompt_len, max_new, seconds, seed, central)))
+    out.put(
+        asyncio.run(
+            _clients(url, n_sessions, k, alpha, prompt_len, max_new, seconds, seed, central, draft_ms)
+        )
+    )
 
 
 async def _clients(
@@ -66,6 +71,7 @@ async def _clients(
     seconds: float,
     seed: int,
     central: bool,
+    draft_ms: float = 0.0,
 ) -> dict:
     from websockets.asyncio.client import connect
     from wisp_cloud.backends.fake import FAKE_FINGERPRINT, next_token
@@ -86,6 +92,9 @@ async def _clients(
     stop_at = time.monotonic() + seconds
     rounds = 0
     errors = 0
+    waited = (
+        0.0  # Σ seconds from sending a round to its verdict (the server's part of the round, and loopback)
+    )
 
     async def decoded(ws: Any, done: bool) -> bool:
         """The server decodes the session: one Tokens frame per step until done. Returns `done` (still False
@@ -101,7 +110,7 @@ async def _clients(
         return done
 
     async def one(i: int) -> None:
-        nonlocal rounds, errors
+        nonlocal rounds, errors, waited
         async with connect(
             url, subprotocols=[SUBPROTOCOL], compression=None, max_size=1 << 24, open_timeout=60
         ) as ws:
@@ -129,6 +138,9 @@ async def _clients(
                         draft.append(tok)
                         prev, pos = tok, pos + 1
                     rnd += 1
+                    if draft_ms > 0.0:  # the device drafting: the round reaches the server mid-step
+                        await asyncio.sleep(draft_ms / 1e3)
+                    sent = time.perf_counter()
                     await ws.send(
                         encode_round(
                             Round(session_id=sid, round=rnd, committed_len=len(tokens), draft_ids=draft)
@@ -140,12 +152,13 @@ async def _clients(
                         break
                     tokens += draft[: v.accepted] + [v.next_token]
                     rounds += 1
+                    waited += time.perf_counter() - sent
                     done = v.done
                     if v.centralize:  # moved to server decoding
                         done = await decoded(ws, done)
 
     await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=False)
-    return {"rounds": rounds, "errors": errors}
+    return {"rounds": rounds, "errors": errors, "waited_s": waited}
 
 
 async def _measure(args: argparse.Namespace, n: int) -> dict:
@@ -198,6 +211,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
                     client_cores,
                     i,
                     args.policy == "centralized" or args.decoded,
+                    args.draft_ms,
                     out,
                 ),
             )
@@ -253,13 +267,19 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         # host time, other jobs preempting the server do not inflate it.
         "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
         "rounds": sum(r["rounds"] for r in results),
+        # a speculative round's wait at the server, sent → verdict (ms): a step and a half on average if it
+        # rides the next step after its arrival
+        "round_wait_ms_mean": 1e3
+        * sum(r["waited_s"] for r in results)
+        / max(1, sum(r["rounds"] for r in results)),
         "client_errors": sum(r["errors"] for r in results),
     }
     print(
         f"N={n:5d}  steps={steps:5d}  batch={row['batch_mean']:7.1f}  step={row['step_ms_mean']:7.2f} ms  "
         f"forward={row['forward_ms_mean']:6.2f} ms  host={row['host_us_per_session_step']:6.1f} µs/session/step  "
         f"(schedule {row['schedule_us_per_session_step']:.1f}, commit {row['commit_us_per_session_step']:.1f})  "
-        f"idle={row['device_idle_share']:.2f}  cpu={row['server_cpu_us_per_session_step']:6.1f} µs/session/step",
+        f"idle={row['device_idle_share']:.2f}  cpu={row['server_cpu_us_per_session_step']:6.1f} µs/session/step  "
+        f"round wait={row['round_wait_ms_mean']:.1f} ms",
         flush=True,
     )
     return row
@@ -319,6 +339,12 @@ def main() -> int:
         "decoding at their first verdict",
     )
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument(
+        "--draft-ms",
+        type=float,
+        default=0.0,
+        help="each device drafts this long before sending a round (default 0: back to back)",
+    )
     ap.add_argument("--max-new", type=int, default=256)
     ap.add_argument(
         "--no-tune-runtime",
