@@ -386,3 +386,24 @@ def test_in_the_centralized_regime_decoded_sessions_skip_the_hybrid_check_until_
     calls_made, counts = asyncio.run(main())
     assert calls_made == ["centralized"], calls_made  # the move; no check after the ≈ 35 decoded tokens
     assert counts.get("centralized") == 1 and not counts.get("speculative"), counts
+
+
+def test_a_flip_waits_while_the_capacity_it_trusts_is_still_moving(est32):
+    """On an H200 (7B, Mac mini, ShareGPT, TPOT 60; runs 64, 67, 68) the first decisions after the online refits read
+    N_dec 534-554, then 401-439, then ≈ 300-330, and the flips to decoding that came on the first two lost 6-47
+    points of attainment. A decision whose N_dec moved more than `STEADY` since the last one starts the count over."""
+    r = Regime(est32, min_samples=8, every_s=1.0, confirm=2)
+
+    def fleet(tpot_ms: float) -> None:
+        for i in range(8):
+            k = 2 + i % 3
+            r.observe(f"s{i}", SessionSample(0.66, tpot_ms, 500), k, MAC_M4.ms(k))
+
+    fleet(30.0)
+    assert r.decide(0.0) == "speculative" and r.leaning == 1  # decoding wins once: not yet
+    assert r.last is not None
+    first = r.last.decode
+    fleet(45.0)  # decoding still wins, at an N_dec far from the last decision's
+    assert r.decide(1.0) == "speculative" and r.leaning == 1  # the count starts over
+    assert r.last.decode > 1.1 * r.last.speculative and abs(r.last.decode - first) > 0.1 * first
+    assert r.decide(2.0) == "centralized"  # the same N_dec again: confirmed

@@ -51,7 +51,7 @@ TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every sp
 
 `Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), once the same
 verdict has come `confirm` decisions in a row (near-equal capacities read either way from one decision to the next,
-and each flip moves every session), and decoding only while it would serve every open session (past the N that
+and each flip moves every session) with the capacity it trusts steady between them (`STEADY`), and decoding only while it would serve every open session (past the N that
 decoding serves at the quantile TPOT itself, with no margin, all of them would miss, so an overloaded fleet stays
 speculative, where the well-accepted sessions still meet the SLO). In the centralized regime the hybrid moves every
 speculative session to the server after its first verdict and none comes back, so WISP serves as centralized
@@ -88,6 +88,11 @@ SAMPLE_ROUNDS = 2
 SHRINK_TRIES = 8.0
 # The measured step the cap's slack is read against is a decayed mean over about this many steps (≈ 3 s at 32B).
 STEP_STEPS = 64
+# A flip is confirmed only by decisions whose trusted capacity moved at most this share since the one before. On an
+# H200 (7B, Mac mini, ShareGPT, TPOT 60) the first decisions after the refits read N_dec 534-554, then 401-439, then
+# ≈ 300-330 as the online fit settled (runs 64, 67, 68), and every flip to decoding there came on the first two and
+# cost 6-47 points of attainment; at 32B N_dec moved 0-6 % from the first decision on (runs 51-52).
+STEADY = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +378,7 @@ class Regime:
         cap = self.fleet = self._capacities(samples, self._line.mean_k())
         if self.cap:
             cap = self._draft_cap(samples, active, cap)
-        self.last = cap
+        prev, self.last = self.last, cap
         if not refitted:
             # The cap is set on the start-up profile's fit: it ranks draft lengths, whose steps differ in tokens,
             # and an uncapped fleet's long rounds cost every step meanwhile (H200 run 55: 77-104 ms steps for the
@@ -382,11 +387,16 @@ class Regime:
             return self.mode
         h = 1.0 + self.hysteresis
         serves_all = active is None or active <= cap.decode_limit
-        if self.mode == "speculative":
+        to_decode = self.mode == "speculative"
+        if to_decode:
             flip = cap.decode > h * cap.speculative and serves_all
         else:
             flip = cap.speculative > h * cap.decode
-        self._leaning = self._leaning + 1 if flip else 0
+        # The count goes on only while the capacity that the flip trusts holds still (`STEADY`); else it starts over
+        trusted = cap.decode if to_decode else cap.speculative
+        before = 0 if prev is None else (prev.decode if to_decode else prev.speculative)
+        steady = before > 0 and abs(trusted - before) <= STEADY * before
+        self._leaning = (self._leaning + 1 if steady else 1) if flip else 0
         if self._leaning >= self.confirm:
             self.mode = "centralized" if self.mode == "speculative" else "speculative"
             self.flips += 1
