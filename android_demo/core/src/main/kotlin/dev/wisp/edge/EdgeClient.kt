@@ -29,13 +29,26 @@ data class GenerateOptions(
     val slo: Slo = Slo(),
     val stopTokenIds: List<Int> = emptyList(),
     /**
-     * Offer the server to decode the first tokens while the draft prefills the prompt (`Open.start_on_server`).
-     * Off by default: this client prefills its draft only when it drafts the first round, so the offer would buy
-     * nothing. A session whose offer the server takes opens centralized (`Opened.mode`), and the server hands it
-     * to the edge later with a `Switch`.
+     * Offer the server to decode the first tokens (`Open.start_on_server`). A session whose offer the server takes
+     * opens centralized (`Opened.mode`), and the server hands it to the edge later with a `Switch`. null (the
+     * default): offer only while the server decodes this client's sessions ([serverDecodesNext]); this client
+     * prefills its draft only when it drafts the first round, so there is no prefill to hide otherwise (wisp_sdk's
+     * prefill rule). true: always offer; false: never.
      */
-    val startOnServer: Boolean = false,
+    val startOnServer: Boolean? = null,
 )
+
+/**
+ * After a generation: offer `start_on_server` on the next one? A session that a verdict moved to server-side
+ * decoding, and that the server never handed back, says the server decodes this device's sessions (its regime
+ * decodes the fleet, or the device is too slow for its SLO): the next one would be moved at its first verdict,
+ * after a first round drafted at the session's cost. On an H200 (7B, Mac mini, ShareGPT, TPOT 60) 85 % of the
+ * sessions of a fleet the server decoded made that round, and offering cut them to 8 % (wisp_sdk's
+ * `server_decodes_next`, runs 65-66). A hand-back (`Switch`), or a generation that ended on the edge, says the
+ * server speculates again. A session decoded from the start that finished before any hand-back says nothing new.
+ */
+fun serverDecodesNext(previous: Boolean, movedToServer: Boolean, handedToEdge: Boolean, endedOnEdge: Boolean): Boolean =
+    if (handedToEdge || endedOnEdge) false else movedToServer || previous
 
 /** One round as the edge saw it (times in ms). */
 data class RoundStats(
@@ -106,6 +119,10 @@ class EdgeClient(
         private set
     val link = LinkState()
 
+    /** The server decoded this client's last generation after moving it there ([serverDecodesNext]). */
+    var serverDecodes = false
+        private set
+
     /** Abruptly drop the current connection (fault tests, the demo's "drop link" button). */
     fun dropConnection() {
         conn?.let { OkHttpTransport.cancel(it) }
@@ -132,6 +149,10 @@ class EdgeClient(
         var serverLen: Int = 0,
         // The last verdict's draft_cap: the most draft tokens the server wants in the next round (0: no cap).
         var draftCap: Int = 0,
+        // Open.start_on_server for this generation (and its rebuilds); what it saw, for [serverDecodesNext]
+        var offer: Boolean = false,
+        var movedToServer: Boolean = false,
+        var handedToEdge: Boolean = false,
     ) {
         val output: List<Int> get() = committed.subList(prompt.size, committed.size)
     }
@@ -142,7 +163,7 @@ class EdgeClient(
         val stats = GenerationStats()
         val rounds = ArrayList<RoundStats>()
         val rng = java.util.Random(opts.sampling.seed ?: System.nanoTime())
-        val s = Session(promptIds, opts)
+        val s = Session(promptIds, opts, offer = opts.startOnServer ?: serverDecodes)
         val eos = opts.stopTokenIds.toSet()
         s.committed.addAll(promptIds)
         this.stats = stats
@@ -242,6 +263,7 @@ class EdgeClient(
                     s.draftCap = outcome.draftCap
                     if (outcome.centralize && !s.done) {
                         s.mode = "centralized"
+                        s.movedToServer = true
                         stats.switches++
                     }
                     link.verifyMs = ema(link.verifyMs, verifyMs, 0.7)
@@ -275,6 +297,7 @@ class EdgeClient(
         }
         stats.totalMs = msSince(t0)
         currentSession = null
+        serverDecodes = serverDecodesNext(serverDecodes, s.movedToServer, s.handedToEdge, s.mode == "speculative")
         closeSession(s.id)
         return GenerationResult(ArrayList(s.output), stats, rounds)
     }
@@ -309,7 +332,7 @@ class EdgeClient(
     private fun openSession(c: Connection, s: Session, committedIds: List<Int>): Opened {
         val open = Open(
             s.prompt, committedIds, s.opts.maxNewTokens, s.opts.sampling, s.opts.slo, "speculative",
-            s.opts.stopTokenIds, startOnServer = s.opts.startOnServer,
+            s.opts.stopTokenIds, startOnServer = s.offer,
         )
         c.send(open.encode())
         while (true) {
@@ -342,6 +365,7 @@ class EdgeClient(
                         throw ProtocolException("switch at committed_len ${m.committedLen}, client has ${s.committed.size}")
                     }
                     s.mode = "speculative"
+                    s.handedToEdge = true
                     stats.switches++
                 }
                 is ErrorMsg -> {

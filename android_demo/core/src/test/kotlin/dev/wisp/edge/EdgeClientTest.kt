@@ -76,6 +76,37 @@ class EdgeClientTest {
     }
 
     @Test
+    fun theOfferFollowsWhetherTheServerDecodedTheLastGeneration() {
+        // moved, handed back, ended on the edge -> offer next time (the truth table of wisp_sdk's rule)
+        assertTrue(serverDecodesNext(previous = false, movedToServer = true, handedToEdge = false, endedOnEdge = false))
+        assertTrue(!serverDecodesNext(previous = true, movedToServer = true, handedToEdge = true, endedOnEdge = true))
+        assertTrue(!serverDecodesNext(previous = true, movedToServer = false, handedToEdge = false, endedOnEdge = true))
+        assertTrue(serverDecodesNext(previous = true, movedToServer = false, handedToEdge = false, endedOnEdge = false))
+        assertTrue(!serverDecodesNext(previous = false, movedToServer = false, handedToEdge = false, endedOnEdge = false))
+
+        val server = FakeServer(target).apply { decodeAll = true }
+        val c = client(server)
+        val opts = GenerateOptions(maxNewTokens = 40)
+        // 1: no offer; its first verdict moves it to the server, which decodes it to the end
+        assertEquals(expected, c.generate(prompt, opts).tokens)
+        assertTrue(!server.opens[0].startOnServer && server.roundsSeen.size == 1 && c.serverDecodes)
+        // 2: offered and taken: decoded from its first token, no round
+        assertEquals(expected, c.generate(prompt, opts).tokens)
+        assertTrue(server.opens[1].startOnServer && server.roundsSeen.size == 1 && c.serverDecodes)
+        // an explicit false is never overridden
+        assertEquals(expected, c.generate(prompt, opts.copy(startOnServer = false)).tokens)
+        assertTrue(!server.opens[2].startOnServer)
+        // 3: the server speculates again: offered, taken, handed to the edge after 6 tokens -> no offer after it
+        server.decodeAll = false
+        server.startOnServerTokens = 6
+        val res = c.generate(prompt, opts)
+        assertEquals(expected, res.tokens)
+        assertTrue(server.opens[3].startOnServer && res.stats.switches == 1 && !c.serverDecodes)
+        assertEquals(expected, c.generate(prompt, opts).tokens)
+        assertTrue(!server.opens[4].startOnServer)
+    }
+
+    @Test
     fun aSessionThatStartsOnTheServerMayEndThere() {
         val server = FakeServer(target).apply { startOnServerTokens = 50 }
         val res = client(server).generate(prompt, GenerateOptions(maxNewTokens = 40, startOnServer = true))

@@ -85,6 +85,9 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
     /** Take an Open's `start_on_server` offer: answer `Opened(mode = "centralized")`, decode this many tokens
      * itself (Tokens frames), then hand the session to the edge (Switch), as `wisp serve --regime` does. 0: never. */
     var startOnServerTokens = 0
+    /** The regime decodes the fleet: a round's verdict centralizes its session and a taken offer's session is
+     * decoded to the end, never handed back (as `wisp serve --decode-all`). */
+    var decodeAll = false
     /** Verify at most this many draft tokens of a round (the rest is `unverified`). */
     var verifyCap: Int? = null
     /** Every verdict's draft_cap: the most draft tokens the next round should carry (0: no cap). */
@@ -146,9 +149,9 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
                 val s = Sess(id, (m.promptIds + m.committedIds).toMutableList(), m.promptIds.size, m.maxNewTokens, m.stopTokenIds.toSet())
                 sessions[id] = s
                 val t = commit(s, target.next(s.tokens))
-                val taken = m.startOnServer && startOnServerTokens > 0 && !s.done
+                val taken = m.startOnServer && (startOnServerTokens > 0 || decodeAll) && !s.done
                 c.reply(Opened(id, s.tokens.size, t, s.done, mode = if (taken) "centralized" else "speculative"))
-                if (taken) decodeThenSwitch(c, s, startOnServerTokens)
+                if (taken) decodeThenSwitch(c, s, if (decodeAll) Int.MAX_VALUE else startOnServerTokens)
             }
             is Resume -> {
                 val s = sessions[m.sessionId]
@@ -203,7 +206,7 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             accepted++
         }
         val next = commit(s, target.next(s.tokens))
-        val centralize = hybridEvery > 0 && r.round % hybridEvery == 0 && !s.done
+        val centralize = (decodeAll || hybridEvery > 0 && r.round % hybridEvery == 0) && !s.done
         val v = Verdict(
             s.id, r.round, s.tokens.size, accepted, next, s.done, 0.5f, 1.0f, 2.0f,
             priceMs = 3.0f, unverified = r.draftIds.size - verified, centralize = centralize, draftCap = draftCap,
@@ -216,16 +219,15 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             return
         }
         c.reply(v)
-        if (centralize) decodeThenSwitch(c, s, hybridEvery)
+        if (centralize) decodeThenSwitch(c, s, if (decodeAll) Int.MAX_VALUE else hybridEvery)
     }
 
     /** A stretch of server-side decoding: `n` tokens as Tokens frames, then a Switch back to the edge. */
     private fun decodeThenSwitch(c: Conn, s: Sess, n: Int) {
-        repeat(n) {
-            if (!s.done) {
-                val t = commit(s, target.next(s.tokens))
-                c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
-            }
+        var left = n
+        while (left-- > 0 && !s.done) {
+            val t = commit(s, target.next(s.tokens))
+            c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
         }
         if (!s.done) c.reply(Switch(s.id, s.tokens.size))
     }
