@@ -92,9 +92,8 @@ async def _clients(
     stop_at = time.monotonic() + seconds
     rounds = 0
     errors = 0
-    waited = (
-        0.0  # Σ seconds from sending a round to its verdict (the server's part of the round, and loopback)
-    )
+    # Σ seconds from sending a round to its verdict (the server's part of the round, and loopback)
+    waited = 0.0
 
     async def decoded(ws: Any, done: bool) -> bool:
         """The server decodes the session: one Tokens frame per step until done. Returns `done` (still False
@@ -267,8 +266,8 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         # host time, other jobs preempting the server do not inflate it.
         "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
         "rounds": sum(r["rounds"] for r in results),
-        # a speculative round's wait at the server, sent → verdict (ms): a step and a half on average if it
-        # rides the next step after its arrival
+        # a speculative round's wait at the server, sent → verdict (ms; over the clients' whole run, warm-up
+        # included): a step and a half on average if it rides the next step after its arrival
         "round_wait_ms_mean": 1e3
         * sum(r["waited_s"] for r in results)
         / max(1, sum(r["rounds"] for r in results)),
