@@ -51,12 +51,12 @@ TPOT 30; measured, centralized served 64 devices at 0.95 attainment and every sp
 
 `Regime.decide` picks the mode with the larger capacity, with hysteresis (`hysteresis`, 10 %), once the same
 verdict has come `confirm` decisions in a row (near-equal capacities read either way from one decision to the next,
-and each flip moves every session) with the capacity it trusts steady between them (`STEADY`), and decoding only while it would serve every open session (past the N that
-decoding serves at the quantile TPOT itself, with no margin, all of them would miss, so an overloaded fleet stays
-speculative, where the well-accepted sessions still meet the SLO). In the centralized regime the hybrid moves every
-speculative session to the server after its first verdict and none comes back, so WISP serves as centralized
-serving does instead of losing to it; in the speculative regime the hybrid's own per-session rule
-(sched/hybrid.py) applies. Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
+and each flip moves every session) with the capacity it trusts steady between them (`STEADY`), and decoding
+only while it would serve every open session (past the N that decoding serves at the quantile TPOT itself, with
+no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
+meet the SLO). In the centralized regime the hybrid moves every speculative session to the server after its first
+verdict and none comes back, so WISP serves as centralized serving does instead of losing to it; in the speculative
+regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
 regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay fresh. Until
 `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
 (`--no-regime` turns it off).
@@ -90,8 +90,9 @@ SHRINK_TRIES = 8.0
 STEP_STEPS = 64
 # A flip is confirmed only by decisions whose trusted capacity moved at most this share since the one before. On an
 # H200 (7B, Mac mini, ShareGPT, TPOT 60) the first decisions after the refits read N_dec 534-554, then 401-439, then
-# ≈ 300-330 as the online fit settled (runs 64, 67, 68), and every flip to decoding there came on the first two and
-# cost 6-47 points of attainment; at 32B N_dec moved 0-6 % from the first decision on (runs 51-52).
+# ≈ 300-335 as the online fit settled, and the four flips to decoding that cost that row 6-47 points of attainment
+# came on the second (runs 64, 67, 68); at 32B N_dec moved 0-6 % from the first decision on (runs 51-52, 70-71).
+# Where two early decisions agree the flip still comes (run 70: 409 -> 410; decoding served that host's fleet).
 STEADY = 0.1
 
 
