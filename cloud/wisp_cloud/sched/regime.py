@@ -56,7 +56,8 @@ only while it would serve every open session (past the N that decoding serves at
 no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
 meet the SLO). In the centralized regime the hybrid moves every speculative session to the server after its first
 verdict and none comes back, so WISP serves as centralized serving does instead of losing to it; in the speculative
-regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
+regime the hybrid's own per-session rule (sched/hybrid.py) applies.
+Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
 regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay fresh. Until
 `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
 (`--no-regime` turns it off).
