@@ -305,6 +305,7 @@ class Committer:
                 rho=round(regime.prompt_per_token(), 3),
                 samples=regime.sample_count,
                 leaning=regime.leaning,
+                refits=regime.estimator.refits,
             )
         return mode
 

@@ -89,11 +89,12 @@ SAMPLE_ROUNDS = 2
 SHRINK_TRIES = 8.0
 # The measured step the cap's slack is read against is a decayed mean over about this many steps (≈ 3 s at 32B).
 STEP_STEPS = 64
-# A flip is confirmed only by decisions whose trusted capacity moved at most this share since the one before. On an
-# H200 (7B, Mac mini, ShareGPT, TPOT 60) the first decisions after the refits read N_dec 534-554, then 401-439, then
-# ≈ 300-335 as the online fit settled, and the four flips to decoding that cost that row 6-47 points of attainment
-# came on the second (runs 64, 67, 68); at 32B N_dec moved 0-6 % from the first decision on (runs 51-52, 70-71).
-# Where two early decisions agree the flip still comes (run 70: 409 -> 410; decoding served that host's fleet).
+# A flip is confirmed only by decisions on successive estimator fits whose trusted capacity moved at most this share
+# from one to the next. On an H200 (7B, Mac mini, ShareGPT, TPOT 60) the first decisions after the refits read N_dec
+# 527-574, then 401-439, then ≈ 290-335 as the online fit settled (one refit every 64 steps, ≈ 3 s; a decision every
+# 2 s), and the five flips to decoding that cost that row 6-47 points of attainment came on the second or third
+# decision (runs 64, 67, 68 twice, 72; run 72's on 404 -> 403, two decisions on one fit); at 32B N_dec moved 0-6 %
+# from the first decision on (runs 51-52, 70-71).
 STEADY = 0.1
 
 
@@ -306,7 +307,11 @@ class Regime:
         self._prompt = 0.0
         self._answer = 0.0
         self.confirm = confirm
-        self._leaning = 0  # consecutive decisions that said flip
+        self._leaning = 0  # consecutive decisions that said flip (`decide`)
+        self._lean_fit, self._lean_at = (
+            -1,
+            0,
+        )  # the estimator's refits and the trusted capacity at the last counted
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
@@ -380,7 +385,7 @@ class Regime:
         cap = self.fleet = self._capacities(samples, self._line.mean_k())
         if self.cap:
             cap = self._draft_cap(samples, active, cap)
-        prev, self.last = self.last, cap
+        self.last = cap
         if not refitted:
             # The cap is set on the start-up profile's fit: it ranks draft lengths, whose steps differ in tokens,
             # and an uncapped fleet's long rounds cost every step meanwhile (H200 run 55: 77-104 ms steps for the
@@ -394,11 +399,18 @@ class Regime:
             flip = cap.decode > h * cap.speculative and serves_all
         else:
             flip = cap.speculative > h * cap.decode
-        # The count goes on only while the capacity that the flip trusts holds still (`STEADY`); else it starts over
-        trusted = cap.decode if to_decode else cap.speculative
-        before = 0 if prev is None else (prev.decode if to_decode else prev.speculative)
-        steady = before > 0 and abs(trusted - before) <= STEADY * before
-        self._leaning = (self._leaning + 1 if steady else 1) if flip else 0
+        # The count goes on with a decision on a later fit whose trusted capacity held still (`STEADY`); a decision
+        # on the fit of the one counted last adds nothing, and one whose capacity moved starts the count over.
+        trusted, fit = (cap.decode if to_decode else cap.speculative), self.estimator.refits
+        if not flip:
+            self._leaning = 0
+        elif self._leaning and fit == self._lean_fit:
+            pass
+        else:
+            at = self._lean_at
+            steady = self._leaning > 0 and at > 0 and abs(trusted - at) <= STEADY * at
+            self._leaning = self._leaning + 1 if steady else 1
+            self._lean_fit, self._lean_at = fit, trusted
         if self._leaning >= self.confirm:
             self.mode = "centralized" if self.mode == "speculative" else "speculative"
             self.flips += 1
