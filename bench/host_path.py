@@ -248,6 +248,7 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     steps, items = t1.steps - t0.steps, t1.items - t0.items
     fwd, whole = t1.forward_s - t0.forward_s, t1.step_s - t0.step_s
     host = whole - fwd
+    rounds = sum(r["rounds"] for r in results)
     row = {
         "sessions": n,
         "steps": steps,
@@ -265,12 +266,10 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
         # CPU the server process spent (gateway + engine, every thread) per session-step: unlike the wall-clock
         # host time, other jobs preempting the server do not inflate it.
         "server_cpu_us_per_session_step": 1e6 * cpu_s / items if items else float("nan"),
-        "rounds": sum(r["rounds"] for r in results),
+        "rounds": rounds,
         # a speculative round's wait at the server, sent → verdict (ms; over the clients' whole run, warm-up
         # included): a step and a half on average if it rides the next step after its arrival
-        "round_wait_ms_mean": 1e3
-        * sum(r["waited_s"] for r in results)
-        / max(1, sum(r["rounds"] for r in results)),
+        "round_wait_ms_mean": 1e3 * sum(r["waited_s"] for r in results) / max(1, rounds),
         "client_errors": sum(r["errors"] for r in results),
     }
     print(

@@ -56,10 +56,9 @@ only while it would serve every open session (past the N that decoding serves at
 no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
 meet the SLO). In the centralized regime the hybrid moves every speculative session to the server after its first
 verdict and none comes back, so WISP serves as centralized serving does instead of losing to it; in the speculative
-regime the hybrid's own per-session rule (sched/hybrid.py) applies.
-Samples are the recent sessions with `SAMPLE_ROUNDS` measured rounds; in the centralized
-regime one session in `probe_every` stays speculative for `probe_rounds` rounds so that they stay fresh. Until
-`min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
+regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with
+`SAMPLE_ROUNDS` measured rounds; in the centralized regime one session in `probe_every` stays speculative for
+`probe_rounds` rounds so that they stay fresh. Until `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
 (`--no-regime` turns it off).
 Pure: time is passed in.
 """
@@ -308,10 +307,8 @@ class Regime:
         self._answer = 0.0
         self.confirm = confirm
         self._leaning = 0  # consecutive decisions that said flip (`decide`)
-        self._lean_fit, self._lean_at = (
-            -1,
-            0,
-        )  # the estimator's refits and the trusted capacity at the last counted
+        # the estimator's refits and the trusted capacity at the last decision that counted toward a flip
+        self._lean_fit, self._lean_at = -1, 0
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
