@@ -101,6 +101,8 @@ def test_samples_are_per_session_and_bounded():
 def test_one_session_in_probe_every_is_a_probe():
     r = Regime(VerifyTimeEstimator(), probe_every=4)
     assert [r.enlist() for _ in range(8)] == [False, False, False, True] * 2
+    # `wisp serve --no-probes`
+    assert not any(Regime(VerifyTimeEstimator(), probe_every=0).enlist() for _ in range(8))
 
 
 def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_must():

@@ -289,5 +289,10 @@ def test_session_resume_picks_up_a_switch_made_while_the_link_was_down():
     s.make_round([tok(4)])  # its verdict (centralize) and a Tokens frame were lost
     assert s.on_resumed(Resumed(session_id=SID, committed_len=8, last_round=1, mode="centralized")) is None
     assert s.mode == "centralized" and s.inflight is None and s.behind
+    # the switch counts as if its verdict had come: the next generation offers to start on the server
+    assert s.switches == 1 and s.moved_to_server and not s.handed_to_edge
     s.on_tokens(Tokens(session_id=SID, tokens=[3, 4, 5, 6, 7], committed_len=8))
     assert not s.behind and s.generated == [3, 4, 5, 6, 7]
+    # handed back while the link was down again
+    assert s.on_resumed(Resumed(session_id=SID, committed_len=8, last_round=1, mode="speculative")) is None
+    assert s.mode == "speculative" and s.switches == 2 and s.handed_to_edge

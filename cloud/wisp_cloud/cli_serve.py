@@ -207,6 +207,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "(WISP's decode path beside centralized serving's)",
     )
     p.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="--policy wisp, benchmarks: no session opens as a regime probe (the decode path without probes' "
+        "rounds; the regime then learns nothing new while it decodes)",
+    )
+    p.add_argument(
         "--no-truncate",
         action="store_true",
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
@@ -316,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         start_on_server=not args.no_start_on_server,
         draft_cap=args.draft_cap,
         decode_all=args.decode_all,
+        probes=not args.no_probes,
         truncate_drafts=not args.no_truncate,
         fill=not args.no_fill,
         refuse=args.refuse,

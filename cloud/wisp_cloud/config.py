@@ -63,6 +63,10 @@ class ServerConfig:
     # session on and never decides, so WISP's decode path (probes and start-on-server included) runs beside
     # centralized serving's at any N (H200 run 52: after its flip WISP's steps cost 1.65x centralized's host time).
     decode_all: bool = False
+    # Benchmarks (`--no-probes`, arm `wisp~no-probes`): no session opens as a regime probe (sched/regime.py), so
+    # the decode path can be measured without the probes' speculative rounds; the regime then learns nothing new
+    # while it decodes the fleet.
+    probes: bool = True
     truncate_drafts: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
@@ -170,6 +174,7 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "draft-cap": ("draft_cap", True),
     "no-draft-cap": ("draft_cap", False),
     "decode-all": ("decode_all", True),
+    "no-probes": ("probes", False),
     "refuse": ("refuse", True),
     "align": ("align", True),
 }

@@ -152,6 +152,7 @@ class Engine:
                 min_refits=MIN_REFITS,
                 cap=config.draft_cap,
                 hold="centralized" if config.decode_all else None,
+                probe_every=16 if config.probes else 0,
             )
             if self.hybrid is not None and wisp and config.regime
             else None,

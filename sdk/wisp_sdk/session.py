@@ -236,7 +236,14 @@ class Session:
         if msg.mode != self.mode or self.mode == "centralized":
             # A centralized or switched session: the server re-sends every generated token after `Resumed`
             # (on_tokens keeps only what we lack). A round in flight when it switched was applied: those Tokens
-            # hold its commit, so it is not re-sent.
+            # hold its commit, so it is not re-sent. A switch seen here counts as one seen in its own frame
+            # (`server_decodes_next` reads the flags).
+            if msg.mode != self.mode:
+                self.switches += 1
+                if msg.mode == "centralized":
+                    self.moved_to_server = True
+                else:
+                    self.handed_to_edge = True
             self.mode = msg.mode
             self.inflight = None
             self.inflight_tokens = []

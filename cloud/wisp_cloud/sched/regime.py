@@ -353,9 +353,10 @@ class Regime:
         return self._known if self.cap and self._known is not None else self._line.per_token()
 
     def enlist(self) -> bool:
-        """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?"""
+        """A session opened: is it a probe (stays speculative for `probe_rounds` rounds in either regime)?
+        `probe_every` 0: none is."""
         self._opened += 1
-        return self._opened % self.probe_every == 0
+        return self.probe_every > 0 and self._opened % self.probe_every == 0
 
     def due(self, now: float) -> bool:
         """Would `decide` re-decide at `now` (its period has passed)? Before that it returns the mode as it is.

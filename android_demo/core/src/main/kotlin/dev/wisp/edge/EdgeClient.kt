@@ -510,7 +510,12 @@ class EdgeClient(
                     }
                     if (m.mode != s.mode || s.mode == "centralized") {
                         // Switched (or switched back) while the link was down: a Tokens frame with every generated
-                        // token follows, and brings us up to the server's committed_len.
+                        // token follows, and brings us up to the server's committed_len. The switch counts as one
+                        // seen in its own frame ([serverDecodesNext] reads the flags).
+                        if (m.mode != s.mode) {
+                            if (m.mode == "centralized") s.movedToServer = true else s.handedToEdge = true
+                            stats?.let { it.switches++ }
+                        }
                         s.mode = m.mode
                         s.serverLen = m.committedLen
                     }
