@@ -126,6 +126,9 @@ def test_the_hybrid_takes_the_regimes_decision_first_and_predicts_only_when_it_m
     assert rule.moves(False, 1, 0, True, False, inputs) is Why.regime and not asked
     assert not rule.moves(True, 100, 0, True, False, inputs) and not asked
     assert not rule.moves(False, 1, 0, True, True, inputs) and len(asked) == 1  # a probe: the rule decides
+    # a probe that started decoded goes to the edge once it has dwelt, at any load, with no prediction
+    assert not rule.moves(True, rule.dwell_tokens - 1, 0, True, True, inputs) and len(asked) == 1
+    assert rule.moves(True, rule.dwell_tokens, 0, True, True, inputs) is Why.probe and len(asked) == 1
     # the speculative regime: a decoded session within its dwell is refused before any prediction
     assert not rule.moves(True, rule.dwell_tokens - 1, 0, False, False, inputs) and len(asked) == 1
     assert rule.moves(True, rule.dwell_tokens, 0, False, False, inputs) is Why.edge and len(asked) == 2

@@ -5,6 +5,7 @@ loopback, the in-process server with the tiny target, the real SDK client with t
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from wisp_sdk import AsyncEdgeClient, FixedK
@@ -189,3 +190,35 @@ def test_a_device_offers_once_the_server_has_moved_its_session_and_stops_after_a
     assert (
         results[4].stats.switches == 0 and rounds[4] > 0
     )  # the prefill rule again: no offer, all on the edge
+
+
+@pytest.mark.parametrize("probe", [True, False], ids=["probe", "decoded"])
+def test_a_probe_in_the_centralized_regime_starts_decoded_then_speculates_then_moves_back(
+    backend, tiny_bundle, reference, probe
+):
+    """While the regime decodes the fleet, a probe takes its device's offer like any session (opened speculative,
+    its first round waited for its draft's prompt prefill: on an H200, 32B / HumanEval / TPOT 30, run 75, such probes
+    met the SLO 8 times in 13), goes to the edge once it has dwelt, speculates for the regime's `probe_rounds`
+    rounds, and moves back. Any other session stays decoded. Greedy output is the target's either way."""
+    max_new = 80  # 17 decoded, then 8 rounds of at most 4 tokens: the move back comes before the end
+
+    async def main():
+        async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
+            regime = server.engine.committer.regime
+            assert regime is not None
+            regime.mode, regime.min_samples = "centralized", 1 << 30
+            regime.probe_every = 1 if probe else 1 << 30
+            regime.every_s, regime._decided_at = 3600.0, time.monotonic()  # no decision in this test
+            async with AsyncEdgeClient(
+                server.url, tiny_bundle, threads=1, controller=FixedK(3), start_on_server=True
+            ) as client:
+                res = await client.generate(PROMPTS[0], max_new_tokens=max_new)
+            return res, dict(server.engine.committer.switch_reasons)
+
+    res, reasons = asyncio.run(main())
+    assert res.token_ids == reference(PROMPTS[0], max_new)
+    if not probe:
+        assert res.stats.switches == 0 and not res.stats.rounds, res.stats
+        return
+    assert reasons == {"probe": 1, "regime": 1}, reasons
+    assert res.stats.switches == 2 and len(res.stats.rounds) == 8, res.stats

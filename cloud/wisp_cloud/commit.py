@@ -164,9 +164,10 @@ class Committer:
         if job.kind == JobKind.open:
             session.opened = True
             session.probe = self.regime is not None and self.regime.enlist()
-            if self.regime is not None and session.start_on_server and not session.probe and not done:
+            if self.regime is not None and session.start_on_server and not done:
                 # decoded while its draft prefills the prompt: a first round would wait for that prefill, which
-                # on a Mac-mini-class draft takes ≈ 0.5 s for a 300-token prompt (docs/scheduling.md §12)
+                # on a Mac-mini-class draft takes ≈ 0.5 s for a 300-token prompt (docs/scheduling.md §12). A
+                # probe too: it goes to the edge once it has dwelt (HybridRule.moves)
                 session.mode = "centralized"
         else:  # centralized decode step: hand it back to the edge now, or decode its next token in the next step
             rec.switch = not done and self._back_to_speculative(session)
@@ -317,8 +318,15 @@ class Committer:
         session.mode_steps += 1
         now = time.monotonic()
         regime = self.regime
+        # a probe measuring its rounds, or one that started decoded and is yet to go to the edge (HybridRule.moves)
+        probing = (
+            session.probe
+            and regime is not None
+            and (session.switches == 0 if to == "speculative" else session.mode_steps < regime.probe_rounds)
+        )
         if (
             to == "speculative"
+            and not probing
             and regime is not None
             and regime.mode == "centralized"
             and not regime.due(now)
@@ -327,7 +335,6 @@ class Committer:
             # the answer: the full check ran after every decoded token (≈ 3.6 µs each under cProfile, dev VM)
             return False
         decode_all = regime is not None and self._decide(regime, now) == "centralized"
-        probing = session.probe and regime is not None and session.mode_steps < regime.probe_rounds
 
         def inputs() -> SwitchInputs:
             d = session.deadlines

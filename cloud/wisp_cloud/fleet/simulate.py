@@ -351,7 +351,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 push(arrive, "done", s)
             elif centralized:
                 submit_decode(s, finish)
-            elif s.ready_at is not None and not s.probe:  # start_on_server: decoded until handed to the edge
+            elif s.ready_at is not None:  # start_on_server: decoded until handed to the edge
                 s.central, s.mode_steps = True, 0
                 submit_decode(s, finish)
             else:
@@ -432,7 +432,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.catchup += 1
         regime = reps[s.rep].regime
         decode_all = regime is not None and regime.decide(now, reps[s.rep].live) == "centralized"
-        probing = s.probe and regime is not None and s.mode_steps < regime.probe_rounds
+        probing = (
+            s.probe and regime is not None and (s.moves == 0 if back else s.mode_steps < regime.probe_rounds)
+        )
 
         def inputs() -> SwitchInputs:
             k = round(s.k_mean) if s.k_mean is not None else 4
@@ -440,16 +442,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             round_ms, decode_ms = round_and_decode_ms(
                 s.think, lambda item: sched.wait_hint(item, now), k, s.plen + s.gen
             )
-            price = reps[s.rep].price
-            return SwitchInputs(
-                k,
-                s.dl.acceptance.measured_alpha,
-                price.price_ms,
-                cfg.slo_tpot_ms,
-                round_ms,
-                decode_ms,
-                price.item_ratio,
-            )
+            p, alpha = reps[s.rep].price, s.dl.acceptance.measured_alpha
+            return SwitchInputs(k, alpha, p.price_ms, cfg.slo_tpot_ms, round_ms, decode_ms, p.item_ratio)
 
         # a session being decoded centrally made moves − 1 round trips before this one (the dwell doubles per trip)
         if hybrid.moves(back, s.mode_steps, s.moves - 1, decode_all, probing, inputs) is None:

@@ -59,6 +59,7 @@ class Why(str, Enum):
     cost = "cost"  # its rejected drafts cost the others more than decoding it would
     hook = "hook"  # the `every` test hook
     edge = "edge"  # back to the edge: drafting pays again
+    probe = "probe"  # a regime probe that started decoded goes to the edge to measure (sched/regime.py)
 
 
 def _per_token_ms(k: int, alpha: float, round_ms: float) -> float:
@@ -160,11 +161,18 @@ class HybridRule:
         session stays): after a verdict (`to_edge` False) or a decode step of a moved session (True), `steps`
         rounds / decoded tokens since the last switch.
         The regime's comes first (sched/regime.py): while it decodes the whole fleet (`decode_all`) no session goes
-        back to the edge and every speculative one moves, a probe still measuring excepted. Cheap refusals come
+        back to the edge and every speculative one moves, a probe excepted. `probing`: after a verdict, a probe
+        still measuring; after a decode step, a probe that started decoded (its device's offer) and has not been
+        to the edge yet: it goes there once it has dwelt, at any load, as any such session does in the speculative
+        regime, so that its first round does not wait for its draft's prompt prefill. Cheap refusals come
         before `inputs` (k, α, price, TPOT, round and decode ms), which costs two wait-hint predictions, and a
         decoded session asks after every step."""
         if to_edge:
-            if decode_all or not self.dwelt(steps, trips):
+            if not self.dwelt(steps, trips):
+                return None
+            if probing:
+                return Why.probe
+            if decode_all:
                 return None
             return Why.edge if self.to_speculative(steps, *inputs(), trips=trips) else None
         if decode_all and not probing:
