@@ -278,6 +278,7 @@ class Generation:
             self.need_open = True
         else:
             self.need_send = sess.inflight is not None
+            self.stats.switches = sess.switches  # a switch made while the link was down (Session.on_resumed)
 
     async def _finish(self) -> None:
         sess, stats = self.session, self.stats

@@ -165,6 +165,19 @@ class EdgeClientTest {
     }
 
     @Test
+    fun aSwitchLearnedFromResumedCountsForTheNextOffer() {
+        // round 1's verdict (centralize) is lost with the link; Resumed says the server decodes the session
+        val server = FakeServer(target).apply { decodeAll = true; dropAtRound = 1; dropApplyFirst = true }
+        val c = client(server)
+        val opts = GenerateOptions(maxNewTokens = 40)
+        val res = c.generate(prompt, opts)
+        assertEquals(expected, res.tokens)
+        assertTrue(res.stats.reconnects == 1 && res.stats.switches == 1 && c.serverDecodes, "${res.stats}")
+        assertEquals(expected, c.generate(prompt, opts).tokens)
+        assertTrue(server.opens[1].startOnServer) // offered: the server decoded the last generation
+    }
+
+    @Test
     fun resumesWhenTheVerdictIsLost() {
         val server = FakeServer(target).apply { dropAtRound = 2; dropApplyFirst = true }
         val res = client(server).generate(prompt, GenerateOptions(maxNewTokens = 40))

@@ -64,6 +64,7 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
         var lastRound = 0
         var lastVerdict: Verdict? = null
         var done = false
+        var mode = "speculative" // "centralized" while the fake decodes it (Resumed.mode)
     }
 
     val sessions = HashMap<String, Sess>()
@@ -156,7 +157,13 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             is Resume -> {
                 val s = sessions[m.sessionId]
                 if (s == null) c.reply(ErrorMsg(ErrorCode.UNKNOWN_SESSION, "no such session", m.sessionId))
-                else c.reply(Resumed(s.id, s.tokens.size, s.lastRound))
+                else {
+                    c.reply(Resumed(s.id, s.tokens.size, s.lastRound, s.mode))
+                    if (s.mode == "centralized") { // as wisp serve: every generated token again, then decoding on
+                        c.reply(Tokens(s.id, s.tokens.subList(s.promptLen, s.tokens.size).toList(), s.tokens.size, s.done))
+                        decodeThenSwitch(c, s, if (decodeAll) Int.MAX_VALUE else hybridEvery)
+                    }
+                }
             }
             is Close -> {
                 sessions.remove(m.sessionId)
@@ -213,6 +220,7 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
         )
         s.lastRound = r.round
         s.lastVerdict = v
+        if (centralize) s.mode = "centralized"
         if (dropAtRound == r.round) { // applied, but the verdict never arrives
             dropAtRound = null
             c.drop()
@@ -229,7 +237,10 @@ class FakeServer(val target: FakeTarget = FakeTarget(), val fingerprint: String 
             val t = commit(s, target.next(s.tokens))
             c.reply(Tokens(s.id, listOf(t), s.tokens.size, s.done))
         }
-        if (!s.done) c.reply(Switch(s.id, s.tokens.size))
+        if (!s.done) {
+            s.mode = "speculative"
+            c.reply(Switch(s.id, s.tokens.size))
+        }
     }
 }
 
