@@ -60,8 +60,9 @@ regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are 
 `SAMPLE_ROUNDS` measured rounds; in the centralized regime one session in `probe_every` speculates for
 `probe_rounds` rounds so that they stay fresh. A probe whose device offered to start decoded does so, and goes to
 the edge once it has dwelt (sched/hybrid.py): opened speculative, its first round waited for its draft's prompt
-prefill, and on an H200 (32B, Mac mini, HumanEval, TPOT 30, run 75) such probes met their SLO 8 times in 13 while
-the fleet's decoded sessions met it 184 times in 198; without probes, 199 in 206. Until `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
+prefill, and on an H200 (32B, Mac mini, HumanEval, TPOT 30, runs 74-75) such probes met their SLO 46 times in 67
+while the fleet's decoded sessions met it as centralized serving's did; started decoded, 28 in 29 (runs 76-77).
+Until `min_samples` are in, it says speculative (what the sessions opened as). On by default for `--policy wisp`
 (`--no-regime` turns it off).
 Pure: time is passed in.
 """
