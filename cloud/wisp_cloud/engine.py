@@ -102,7 +102,7 @@ class Engine:
         self.slo = SLOMetrics(started=time.monotonic(), max_finished=20_000)
         self.metrics = Metrics()
         limit = min(config.max_context_len, config.kv_budget_tokens)
-        max_pos = getattr(backend, "max_positions", None)  # optional backend attribute, not a hook
+        max_pos = backend.max_positions
         self.max_context_len = min(limit, max_pos) if max_pos else limit
         self.store = SessionStore(
             kv_budget_tokens=config.kv_budget_tokens,
@@ -125,7 +125,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wisp-forward")
         self._last_housekeeping = 0.0
         self._eos = frozenset(backend.eos_token_ids)
-        self.steps = StepLog(log, graph_stats=lambda: getattr(backend, "graph_stats", None))
+        self.steps = StepLog(log, graph_stats=lambda: backend.graph_stats)
         self.deliver: Callable[[list[Reply]], None] = lambda replies: None
         self.runner = Runner(backend, config.fault_token)
         wisp = config.policy == "wisp"

@@ -148,6 +148,16 @@ class Backend(Protocol):
     eos_token_ids: list[int]
     tokenizer_fingerprint: str
 
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions a sequence may hold (None: no limit known); the engine caps contexts at it."""
+        ...
+
+    @property
+    def graph_stats(self) -> dict[str, float] | None:
+        """CUDA-graph counters for the step log (replays, captures, capture_s, eager); None without graphs."""
+        ...
+
     def forward(self, items: list[WorkItem]) -> tuple[list[ItemResult], BatchStats]:
         """Run one batched forward over a ragged batch: each item its own cached length and new tokens."""
         ...

@@ -25,6 +25,7 @@ def next_token(prev: int, position: int, vocab_size: int) -> int:
 
 class FakeBackend:
     name = "fake"
+    graph_stats: dict[str, float] | None = None
 
     def __init__(
         self,

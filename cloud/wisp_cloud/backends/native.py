@@ -42,6 +42,7 @@ class NativeBackend:
     """Backend over a transformers AutoModelForCausalLM loaded from a local folder."""
 
     name = "native"
+    graph_stats: dict[str, float] | None = None  # eager forwards
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -112,6 +112,7 @@ class SGLangBackend:
     """Backend over an in-process `sglang.Engine` (which runs its scheduler and detokenizer as subprocesses)."""
 
     name = "sglang"
+    graph_stats: dict[str, float] | None = None  # SGLang's own graphs are not counted here
 
     def __init__(
         self,
