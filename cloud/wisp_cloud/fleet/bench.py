@@ -8,7 +8,7 @@ set, trace, device and link profiles and SLO:
   wisp         server --policy wisp, clients with the Wisp controller
   wisp+C~F     ablation arms: the wisp server policy with clients' controller C (fixed:K, wisp+ahead, wisp+cap) and the
                server switches F set for this arm (config.ARM_FLAGS: no-fill, no-hybrid, no-regime, no-start-on-server,
-               no-truncate, refuse, align, decode-all, draft-cap)
+               no-truncate, refuse, align, decode-all, no-probes, draft-cap)
 
 For each (policy, N) the fleet runs `--duration` seconds of Poisson-like session arrivals (each device starts a
 session, then waits Exp(--gap) after it ends); sessions that start after `--warmup` are judged. A session meets
