@@ -141,6 +141,9 @@ def test_real_pair_verdict():
 
         async def main():
             client = await Client.connect(url)
+            # the 1.5B on one CPU thread: this test takes ≈ 50 s alone; once, in a CI run on the shared VM, the Open
+            # waited over 30 s
+            client.timeout_s = 300.0
             assert (await client.hello(fp)).type == "welcome"
             gen = await generate(client, drafter, prompt, 24, k=4, stop_after_rounds=4)
             await client.aclose()

@@ -76,6 +76,8 @@ class Client:
     bytes_sent: int = 0
     bytes_received: int = 0
     frames: list = field(default_factory=list)
+    # how long an answer may take (a real model's first forward on a loaded CPU can take longer than 30 s)
+    timeout_s: float = 30.0
 
     @classmethod
     async def connect(
@@ -104,12 +106,12 @@ class Client:
         self.bytes_sent += len(data)
         await self.ws.send(data)
 
-    async def recv(self, timeout: float = 30.0):
-        data = await asyncio.wait_for(self.ws.recv(), timeout)
+    async def recv(self, timeout: float | None = None):
+        data = await asyncio.wait_for(self.ws.recv(), self.timeout_s if timeout is None else timeout)
         self.bytes_received += len(data)
         return decode_server(data)
 
-    async def request(self, msg, timeout: float = 30.0):
+    async def request(self, msg, timeout: float | None = None):
         await self.send(msg)
         return await self.recv(timeout)
 
