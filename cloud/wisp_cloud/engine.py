@@ -50,7 +50,7 @@ from wisp_cloud.runner import Runner
 from wisp_cloud.sched import AdmissionController, Batch, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule
 from wisp_cloud.sched.pricing import verify_len
-from wisp_cloud.sched.regime import MIN_REFITS, Regime
+from wisp_cloud.sched.regime import MIN_REFITS, PROBE_EVERY, Regime
 from wisp_cloud.sessions import Session, SessionLimitError, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 from wisp_cloud.step_stats import StepLog, StepMix
@@ -152,7 +152,7 @@ class Engine:
                 min_refits=MIN_REFITS,
                 cap=config.draft_cap,
                 hold="centralized" if config.decode_all else None,
-                probe_every=16 if config.probes else 0,
+                probe_every=PROBE_EVERY if config.probes else 0,
             )
             if self.hybrid is not None and wisp and config.regime
             else None,

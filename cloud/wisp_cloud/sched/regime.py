@@ -83,6 +83,8 @@ WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to 
 # The server's regime waits for this many online refits of its estimator before its first decision: the start-up
 # profile holds no host time per item. Two refits are 128 steps, a few seconds under load (≈ 6 s at 32B).
 MIN_REFITS = 2
+# One session in this many opens as a probe (`Regime.enlist`); `wisp serve --no-probes`: none.
+PROBE_EVERY = 16
 # A session's sample enters the regime after this many measured rounds; the acceptance prior (4 tries at 0.7)
 # carries the rest. HumanEval at 32B (H200 runs 46-48): the server decodes a session's first 16 tokens, its
 # answer is ≈ 24 and the fleet drafts k ≈ 12, so few sessions ever reached 4 rounds and the first decision came
@@ -278,7 +280,7 @@ class Regime:
         window: int = 256,
         min_samples: int = 16,
         every_s: float = 2.0,
-        probe_every: int = 16,
+        probe_every: int = PROBE_EVERY,
         probe_rounds: int = 8,
         min_refits: int = 0,
         confirm: int = 2,
