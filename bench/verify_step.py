@@ -420,6 +420,7 @@ def attn_sweep(be, WorkItem, gen, save=None) -> list[dict]:
             run = functools.partial(
                 pk.paged_attention,
                 *(q, kc, vc, out, v["tile_seq"], v["tile_t0"], v["q_start"], v["q_len"], v["kv_len"]),
+                *(v["sib_n"], v["sib_at"]),
                 *(v["block_table"], be.scaling, batch.tok, be.page_size, splits),
                 block_n=bn,
                 num_warps=nw,

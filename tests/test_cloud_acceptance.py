@@ -20,8 +20,10 @@ from wisp_cloud.acceptance import (
     SparseQ,
     accept_greedy,
     accept_sampling,
+    check_siblings,
     make_generator,
     process_logits,
+    sample_token,
     sparse_q,
 )
 from wisp_sdk.protocol import SamplingParams
@@ -224,3 +226,89 @@ def test_a_sampling_round_at_152k_vocab_allocates_no_vocab_by_k_array():
     row = vocab * 8
     assert ours <= 3 * row, f"{ours / row:.1f} float64 vocabulary rows allocated"
     assert dense >= k * row  # the measure sees the dense path's per-position arrays
+
+
+# ---- token trees: one sibling per draft position ----
+
+
+def test_greedy_siblings_take_the_target_token_and_the_one_after_it():
+    # rows: after context, after draft[0], after draft[1], after sibling 0, after sibling 1
+    draft, sibs = [5, 6], [7, 8]
+    assert accept_greedy(draft, [7, 1, 2, 40, 41], sibs) == Decision(0, 40, sibling=True)
+    assert accept_greedy(draft, [5, 8, 2, 40, 41], sibs) == Decision(1, 41, sibling=True)
+    assert accept_greedy(draft, [5, 9, 2, 40, 41], sibs) == Decision(1, 9)  # sibling wrong too
+    assert accept_greedy(draft, [5, 6, 3, 40, 41], sibs) == Decision(2, 3)  # every draft token taken
+    assert accept_greedy(draft, [5, 1, 3, 40], [7]) == Decision(1, 1)  # no sibling at position 1
+    with pytest.raises(ValueError):
+        accept_greedy(draft, [5, 6, 3], sibs)  # siblings without their rows
+
+
+def _run_tree(n: int, seed: int = 0, sibling_rule=None):
+    """One draft token and one sibling, both drawn from Q0; returns first tokens and (first, second) pairs."""
+    gen = make_generator(seed)
+    rng = np.random.default_rng(seed)
+    first, pairs, took = [], [], 0
+    for _ in range(n):
+        x, s = (int(t) for t in rng.choice(V, size=2, p=Q0.numpy()))
+        p = torch.stack([P0, P1[x], P1[s]])
+        if sibling_rule is None:
+            d = accept_sampling([x], [_as_sparse(Q0, x)], p, gen, [s])
+        else:
+            d = sibling_rule(x, s, p, gen)
+        y = [x] if d.accepted == 1 else [s] if d.sibling else []
+        took += d.sibling
+        y.append(d.next_token)
+        first.append(y[0])
+        if len(y) == 2:
+            pairs.append((y[0], y[1]))
+    return np.array(first), pairs, took
+
+
+def test_tree_sampling_is_exact():
+    """Recursive rejection over a draft token and an i.i.d. sibling: the first committed token follows p, and
+    the token after a committed draft or sibling follows p given it."""
+    first, pairs, took = _run_tree(20_000)
+    assert took > 1_000  # the sibling path is exercised
+    assert _chi2_pvalue(first, P0) > 1e-3
+    for x in range(V):
+        after = np.array([b for a, b in pairs if a == x])
+        if len(after) > 500:
+            assert _chi2_pvalue(after, P1[x]) > 1e-4
+
+
+def test_a_sibling_tested_against_p_instead_of_the_residual_is_caught():
+    """The naive rule (accept the sibling with min(1, p/q), as if it were the first candidate) biases the output:
+    the same statistic rejects it."""
+
+    def naive(x, s, p, gen):
+        q = _as_sparse(Q0, x)
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if u * float(Q0[x]) < float(P0[x]):
+            return Decision(1, sample_token(p[1], gen))
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if u * float(Q0[s]) < float(P0[s]):
+            return Decision(0, sample_token(p[2], gen), sibling=True)
+        from wisp_cloud.acceptance import residual
+
+        return Decision(0, sample_token(residual(P0, q), gen))
+
+    first, _, _ = _run_tree(20_000, sibling_rule=naive)
+    assert _chi2_pvalue(first, P0) < 1e-6
+
+
+def test_sibling_validation():
+    q = [_as_sparse(Q0, 1)]
+    check_siblings([2], [1], q, limit=4)
+    check_siblings([3], [1], None, limit=4)  # greedy: any token
+    zero = sparse_q([1, 2], [1.0, 0.0], V, token=1)
+    for sibs, draft, qs, limit in [
+        ([2, 3], [1], q, 4),  # more siblings than draft tokens
+        ([2], [1], q, 0),  # the server verifies none
+        ([2], [1], [sparse_q([1, 4], [0.5, 0.5], V, token=1)], 4),  # off q's support
+    ]:
+        with pytest.raises(DraftError):
+            check_siblings(sibs, draft, qs, limit)
+    with pytest.raises(DraftError):  # on the support with q = 0: cannot have been drawn
+        accept_sampling(
+            [1], [zero], torch.stack([torch.eye(V, dtype=torch.float64)[3]] * 3), make_generator(0), [2]
+        )

@@ -310,6 +310,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         a, _ = ref.forward(items)
         b, _ = tri.forward(items)
         assert [r.argmax for r in a] == [r.argmax for r in b], step
+    # token trees: pending token, a draft of 4 and siblings of its first 1-3 tokens (base.py's convention)
+    items = [
+        WorkItem(sid, [rng.randrange(300) for _ in range(5 + m)], n_logits=5 + m, siblings=m)
+        for sid, m in zip(seqs, (1, 2, 3))
+    ]
+    a, _ = ref.forward(items)
+    b, _ = tri.forward(items)
+    assert [r.argmax for r in a] == [r.argmax for r in b], "tree"
     p = ref.page_size  # page 0 is scratch: the padded path writes padding tokens there
     err = (ref.kv[:, :, p:] - tri.kv[:, :, p:]).abs().max().item()
     assert err < 1e-4, err

@@ -40,7 +40,7 @@ def client(server, tiny_bundle):
     c.close()
 
 
-@pytest.mark.parametrize("controller", ["wisp", "fixed:4", "wisp+ahead"])
+@pytest.mark.parametrize("controller", ["wisp", "fixed:4", "wisp+ahead", "wisp+tree"])
 def test_greedy_is_token_identical_to_transformers(client, reference, controller):
     for prompt in PROMPTS:
         ids = client.encode_prompt(prompt)
@@ -52,6 +52,24 @@ def test_greedy_is_token_identical_to_transformers(client, reference, controller
         rounds = res.stats.rounds
         assert rounds and all(r.accepted <= r.drafted for r in rounds)
         assert sum(r.committed for r in rounds) + 1 == len(ref)  # + the token Opened committed
+
+
+def test_token_trees_commit_siblings_and_stay_token_identical(client, reference):
+    """Rounds carrying a sibling per draft token (the draft's second choice): the server commits a sibling where
+    its draft token is rejected and it is the target's token, and the output stays the target's alone."""
+    sent = hits = 0
+    for prompt in [*PROMPTS, "import numpy as np\n", "The capital of France is"]:
+        ids = client.encode_prompt(prompt)
+        ref = reference(ids, 40)
+        res = client.generate(prompt, max_new_tokens=40, controller=Wisp(tree=4))
+        assert res.token_ids == ref, prompt
+        rounds = res.stats.rounds
+        assert sum(r.committed for r in rounds) + 1 == len(ref)
+        sent += sum(r.siblings for r in rounds)
+        hits += sum(r.sibling for r in rounds)
+        # a committed sibling is one more token than the accepted draft and the target's token
+        assert all(r.committed == r.accepted + 1 + r.sibling for r in rounds if not r.resent)
+    assert sent > 10 and hits > 0, (sent, hits)
 
 
 def test_stream_yields_deltas_that_make_the_text(client):
@@ -155,21 +173,26 @@ def test_cli_generate_json_and_stats_line(server, tiny_bundle):
 
 
 @pytest.mark.slow
-def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_model):
-    """Chi-square of (t1, t2, t3) over seeded runs vs the target's exact joint: drafts, q and acceptance."""
+@pytest.mark.parametrize("controller", ["fixed:2", "wisp+tree"])
+def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_model, controller):
+    """Chi-square of (t1, t2, t3) over seeded runs vs the target's exact joint: drafts, q and acceptance; with
+    `wisp+tree` the rounds carry siblings (second draws from q) and their recursive rejection too."""
     from scipy.stats import chisquare
 
     temperature, top_k, n_runs, n_clients = 1.0, 3, 360, 4
     prompt = PROMPTS[1]
     counts: Counter = Counter()
+    trees: Counter = Counter()
     lock = threading.Lock()
 
     def worker(w: int) -> None:
-        with EdgeClient(server.url, tiny_bundle, threads=1, controller=FixedK(2)) as c:
+        with EdgeClient(server.url, tiny_bundle, threads=1, controller=controller) as c:
             for i in range(w, n_runs, n_clients):
                 r = c.generate(prompt, max_new_tokens=4, temperature=temperature, top_k=top_k, seed=1000 + i)
                 with lock:
                     counts[tuple(r.token_ids[:3])] += 1
+                    trees["sent"] += sum(x.siblings for x in r.stats.rounds)
+                    trees["hits"] += sum(x.sibling for x in r.stats.rounds)
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_clients)]
     for t in threads:
@@ -177,6 +200,8 @@ def test_sampling_matches_the_targets_distribution(server, tiny_bundle, target_m
     for t in threads:
         t.join(300)
     assert sum(counts.values()) == n_runs
+    if controller == "wisp+tree":
+        assert trees["hits"] > 10, trees  # the sibling path ran
     with EdgeClient(server.url, tiny_bundle) as c:
         ids = c.encode_prompt(prompt)
     joint = target_tree(target_model, ids, 3, SamplingParams(temperature=temperature, top_k=top_k))

@@ -211,6 +211,7 @@ def _invalid_vectors(p) -> list[dict]:
         ("verdict", "wrong_version", bytes([1]) + good_verdict[1:]),  # a v1 frame
         ("verdict", "v2_frame", bytes([2]) + good_verdict[1:-4]),  # a v2 frame: no launch_in_ms
         ("verdict", "v3_frame", bytes([3]) + good_verdict[1:-6] + good_verdict[-4:]),  # a v3 frame: no draft_cap
+        ("verdict", "v4_frame", bytes([4]) + good_verdict[1:]),  # a v4 frame (no token trees): same layout
         ("verdict", "negative_launch", good_verdict[:-4] + struct.pack("<f", -1.0)),
     ]
     out = []

@@ -5,6 +5,13 @@ Sampling (Leviathan et al. / Chen et al.): accept draft token x with probability
 first rejection sample from norm(max(0, p - q)); if every token is accepted, sample a bonus token from p.
 The committed tokens are then distributed exactly as the target's own sampling, for any q.
 
+Siblings (a small token tree: one alternative per draft position, verified in the same pass). Greedy: when the
+draft token at i is rejected and the sibling at i is the target's token there, commit it and the target's token
+after it. Sampling: the sibling at i is a second draw from the same q_i, independent of the first, so on the
+first token's rejection the recursive rejection rule of SpecInfer (Miao et al. 2024, multi-step speculative
+sampling) applies: accept the sibling with probability min(1, r(x)/q(x)) under the residual r = norm(max(0, p - q)),
+else sample from norm(max(0, r - q)). Exact for candidates drawn i.i.d. from q (tested: chi-square).
+
 p is the target's distribution after Hugging Face's warpers in their generate() order: temperature, top-k,
 top-p (min_tokens_to_keep=1). `process_logits` reimplements them bit-for-bit so the server needs no
 transformers import on this path (and an SGLang backend can reuse it on returned logprobs).
@@ -16,7 +23,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from wisp_sdk.protocol import SamplingParams
+from wisp_sdk.protocol import Round, SamplingParams
+from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
 from wisp_cloud.backends.base import Sampling
 
@@ -34,6 +42,8 @@ class Decision:
     next_token: int  # the correction (on rejection) or the bonus token (all accepted)
     residual_draws: int = 0  # sparse sampling: draws from p the residual's rejection loop used
     dense_fallback: bool = False  # sparse sampling: the loop ran out and the dense row of p was fetched
+    # The sibling at `accepted` was committed after draft[:accepted], then `next_token` (the target's after it).
+    sibling: bool = False
 
 
 def warp_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -81,13 +91,18 @@ def _sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs.float().cpu(), 1, generator=gen).item())
 
 
-def accept_greedy(draft: list[int], argmax: list[int]) -> Decision:
-    """`argmax[i]` is the target's token after context + draft[:i]; len(argmax) == len(draft) + 1."""
-    if len(argmax) != len(draft) + 1:
-        raise ValueError(f"need {len(draft) + 1} target positions, got {len(argmax)}")
+def accept_greedy(draft: list[int], argmax: list[int], siblings: list[int] | None = None) -> Decision:
+    """`argmax[i]` is the target's token after context + draft[:i] (i <= len(draft)), then for each sibling j
+    the target's token after context + draft[:j] + [siblings[j]]: len(argmax) == len(draft) + 1 + len(siblings)."""
+    sibs = siblings or []
+    k = len(draft)
+    if len(argmax) != k + 1 + len(sibs) or len(sibs) > k:
+        raise ValueError(f"need {k + 1 + len(sibs)} target positions, got {len(argmax)}")
     n = 0
-    while n < len(draft) and draft[n] == argmax[n]:
+    while n < k and draft[n] == argmax[n]:
         n += 1
+    if n < len(sibs) and sibs[n] == argmax[n]:
+        return Decision(n, int(argmax[k + 1 + n]), sibling=True)
     return Decision(n, int(argmax[n]))
 
 
@@ -128,16 +143,19 @@ def accept_sampling(
     q: list[SparseQ],
     p: torch.Tensor,
     gen: torch.Generator,
+    siblings: list[int] | None = None,
 ) -> Decision:
-    """Speculative sampling. `q[i]` sparse draft distribution at i, `p` [len(draft)+1, V] target probabilities.
+    """Speculative sampling. `q[i]` sparse draft distribution at i, `p` [len(draft)+1+len(siblings), V] target
+    probabilities (rows as `accept_greedy`'s argmax); `siblings[j]` a second draw from q[j].
 
     Runs on q's support: the acceptance test needs q only at the drafted token, and the residual
     max(0, p − q) equals p off the support, so only the rejected position's row of p is copied (float64) and
     corrected on q's ids. The test ratios of the whole round are gathered at once.
     """
+    sibs = siblings or []
     k = len(draft)
-    if p.shape[0] != k + 1 or len(q) != k:
-        raise ValueError("need one q per draft token and len(draft)+1 target distributions")
+    if p.shape[0] != k + 1 + len(sibs) or len(q) != k or len(sibs) > k:
+        raise ValueError("need one q per draft token and len(draft)+1+len(siblings) target distributions")
     dev = p.device  # p may stay where the backend computed it: only q's few entries move, and one row back
     if k:
         rows, cols = torch.arange(k, device=dev), torch.tensor(draft, dtype=torch.long, device=dev)
@@ -147,8 +165,52 @@ def accept_sampling(
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         if u * qx < px[i]:  # u < p/q without dividing; always true when p >= q
             continue
-        return Decision(i, _sample(residual(p[i], q[i]), gen))
+        res = residual(p[i], q[i])
+        if i < len(sibs):
+            return _try_sibling(i, sibs[i], res, q[i], p[k + 1 + i], gen)
+        return Decision(i, _sample(res, gen))
     return Decision(k, _sample(p[k], gen))
+
+
+def _try_sibling(
+    i: int, sib: int, res: torch.Tensor, q: SparseQ, p_after: torch.Tensor, gen: torch.Generator
+) -> Decision:
+    """The second candidate at position i after the first was rejected: recursive rejection on the residual."""
+    at = (q.ids == sib).nonzero()
+    q_sib = float(q.probs[at[0, 0]]) if at.numel() else 0.0
+    if q_sib <= 0:
+        raise DraftError(f"sibling token {sib} has q = 0: it cannot have been sampled from q")
+    r = res / res.sum()
+    u = float(torch.rand((), generator=gen, dtype=torch.float64))
+    if u * q_sib < float(r[sib]):
+        return Decision(i, _sample(p_after, gen), sibling=True)
+    return Decision(i, _sample(residual(r, q), gen))
+
+
+def round_q(msg: Round, vocab: int, greedy: bool) -> list[SparseQ] | None:
+    """A sampling round's draft distributions, validated (None for a greedy session or an empty draft)."""
+    if greedy or not msg.draft_ids:
+        return None
+    if msg.q_ids is None or msg.q_probs is None:
+        raise DraftError("a sampling session's round needs the draft distribution q")
+    if len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
+        raise DraftError("q_ids and q_probs need one entry per draft token")
+    if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
+        raise DraftError(f"q has more than {MAX_Q_SUPPORT} entries for a draft position")
+    return [
+        sparse_q(ids, probs, vocab, tok)
+        for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
+    ]
+
+
+def check_siblings(siblings: list[int], draft: list[int], q: list[SparseQ] | None, limit: int) -> None:
+    """A round's siblings the verifier can use: at most `limit` and one per draft token, and (sampling) each a
+    draw from its position's q. Raises DraftError otherwise."""
+    if len(siblings) > min(limit, len(draft)):
+        raise DraftError(f"{len(siblings)} siblings for {len(draft)} draft tokens (limit {limit})")
+    for j, (sib, qj) in enumerate(zip(siblings, q or [], strict=False)):
+        if not bool(qj.probs[qj.ids == sib].gt(0).any()):
+            raise DraftError(f"sibling {sib} at {j} is outside q's support: it cannot have been drawn from q")
 
 
 def residual(p: torch.Tensor, q: SparseQ) -> torch.Tensor:

@@ -134,6 +134,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
     p.add_argument("--max-draft-len", type=int, default=32, help="draft tokens per round")
+    p.add_argument(
+        "--max-siblings",
+        type=int,
+        default=8,
+        help="sibling tokens a round may carry (token trees: an alternative per draft position; 0: chains only)",
+    )
     p.add_argument("--max-context-len", type=int, default=8192, help="prompt + generated tokens per session")
     p.add_argument(
         "--graph-warmup-s",
@@ -307,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         max_draft_len=args.max_draft_len,
+        max_siblings=args.max_siblings,
         max_context_len=args.max_context_len,
         max_frame_bytes=args.max_frame_bytes,
         max_sessions=args.max_sessions,
@@ -338,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch", "prefill_chunk", "kv_budget_tokens", "max_draft_len", "max_context_len"):
         if getattr(cfg, name) < 1:
             raise WispError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.max_siblings < 0:
+        raise WispError("--max-siblings must be >= 0")
     from wisp_cloud.sched import POLICIES
 
     if cfg.policy not in POLICIES:
@@ -376,8 +385,8 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             backend = native_backend(args, target, cfg.kv_budget_tokens)
-            # an item is at most a prefill chunk plus a draft and its bonus token (planner.plan)
-            max_q = cfg.prefill_chunk + cfg.max_draft_len + 1
+            # an item is at most a prefill chunk plus a draft, its bonus token and siblings (planner.plan)
+            max_q = cfg.prefill_chunk + cfg.max_draft_len + 1 + cfg.max_siblings
             capture_startup_graphs(backend, cfg.max_batch, max_q, cfg.max_context_len, args.graph_warmup_s)
     except (OSError, ValueError) as exc:
         raise WispError(f"cannot load target {target}: {exc}") from exc

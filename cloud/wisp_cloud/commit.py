@@ -50,6 +50,7 @@ class Committed:
     at: float  # when its answer went out (set by `answer`)
     next_token: int = 0  # the last committed token (the answer names it)
     switch: bool = False  # the answer moves the session to the other mode (hybrid)
+    sibling: bool = False  # a round's sibling at `accepted` was committed before `next_token`
     refusals: list[Reply] | None = None  # the step failed for this job: its answer is a refusal
 
 
@@ -140,10 +141,13 @@ class Committer:
         session.touch()
         if job.kind != JobKind.open and job.started_at is not None:
             self.queue.hints.queued(job.started_at - job.enqueued_at)
-        proposed = job.draft[: out.accepted] + [out.next_token]
+        sib = [job.siblings[out.accepted]] if out.sibling else []
+        proposed = job.draft[: out.accepted] + sib + [out.next_token]
         take, done = cut(session, proposed, self._eos, self.max_context_len)
         session.tokens += proposed[:take]
-        rec = Committed(job, take, take - 1, done, now, next_token=proposed[take - 1])
+        # a sibling cut off before its target token (EOS) reads as a plain verdict whose next token it is
+        taken_sib = out.sibling and take == len(proposed)
+        rec = Committed(job, take, take - 1 - taken_sib, done, now, proposed[take - 1], sibling=taken_sib)
         if done:
             session.done = True
             if self.regime is not None:
@@ -151,8 +155,8 @@ class Committer:
             self.kv_ops.append(
                 (session.id, None)
             )  # no more rounds: free the KV (re-sent rounds use the cache)
-        else:
-            self.kv_ops.append((session.id, session.committed_len - 1))
+        else:  # the KV holds the draft and siblings in pass order: a taken sibling is fed again next round
+            self.kv_ops.append((session.id, session.committed_len - 1 - taken_sib))
         if job.kind == JobKind.round:
             return rec  # the rest in `answer`, after the next launch
         d = session.deadlines
@@ -220,7 +224,9 @@ class Committer:
         session = job.session
         d = session.deadlines
         if d is not None:  # the answer goes out now: the next deadline counts from here
-            d.on_round(len(job.draft), rec.accepted, now)
+            # a committed sibling counts as an accepted draft token: E(k), what the regime and hints need,
+            # is the tokens a round commits from the edge
+            d.on_round(len(job.draft), rec.accepted + rec.sibling, now)
         self._sample(session)
         centralize = rec.switch = not done and self._centralize(session, job)
         queue_ms = 1000.0 * ((job.started_at or job.enqueued_at) - job.enqueued_at)
@@ -239,6 +245,7 @@ class Committer:
             centralize,
             launch_in_ms,
             self.draft_cap,
+            rec.sibling,
         )
         session.last_round = job.round
         session.last_verdict = verdict
@@ -370,7 +377,7 @@ class Committer:
 
     def finish(self, records: list[Committed]) -> None:
         """Phase 2b, while the next forward runs: SLO bookkeeping and metrics for the answers just sent."""
-        committed = rounds = drafted = accepted = 0
+        committed = rounds = drafted = accepted = siblings = 0
         for rec in records:
             if rec.refusals is not None:
                 continue
@@ -380,6 +387,7 @@ class Committer:
                 rounds += 1
                 drafted += len(job.draft)
                 accepted += rec.accepted
+                siblings += rec.sibling
             self._answered(rec)
             if rec.done and session.generated > 0:
                 log_event(log, "session_done", session=session.id[:8], generated=session.generated)
@@ -388,6 +396,7 @@ class Committer:
         m.rounds.inc(rounds)
         m.draft_tokens.inc(drafted)
         m.accepted_tokens.inc(accepted)
+        m.sibling_tokens.inc(siblings)
 
     def _answered(self, rec: Committed) -> None:
         """An Opened / Verdict / Tokens frame went out: SLO metrics."""

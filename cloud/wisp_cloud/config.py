@@ -30,6 +30,9 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     max_draft_len: int = 32
+    # Sibling tokens a round may carry (token trees, `Limits.max_siblings`; capped by the backend's own limit,
+    # 0 for SGLang). `--max-siblings 0` turns trees off.
+    max_siblings: int = 8
     max_context_len: int = 8192
     max_frame_bytes: int = 1 << 20
     max_sessions: int = 4096

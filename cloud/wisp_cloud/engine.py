@@ -32,9 +32,8 @@ from wisp_sdk.protocol import (
     Round,
     Tokens,
 )
-from wisp_sdk.sampling import MAX_Q_SUPPORT  # entries of q per draft position
 
-from wisp_cloud.acceptance import DraftError, sparse_q
+from wisp_cloud.acceptance import DraftError, check_siblings, round_q
 from wisp_cloud.backends.base import Backend, BatchStats
 from wisp_cloud.commit import Committed, Committer
 from wisp_cloud.config import ServerConfig
@@ -117,6 +116,7 @@ class Engine:
             max_draft_len=config.max_draft_len,
             max_context_len=self.max_context_len,
             max_sessions_per_token=config.max_sessions_per_token,
+            max_siblings=min(config.max_siblings, backend.max_siblings),
         )
         # KV of sessions closed by the gateway: freed by the loop between forward passes, because the backend is
         # only ever touched by the loop (a forward may be running on the worker thread right now).
@@ -257,31 +257,20 @@ class Engine:
             raise bad(
                 ErrorCode.too_large, f"draft of {len(msg.draft_ids)} tokens (limit {self.cfg.max_draft_len})"
             )
-        if session.committed_len + len(msg.draft_ids) > self.max_context_len:
+        if session.committed_len + len(msg.draft_ids) + len(msg.sibling_ids) > self.max_context_len:
             raise bad(ErrorCode.too_large, f"context + draft exceeds max_context_len {self.max_context_len}")
         self._check_ids(msg.draft_ids, "draft_ids", sid, rnd)
-        q = None
-        if not session.sampling.greedy and msg.draft_ids:
-            if msg.q_ids is None or msg.q_probs is None:
-                raise bad(ErrorCode.bad_request, "a sampling session's round needs the draft distribution q")
-            if len(msg.q_ids) != len(msg.draft_ids) or len(msg.q_probs) != len(msg.draft_ids):
-                raise bad(ErrorCode.bad_request, "q_ids and q_probs need one entry per draft token")
-            if any(len(ids) > MAX_Q_SUPPORT for ids in msg.q_ids):
-                raise bad(
-                    ErrorCode.bad_request, f"q has more than {MAX_Q_SUPPORT} entries for a draft position"
-                )
-            try:
-                q = [
-                    sparse_q(ids, probs, self.backend.vocab_size, tok)
-                    for ids, probs, tok in zip(msg.q_ids, msg.q_probs, msg.draft_ids, strict=True)
-                ]
-            except DraftError as exc:
-                raise bad(ErrorCode.bad_request, str(exc)) from exc
+        self._check_ids(msg.sibling_ids, "sibling_ids", sid, rnd)
+        try:
+            q = round_q(msg, self.backend.vocab_size, session.sampling.greedy)
+            check_siblings(msg.sibling_ids, msg.draft_ids, q, self.limits.max_siblings)
+        except DraftError as exc:
+            raise bad(ErrorCode.bad_request, str(exc)) from exc
         draft = list(msg.draft_ids)
         m = self._verify_len(session, len(draft))
         if m < len(draft):  # verify only the prefix that pays: acceptance on it is exactly a shorter draft's
             draft, q = draft[:m], None if q is None else q[:m]
-        job = Job(session, JobKind.round, round=rnd, draft=draft, q=q, unverified=len(msg.draft_ids) - m)
+        job = Job(session, JobKind.round, rnd, draft, q, len(msg.draft_ids) - m, msg.sibling_ids[:m])
         if job.unverified:
             self.metrics.unverified_tokens.inc(job.unverified)
         self._enqueue(job)

@@ -30,6 +30,7 @@ class Job:
     draft: list[int] = field(default_factory=list)
     q: list[SparseQ] | None = None  # draft distributions on their support (sampling rounds)
     unverified: int = 0  # draft tokens the client sent past `draft` (truncated: the tail did not pay)
+    siblings: list[int] = field(default_factory=list)  # an alternative to each of draft[:len(siblings)]
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # when its first batch began (queue wait ends)
     forward_s: float = 0.0  # model time spent on it so far, over all its batches
@@ -53,7 +54,7 @@ class Job:
     @property
     def pending_tokens(self) -> int:
         """Tokens this job still has to push through the model (context not in the KV, plus the draft)."""
-        return self.session.committed_len - self.cached_len + len(self.draft)
+        return self.session.committed_len - self.cached_len + len(self.draft) + len(self.siblings)
 
     @property
     def cache_miss(self) -> bool:
@@ -66,7 +67,8 @@ def request_of(job: Job) -> Request:
     s = job.session
     pending = max(1, job.pending_tokens)
     ctx_pending = s.committed_len - job.cached_len
-    if job.kind == JobKind.open or ctx_pending > 1:
+    # two pending context tokens is still a verify: a committed sibling and its target token (acceptance.py)
+    if job.kind == JobKind.open or ctx_pending > 2:
         kind = "prefill"
     else:
         kind = "verify" if job.kind == JobKind.round else "decode"

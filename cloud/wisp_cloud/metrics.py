@@ -44,6 +44,11 @@ class Metrics:
         self.rounds = Counter("wisp_rounds", "Verify rounds answered", registry=r)
         self.draft_tokens = Counter("wisp_draft_tokens", "Draft tokens received for verification", registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.sibling_tokens = Counter(
+            "wisp_sibling_tokens",
+            "Sibling tokens committed (token trees: a rejected draft token's alternative)",
+            registry=r,
+        )
         self.unverified_tokens = Counter(
             "wisp_unverified_tokens", "Draft tokens not verified (the tail did not pay the price)", registry=r
         )

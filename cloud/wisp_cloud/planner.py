@@ -31,6 +31,7 @@ class Outcome:
     error: str | None = None
     residual_draws: int = 0  # sparse sampling's residual loop (acceptance.Decision)
     dense_fallback: bool = False
+    sibling: bool = False  # the sibling at `accepted` was taken before `next_token` (acceptance.Decision)
 
 
 def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
@@ -46,7 +47,7 @@ def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
         ctx_pending = session.committed_len - cached
     new = session.tokens[cached:]
     chunk = job.max_tokens or default_chunk
-    if ctx_pending + len(job.draft) > chunk and ctx_pending > 1:
+    if ctx_pending + len(job.draft) + len(job.siblings) > chunk and ctx_pending > 1:
         # Chunked prefill: push context only, keep at least the last context token for the final item.
         n = min(chunk, ctx_pending - 1)
         item = WorkItem(
@@ -60,12 +61,13 @@ def plan(job: Job, backend: Backend, default_chunk: int) -> Planned:
         return Planned(job, item, final=False, cached_before=cached)
     item = WorkItem(
         sid,
-        new + job.draft,
-        n_logits=len(job.draft) + 1,
+        new + job.draft + job.siblings,
+        n_logits=len(job.draft) + 1 + len(job.siblings),
         sampling=session.work_sampling,
         context=session.tokens,
         deadline=job.deadline,
         support=[q.ids.tolist() for q in job.q] if job.q else None,
+        siblings=len(job.siblings),
     )
     return Planned(job, item, final=True, cached_before=cached)
 

@@ -76,7 +76,7 @@ class Runner:
         try:
             assert out.result is not None
             d = self._decide(job, out.result)
-            out.accepted, out.next_token = d.accepted, d.next_token
+            out.accepted, out.next_token, out.sibling = d.accepted, d.next_token, d.sibling
             out.residual_draws, out.dense_fallback = d.residual_draws, d.dense_fallback
         except Exception as exc:
             log.exception("acceptance failed for session %s", job.session.id[:8])
@@ -93,10 +93,10 @@ class Runner:
                 return Decision(0, res.sparse.sample(0))
             return Decision(0, sample_token(torch.as_tensor(res.probs)[0], session.gen))
         if session.sampling.greedy:
-            return accept_greedy(job.draft, res.argmax)
-        if res.sparse is not None:
+            return accept_greedy(job.draft, res.argmax, job.siblings)
+        if res.sparse is not None:  # backends with sparse targets take no siblings (max_siblings 0)
             return accept_sampling_sparse(job.draft, job.q or [], res.sparse, session.gen)
-        return accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen)
+        return accept_sampling(job.draft, job.q or [], torch.as_tensor(res.probs), session.gen, job.siblings)
 
 
 def _empty_stats(planned: list[Planned]) -> BatchStats:

@@ -34,6 +34,14 @@ sent at the k that minimizes (k + 1 + H) / E(k) at the running acceptance rate (
 SLO stop (send a round already within 0.7 x its TPOT SLO), did not shorten drafts at the capacity edge (H200 run
 36) and was removed.
 
+Token trees (`Wisp(tree=N)`, `wisp+tree`). A round may carry a sibling for each of its first draft tokens (the
+draft's second choice, or a second draw when sampling: free on the device, the same logits), verified in the same
+pass; it commits when its draft token is rejected and it is the target's token. Sibling j saves one round trip's
+worth of this session's time per committed token, T / E, with probability S_j (1 - a_j) h (the tokens before j
+survive, token j does not, the sibling hits: h learned from verdicts, `observe_sibling`), and costs one verified
+token, the price. It is sent iff S_j (1 - a_j) h T > price * E: on an idle GPU every position up to N gets one; under
+compute-bound load none (docs/scheduling.md §14).
+
 Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
 `launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
 one now running: the earliest step our next round can join. With a round of k tokens arriving at RTT + k*c
@@ -64,6 +72,8 @@ from wisp_sdk.predictor import RejectionPredictor, features
 # `wisp+cap`: a round's fixed GPU cost in verified tokens' worth. H200, 7B, compute-bound steps (runs 32-35): ≈ 40 µs
 # of host work and per-item overhead a round against ≈ 27 µs a verified token
 ROUND_OVERHEAD = 1.5
+# `wisp+tree`: the most siblings a round carries (the server may allow fewer: `Limits.max_siblings`)
+TREE_SIBLINGS = 4
 
 
 class Action(enum.Enum):
@@ -89,6 +99,7 @@ class LinkState:
 class Controller(ABC):
     name: str = "controller"
     max_draft: int = 16
+    tree: int = 0  # the most siblings a round may carry (token trees); 0 drafts chains only
 
     def start_round(self, link: LinkState) -> None:
         self.link = link
@@ -103,6 +114,13 @@ class Controller(ABC):
     def ahead_budget(self) -> int:
         """How many tokens to draft ahead while the verdict is in flight (0: wait idle)."""
         return 0
+
+    def siblings(self, tokens: list[DraftToken]) -> int:
+        """How many of the round's first `tokens` to send a sibling for (each has one: `DraftToken.alt`)."""
+        return 0
+
+    def observe_sibling(self, hit: bool) -> None:  # noqa: B027 - optional hook
+        """Learn from a verdict that judged a sibling (its draft token was rejected): `hit`, it was committed."""
 
 
 class FixedK(Controller):
@@ -134,6 +152,8 @@ class Wisp(Controller):
         rate_ema: float = 0.9,
         online_lr: float = 0.05,
         round_overhead: float = 0.0,
+        tree: int = 0,
+        sibling_hit0: float = 0.4,
     ) -> None:
         # A private copy: it keeps learning from this session's verdicts (online_lr), and those are not the
         # next session's business.
@@ -145,7 +165,9 @@ class Wisp(Controller):
         self.rate = rate0
         self.rate_ema = rate_ema
         self.round_overhead = round_overhead  # > 0: the GPU cap (module docstring), in verified-token units
-        self.name = "wisp+cap" if round_overhead > 0 else "wisp"
+        self.name = "wisp+cap" if round_overhead > 0 else "wisp+tree" if tree > 0 else "wisp"
+        self.tree = tree
+        self.sibling_hit = sibling_hit0  # P(sibling committed | its draft token rejected), an EMA
         self.link = LinkState()
         self._survive: list[float] = []  # S_i for the tokens of the current round
         self._feats: list[np.ndarray] = []  # predictor features of the kept tokens, for online learning
@@ -232,6 +254,26 @@ class Wisp(Controller):
             if self.online_lr and i < len(self._feats):
                 self.predictor.update(self._feats[i], ok, self.online_lr)
 
+    def siblings(self, tokens: list[DraftToken]) -> int:
+        """The leading positions whose sibling pays its verify price (module docstring, "Token trees")."""
+        k = min(self.tree, len(tokens), len(self._survive))
+        if k == 0:
+            return 0
+        expected = 1.0 + sum(self._survive[: len(tokens)])
+        rate_ms = self.round_ms(len(tokens)) / expected  # this session's time per committed token
+        price = max(0.0, self.link.price_ms)
+        n, before = 0, 1.0
+        while n < k:
+            miss = before - self._survive[n]  # token n is reached and rejected
+            if miss * self.sibling_hit * rate_ms <= price:
+                break
+            before = self._survive[n]
+            n += 1
+        return n
+
+    def observe_sibling(self, hit: bool) -> None:
+        self.sibling_hit = self.rate_ema * self.sibling_hit + (1 - self.rate_ema) * (1.0 if hit else 0.0)
+
     def ahead_budget(self) -> int:
         if not self.draft_ahead or not self._ended_confident:
             return 0
@@ -255,7 +297,7 @@ def gpu_draft_len(alpha: float, overhead: float, cap: int) -> int:
 
 
 def make_controller(spec: str | Controller | None, predictor: RejectionPredictor | None = None) -> Controller:
-    """'wisp', 'wisp+ahead', 'wisp+cap', 'fixed:K' (or a Controller, returned as is)."""
+    """'wisp', 'wisp+ahead', 'wisp+cap', 'wisp+tree', 'fixed:K' (or a Controller, returned as is)."""
     if isinstance(spec, Controller):
         return spec
     spec = (spec or "wisp").strip().lower()
@@ -265,9 +307,11 @@ def make_controller(spec: str | Controller | None, predictor: RejectionPredictor
         return Wisp(predictor, draft_ahead=8)
     if spec == "wisp+cap":
         return Wisp(predictor, round_overhead=ROUND_OVERHEAD)
+    if spec == "wisp+tree":
+        return Wisp(predictor, tree=TREE_SIBLINGS)
     if spec.startswith("fixed:"):
         try:
             return FixedK(int(spec.split(":", 1)[1]))
         except ValueError:
             pass
-    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead, wisp+cap or fixed:K")
+    raise ValueError(f"unknown controller {spec!r}: use wisp, wisp+ahead, wisp+cap, wisp+tree or fixed:K")

@@ -39,6 +39,9 @@ class DraftToken:
     top1: float  # largest probability of the untempered softmax
     q: SparseQ | None = None  # sampling only: the sparse distribution the token was drawn from
     ms: float = 0.0  # time of the forward pass that produced this position's logits
+    # A sibling for a token tree (`Round.sibling_ids`): greedy, the draft's second choice; sampling, a second
+    # draw from `q`, independent of `token`. None when not asked for.
+    alt: int | None = None
 
 
 class DraftRunner:
@@ -129,19 +132,28 @@ class DraftRunner:
 
     # ---- drafting ----
 
-    def propose(self, sampling: SamplingParams, rng: np.random.Generator | None = None) -> DraftToken:
-        """The draft token at the current end of the cache (no forward pass)."""
+    def propose(
+        self, sampling: SamplingParams, rng: np.random.Generator | None = None, alt: bool = False
+    ) -> DraftToken:
+        """The draft token at the current end of the cache (no forward pass); with `alt`, a sibling too."""
         if self._logits is None:
             raise RuntimeError("no logits: call sync() or advance() first")
         logits = self._logits
         top1_idx, top1, ent = confidence(logits)
         if sampling.greedy:
-            return DraftToken(token=top1_idx, prob=top1, entropy=ent, top1=top1)
+            second = None
+            if alt:  # the second choice: the largest logit once the first is out
+                rest = np.asarray(logits, dtype=np.float32).copy()
+                rest[top1_idx] = -np.inf
+                second = int(np.argmax(rest))
+            return DraftToken(token=top1_idx, prob=top1, entropy=ent, top1=top1, alt=second)
         if rng is None:
             raise ValueError("sampling needs an rng")
         q = sparse_q(logits, sampling.temperature, sampling.top_k, sampling.top_p)
         token = sample_sparse(q, rng)
-        return DraftToken(token=token, prob=q.prob_of(token), entropy=ent, top1=top1, q=q)
+        # a second draw from the same q, independent of the first: what exact tree sampling needs (acceptance.py)
+        sib = sample_sparse(q, rng) if alt else None
+        return DraftToken(token=token, prob=q.prob_of(token), entropy=ent, top1=top1, q=q, alt=sib)
 
     def draft(
         self,

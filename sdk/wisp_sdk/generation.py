@@ -181,7 +181,7 @@ class Generation:
             kept, dropped = await loop.run_in_executor(self.pool, self._draft_round, self.predrafted)
             draft_ms = (time.perf_counter() - t0) * 1000.0
             self.predrafted = []
-            sess.make_round(kept)
+            sess.make_round(kept, min(ctl.siblings(kept), self._siblings()))
             rs = RoundStats(
                 round=sess.round_no,
                 drafted=len(kept),
@@ -201,6 +201,7 @@ class Generation:
         t_sent = time.perf_counter()
         verdict, arrived, ahead, ahead_ms = await self._await_verdict()
         sent_tokens = list(sess.inflight_tokens)
+        n_sib = len(sess.inflight.sibling_ids) if sess.inflight is not None else 0
         before = len(sess.generated)
         applied = sess.on_verdict(verdict)
         if applied is None:
@@ -209,6 +210,9 @@ class Generation:
         self.resume_by = None
         # Only the verified prefix was judged: an unverified tail is no rejection to learn from.
         ctl.observe(sent_tokens[: len(sent_tokens) - verdict.unverified], accepted)
+        if accepted < min(n_sib, len(sent_tokens) - verdict.unverified):  # its draft token was rejected
+            ctl.observe_sibling(verdict.sibling)
+        rs.siblings, rs.sibling = n_sib, verdict.sibling
         link.price_ms = verdict.price_ms
         link.launch_in_ms = verdict.launch_in_ms
         # the server's cap on the next round (its regime's best draft length under load), never above the limit;
@@ -324,6 +328,11 @@ class Generation:
 
     # ---- drafting (worker thread) ----
 
+    def _siblings(self) -> int:
+        """The most siblings a round may carry: the controller's tree, as far as the server verifies them."""
+        welcome = self.transport.welcome
+        return min(self.ctl.tree, welcome.limits.max_siblings if welcome is not None else 0)
+
     def _draft_round(self, predrafted: list[DraftToken]) -> tuple[list[DraftToken], list[DraftToken]]:
         """Draft one round under the controller; returns (tokens to send, tokens withheld). Worker thread."""
         assert self.runner is not None
@@ -344,7 +353,7 @@ class Generation:
                 tok = predrafted[len(kept)]
             else:
                 ms = self.runner.sync(ctx + [t.token for t in kept])
-                tok = self.runner.propose(sess.request.sampling, self.rng)
+                tok = self.runner.propose(sess.request.sampling, self.rng, alt=len(kept) < self._siblings())
                 tok.ms = ms
             action = ctl.step([*kept, tok])
             if action is Action.DROP:
@@ -385,6 +394,6 @@ class Generation:
     def _ahead_step(self, base: list[int], ahead: list[DraftToken], sampling: SamplingParams) -> DraftToken:
         assert self.runner is not None
         ms = self.runner.sync(base + [t.token for t in ahead])
-        tok = self.runner.propose(sampling, self.rng)
+        tok = self.runner.propose(sampling, self.rng, alt=len(ahead) < self._siblings())
         tok.ms = ms
         return tok

@@ -8,6 +8,7 @@ round of k draft tokens costs ~26 + 4k bytes. Layout (little-endian):
     Round    16s session, I round, I committed_len, H n_draft,
              n_draft * i token,
              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
+             [if FLAG_SIBLINGS] H n_sib, n_sib * i token
     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, H draft_cap, f launch_in_ms
 
@@ -34,7 +35,10 @@ from wisp_sdk.errors import ProtocolError
 # older version is refused with one clear error.
 # 4: the Verdict carries `draft_cap`, the most draft tokens the server wants in the session's next round (the
 # regime's best k under load; 0: no cap beyond the Welcome's limit).
-PROTOCOL_VERSION = 4
+# 5: token trees: a Round may carry `sibling_ids` (an alternative to each of its first draft tokens, verified in
+# the same pass), a Verdict says when it committed one (FLAG_SIBLING), and `Limits.max_siblings` says how many the
+# server verifies (0: none).
+PROTOCOL_VERSION = 5
 SUBPROTOCOL = (
     "wisp.v1"  # the websocket subprotocol name; the version travels in Hello and in every binary frame
 )
@@ -44,6 +48,8 @@ FLAG_EOS = 1  # Verdict: the committed token ends the sequence (EOS or max_new_t
 FLAG_CENTRALIZE = (
     2  # Verdict: from now on the server decodes this session itself (Tokens follow; send no rounds)
 )
+FLAG_SIBLINGS = 2  # Round carries sibling tokens: an alternative to each of its first draft tokens
+FLAG_SIBLING = 4  # Verdict: the sibling at `accepted` was committed before `next_token`
 
 KIND_ROUND = 1
 KIND_VERDICT = 2
@@ -96,6 +102,7 @@ class Limits(_Msg):
     max_draft_len: int
     max_context_len: int
     max_sessions_per_token: int
+    max_siblings: int = 0  # sibling tokens a Round may carry (protocol 5; 0: chains only)
 
 
 # ---- client -> server (JSON) ----
@@ -234,12 +241,16 @@ class Round(_Msg):
     draft_ids: list[int]
     q_ids: list[list[int]] | None = None
     q_probs: list[list[float]] | None = None
+    # A token tree of depth one per position: sibling_ids[j] is an alternative to draft_ids[j] (greedy: the
+    # draft's second choice; sampling: a second, independent draw from q_ids/q_probs[j]). At most
+    # `Limits.max_siblings`, and no more than the draft tokens.
+    sibling_ids: list[int] = Field(default_factory=list)
 
 
 class Verdict(_Msg):
     session_id: str
     round: int
-    committed_len: int  # after this verdict: previous + accepted + 1
+    committed_len: int  # after this verdict: previous + accepted + 1 (+ 1 more with `sibling`)
     accepted: int
     next_token: int
     done: bool = False
@@ -261,6 +272,9 @@ class Verdict(_Msg):
     # the server's regime sets it at the draft length that serves the most sessions at their SLO
     # (docs/scheduling.md §13); a longer draft is not refused, only its tail goes unverified.
     draft_cap: int = Field(0, ge=0, le=0xFFFF)
+    # FLAG_SIBLING: the committed tokens are draft[:accepted], then the round's sibling_ids[accepted], then
+    # next_token (the target's token after that sibling).
+    sibling: bool = False
 
 
 def new_session_id() -> str:
@@ -281,8 +295,9 @@ def _sid_bytes(session_id: str) -> bytes:
 
 def encode_round(msg: Round) -> bytes:
     sparse = msg.q_ids is not None
+    flags = (FLAG_SPARSE_Q if sparse else 0) | (FLAG_SIBLINGS if msg.sibling_ids else 0)
     parts = [
-        _HEADER.pack(PROTOCOL_VERSION, KIND_ROUND, FLAG_SPARSE_Q if sparse else 0),
+        _HEADER.pack(PROTOCOL_VERSION, KIND_ROUND, flags),
         _ROUND.pack(_sid_bytes(msg.session_id), msg.round, msg.committed_len, len(msg.draft_ids)),
         np.asarray(msg.draft_ids, dtype="<i4").tobytes(),
     ]
@@ -302,6 +317,8 @@ def encode_round(msg: Round) -> bytes:
                 np.asarray(ids, "<i4").tobytes(),
                 np.asarray(probs, "<f4").tobytes(),
             ]
+    if msg.sibling_ids:
+        parts += [_NNZ.pack(len(msg.sibling_ids)), np.asarray(msg.sibling_ids, "<i4").tobytes()]
     return b"".join(parts)
 
 
@@ -321,6 +338,7 @@ def encode_verdict(msg: Verdict) -> bytes:
         msg.centralize,
         msg.launch_in_ms,
         msg.draft_cap,
+        msg.sibling,
     )
 
 
@@ -339,9 +357,12 @@ def pack_verdict(
     centralize: bool = False,
     launch_in_ms: float = 0.0,
     draft_cap: int = 0,
+    sibling: bool = False,
 ) -> bytes:
     """A Verdict frame from its fields (`sid`: the 16 raw bytes): the server's hot path builds no model object."""
-    flags = (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0)
+    flags = (
+        (FLAG_EOS if done else 0) | (FLAG_CENTRALIZE if centralize else 0) | (FLAG_SIBLING if sibling else 0)
+    )
     return _HEADER.pack(PROTOCOL_VERSION, KIND_VERDICT, flags) + _VERDICT.pack(
         sid,
         round,
@@ -416,6 +437,16 @@ def decode_round(data: bytes) -> Round:
             q_ids.append(np.frombuffer(data, "<i4", nnz, off).tolist())
             q_probs.append(np.frombuffer(data, "<f4", nnz, off + 4 * nnz).tolist())
             off += 8 * nnz
+    siblings: list[int] = []
+    if flags & FLAG_SIBLINGS:
+        if len(data) < off + _NNZ.size:
+            raise ProtocolError("round frame truncated in sibling tokens")
+        (n_sib,) = _NNZ.unpack_from(data, off)
+        off += _NNZ.size
+        if len(data) < off + 4 * n_sib:
+            raise ProtocolError("round frame truncated in sibling tokens")
+        siblings = np.frombuffer(data, "<i4", n_sib, off).tolist()
+        off += 4 * n_sib
     if off != len(data):
         raise ProtocolError(f"round frame has {len(data) - off} trailing bytes")
     try:
@@ -426,6 +457,7 @@ def decode_round(data: bytes) -> Round:
             draft_ids=draft,
             q_ids=q_ids,
             q_probs=q_probs,
+            sibling_ids=siblings,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -457,6 +489,7 @@ def decode_verdict(data: bytes) -> Verdict:
         centralize=bool(flags & FLAG_CENTRALIZE),
         launch_in_ms=launch_ms,
         draft_cap=cap,
+        sibling=bool(flags & FLAG_SIBLING),
     )
 
 

@@ -134,13 +134,19 @@ class Session:
             start_on_server=self.request.start_on_server and self.request.mode == "speculative",
         )
 
-    def make_round(self, tokens: list[DraftToken]) -> Round:
+    def make_round(self, tokens: list[DraftToken], max_siblings: int = 0) -> Round:
+        """The next round of `tokens`, with the siblings of its first `max_siblings` tokens that have one."""
         if self.session_id is None or self.done:
             raise RuntimeError("no open session to send a round in")
         if self.inflight is not None:
             raise RuntimeError("a round is already in flight")
         sampling = not self.request.sampling.greedy
         self.round_no += 1
+        sibs: list[int] = []
+        for t in tokens[:max_siblings]:
+            if t.alt is None:
+                break
+            sibs.append(t.alt)
         self.inflight = Round(
             session_id=self.session_id,
             round=self.round_no,
@@ -148,6 +154,7 @@ class Session:
             draft_ids=[t.token for t in tokens],
             q_ids=[t.q.ids.tolist() for t in tokens] if sampling else None,  # type: ignore[union-attr]
             q_probs=[t.q.probs.tolist() for t in tokens] if sampling else None,  # type: ignore[union-attr]
+            sibling_ids=sibs,
         )
         self.inflight_tokens = list(tokens)
         return self.inflight
@@ -188,10 +195,12 @@ class Session:
         if rnd is None or msg.session_id != self.session_id or msg.round != rnd.round:
             return None  # a duplicate answer to a re-sent round, or a stale one: never applied twice
         verified = len(rnd.draft_ids) - msg.unverified
+        sib = [rnd.sibling_ids[msg.accepted]] if msg.sibling and msg.accepted < len(rnd.sibling_ids) else []
         if (
             verified < 0
             or msg.accepted > verified
-            or msg.committed_len != rnd.committed_len + msg.accepted + 1
+            or msg.sibling != bool(sib)
+            or msg.committed_len != rnd.committed_len + msg.accepted + 1 + len(sib)
         ):
             raise ProtocolError(
                 f"verdict for round {msg.round} is inconsistent: accepted {msg.accepted} of "
@@ -200,7 +209,7 @@ class Session:
             )
         self.inflight = None
         self.inflight_tokens = []
-        delta = self._commit([*rnd.draft_ids[: msg.accepted], msg.next_token], server_done=msg.done)
+        delta = self._commit([*rnd.draft_ids[: msg.accepted], *sib, msg.next_token], server_done=msg.done)
         if msg.centralize and self.mode != "centralized":
             self.mode = "centralized"
             self.switches += 1

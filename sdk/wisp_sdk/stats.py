@@ -30,6 +30,8 @@ class RoundStats:
     price_ms: float = 0.0  # server's price of one verified token at this verdict
     unverified: int = 0  # sent draft tokens the server did not verify (the tail did not pay)
     resent: bool = False  # re-sent after a reconnect
+    siblings: int = 0  # sibling tokens sent (token trees)
+    sibling: bool = False  # the verdict committed one of them
 
     @property
     def wasted_tokens(self) -> int:

@@ -7,6 +7,12 @@ KV convention: the backend caches the first `cached_len(seq_id)` tokens of a seq
 tokens that follow the cached part (`new_tokens`); after the forward pass those tokens are cached too, and the
 server calls `truncate` to drop a rejected draft tail. The logits a verify item needs are those predicting the
 token after each of the last `n_logits` new tokens (the last pending context token and every draft token).
+
+Siblings (a token tree of one alternative per draft position): the last `siblings` new tokens of an item are
+alternatives to its first `siblings` draft tokens. Sibling j takes draft token j's position and sees exactly what
+draft token j sees (the cached prefix, the pending context, draft[:j]) plus itself; every other token ignores the
+siblings. They are cached after the draft like any new token, so a verdict always truncates back before them (a
+committed sibling is fed again, at its place, as the next round's pending context).
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class WorkItem:
     # Sampling verifies: per draft token, the ids where p is needed (q's support, the drafted token among them).
     # Backends that return the whole p ignore it.
     support: list[list[int]] | None = None
+    # Trailing new tokens that are siblings of the first draft tokens (see the module doc); their logits are
+    # the last `siblings` of the `n_logits` rows.
+    siblings: int = 0
 
 
 class SparseTarget:
@@ -96,6 +105,8 @@ def check_batch(items: list[WorkItem]) -> None:
             raise ValueError(f"work item for {it.seq_id} has no new tokens")
         if not 0 <= it.n_logits <= len(it.new_tokens):
             raise ValueError(f"work item for {it.seq_id} asks for {it.n_logits} logits")
+        if it.siblings and not 0 < it.siblings < it.n_logits - it.siblings:
+            raise ValueError(f"work item for {it.seq_id} has {it.siblings} siblings for too short a draft")
 
 
 @dataclass
@@ -151,6 +162,11 @@ class Backend(Protocol):
     @property
     def max_positions(self) -> int | None:
         """The most positions a sequence may hold (None: no limit known); the engine caps contexts at it."""
+        ...
+
+    @property
+    def max_siblings(self) -> int:
+        """The most siblings a verify item may carry (0: this backend verifies chains only)."""
         ...
 
     @property

@@ -26,6 +26,7 @@ def next_token(prev: int, position: int, vocab_size: int) -> int:
 class FakeBackend:
     name = "fake"
     graph_stats: dict[str, float] | None = None
+    max_siblings = 16
 
     def __init__(
         self,
@@ -52,9 +53,12 @@ class FakeBackend:
         for it in items:
             seq = self._kv.setdefault(it.seq_id, [])
             seq += it.new_tokens
-            n = len(seq)
-            first = n - it.n_logits
+            m = it.siblings  # cached after the draft, each at its draft token's position (base.py)
+            n = len(seq) - m
+            first = n - (it.n_logits - m)
             argmax = [next_token(seq[p], p, self.vocab_size) for p in range(first, n)]
+            at = n - (it.n_logits - 1 - m)  # position of draft token 0
+            argmax += [next_token(seq[n + j], at + j, self.vocab_size) for j in range(m)]
             probs = None if it.sampling.greedy else self._probs(argmax)
             results.append(ItemResult(it.seq_id, argmax, probs))
         delay = self.base_s + self.per_token_s * sum(len(it.new_tokens) for it in items)

@@ -43,6 +43,7 @@ class NativeBackend:
 
     name = "native"
     graph_stats: dict[str, float] | None = None  # eager forwards
+    max_siblings = 16
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -196,6 +197,15 @@ class NativeBackend:
             past_ok[:, None, :] | causal_new,
             new_col[None, None, :] == rows[None, :, None],  # padding rows: only themselves
         )
+        for b, it in enumerate(items):
+            if it.siblings:  # sibling j: draft token j's position and view, plus itself (base.py)
+                m, k = it.siblings, it.n_logits - 1 - it.siblings
+                first = big_n - m  # rows of the siblings (right-aligned)
+                at = first - k  # row of draft token 0
+                position_ids[b, first:] -= k
+                for j in range(m):
+                    allowed[b, first + j, big_c + at + j :] = False
+                    allowed[b, first + j, big_c + first + j] = True
         mask = torch.zeros((bsz, 1, big_n, big_c + big_n), dtype=self.dtype, device=dev)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
 

@@ -113,6 +113,7 @@ class SGLangBackend:
 
     name = "sglang"
     graph_stats: dict[str, float] | None = None  # SGLang's own graphs are not counted here
+    max_siblings = 0  # chains only: SGLang's extend has no tree mask here
 
     def __init__(
         self,

@@ -90,6 +90,8 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
     drafted = sum(r["drafted"] for r in done)
     rounds = sum(r["rounds"] for r in done)
     accepted = sum(r["accepted"] for r in done)
+    siblings = sum(r.get("siblings", 0) for r in done)
+    hits = sum(r.get("sibling_hits", 0) for r in done)
     errs: dict[str, int] = {}
     for r in judged:
         if r["error"]:
@@ -116,7 +118,12 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
         # a round's mean draft, and verified tokens (the sent drafts, which a truncated verify may cut, and the
         # bonus slot) per token the rounds committed: what speculation costs a compute-bound GPU beside decoding's 1.0
         "draft_len_mean": drafted / rounds if rounds else None,
-        "verified_per_committed": (drafted + rounds) / (accepted + rounds) if rounds else None,
+        # token trees: siblings sent per round, and the share of them committed
+        "siblings_per_round": siblings / rounds if rounds else None,
+        "sibling_hits": hits,
+        "verified_per_committed": (drafted + siblings + rounds) / (accepted + hits + rounds)
+        if rounds
+        else None,
         # sessions that sent no round (the server decoded them throughout) — not those moved after a round
         "server_decoded_sessions": sum(1 for r in done if r["rounds"] == 0),
         # [sessions, met] of the judged sessions that sent no round and of those that sent some: in which mode a

@@ -28,14 +28,16 @@ from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
 
 
 class TraceSequence:
-    """One sequence of an acceptance trace: per generated position, (accepted, top1, entropy)."""
+    """One sequence of an acceptance trace: per generated position, (accepted, top1, entropy), and whether the
+    real draft's second choice was the target's token (`second`: token trees; all False in a trace without it)."""
 
-    __slots__ = ("accepted", "entropy", "top1")
+    __slots__ = ("accepted", "entropy", "second", "top1")
 
     def __init__(self, seq: dict[str, Any]) -> None:
         self.accepted = [bool(a) for a in seq["accepted"]]
         self.top1 = [float(x) for x in seq["top1"]]
         self.entropy = [float(x) for x in seq["entropy"]]
+        self.second = [bool(a) for a in seq.get("second") or [False] * len(self.accepted)]
 
     def __len__(self) -> int:
         return len(self.accepted)
@@ -99,15 +101,17 @@ class EmulatedDraft:
             w = (w + 1) % self.vocab_size
         return w
 
-    def propose(self, sampling: SamplingParams, rng: Any = None) -> DraftToken:
+    def propose(self, sampling: SamplingParams, rng: Any = None, alt: bool = False) -> DraftToken:
         pos = len(self.tokens) - self.prompt_len
         ok, top1, ent = self.trace.at(pos)
-        if pos < len(self.truth):
-            true_tok = self.truth[pos]
-            token = true_tok if ok and self._on_track() else self._wrong(true_tok)
-        else:
-            token = self._wrong(0)
-        return DraftToken(token=token, prob=top1, entropy=ent, top1=top1)
+        true_tok = self.truth[pos] if pos < len(self.truth) else None
+        right = true_tok is not None and self._on_track()
+        token = true_tok if ok and right else self._wrong(0 if true_tok is None else true_tok)
+        second = None
+        if alt:  # the real draft's second choice was the target's token where the trace says so
+            hit = right and not ok and self.trace.second[pos % len(self.trace.second)]
+            second = true_tok if hit else self._wrong(token)
+        return DraftToken(token=token, prob=top1, entropy=ent, top1=top1, alt=second)
 
 
 class ShapedTransport(Transport):

@@ -4,7 +4,9 @@ For each prompt of a prompt set the target continues greedily (transformers, KV-
 (the ONNX model the edge runs, through `DraftRunner`) reads prompt + continuation teacher-forced in one pass.
 At every generated position j we record the draft's confidence there (top-1 probability and entropy of its
 softmax) and whether its greedy token equals the target's token j: exactly the greedy acceptance test of a
-draft token proposed after a correct prefix. Emulated devices (`emulated.py`) replay these records.
+draft token proposed after a correct prefix, and whether its second choice does (`second`: a token tree's sibling
+would be committed where the first choice is rejected). Emulated devices (`emulated.py`) replay these records.
+`add_second` adds `second` to a trace recorded before it, from the target tokens the trace keeps.
 """
 
 from __future__ import annotations
@@ -19,13 +21,29 @@ import numpy as np
 from wisp_cloud.fleet.workload import load_prompts, workload_provenance
 
 
-def _confidence(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: argmax, top-1 probability, entropy (nats) of the softmax."""
+def _confidence(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: argmax, top-1 probability, entropy (nats) of the softmax, and the second choice."""
     z = logits - logits.max(axis=-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
     ent = -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1)
-    return p.argmax(axis=-1), p.max(axis=-1), ent
+    top2 = np.argpartition(-logits, 1, axis=-1)[:, :2]
+    first = p.argmax(axis=-1)
+    second = np.where(top2[:, 0] == first, top2[:, 1], top2[:, 0])
+    return first, p.max(axis=-1), ent, second
+
+
+def _draft_rows(runner: Any, ids: list[int], cont: list[int]) -> dict[str, list]:
+    """The draft's records over a target continuation `cont` of prompt `ids`, teacher-forced in one pass."""
+    logits = runner.teacher_forced_logits(ids + cont)  # row r predicts token r+1
+    rows = logits[len(ids) - 1 : len(ids) - 1 + len(cont)]
+    arg, top1, ent, second = _confidence(rows)
+    return {
+        "top1": [round(float(x), 5) for x in top1],
+        "entropy": [round(float(x), 5) for x in ent],
+        "accepted": [int(a == t) for a, t in zip(arg.tolist(), cont, strict=True)],
+        "second": [int(s == t) for s, t in zip(second.tolist(), cont, strict=True)],
+    }
 
 
 def make_trace(
@@ -67,19 +85,15 @@ def make_trace(
                 pad_token_id=sorted(eos)[0],
             )
         cont = gen[0, len(ids) :].tolist()
-        logits = runner.teacher_forced_logits(ids + cont)  # row r predicts token r+1
-        rows = logits[len(ids) - 1 : len(ids) - 1 + len(cont)]
-        arg, top1, ent = _confidence(rows)
-        acc = [int(a == t) for a, t in zip(arg.tolist(), cont, strict=True)]
+        rec = _draft_rows(runner, ids, cont)
+        acc = rec["accepted"]
         seqs.append(
             {
                 "prompt_index": i,
                 "prompt_tokens": len(ids),
                 "target_tokens": cont,
                 "finish": "eos" if cont and cont[-1] in eos else "length",
-                "top1": [round(float(x), 5) for x in top1],
-                "entropy": [round(float(x), 5) for x in ent],
-                "accepted": acc,
+                **rec,
             }
         )
         if partial:  # keep what is done so far: a long CPU run can be stopped and still leaves a trace
@@ -126,6 +140,34 @@ def _doc(
     }
 
 
+def add_second(path: str | Path, bundle: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Add `second` to a trace from its kept target tokens (the draft alone: no target model). Checks that the
+    draft reproduces the trace's own records (prompt length, acceptance); returns the agreement it found."""
+    from wisp_sdk.draft_runner import DraftRunner
+    from wisp_sdk.tokenizer import DraftTokenizer
+
+    trace = json.loads(Path(path).read_text())
+    tok = DraftTokenizer(bundle)
+    runner = DraftRunner(bundle)
+    items = load_prompts(trace["prompts"])
+    same = total = 0
+    for seq in trace["sequences"]:
+        item = items[seq["prompt_index"]]
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": item["prompt"]}]))
+        if len(ids) != seq["prompt_tokens"]:
+            raise ValueError(
+                f"prompt {seq['prompt_index']}: {len(ids)} tokens, the trace has {seq['prompt_tokens']}"
+            )
+        rec = _draft_rows(runner, ids, seq["target_tokens"])
+        same += sum(a == b for a, b in zip(rec["accepted"], seq["accepted"], strict=True))
+        total += len(rec["accepted"])
+        seq["second"] = rec["second"]
+    trace["summary"] = summarize(trace["sequences"])
+    trace["second_added"] = {"draft": str(bundle), "accepted_agreement": same / max(1, total)}
+    _write(out or path, trace)
+    return trace
+
+
 def summarize(seqs: list[dict[str, Any]]) -> dict[str, float]:
     acc = [a for s in seqs for a in s["accepted"]]
     # mean accepted run length of a k=4 round started at every position (the quantity FixedK cares about)
@@ -137,11 +179,16 @@ def summarize(seqs: list[dict[str, Any]]) -> dict[str, float]:
             while n < 4 and j + n < len(a) and a[j + n]:
                 n += 1
             runs.append(n)
-    return {
+    out = {
         "positions": float(len(acc)),
         "alpha": float(np.mean(acc)) if acc else 0.0,
         "mean_accepted_k4": float(np.mean(runs)) if runs else 0.0,
     }
+    if seqs and all("second" in s for s in seqs):
+        # where the draft's first choice is rejected, how often its second is the target's token
+        miss = [b for s in seqs for a, b in zip(s["accepted"], s["second"], strict=True) if not a]
+        out["second_given_reject"] = float(np.mean(miss)) if miss else 0.0
+    return out
 
 
 def load_trace(path: str | Path) -> dict[str, Any]:

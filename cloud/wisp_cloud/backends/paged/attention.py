@@ -72,6 +72,8 @@ class Attention:
             v["q_start"],
             v["q_len"],
             v["kv_len"],
+            v["sib_n"],
+            v["sib_at"],
             v["block_table"],
             self.scaling,
             batch.tok,
@@ -110,6 +112,8 @@ class Attention:
                         torch.zeros(1, **i32),
                         torch.ones(1, **i32),
                         torch.ones(1, **i32),
+                        torch.zeros(1, **i32),
+                        torch.zeros(1, **i32),
                         torch.zeros((1, 16), **i32),
                         self.scaling,
                         tok,
@@ -156,7 +160,7 @@ class Attention:
         vc.index_copy_(0, slots, vv.view(T, hk, d))
         out = torch.zeros_like(q)
         g = hq // hk
-        for (qs, ql, kvl), seq_slots in zip(batch.seq_rows, batch.seq_slots, strict=False):
+        for (qs, ql, kvl, m, at), seq_slots in zip(batch.seq_rows, batch.seq_slots, strict=False):
             idx = torch.tensor(seq_slots, device=q.device)
             ks = kc.index_select(0, idx).transpose(0, 1).repeat_interleave(g, dim=0)  # [hq, L, d]
             vs = vc.index_select(0, idx).transpose(0, 1).repeat_interleave(g, dim=0)
@@ -165,7 +169,13 @@ class Attention:
             qpos = torch.arange(kvl - ql, kvl, device=q.device)[:, None]
             kpos = torch.arange(kvl, device=q.device)[None, :]
             mask = torch.zeros((ql, kvl), dtype=w.dtype, device=q.device)
-            mask.masked_fill_(kpos > qpos, torch.finfo(w.dtype).min)
+            hidden = kpos > qpos
+            if m:  # sibling j sees what draft token j sees, and itself
+                c0 = kvl - ql
+                hidden[ql - m :] = (kpos >= c0 + at + torch.arange(m, device=q.device)[:, None]) & (
+                    kpos != qpos[ql - m :]
+                )
+            mask.masked_fill_(hidden, torch.finfo(w.dtype).min)
             w = F.softmax(w + mask, dim=-1, dtype=torch.float32).to(q.dtype)
             out[qs : qs + ql] = torch.matmul(w, vs).transpose(0, 1)
         return out.reshape(T, hq * d)

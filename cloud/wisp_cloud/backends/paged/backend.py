@@ -61,6 +61,7 @@ class PagedBackend:
     """
 
     name = "paged"
+    max_siblings = 16
 
     def __init__(
         self,

@@ -33,7 +33,8 @@ class Batch:
     n_tiles: int
     tok: int  # query tokens per attention tile
     # host-side copies for the torch path and for reading results
-    seq_rows: list[tuple[int, int, int]] = field(default_factory=list)  # (q_start, q_len, kv_len)
+    # (q_start, q_len, kv_len, siblings, new-token index of the first draft token) per sequence
+    seq_rows: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     seq_slots: list[list[int]] = field(default_factory=list)  # every cached slot 0..kv_len-1, torch path only
 
     def layout(self) -> list[tuple[str, int]]:
@@ -75,6 +76,8 @@ def layout(T: int, B: int, W: int, R: int, n_tiles: int) -> list[tuple[str, int]
         ("q_start", B),
         ("q_len", B),
         ("kv_len", B),
+        ("sib_n", B),  # siblings: the last sib_n new tokens (base.py's KV convention)
+        ("sib_at", B),  # new-token index of the first draft token: sibling j sits at sib_at + j
         ("rows", R),
         ("block_table", B * W),
     ]
@@ -234,9 +237,16 @@ class Packer:
         seq_of = np.repeat(ar[:n], ql)
         pos = np.repeat(c - start, ql)
         pos += ar[:t_real]
-        v["pos"][:t_real] = pos
         page, off = np.divmod(pos, ps)
         v["slots"][:t_real] = bt[seq_of, page] * ps + off
+        sib = [(b, it.siblings) for b, it in enumerate(items) if it.siblings]
+        sib_at = [0] * n
+        for b, m in sib:  # a sibling is cached after the draft but takes its draft token's position
+            k = n_logits[b] - 1 - m
+            sib_at[b] = q_lens[b] - m - k
+            pos[end[b] - m : end[b]] -= k
+            v["sib_n"][b], v["sib_at"][b] = m, sib_at[b]
+        v["pos"][:t_real] = pos
         v["q_start"][:n] = start
         v["q_len"][:n] = ql
         v["kv_len"][:n] = c + ql
@@ -260,6 +270,7 @@ class Packer:
             for b, pages in enumerate(page_lists):
                 allp = np.arange(c[b] + ql[b], dtype=np.int64)
                 pg = np.asarray(pages, dtype=np.int64)
-                batch.seq_rows.append((int(start[b]), int(ql[b]), int(c[b] + ql[b])))
+                m = items[b].siblings
+                batch.seq_rows.append((int(start[b]), int(ql[b]), int(c[b] + ql[b]), m, sib_at[b]))
                 batch.seq_slots.append((pg[allp // ps] * ps + allp % ps).tolist())
         return batch

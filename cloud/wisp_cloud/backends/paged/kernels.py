@@ -54,6 +54,8 @@ if HAVE_TRITON:
         q_start,
         q_len,
         kv_len,
+        sib_n,
+        sib_at,
         block_table,
         qk_scale,
         stride_qt,
@@ -91,6 +93,11 @@ if HAVE_TRITON:
         head = kvh * G + rows % G
         row_ok = (rows < TOK * G) & (tok < ql)
         qpos = ctx0 + tok
+        # keys below `lim` are visible (plus the query's own): causal, but a sibling sees only what the draft
+        # token it stands beside sees (base.py's KV convention)
+        sn = tl.where(active, tl.load(sib_n + s), 0)
+        first_sib = ql - sn
+        lim = tl.where(tok >= first_sib, ctx0 + tl.load(sib_at + s) + tok - first_sib, qpos + 1)
         last = tl.minimum(t0 + TOK, ql)
         kv_end = tl.where(last > t0, ctx0 + last, 0)  # keys visible to the tile's last query
         n_blocks = tl.cdiv(kv_end, BLOCK_N)
@@ -122,7 +129,7 @@ if HAVE_TRITON:
             else:
                 qk = tl.dot(q, tl.trans(k))
             qk = qk * qk_scale
-            ok = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+            ok = ((kpos[None, :] < lim[:, None]) | (kpos[None, :] == qpos[:, None])) & kmask[None, :]
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -328,6 +335,8 @@ def paged_attention(
     q_start: torch.Tensor,  # [B] int32
     q_len: torch.Tensor,  # [B] int32
     kv_len: torch.Tensor,  # [B] int32, cached + new
+    sib_n: torch.Tensor,  # [B] int32, trailing sibling tokens (0: a plain causal item)
+    sib_at: torch.Tensor,  # [B] int32, new-token index of the first draft token
     block_table: torch.Tensor,  # [B, W] int32
     scale: float,
     tok: int,
@@ -360,6 +369,8 @@ def paged_attention(
         q_start,
         q_len,
         kv_len,
+        sib_n,
+        sib_at,
         block_table,
         scale * LOG2E,
         q.stride(0),

@@ -16,6 +16,7 @@ import java.nio.ByteOrder
  *     Round    16s session, I round, I committed_len, H n_draft,
  *              n_draft * i token,
  *              [if FLAG_SPARSE_Q] per draft position: H nnz, nnz * i id, nnz * f prob
+ *              [if FLAG_SIBLINGS] H n_sib, n_sib * i token (token trees: this client sends none)
  *     Verdict  16s session, I round, I committed_len, H accepted, i next_token,
  *              f queue_ms, f verify_ms, f wait_hint_ms, f price_ms, H unverified, H draft_cap, f launch_in_ms
  *
@@ -24,12 +25,14 @@ import java.nio.ByteOrder
  */
 object Protocol {
     // 2: Verdict price/unverified/FLAG_CENTRALIZE, Switch, Resumed.mode; 3: Verdict launch_in_ms;
-    // 4: Verdict draft_cap
-    const val VERSION = 4
+    // 4: Verdict draft_cap; 5: token trees (Round sibling_ids, Verdict FLAG_SIBLING, Limits.max_siblings),
+    // which this client does not draft: it sends chains, and refuses a verdict that names a sibling
+    const val VERSION = 5
     const val SUBPROTOCOL = "wisp.v1"
     const val FLAG_SPARSE_Q = 1
     const val FLAG_EOS = 1
     const val FLAG_CENTRALIZE = 2 // Verdict: the server decodes this session from now on (Tokens follow)
+    const val FLAG_SIBLING = 4 // Verdict: a sibling token was committed (only for rounds that carry siblings)
     const val KIND_ROUND = 1
     const val KIND_VERDICT = 2
     const val HEADER_BYTES = 4
@@ -100,17 +103,20 @@ data class Limits(
     val maxDraftLen: Int,
     val maxContextLen: Int,
     val maxSessionsPerToken: Int,
+    val maxSiblings: Int = 0,
 ) {
     fun toJson(): JSONObject = JSONObject()
         .put("max_frame_bytes", maxFrameBytes)
         .put("max_draft_len", maxDraftLen)
         .put("max_context_len", maxContextLen)
         .put("max_sessions_per_token", maxSessionsPerToken)
+        .put("max_siblings", maxSiblings)
 
     companion object {
         fun fromJson(o: JSONObject) = Limits(
             o.reqInt("max_frame_bytes"), o.reqInt("max_draft_len"),
             o.reqInt("max_context_len"), o.reqInt("max_sessions_per_token"),
+            o.optInt("max_siblings", 0),
         )
     }
 }
@@ -388,6 +394,9 @@ data class Verdict(
         fun decode(data: ByteArray): Verdict {
             val flags = readHeader(data, Protocol.KIND_VERDICT)
             if (data.size != Protocol.VERDICT_BYTES) throw ProtocolException("verdict frame has the wrong size")
+            if (flags and Protocol.FLAG_SIBLING != 0) {
+                throw ProtocolException("verdict commits a sibling token, but this client sends no siblings")
+            }
             val buf = ByteBuffer.wrap(data).order(ByteOrder.LITTLE_ENDIAN)
             buf.position(Protocol.HEADER_BYTES)
             val sid = readSessionId(buf)
