@@ -59,10 +59,10 @@ def test_loaded_server_prices_tokens_and_moves_wasteful_sessions_to_server_decod
     assert max(alone.prices) == 0.0 and alone.modes == []
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_client_is_refused_with_one_clear_error(version):
     from websockets.exceptions import ConnectionClosed
-    from wisp_sdk.protocol import Error
+    from wisp_sdk.protocol import PROTOCOL_VERSION, Error
 
     async def main():
         server = WispServer(FakeBackend(VOCAB), ServerConfig(port=0))
@@ -82,6 +82,6 @@ def test_an_older_client_is_refused_with_one_clear_error(version):
     err, closed = asyncio.run(main())
     assert isinstance(err, Error) and err.code.value == "bad_request" and closed
     assert (
-        f"protocol version {version} not supported (server speaks 4)" in err.message
+        f"protocol version {version} not supported (server speaks {PROTOCOL_VERSION})" in err.message
         and "upgrade" in err.message
     )

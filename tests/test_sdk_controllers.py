@@ -68,11 +68,31 @@ def test_wisp_running_rate_follows_verdicts():
     assert low < 0.2 and ctl.rate > 0.9
 
 
+def test_tree_siblings_follow_the_price_and_the_learned_hit_rate():
+    """Siblings on an idle GPU up to the tree, none at a price above their expected saving, none for FixedK."""
+    ctl = Wisp(tree=3)
+    ctl.start_round(LinkState(rtt_ms=20.0, draft_ms=5.0))
+    toks = [tok(token=i, top1=0.6, ent=1.5) for i in range(5)]
+    for i in range(len(toks)):
+        assert ctl.step(toks[: i + 1]) is not Action.DROP
+    assert ctl.siblings(toks) == 3  # price 0: every position up to the tree
+    ctl.link.price_ms = 1e6
+    assert ctl.siblings(toks) == 0  # no sibling is worth a second of others' GPU time
+    ctl.link.price_ms = 0.0
+    for _ in range(200):
+        ctl.observe_sibling(False)
+    assert ctl.sibling_hit < 1e-6 and ctl.siblings(toks) == 0  # a draft whose second choice never hits
+    fixed = FixedK(4)
+    fixed.start_round(LinkState())
+    assert fixed.tree == 0 and fixed.siblings(toks) == 0
+
+
 def test_make_controller():
     assert isinstance(make_controller("fixed:8"), FixedK) and make_controller("fixed:8").k == 8
     assert isinstance(make_controller("wisp"), Wisp)
     assert make_controller("wisp+ahead").draft_ahead > 0
     assert make_controller("wisp+cap").round_overhead > 0 and make_controller("wisp").round_overhead == 0
+    assert make_controller("wisp+tree").tree > 0 and make_controller("wisp").tree == 0
     with pytest.raises(ValueError):
         make_controller("nope")
 

@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ca-file", help="CA certificate (PEM) to verify a wss:// server with (default: the system's)"
     )
-    p.add_argument("--controller", default="wisp", help="wisp | wisp+ahead | wisp+cap | fixed:K")
+    p.add_argument("--controller", default="wisp", help="wisp | wisp+ahead | wisp+cap | wisp+tree | fixed:K")
     p.add_argument(
         "--threads", type=number(int, min=1), default=None, help="ONNX Runtime threads for the draft"
     )

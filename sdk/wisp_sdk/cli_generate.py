@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for the server's and the draft's sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
-        "--controller", default="wisp", help="wisp | wisp+ahead | wisp+cap | fixed:K (default: wisp)"
+        "--controller",
+        default="wisp",
+        help="wisp | wisp+ahead | wisp+cap | wisp+tree | fixed:K (default: wisp)",
     )
     p.add_argument("--mode", choices=["speculative", "centralized"], default="speculative")
     p.add_argument(

@@ -39,8 +39,8 @@ draft's second choice, or a second draw when sampling: free on the device, the s
 pass; it commits when its draft token is rejected and it is the target's token. Sibling j saves one round trip's
 worth of this session's time per committed token, T / E, with probability S_j (1 - a_j) h (the tokens before j
 survive, token j does not, the sibling hits: h learned from verdicts, `observe_sibling`), and costs one verified
-token, the price. It is sent iff S_j (1 - a_j) h T > price * E: on an idle GPU every position up to N gets one; under
-compute-bound load none (docs/scheduling.md §14).
+token, the price. It is sent iff S_j (1 - a_j) h T > price * E (and S_j (1 - a_j) h >= 2 %): on an idle GPU every
+position up to N where a sibling may help gets one; under compute-bound load none (docs/scheduling.md §14).
 
 Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
 `launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
@@ -74,6 +74,8 @@ from wisp_sdk.predictor import RejectionPredictor, features
 ROUND_OVERHEAD = 1.5
 # `wisp+tree`: the most siblings a round carries (the server may allow fewer: `Limits.max_siblings`)
 TREE_SIBLINGS = 4
+# a sibling committed in fewer rounds than this is not worth its frame bytes and the verify slot, even when idle
+MIN_SIBLING_P = 0.02
 
 
 class Action(enum.Enum):
@@ -265,7 +267,8 @@ class Wisp(Controller):
         n, before = 0, 1.0
         while n < k:
             miss = before - self._survive[n]  # token n is reached and rejected
-            if miss * self.sibling_hit * rate_ms <= price:
+            p_hit = miss * self.sibling_hit
+            if p_hit < MIN_SIBLING_P or p_hit * rate_ms <= price:
                 break
             before = self._survive[n]
             n += 1

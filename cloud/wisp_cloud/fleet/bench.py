@@ -6,7 +6,7 @@ set, trace, device and link profiles and SLO:
   centralized  server --policy centralized, clients in centralized mode (no drafting)
   sled         server --policy sled, clients with FixedK(k), for each k of --sled-k (the best k is reported)
   wisp         server --policy wisp, clients with the Wisp controller
-  wisp+C~F     ablation arms: the wisp server policy with clients' controller C (fixed:K, wisp+ahead, wisp+cap) and the
+  wisp+C~F     ablation arms: the wisp server policy with clients' controller C (fixed:K, wisp+ahead, wisp+cap, wisp+tree) and the
                server switches F set for this arm (config.ARM_FLAGS: no-fill, no-hybrid, no-regime, no-start-on-server,
                no-truncate, refuse, align, decode-all, no-probes, draft-cap)
 
@@ -259,7 +259,7 @@ def parse_arm(spec: str) -> tuple[str, str, tuple[str, ...]]:
     bad = [f for f in flags if f not in ARM_FLAGS]
     if bad or ((flags or controller) and policy != "wisp"):
         raise WispError(
-            f"arm {spec!r}: only a wisp arm takes a controller (+fixed:K, +wisp+ahead, +wisp+cap) or flags "
+            f"arm {spec!r}: only a wisp arm takes a controller (+fixed:K, +wisp+ahead, +wisp+cap, +wisp+tree) or flags "
             f"(~{', ~'.join(ARM_FLAGS)}); sweep SLED's k with --sled-k"
         )
     if controller:
