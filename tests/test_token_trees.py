@@ -146,3 +146,95 @@ def test_round_and_verdict_frames_carry_trees():
     v = Verdict(session_id=sid, round=2, committed_len=12, accepted=1, next_token=3, sibling=True)
     assert decode_verdict(encode_verdict(v)) == v
     assert not decode_verdict(encode_verdict(v.model_copy(update={"sibling": False}))).sibling
+
+
+# ---- the server: bad trees are one typed error, and the session goes on ----
+
+
+def test_bad_siblings_are_refused_and_the_session_goes_on():
+    import asyncio
+
+    from wisp_cloud.backends.fake import FAKE_FINGERPRINT
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.server import WispServer
+    from wisp_sdk.protocol import Hello, Open, Round, Verdict
+    from ws_client import Client
+
+    async def main():
+        server = WispServer(FakeBackend(1000), ServerConfig(port=0, max_siblings=2))
+        await server.start()
+        try:
+            c = await Client.connect(server.url)
+            welcome = await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            opened = await c.request(Open(prompt_ids=[1, 2]))
+            sid, ctx = opened.session_id, [1, 2, opened.next_token]
+            truth = [next_token(ctx[-1], len(ctx) - 1, 1000)]
+            truth.append(next_token(truth[0], len(ctx), 1000))
+            wrong = (truth[0] + 1) % 1000
+
+            def rnd(n: int, draft: list[int], sibs: list[int]) -> Round:
+                return Round(
+                    session_id=sid, round=n, committed_len=len(ctx), draft_ids=draft, sibling_ids=sibs
+                )
+
+            errors = [
+                await c.request(rnd(1, [wrong, 5], [1, 2, 3])),  # more siblings than draft tokens
+                await c.request(rnd(1, [wrong, 5, 6], [1, 2, 3])),  # more than max_siblings
+                await c.request(rnd(1, [wrong], [1000])),  # outside the vocabulary
+            ]
+            # the same round, now valid: the wrong draft token's sibling is the target's token
+            verdict = await c.request(rnd(1, [wrong, 5], [truth[0]]))
+            await c.aclose()
+            return welcome, errors, verdict, truth
+        finally:
+            await server.stop()
+
+    welcome, errors, verdict, truth = asyncio.run(main())
+    assert welcome.limits.max_siblings == 2
+    assert [e.code.value for e in errors] == ["bad_request"] * 3, errors
+    assert (
+        "siblings" in errors[0].message
+        and "limit 2" in errors[1].message
+        and "sibling_ids" in errors[2].message
+    )
+    assert isinstance(verdict, Verdict) and verdict.sibling and verdict.accepted == 0
+    assert verdict.next_token == truth[1] and verdict.committed_len == 3 + 2
+
+
+def test_a_sampling_sibling_outside_q_is_refused():
+    import asyncio
+
+    from wisp_cloud.backends.fake import FAKE_FINGERPRINT
+    from wisp_cloud.config import ServerConfig
+    from wisp_cloud.server import WispServer
+    from wisp_sdk.protocol import Hello, Open, Round, SamplingParams
+    from ws_client import Client
+
+    async def main():
+        server = WispServer(FakeBackend(1000), ServerConfig(port=0))
+        await server.start()
+        try:
+            c = await Client.connect(server.url)
+            await c.request(Hello(tokenizer_fingerprint=FAKE_FINGERPRINT))
+            opened = await c.request(
+                Open(prompt_ids=[1, 2], sampling=SamplingParams(temperature=1.0, seed=3))
+            )
+            msg = Round(
+                session_id=opened.session_id,
+                round=1,
+                committed_len=3,
+                draft_ids=[7],
+                q_ids=[[7, 8]],
+                q_probs=[[0.5, 0.5]],
+                sibling_ids=[9],
+            )
+            err = await c.request(msg)
+            ok = await c.request(msg.model_copy(update={"sibling_ids": [8]}))
+            await c.aclose()
+            return err, ok
+        finally:
+            await server.stop()
+
+    err, ok = asyncio.run(main())
+    assert err.code.value == "bad_request" and "support" in err.message
+    assert ok.round == 1  # a Verdict (an Error has no round number here)
