@@ -412,6 +412,17 @@ def _read_header(data: bytes, want_kind: int) -> int:
     return flags
 
 
+def _read_count(data: bytes, off: int, item_bytes: int, what: str) -> tuple[int, int]:
+    """A u16 count at `off` and the offset after it, checking that count * item_bytes bytes follow."""
+    if len(data) < off + _NNZ.size:
+        raise ProtocolError(f"round frame truncated in {what}")
+    (n,) = _NNZ.unpack_from(data, off)
+    off += _NNZ.size
+    if len(data) < off + item_bytes * n:
+        raise ProtocolError(f"round frame truncated in {what}")
+    return n, off
+
+
 def decode_round(data: bytes) -> Round:
     flags = _read_header(data, KIND_ROUND)
     off = _HEADER.size
@@ -428,23 +439,13 @@ def decode_round(data: bytes) -> Round:
     if flags & FLAG_SPARSE_Q:
         q_ids, q_probs = [], []
         for _ in range(n):
-            if len(data) < off + _NNZ.size:
-                raise ProtocolError("round frame truncated in draft distribution")
-            (nnz,) = _NNZ.unpack_from(data, off)
-            off += _NNZ.size
-            if len(data) < off + 8 * nnz:
-                raise ProtocolError("round frame truncated in draft distribution")
+            nnz, off = _read_count(data, off, 8, "draft distribution")
             q_ids.append(np.frombuffer(data, "<i4", nnz, off).tolist())
             q_probs.append(np.frombuffer(data, "<f4", nnz, off + 4 * nnz).tolist())
             off += 8 * nnz
     siblings: list[int] = []
     if flags & FLAG_SIBLINGS:
-        if len(data) < off + _NNZ.size:
-            raise ProtocolError("round frame truncated in sibling tokens")
-        (n_sib,) = _NNZ.unpack_from(data, off)
-        off += _NNZ.size
-        if len(data) < off + 4 * n_sib:
-            raise ProtocolError("round frame truncated in sibling tokens")
+        n_sib, off = _read_count(data, off, 4, "sibling tokens")
         siblings = np.frombuffer(data, "<i4", n_sib, off).tolist()
         off += 4 * n_sib
     if off != len(data):
