@@ -28,6 +28,7 @@ def _open(backend, sid: str, ids: list[int]) -> None:
 def test_is_a_backend(backend):
     assert isinstance(backend, Backend)
     assert backend.name == "sglang" and backend.vocab_size == 384 and backend.eos_token_ids
+    assert backend.max_siblings == 0  # chains only: the server's Welcome then refuses token trees
 
 
 def _run_order(backend, items) -> list[str]:

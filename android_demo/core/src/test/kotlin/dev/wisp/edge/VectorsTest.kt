@@ -80,6 +80,15 @@ class VectorsTest {
         }
     }
 
+    @Test
+    fun aVerdictNamingASiblingIsRefused() {
+        // token trees (protocol 5): this client sends no siblings, so a verdict that commits one is a broken server
+        val bytes = hex(v.getJSONArray("verdict").objects().first().getString("hex"))
+        bytes[2] = (bytes[2].toInt() or Protocol.FLAG_SIBLING).toByte()
+        val e = expectThrows<ProtocolException> { Verdict.decode(bytes) }
+        assertTrue(e.message!!.contains("sibling"), e.message)
+    }
+
     @TestFactory
     fun verdictFrames(): List<DynamicTest> = v.getJSONArray("verdict").objects().map { vec ->
         DynamicTest.dynamicTest("verdict ${vec.getString("name")}") {
