@@ -336,3 +336,47 @@ def test_summary_splits_attainment_by_whether_sessions_sent_rounds():
     s = summarize(records, warmup_s=1.0, duration_s=10.0)
     assert s["met_by_rounds"] == {"none": [3, 2], "some": [2, 1]}
     assert s["server_decoded_sessions"] == 3 and s["met"] == 3
+
+
+def test_simulated_trees_commit_siblings_where_the_trace_says_the_second_choice_is_right():
+    """The simulator mirrors token trees (the SDK's controller picks siblings; a rejected draft token's sibling
+    commits where the real draft's second choice matched): with a second choice that is always right the tree
+    arm commits more per round than chains; with one that never is, exactly as many."""
+    from wisp_cloud.estimator import VerifyTimeEstimator
+    from wisp_cloud.fleet.profiles import get_device, get_link
+    from wisp_cloud.fleet.simulate import SimConfig, simulate_gpu
+
+    def seqs(second: bool) -> list[dict]:
+        acc = [1, 1, 0, 1, 0, 1, 1, 1, 0, 0] * 20
+        return [{"accepted": acc, "top1": [0.6] * 200, "entropy": [1.0] * 200, "second": [second] * 200}]
+
+    def per_round(controller: str, second: bool) -> float:
+        cfg = SimConfig(
+            policy="wisp",
+            controller=controller,
+            devices=6,
+            duration_s=5.0,
+            warmup_s=1.0,
+            gap_s=1.0,
+            slo_ttft_ms=2000.0,
+            slo_tpot_ms=200.0,
+            prompt_tokens=[30],
+            lengths=[96],
+            trace=seqs(second),
+            device=get_device("mac-m4"),
+            link=get_link("metro-edge"),
+            estimator=VerifyTimeEstimator.default().to_dict(),
+            regime=False,
+            hybrid=False,
+            start_on_server=False,
+        )
+        done = [r for r in simulate_gpu(cfg) if r["rounds"]]
+        return sum(r["new_tokens"] - 1 for r in done) / sum(r["rounds"] for r in done)
+
+    chains, trees, misses = (
+        per_round("wisp", True),
+        per_round("wisp+tree", True),
+        per_round("wisp+tree", False),
+    )
+    assert trees > chains + 0.3, (chains, trees)
+    assert abs(misses - chains) < 0.25, (chains, misses)

@@ -23,15 +23,17 @@ class Replica:
 
 
 class Trace:
-    """One acceptance-trace sequence: per position, whether the draft matched, its top-1 prob and entropy."""
+    """One acceptance-trace sequence: per position, whether the draft matched, its top-1 prob and entropy, and
+    whether its second choice matched (`second`: token trees; all False in a trace without it)."""
 
-    __slots__ = ("acc", "ent", "n", "top1")
+    __slots__ = ("acc", "ent", "n", "second", "top1")
 
     def __init__(self, seq: dict) -> None:
         self.acc = [bool(a) for a in seq["accepted"]]
         self.top1 = [float(x) for x in seq["top1"]]
         self.ent = [float(x) for x in seq["entropy"]]
         self.n = len(self.acc)
+        self.second = [bool(a) for a in seq.get("second") or [False] * self.n]
 
 
 class Sess:
@@ -54,6 +56,7 @@ class Sess:
         "start",
         "trace",
         "kept",
+        "sibs",  # siblings sent with this round's first draft tokens (token trees)
         "moves",  # times the hybrid moved it to server-side decoding
         "handed",  # the hybrid handed it back to the edge at least once (session.server_decodes_next)
         "n_drafted",
@@ -70,3 +73,11 @@ class Sess:
         "think",  # the server's EWMA of its device time (verdict sent → next round arrived), as the engine's
         "answered",  # when the server sent its last verdict (None before the first round)
     )
+
+    def sibling_judged(self, accepted: int) -> bool:
+        """The round's draft token at `accepted` was rejected and had a sibling (the verdict judged it)."""
+        return accepted < min(self.sibs, len(self.kept))
+
+    def sibling_hit(self, accepted: int) -> bool:
+        """That sibling was the target's token: the real draft's second choice there matched (the trace)."""
+        return self.sibling_judged(accepted) and self.trace.second[(self.gen + accepted) % self.trace.n]

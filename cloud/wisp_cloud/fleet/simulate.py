@@ -76,6 +76,7 @@ class SimConfig:
     estimator: dict  # VerifyTimeEstimator.to_dict()
     max_batch: int = 64
     max_draft: int = 32
+    max_siblings: int = 8  # `wisp serve --max-siblings`: siblings a round may carry (token trees)
     noise: float = 0.0  # relative std-dev of simulated batch times around the estimator
     seed: int = 0
     policy_kw: dict | None = None
@@ -200,7 +201,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         s.ctl = None if centralized else make_controller(cfg.controller)
         s.link = LinkState(max_draft=cfg.max_draft)
         s.sent = 0
-        s.kept = []
+        s.kept, s.sibs = [], 0
         s.n_drafted = s.n_accepted = 0
         s.central, s.mode_steps, s.catchup, s.k_mean = False, 0, 0, None
         s.unfed, s.tail_unfed, s.moves, s.handed = 0, False, 0, False
@@ -320,15 +321,16 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             s.tail_unfed = s.tail_unfed and len(kept) == n_drafted
         s.k_mean = float(len(kept)) if s.k_mean is None else 0.8 * s.k_mean + 0.2 * len(kept)
         s.kept = kept
+        s.sibs = min(ctl.siblings(kept), cfg.max_siblings)  # as the SDK: its controller, the server's limit
         s.sent += 1
         t_dev_send = now + t
-        t_srv = t_dev_send + up(_ROUND_BYTES + 4 * len(kept))
+        t_srv = t_dev_send + up(_ROUND_BYTES + 4 * (len(kept) + s.sibs))
         s.round_sent = t_dev_send
         k = len(kept)
         req = Request(
             s.sid,
             "verify",
-            k + 1,
+            k + 1 + s.sibs,
             s.plen + s.gen - 1,
             deadline=s.dl.round_deadline(k, t_srv),
             arrival=t_srv,
@@ -376,13 +378,16 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             if tok.token != 1:
                 break
             accepted += 1
+        hit = s.sibling_hit(accepted)  # the sibling and the target's token after it (acceptance.py)
+        if s.sibling_judged(accepted):
+            s.ctl.observe_sibling(hit)
         room = s.max_new - s.gen
-        commit = min(accepted + 1, room)
+        commit = min(accepted + 1 + hit, room)
         s.gen += commit
-        s.unfed = int(s.tail_unfed and accepted == len(kept))
+        s.unfed = int(hit or (s.tail_unfed and accepted == len(kept)))  # a committed sibling: fed next round
         s.n_drafted += len(kept)
         s.n_accepted += accepted
-        s.dl.on_round(len(kept), accepted, finish)
+        s.dl.on_round(len(kept), accepted + hit, finish)
         arrive = finish + down(_VERDICT_BYTES)
         s.last_dev = arrive
         s.ctl.observe(kept, accepted)
