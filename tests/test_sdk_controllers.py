@@ -76,6 +76,12 @@ def test_tree_siblings_follow_the_price_and_the_learned_hit_rate():
     for i in range(len(toks)):
         assert ctl.step(toks[: i + 1]) is not Action.DROP
     assert ctl.siblings(toks) == 3  # price 0: every position up to the tree
+    ctl.tree = 5
+    ctl._survive = [0.99, 0.98, 0.97, 0.3, 0.1]  # confident, then a likely rejection at the fourth token
+    assert ctl.siblings(toks) == 5  # the early siblings, worth little alone, open the way to the later ones
+    ctl._survive = [0.999, 0.998, 0.997, 0.996, 0.995]  # nothing likely to be rejected: no sibling pays
+    assert ctl.siblings(toks) == 0
+    ctl.tree, ctl._survive = 3, [0.6, 0.36, 0.2, 0.1, 0.05]
     ctl.link.price_ms = 1e6
     assert ctl.siblings(toks) == 0  # no sibling is worth a second of others' GPU time
     ctl.link.price_ms = 0.0

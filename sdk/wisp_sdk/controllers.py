@@ -36,11 +36,12 @@ SLO stop (send a round already within 0.7 x its TPOT SLO), did not shorten draft
 
 Token trees (`Wisp(tree=N)`, `wisp+tree`). A round may carry a sibling for each of its first draft tokens (the
 draft's second choice, or a second draw when sampling: free on the device, the same logits), verified in the same
-pass; it commits when its draft token is rejected and it is the target's token. Sibling j saves one round trip's
-worth of this session's time per committed token, T / E, with probability S_j (1 - a_j) h (the tokens before j
-survive, token j does not, the sibling hits: h learned from verdicts, `observe_sibling`), and costs one verified
-token, the price. It is sent iff S_j (1 - a_j) h T > price * E (and S_j (1 - a_j) h >= 2 %): on an idle GPU every
-position up to N where a sibling may help gets one; under compute-bound load none (docs/scheduling.md §14).
+pass; it commits when its draft token is rejected and it is the target's token. Sibling j saves this session's time
+per committed token, T / E, with probability S_(j-1) (1 - a_j) h (the tokens before j survive, token j does not,
+the sibling hits: h learned from verdicts, `observe_sibling`), and costs one verified token: the price, and at least
+2 % of a committed token (frame bytes, a verify slot). Siblings go with a round's first m tokens, so m is the prefix
+whose summed value minus cost is largest: on an idle GPU as deep as the rejections are likely, under
+compute-bound load none (docs/scheduling.md §14).
 
 Launch alignment (docs/scheduling.md §11). The server's steps run back to back; each verdict carries
 `launch_in_ms` = F, the predicted time from the verdict leaving the server to the launch of the step after the
@@ -72,8 +73,8 @@ from wisp_sdk.predictor import RejectionPredictor, features
 # `wisp+cap`: a round's fixed GPU cost in verified tokens' worth. H200, 7B, compute-bound steps (runs 32-35): ≈ 40 µs
 # of host work and per-item overhead a round against ≈ 27 µs a verified token
 ROUND_OVERHEAD = 1.5
-# `wisp+tree`: the most siblings a round carries (the server may allow fewer: `Limits.max_siblings`)
-TREE_SIBLINGS = 4
+# `wisp+tree`: the most siblings a round carries (the server may allow fewer: `Limits.max_siblings`, default 8)
+TREE_SIBLINGS = 8
 # a sibling committed in fewer rounds than this is not worth its frame bytes and the verify slot, even when idle
 MIN_SIBLING_P = 0.02
 
@@ -257,22 +258,26 @@ class Wisp(Controller):
                 self.predictor.update(self._feats[i], ok, self.online_lr)
 
     def siblings(self, tokens: list[DraftToken]) -> int:
-        """The leading positions whose sibling pays its verify price (module docstring, "Token trees")."""
+        """The prefix of positions whose siblings pay their verify price together (module docstring, "Token
+        trees"): siblings go with the first m tokens, and the first rejection is often deep in a round (the
+        controller stops right before a predicted one), so an early sibling that does not pay alone may be worth
+        sending for the later ones it opens the way to."""
         k = min(self.tree, len(tokens), len(self._survive))
         if k == 0:
             return 0
         expected = 1.0 + sum(self._survive[: len(tokens)])
         rate_ms = self.round_ms(len(tokens)) / expected  # this session's time per committed token
-        price = max(0.0, self.link.price_ms)
-        n, before = 0, 1.0
-        while n < k:
-            miss = before - self._survive[n]  # token n is reached and rejected
-            p_hit = miss * self.sibling_hit
-            if p_hit < MIN_SIBLING_P or p_hit * rate_ms <= price:
-                break
-            before = self._survive[n]
-            n += 1
-        return n
+        # each sibling costs the price and at least MIN_SIBLING_P of a committed token (frame bytes, a slot)
+        cost = max(max(0.0, self.link.price_ms), MIN_SIBLING_P * rate_ms)
+        best = net = 0.0
+        m, before = 0, 1.0
+        for j in range(k):
+            miss = before - self._survive[j]  # token j is reached and rejected
+            net += miss * self.sibling_hit * rate_ms - cost
+            before = self._survive[j]
+            if net > best:
+                best, m = net, j + 1
+        return m
 
     def observe_sibling(self, hit: bool) -> None:
         self.sibling_hit = self.rate_ema * self.sibling_hit + (1 - self.rate_ema) * (1.0 if hit else 0.0)
