@@ -114,6 +114,15 @@ class SparseQ:
     probs: torch.Tensor  # float64 [m], normalized as the edge sampled
     drafted: float  # q at the drafted token (> 0)
 
+    def prob_of(self, token: int) -> float:
+        """q(token): 0 off the support."""
+        return _prob_at(self.ids, self.probs, token)
+
+
+def _prob_at(ids: torch.Tensor, probs: torch.Tensor, token: int) -> float:
+    at = (ids == token).nonzero()
+    return float(probs[at[0, 0]]) if at.numel() else 0.0
+
 
 def sparse_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> SparseQ:
     """Validate one sparse draft distribution; normalized as the edge sampled it."""
@@ -131,8 +140,7 @@ def sparse_q(q_ids: list[int], q_probs: list[float], vocab: int, token: int) -> 
     if abs(total - 1.0) > Q_SUM_TOLERANCE:
         raise DraftError(f"q probabilities sum to {total:.6f}, not 1")
     probs = probs / total
-    at = (ids == token).nonzero()
-    drafted = float(probs[at[0, 0]]) if at.numel() else 0.0
+    drafted = _prob_at(ids, probs, token)
     if drafted <= 0:
         raise DraftError(f"draft token {token} has q = 0: it cannot have been sampled from q")
     return SparseQ(ids, probs, drafted)
@@ -176,8 +184,7 @@ def _try_sibling(
     i: int, sib: int, res: torch.Tensor, q: SparseQ, p_after: torch.Tensor, gen: torch.Generator
 ) -> Decision:
     """The second candidate at position i after the first was rejected: recursive rejection on the residual."""
-    at = (q.ids == sib).nonzero()
-    q_sib = float(q.probs[at[0, 0]]) if at.numel() else 0.0
+    q_sib = q.prob_of(sib)
     if q_sib <= 0:
         raise DraftError(f"sibling token {sib} has q = 0: it cannot have been sampled from q")
     r = res / res.sum()
@@ -209,7 +216,7 @@ def check_siblings(siblings: list[int], draft: list[int], q: list[SparseQ] | Non
     if len(siblings) > min(limit, len(draft)):
         raise DraftError(f"{len(siblings)} siblings for {len(draft)} draft tokens (limit {limit})")
     for j, (sib, qj) in enumerate(zip(siblings, q or [], strict=False)):
-        if not bool(qj.probs[qj.ids == sib].gt(0).any()):
+        if qj.prob_of(sib) <= 0:
             raise DraftError(f"sibling {sib} at {j} is outside q's support: it cannot have been drawn from q")
 
 

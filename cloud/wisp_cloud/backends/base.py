@@ -69,6 +69,12 @@ class WorkItem:
     # the last `siblings` of the `n_logits` rows.
     siblings: int = 0
 
+    @property
+    def draft_start(self) -> int:
+        """Index in `new_tokens` of a verify item's first draft token (the pending context comes before it):
+        sibling j takes the position of new token `draft_start + j`."""
+        return len(self.new_tokens) - self.n_logits + 1
+
 
 class SparseTarget:
     """A sampling item's target p known only where it was asked, plus draws from p (the SGLang backend's

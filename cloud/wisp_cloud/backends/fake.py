@@ -57,7 +57,7 @@ class FakeBackend:
             n = len(seq) - m
             first = n - (it.n_logits - m)
             argmax = [next_token(seq[p], p, self.vocab_size) for p in range(first, n)]
-            at = n - (it.n_logits - 1 - m)  # position of draft token 0
+            at = len(seq) - len(it.new_tokens) + it.draft_start  # position of draft token 0
             argmax += [next_token(seq[n + j], at + j, self.vocab_size) for j in range(m)]
             probs = None if it.sampling.greedy else self._probs(argmax)
             results.append(ItemResult(it.seq_id, argmax, probs))

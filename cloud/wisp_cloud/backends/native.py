@@ -199,10 +199,10 @@ class NativeBackend:
         )
         for b, it in enumerate(items):
             if it.siblings:  # sibling j: draft token j's position and view, plus itself (base.py)
-                m, k = it.siblings, it.n_logits - 1 - it.siblings
+                m = it.siblings
                 first = big_n - m  # rows of the siblings (right-aligned)
-                at = first - k  # row of draft token 0
-                position_ids[b, first:] -= k
+                at = big_n - len(it.new_tokens) + it.draft_start  # row of draft token 0
+                position_ids[b, first:] -= first - at
                 for j in range(m):
                     allowed[b, first + j, big_c + at + j :] = False
                     allowed[b, first + j, big_c + first + j] = True

@@ -242,9 +242,8 @@ class Packer:
         sib = [(b, it.siblings) for b, it in enumerate(items) if it.siblings]
         sib_at = [0] * n
         for b, m in sib:  # a sibling is cached after the draft but takes its draft token's position
-            k = n_logits[b] - 1 - m
-            sib_at[b] = q_lens[b] - m - k
-            pos[end[b] - m : end[b]] -= k
+            sib_at[b] = items[b].draft_start
+            pos[end[b] - m : end[b]] -= q_lens[b] - m - sib_at[b]
             v["sib_n"][b], v["sib_at"][b] = m, sib_at[b]
         v["pos"][:t_real] = pos
         v["q_start"][:n] = start
