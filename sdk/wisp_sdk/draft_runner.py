@@ -24,7 +24,7 @@ import numpy as np
 from wisp_sdk.bundle import DraftManifest, load_manifest
 from wisp_sdk.errors import WispError
 from wisp_sdk.protocol import SamplingParams
-from wisp_sdk.sampling import SparseQ, confidence, sample_sparse, sparse_q
+from wisp_sdk.sampling import SparseQ, confidence, sample_sparse, second_choice, sparse_q
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -141,11 +141,7 @@ class DraftRunner:
         logits = self._logits
         top1_idx, top1, ent = confidence(logits)
         if sampling.greedy:
-            second = None
-            if alt:  # the second choice: the largest logit once the first is out
-                rest = np.asarray(logits, dtype=np.float32).copy()
-                rest[top1_idx] = -np.inf
-                second = int(np.argmax(rest))
+            second = int(second_choice(logits, top1_idx)) if alt else None
             return DraftToken(token=top1_idx, prob=top1, entropy=ent, top1=top1, alt=second)
         if rng is None:
             raise ValueError("sampling needs an rng")

@@ -58,6 +58,13 @@ def confidence(logits: np.ndarray) -> tuple[int, float, float]:
     return idx, 1.0 / z, max(0.0, ent)
 
 
+def second_choice(logits: np.ndarray, first: np.ndarray | int) -> np.ndarray:
+    """Per row of `logits` ([V] or [n, V]), the largest-scoring token other than `first` (that row's argmax): a
+    greedy draft's sibling (`DraftRunner.propose(alt=True)`), and what acceptance traces record as `second`."""
+    top2 = np.argpartition(logits, -2, axis=-1)[..., -2:]
+    return np.where(top2[..., 1] == first, top2[..., 0], top2[..., 1])
+
+
 def sparse_q(
     logits: np.ndarray,
     temperature: float,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from wisp_sdk.sampling import second_choice
 
 from wisp_cloud.fleet.workload import load_prompts, workload_provenance
 
@@ -27,10 +28,8 @@ def _confidence(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
     ent = -(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1)
-    top2 = np.argpartition(-logits, 1, axis=-1)[:, :2]
     first = p.argmax(axis=-1)
-    second = np.where(top2[:, 0] == first, top2[:, 1], top2[:, 0])
-    return first, p.max(axis=-1), ent, second
+    return first, p.max(axis=-1), ent, second_choice(logits, first)
 
 
 def _draft_rows(runner: Any, ids: list[int], cont: list[int]) -> dict[str, list]:
