@@ -9,7 +9,7 @@ import json
 import pytest
 from sim_inputs import EST_32B
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
-from wisp_cloud.sched.regime import DeviceLine, Regime, SessionSample, capacities, step_ms
+from wisp_cloud.sched.regime import Capacities, DeviceLine, Regime, SessionSample, capacities, step_ms
 
 
 @pytest.fixture(scope="module")
@@ -416,10 +416,48 @@ def test_a_flip_waits_while_the_capacity_it_trusts_is_still_moving(est32):
     first = r.last.decode
     est.refits += 1
     fleet(45.0)  # decoding still wins, at an N_dec far from the last decision's
-    assert r.decide(1.0) == "speculative" and r.leaning == 1  # the count starts over
+    assert r.decide(1.0) == "speculative" and r.leaning == 0  # moved: counts nothing, the count ends
     assert r.last.decode > 1.1 * r.last.speculative and abs(r.last.decode - first) > 0.1 * first
-    assert (
-        r.decide(2.0) == "speculative" and r.leaning == 1
-    )  # the same N_dec, but on the same fit: no evidence
+    # the same N_dec, but on the same fit: read against the fit before, it has still moved
+    assert r.decide(2.0) == "speculative" and r.leaning == 0
     est.refits += 1
-    assert r.decide(3.0) == "centralized"  # the same N_dec on the next fit: confirmed
+    assert r.decide(3.0) == "speculative" and r.leaning == 1  # the same N_dec on the next fit: counts
+    est.refits += 1
+    assert r.decide(4.0) == "centralized"  # and once more: confirmed
+
+
+def test_a_jump_after_a_decision_to_stay_starts_no_count(est32, monkeypatch):
+    """H200 run 82 (7B, Jetson, code10, 720 devices): N_dec read 341, 328 (speculation held), then 595, 708, 700 on
+    three refits. The jump to 595 started a count, 708 -> 700 confirmed it, and the fleet flipped to decoding, met
+    0.69 where it had met 0.80 speculating, and N_dec read 458, then 291, after the flip. Each decision is read
+    against the one on the fit before it, whatever that one said."""
+    est = copy.deepcopy(est32)
+    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    reads = [
+        (341, 350),
+        (328, 347),
+        (595, 341),
+        (708, 383),
+        (700, 356),
+        (458, 370),
+        (700, 356),
+        (705, 350),
+        (702, 352),
+    ]
+    it = iter(reads)
+
+    def scripted(samples, fleet_k, slack_ms=0.0):
+        dec, spec = next(it)
+        return Capacities(dec, spec, 7, 40.0, 10 * dec)
+
+    monkeypatch.setattr(r, "_capacities", scripted)
+    modes, leaning = [], []
+    for t in range(len(reads)):
+        est.refits += 1
+        modes.append(r.decide(float(t), active=500))
+        leaning.append(r.leaning)
+    # stay, stay, then 595 (moved from 328), 708 (moved), 700 (held: counts), 458 (moved: the count ends)
+    assert leaning[:6] == [0, 0, 0, 0, 1, 0] and modes[:6] == ["speculative"] * 6
+    # 700, then 705 and 702 on the next fits: held twice, the flip comes
+    assert leaning[6:8] == [0, 1] and modes[-1] == "centralized" and r.flips == 1

@@ -99,7 +99,10 @@ STEP_STEPS = 64
 # 527-574, then 401-439, then ≈ 290-335 as the online fit settled (one refit every 64 steps, ≈ 3 s; a decision every
 # 2 s), and the five flips to decoding that cost that row 6-47 points of attainment came on the second or third
 # decision (runs 64, 67, 68 twice, 72; run 72's on 404 -> 403, two decisions on one fit); at 32B N_dec moved 0-6 %
-# from the first decision on (runs 51-52, 70-71).
+# from the first decision on (runs 51-52, 70-71). Each decision is read against the one on the fit before it,
+# whatever that one said: in H200 run 82 (7B, Jetson, code10, 720 devices) N_dec read 341, 328, then 595, 708, 700
+# on three refits; the jump to 595 started a count (the decision before it had said "stay"), 708 -> 700 confirmed
+# it, and the decoded fleet met 0.69 where the speculating one had met 0.80 (N_dec read 458, then 291, after it).
 STEADY = 0.1
 
 
@@ -313,8 +316,12 @@ class Regime:
         self._answer = 0.0
         self.confirm = confirm
         self._leaning = 0  # consecutive decisions that said flip (`decide`)
-        # the estimator's refits and the trusted capacity at the last decision that counted toward a flip
-        self._lean_fit, self._lean_at = -1, 0
+        # Since the last flip (which changes what is trusted): the estimator fit of the latest decision, the trusted
+        # capacity it read, the one the latest decision on the fit before read (None: none), and the fit of the
+        # last decision that counted toward a flip.
+        self._fit, self._fit_at = -1, 0
+        self._before_at: int | None = None
+        self._lean_fit = -1
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
@@ -403,22 +410,25 @@ class Regime:
             flip = cap.decode > h * cap.speculative and serves_all
         else:
             flip = cap.speculative > h * cap.decode
-        # The count goes on with a decision on a later fit whose trusted capacity held still (`STEADY`); a decision
-        # on the fit of the one counted last adds nothing, and one whose capacity moved starts the count over.
+        # A decision that says flip counts where its trusted capacity held still (`STEADY`) since the latest decision
+        # on the fit before its own, whatever that one said (the first fit since a flip has none, and counts); one
+        # whose capacity moved counts nothing and ends the count; a second on the fit counted last adds nothing.
         trusted, fit = (cap.decode if to_decode else cap.speculative), self.estimator.refits
+        if fit != self._fit:
+            self._fit, self._before_at = fit, (self._fit_at if self._fit >= 0 else None)
+        self._fit_at = trusted
         if not flip:
             self._leaning = 0
-        elif self._leaning and fit == self._lean_fit:
-            pass
-        else:
-            at = self._lean_at
-            steady = self._leaning > 0 and at > 0 and abs(trusted - at) <= STEADY * at
-            self._leaning = self._leaning + 1 if steady else 1
-            self._lean_fit, self._lean_at = fit, trusted
+        elif not (self._leaning and fit == self._lean_fit):
+            at = self._before_at
+            steady = at is None or abs(trusted - at) <= STEADY * at
+            self._leaning = self._leaning + 1 if steady else 0
+            self._lean_fit = fit
         if self._leaning >= self.confirm:
             self.mode = "centralized" if self.mode == "speculative" else "speculative"
             self.flips += 1
             self._leaning = 0
+            self._fit, self._fit_at, self._before_at, self._lean_fit = -1, 0, None, -1
         return self.mode
 
     def _draft_cap(self, samples: list[SessionSample], active: int | None, own: Capacities) -> Capacities:
