@@ -461,3 +461,57 @@ def test_a_jump_after_a_decision_to_stay_starts_no_count(est32, monkeypatch):
     assert leaning[:6] == [0, 0, 0, 0, 1, 0] and modes[:6] == ["speculative"] * 6
     # 700, then 705 and 702 on the next fits: held twice, the flip comes
     assert leaning[6:8] == [0, 1] and modes[-1] == "centralized" and r.flips == 1
+
+
+def test_decoding_that_no_longer_serves_the_open_sessions_hands_the_fleet_back(est32, monkeypatch):
+    """H200 run 83 (7B, Jetson, code10, 720 devices): the fit read on speculative steps put N_dec at 663 and the fleet
+    flipped with 567 open; the fits on decode steps then read a limit of 418 and 318 with 632-639 open, and the fleet
+    stayed decoded, missing, to the end of the point. While decoding, `confirm` decisions in a row over the gate send
+    it back, and it is decoded again only with at most that limit open."""
+    est = copy.deepcopy(est32)
+    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    # (N_dec, N_spec, decode_limit, open sessions)
+    reads = [
+        (647, 365, 725, 576),  # decoding wins, steady twice: decoded
+        (663, 365, 743, 567),
+        (374, 370, 418, 632),  # decoding's own steps: the open sessions exceed its limit, twice
+        (284, 365, 318, 639),
+        (700, 360, 780, 500),  # the speculative fit overrates decoding again: held under the ceiling (318)
+        (700, 360, 780, 505),
+        (700, 360, 780, 510),
+        (700, 360, 780, 300),  # the load falls under it: decoding may be chosen again (steady twice)
+        (700, 360, 780, 290),
+    ]
+    it = iter(reads)
+
+    def scripted(samples, fleet_k, slack_ms=0.0):
+        dec, spec, limit, _ = next(it)
+        return Capacities(dec, spec, 7, 40.0, limit)
+
+    monkeypatch.setattr(r, "_capacities", scripted)
+    modes, ceilings = [], []
+    for t, read in enumerate(reads):
+        est.refits += 1
+        modes.append(r.decide(float(t), active=read[3]))
+        ceilings.append(r.decode_ceiling)
+    assert modes[:2] == ["speculative", "centralized"]
+    assert modes[2:4] == ["centralized", "speculative"] and ceilings[3] == 318
+    assert modes[4:7] == ["speculative"] * 3 and ceilings[6] == 318
+    assert modes[7:] == ["speculative", "centralized"] and r.decode_ceiling is None
+    assert r.flips == 3 and r.stats()["decode_ceiling"] == -1
+
+
+def test_one_decision_over_the_gate_while_decoding_moves_no_one(est32, monkeypatch):
+    # the open sessions swing around the limit (H200 run 78, 32B / HumanEval: 4-29 open against a limit of 23-26)
+    est = copy.deepcopy(est32)
+    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+    r.observe("s", SessionSample(0.7, 30.0, 500), 9.0, 60.0)
+    r.mode = "centralized"
+    monkeypatch.setattr(
+        r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(20, 15, 10, 0.0, 24)
+    )
+    for t, active in enumerate([25, 20, 29, 19, 24, 26, 13]):
+        est.refits += 1
+        assert r.decide(float(t), active=active) == "centralized"
+    assert r.flips == 0 and r.decode_ceiling is None

@@ -313,6 +313,7 @@ class Committer:
                 rho=round(regime.prompt_per_token(), 3),
                 samples=regime.sample_count,
                 leaning=regime.leaning,
+                ceiling=regime.decode_ceiling if regime.decode_ceiling is not None else -1,
                 refits=regime.estimator.refits,
             )
         return mode

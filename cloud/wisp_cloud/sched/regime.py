@@ -322,6 +322,11 @@ class Regime:
         self._fit, self._fit_at = -1, 0
         self._before_at: int | None = None
         self._lean_fit = -1
+        # decisions in a row, while decoding, that saw more sessions open than decoding serves (`decide`)
+        self._over = 0
+        # the open sessions that decoding last failed to serve (its `decode_limit` then; None: none): the fleet is
+        # decoded again only at or under it
+        self.decode_ceiling: int | None = None
         self.cap, self.cap_load = cap, cap_load
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
@@ -384,7 +389,9 @@ class Regime:
         speculative for 22 s against N_dec 50-54 (H200 run 47). On an H200 (7B, Jetson, code10, run 42) an
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
-        attainment at 1120-1280 devices, where centralized served 0.25."""
+        attainment at 1120-1280 devices, where centralized served 0.25. The gate holds while decoding as well:
+        `confirm` decisions in a row with more sessions open than `decode_limit` send the fleet back to speculation
+        at once, and it is decoded again only with at most that many open (`decode_ceiling`)."""
         if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         refitted = self.estimator.refits - self._refits0 >= self.min_refits
@@ -406,10 +413,20 @@ class Regime:
         h = 1.0 + self.hysteresis
         serves_all = active is None or active <= cap.decode_limit
         to_decode = self.mode == "speculative"
+        gated = False  # decoding no longer serves the open sessions: back to speculation
         if to_decode:
-            flip = cap.decode > h * cap.speculative and serves_all
+            under = active is None or self.decode_ceiling is None or active <= self.decode_ceiling
+            flip = cap.decode > h * cap.speculative and serves_all and under
         else:
             flip = cap.speculative > h * cap.decode
+            # The gate holds while decoding too: the fit that priced the flip was read on speculative steps, and
+            # on an H200 (7B, Jetson, code10, runs 82-83) N_dec rose 305 -> 663 over 12 s of them (the estimator's
+            # window of decode steps turned over), the fleet flipped at 567 open sessions, and the next fits, on
+            # decode steps, read N_dec 374 and 284 with 632-639 open.
+            self._over = 0 if serves_all else self._over + 1
+            gated = self._over >= self.confirm
+            if gated:
+                self.decode_ceiling = cap.decode_limit
         # A decision that says flip counts where its trusted capacity held still (`STEADY`) since the latest decision
         # on the fit before its own, whatever that one said (the first fit since a flip has none, and counts); one
         # whose capacity moved counts nothing and ends the count; a second on the fit counted last adds nothing.
@@ -424,11 +441,13 @@ class Regime:
             steady = at is None or abs(trusted - at) <= STEADY * at
             self._leaning = self._leaning + 1 if steady else 0
             self._lean_fit = fit
-        if self._leaning >= self.confirm:
+        if self._leaning >= self.confirm or gated:
             self.mode = "centralized" if self.mode == "speculative" else "speculative"
             self.flips += 1
-            self._leaning = 0
+            self._leaning = self._over = 0
             self._fit, self._fit_at, self._before_at, self._lean_fit = -1, 0, None, -1
+            if self.mode == "centralized":
+                self.decode_ceiling = None
         return self.mode
 
     def _draft_cap(self, samples: list[SessionSample], active: int | None, own: Capacities) -> Capacities:
@@ -518,6 +537,7 @@ class Regime:
             "speculative_step_ms": round(last.step_ms, 2) if last else -1,
             "measured_step_ms": round(self.measured_step_ms, 2),
             "cap_no_slack": int(self._no_slack),
+            "decode_ceiling": self.decode_ceiling if self.decode_ceiling is not None else -1,
             "device_fixed_ms": round(device.fixed_ms, 2),
             "device_per_token_ms": round(device.per_token_ms, 2),
             "prompt_per_token": round(self.prompt_per_token(), 3),
