@@ -515,3 +515,27 @@ def test_one_decision_over_the_gate_while_decoding_moves_no_one(est32, monkeypat
         est.refits += 1
         assert r.decide(float(t), active=active) == "centralized"
     assert r.flips == 0 and r.decode_ceiling is None
+
+
+def test_decoding_is_chosen_only_for_as_many_sessions_as_recent_steps_held(est32, monkeypatch):
+    """H200 runs 83-84 (7B, Jetson, code10): speculative steps held 70-120 items, and as the estimator's window of
+    decode steps turned over N_dec rose to 620-700; the fleet flipped with 540-640 open, and the decode steps that
+    followed put N_dec at 284-437. At 32B (run 78) the flips came with 14-17 open and steps of 11-17 items."""
+    est = copy.deepcopy(est32)
+    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    monkeypatch.setattr(
+        r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(700, 360, 7, 40.0, 780)
+    )
+    for _ in range(600):
+        r.stepped(25.0, 120)
+    for t in range(4):
+        est.refits += 1
+        assert r.decide(float(t), active=560) == "speculative"  # 560 > 1.25 × 120
+    assert r.leaning == 0
+    for _ in range(600):  # the steps grow (sessions decoded on the server, a burst of rounds)
+        r.stepped(40.0, 480)
+    est.refits += 1
+    assert r.decide(10.0, active=560) == "speculative" and r.leaning == 1
+    est.refits += 1
+    assert r.decide(11.0, active=560) == "centralized"

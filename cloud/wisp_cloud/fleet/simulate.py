@@ -489,7 +489,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
         if rp.regime is not None:
-            rp.regime.stepped(1000.0 * dur)
+            rp.regime.stepped(1000.0 * dur, len(batch))
         rp.busy_until = now + dur
         push(rp.busy_until, "batch", (r, batch, dur))
 

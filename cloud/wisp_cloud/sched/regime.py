@@ -104,6 +104,14 @@ STEP_STEPS = 64
 # on three refits; the jump to 595 started a count (the decision before it had said "stay"), 708 -> 700 confirmed
 # it, and the decoded fleet met 0.69 where the speculating one had met 0.80 (N_dec read 458, then 291, after it).
 STEADY = 0.1
+# Decoding is chosen only for as many open sessions as this × the largest step the server ran in its last
+# `MEASURED_STEPS` (≈ the estimator's window): beyond that N_dec is the fit's extrapolation. On an H200 (7B, Jetson,
+# code10, runs 83-84) speculative steps held 70-120 items, and as the estimator's window of decode steps turned over
+# its N_dec rose from ≈ 300 to 620-700 in 10 s; the fleet flipped at 540-640 open sessions, in each of three points,
+# and the fits on the decode steps that followed read N_dec 284-437. At 32B (run 78) the flips came with 14-17 open
+# and steps of 11-17 items.
+MEASURED_SLACK = 1.25
+MEASURED_STEPS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +339,9 @@ class Regime:
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
         self.measured_step_ms = 0.0  # since the cap last changed, a decayed mean (ms; 0: none yet)
+        self._batches: collections.deque[int] = collections.deque(
+            maxlen=MEASURED_STEPS
+        )  # recent steps' items
         self._steps = 0  # steps since the cap last changed
         self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
@@ -343,8 +354,11 @@ class Regime:
             self._samples.popitem(last=False)
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
 
-    def stepped(self, ms: float) -> None:
-        """A step ran for `ms` (host work and forward): the cap's slack is read against these."""
+    def stepped(self, ms: float, items: int = 0) -> None:
+        """A step of `items` items ran for `ms` (host work and forward): the cap's slack is read against these, and
+        decoding is chosen only for as many sessions as recent steps held (`MEASURED_SLACK`)."""
+        if items > 0:
+            self._batches.append(items)
         self._steps += 1
         m = self.measured_step_ms
         self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
@@ -391,7 +405,9 @@ class Regime:
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25. The gate holds while decoding as well:
         `confirm` decisions in a row with more sessions open than `decode_limit` send the fleet back to speculation
-        at once, and it is decoded again only with at most that many open (`decode_ceiling`)."""
+        at once, and it is decoded again only with at most that many open (`decode_ceiling`). And decoding is
+        chosen only for as many open sessions as the server's recent steps held, give or take (`MEASURED_SLACK`):
+        N_dec beyond them is the fit's extrapolation."""
         if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         refitted = self.estimator.refits - self._refits0 >= self.min_refits
@@ -416,7 +432,8 @@ class Regime:
         gated = False  # decoding no longer serves the open sessions: back to speculation
         if to_decode:
             under = active is None or self.decode_ceiling is None or active <= self.decode_ceiling
-            flip = cap.decode > h * cap.speculative and serves_all and under
+            seen = active is None or not self._batches or active <= MEASURED_SLACK * max(self._batches)
+            flip = cap.decode > h * cap.speculative and serves_all and under and seen
         else:
             flip = cap.speculative > h * cap.decode
             # The gate holds while decoding too: the fit that priced the flip was read on speculative steps, and
