@@ -54,7 +54,9 @@ verdict has come `confirm` decisions in a row (near-equal capacities read either
 and each flip moves every session) with the capacity it trusts steady between them (`STEADY`), and decoding
 only while it would serve every open session (past the N that decoding serves at the quantile TPOT itself, with
 no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
-meet the SLO). In the centralized regime the hybrid moves every speculative session to the server after its first
+meet the SLO), and for no more open sessions than the server's recent steps held, give or take (`MEASURED_SLACK`:
+beyond them N_dec is extrapolated). The gate holds while decoding too: the fleet goes back to speculation once
+`confirm` decisions in a row see it fail, and is decoded again only under the limit that failed. In the centralized regime the hybrid moves every speculative session to the server after its first
 verdict and none comes back, so WISP serves as centralized serving does instead of losing to it; in the speculative
 regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with
 `SAMPLE_ROUNDS` measured rounds; in the centralized regime one session in `probe_every` speculates for
