@@ -5,7 +5,9 @@
       --estimator bench/results/estimator/est-h200-32b-varlen.json --policies centralized,wisp --out DIR
 
 Variants: `default` (as built), `no-probes` (the regime enlists no probes in its centralized mode),
-`no-learned-offer` (devices offer `start_on_server` by the prefill rule only, as before `server_decodes_next`).
+`no-learned-offer` (devices offer `start_on_server` by the prefill rule only, as before `server_decodes_next`),
+`unmeasured-decoding` (the regime decodes the fleet for as many sessions as N_dec says, whatever the server's recent
+steps held: the regime without its measured gate).
 `--seeds` replaces the validation's seeds per point (sim_validate.SEEDS). Everything after `--` is `wisp simulate
 --validate`'s. A what-if: it prints and writes what `--validate` does, and asserts nothing.
 """
@@ -17,6 +19,7 @@ import sys
 
 import wisp_cloud.fleet.sim_validate as sim_validate
 import wisp_cloud.fleet.simulate as simulate
+import wisp_cloud.sched.regime as regime_module
 import wisp_sdk.session as session
 from wisp_sdk.cli import main as wisp
 
@@ -32,11 +35,22 @@ def _no_probes() -> None:
     simulate.Regime = without_probes  # type: ignore[misc,assignment]
 
 
+def _unmeasured_decoding() -> None:
+    regime_module.MEASURED_SLACK = float(
+        "inf"
+    )  # decoding for as many sessions as N_dec says, measured or not
+
+
 def _no_learned_offer() -> None:
     session.server_decodes_next = lambda *_: False  # type: ignore[assignment]
 
 
-VARIANTS = {"default": lambda: None, "no-probes": _no_probes, "no-learned-offer": _no_learned_offer}
+VARIANTS = {
+    "default": lambda: None,
+    "no-probes": _no_probes,
+    "no-learned-offer": _no_learned_offer,
+    "unmeasured-decoding": _unmeasured_decoding,
+}
 
 
 def main() -> int:

@@ -56,9 +56,10 @@ only while it would serve every open session (past the N that decoding serves at
 no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
 meet the SLO), and for no more open sessions than the server's recent steps held, give or take (`MEASURED_SLACK`:
 beyond them N_dec is extrapolated). The gate holds while decoding too: the fleet goes back to speculation once
-`confirm` decisions in a row see it fail, and is decoded again only under the limit that failed. In the centralized regime the hybrid moves every speculative session to the server after its first
-verdict and none comes back, so WISP serves as centralized serving does instead of losing to it; in the speculative
-regime the hybrid's own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with
+`confirm` decisions in a row see it fail, and is decoded again only under the limit that failed. In the
+centralized regime the hybrid moves every speculative session to the server after its first verdict and none comes
+back, so WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's
+own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with
 `SAMPLE_ROUNDS` measured rounds; in the centralized regime one session in `probe_every` speculates for
 `probe_rounds` rounds so that they stay fresh. A probe whose device offered to start decoded does so, and goes to
 the edge once it has dwelt (sched/hybrid.py): opened speculative, its first round waited for its draft's prompt
@@ -341,9 +342,8 @@ class Regime:
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
         self.measured_step_ms = 0.0  # since the cap last changed, a decayed mean (ms; 0: none yet)
-        self._batches: collections.deque[int] = collections.deque(
-            maxlen=MEASURED_STEPS
-        )  # recent steps' items
+        # the items of the server's recent steps (`MEASURED_SLACK`)
+        self._batches: collections.deque[int] = collections.deque(maxlen=MEASURED_STEPS)
         self._steps = 0  # steps since the cap last changed
         self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
