@@ -25,26 +25,7 @@ from wisp_sdk.protocol import SamplingParams, encode
 from wisp_sdk.transport import Transport
 
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
-
-
-class TraceSequence:
-    """One sequence of an acceptance trace: per generated position, (accepted, top1, entropy), and whether the
-    real draft's second choice was the target's token (`second`: token trees; all False in a trace without it)."""
-
-    __slots__ = ("accepted", "entropy", "second", "top1")
-
-    def __init__(self, seq: dict[str, Any]) -> None:
-        self.accepted = [bool(a) for a in seq["accepted"]]
-        self.top1 = [float(x) for x in seq["top1"]]
-        self.entropy = [float(x) for x in seq["entropy"]]
-        self.second = [bool(a) for a in seq.get("second") or [False] * len(self.accepted)]
-
-    def __len__(self) -> int:
-        return len(self.accepted)
-
-    def at(self, j: int) -> tuple[bool, float, float]:
-        i = j % len(self.accepted)  # past the traced length: wrap (documented approximation)
-        return self.accepted[i], self.top1[i], self.entropy[i]
+from wisp_cloud.fleet.trace_sequence import TraceSequence
 
 
 class EmulatedDraft:

@@ -153,7 +153,7 @@ async def _device(
 async def _shard_main(cfg: dict) -> list[dict]:
     from wisp_sdk.client import AsyncEdgeClient
 
-    from wisp_cloud.fleet.emulated import TraceSequence
+    from wisp_cloud.fleet.trace_sequence import TraceSequence
 
     proto = AsyncEdgeClient(
         cfg["url"],

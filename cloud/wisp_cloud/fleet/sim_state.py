@@ -1,4 +1,4 @@
-"""The simulator's state (fleet/simulate.py): a GPU's server, an acceptance trace, a session."""
+"""The simulator's state (fleet/simulate.py): a GPU's server and a session (their traces: fleet/trace_sequence.py)."""
 
 from __future__ import annotations
 
@@ -20,20 +20,6 @@ class Replica:
         self.wake_at: float | None = None
         self.live = 0  # open sessions (what leastconn counts)
         self.steps = 0  # steps run (the regime's refit pace)
-
-
-class Trace:
-    """One acceptance-trace sequence: per position, whether the draft matched, its top-1 prob and entropy, and
-    whether its second choice matched (`second`: token trees; all False in a trace without it)."""
-
-    __slots__ = ("acc", "ent", "n", "second", "top1")
-
-    def __init__(self, seq: dict) -> None:
-        self.acc = [bool(a) for a in seq["accepted"]]
-        self.top1 = [float(x) for x in seq["top1"]]
-        self.ent = [float(x) for x in seq["entropy"]]
-        self.n = len(self.acc)
-        self.second = [bool(a) for a in seq.get("second") or [False] * self.n]
 
 
 class Sess:
@@ -80,4 +66,4 @@ class Sess:
 
     def sibling_hit(self, accepted: int) -> bool:
         """That sibling was the target's token: the real draft's second choice there matched (the trace)."""
-        return self.sibling_judged(accepted) and self.trace.second[(self.gen + accepted) % self.trace.n]
+        return self.sibling_judged(accepted) and self.trace.second_at(self.gen + accepted)

@@ -49,7 +49,8 @@ from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.capacity import judge
 from wisp_cloud.fleet.gpu_clock import GpuClock
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
-from wisp_cloud.fleet.sim_state import Replica, Sess, Trace
+from wisp_cloud.fleet.sim_state import Replica, Sess
+from wisp_cloud.fleet.trace_sequence import TraceSequence
 from wisp_cloud.sched import Request, Scheduler, make_policy
 from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice, verify_len
@@ -149,7 +150,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
     align = cfg.align and cfg.policy == "wisp"
-    traces = [Trace(s) for s in cfg.trace] or [Trace({"accepted": [1], "top1": [0.9], "entropy": [0.3]})]
+    traces = [TraceSequence(s) for s in cfg.trace] or [
+        TraceSequence({"accepted": [1], "top1": [0.9], "entropy": [0.3]})
+    ]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
     seq = itertools.count()
@@ -292,8 +295,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             n_feed = (s.plen + 1) if (first and not kept) else 1 + (0 if kept else s.catchup + s.unfed)
             ms = dev_prof.step_s(rng, n_feed) * 1000
             t += ms / 1000
-            j = (s.gen + len(kept)) % s.trace.n
-            ok, top1, ent = s.trace.acc[j], s.trace.top1[j], s.trace.ent[j]
+            ok, top1, ent = s.trace.at(s.gen + len(kept))
             correct = correct and ok
             tok = DraftToken(token=1 if correct else 0, prob=top1, entropy=ent, top1=top1, ms=ms)
             action = ctl.step([*kept, tok])
