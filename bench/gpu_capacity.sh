@@ -8,7 +8,8 @@
 # tokenizer; no ONNX: `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.txt BUNDLE/*.jinja .fleetdata/bundle/` from
 # an exported draft bundle), the workload's prompt set and trace (WORKLOAD=code10|sharegpt|humaneval; see
 # `wisp bench run --help` and docs/workloads.md; no dataset package needed). EST: an estimator from `wisp profile` on the same GPU
-# kind (made here first if missing). INTERLEAVE=1: every arm at one N before the next (`--interleave`).
+# kind (made here first if missing). INTERLEAVE=1: every arm at one N before the next (`--interleave`). EXTEND=K: an
+# arm still at the target at the largest N runs up to K more points, 1.15x each (`--extend`).
 # CPU dry run: CONFIG=/tmp/tinyq DEVICE=cpu PROCS=1 N=2,4 bash bench/gpu_capacity.sh
 # The server runs pinned to SERVER_CORES and the emulated fleet to FLEET_CORES (taskset), so the fleet's Python
 # never takes the server's cores; defaults: the first quarter of the machine's cores for the server (at least 2).
@@ -50,6 +51,6 @@ fi
   --duration "${DURATION:-18}" --warmup "${WARMUP:-4}" --length-scale "${LENGTH_SCALE:-0.5}" --gap 1 \
   --slo-ttft-ms 2000 --slo-tpot-ms "${TPOT:-60}" --stop-below "${STOP_BELOW:-0.6}" \
   --device-profile "${DEVICE_PROFILE:-jetson}" --link "${LINK:-wifi-metro}" --procs "${PROCS:-12}" \
-  ${INTERLEAVE:+--interleave} --no-plots --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+  ${INTERLEAVE:+--interleave} --extend "${EXTEND:-0}" --no-plots --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 tar -C "$OUT/bench" -czf "$OUT/records.tgz" records logs 2>/dev/null || true
 rm -rf "$OUT/bench/records" "$OUT/bench/logs"

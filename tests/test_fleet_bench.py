@@ -225,6 +225,39 @@ def test_bench_interleave_runs_every_arm_at_one_n_before_the_next(
         )
 
 
+@pytest.mark.timeout(300)
+def test_bench_extend_goes_on_past_the_largest_n_until_a_point_misses(
+    tmp_path, tiny_target, tiny_bundle, tiny_trace
+):
+    """`--extend`: an arm still at the target at its largest N runs more points (1.15x the last N, at least one
+    more device) so that its capacity is measured, not a lower bound; an arm that missed runs none."""
+    from wisp_cloud.fleet.bench import run_bench
+
+    args = _bench_args(
+        tmp_path,
+        tiny_target,
+        tiny_bundle,
+        tiny_trace,
+        policies="centralized",
+        n="1,2",
+        duration=1.5,
+        extend=2,
+    )
+    result = run_bench(args)
+    assert [(p["policy"], p["n"]) for p in result["points"]] == [("centralized", n) for n in (1, 2, 3, 4)]
+    assert all(p["attainment"] >= 0.9 for p in result["points"])
+    assert result["config"]["extend"] == 2
+    assert result["policies"]["centralized"]["capacity_is_lower_bound"]  # 4 met it too: still a bound
+    # never at the target (attainment > 1 cannot be met): no point past the sweep
+    missed = run_bench(
+        _bench_args(
+            tmp_path, tiny_target, tiny_bundle, tiny_trace, policies="centralized", n="1", duration=1.5,
+            extend=2, attainment=1.01, out=str(tmp_path / "bench2"),
+        )
+    )  # fmt: skip
+    assert [p["n"] for p in missed["points"]] == [1]
+
+
 @pytest.mark.parametrize(
     "spec",
     ["sled+fixed:3", "centralized~no-fill", "wisp~no-such", "wisp+fixed:x", "wisp+magic", "wisp~no-refuse"],

@@ -97,6 +97,14 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("--stop-below", type=float, default=0.5, help="stop a sweep after 2 points below this")
     r.add_argument(
+        "--extend",
+        type=int,
+        default=0,
+        metavar="POINTS",
+        help="an arm that still meets --attainment at the largest N runs up to POINTS more points, each 1.15x the "
+        "last N, until one misses: its capacity is then measured, not a lower bound (default 0: no more points)",
+    )
+    r.add_argument(
         "--device-profile",
         default="jetson",
         help="jetson, phone, mac-m4, x86-2core, instant; or a comma-separated list (the drafting arms run for each; "
