@@ -265,7 +265,7 @@ def test_the_engine_reports_finished_sessions_to_the_regime():
     from wisp_cloud.config import ServerConfig
     from wisp_cloud.server import WispServer
 
-    async def main() -> float:
+    async def main() -> tuple[float, list[int], int]:
         backend = FakeBackend(VOCAB, base_s=0.001, per_token_s=0.0)
         server = WispServer(backend, ServerConfig(port=0, policy="wisp", admission_target=0.0))
         await server.start()
@@ -274,11 +274,14 @@ def test_the_engine_reports_finished_sessions_to_the_regime():
                 await drive(server.url, list(range(5, 45)), 20, 1.0, 3, 60.0, seed=seed)
             regime = server.engine.committer.regime
             assert regime is not None
-            return regime.prompt_per_token()
+            return regime.prompt_per_token(), list(regime._batches), regime._steps
         finally:
             await server.stop()
 
-    assert asyncio.run(main()) == pytest.approx(40 / 20, rel=0.02)
+    rho, batches, steps = asyncio.run(main())
+    assert rho == pytest.approx(40 / 20, rel=0.02)
+    # and every step's items, which bound how many sessions it decodes (`MEASURED_SLACK`): one session at a time
+    assert len(batches) == steps > 0 and set(batches) == {1}
 
 
 def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
