@@ -150,9 +150,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
     align = cfg.align and cfg.policy == "wisp"
-    traces = [TraceSequence(s) for s in cfg.trace] or [
-        TraceSequence({"accepted": [1], "top1": [0.9], "entropy": [0.3]})
-    ]
+    traces = [TraceSequence(s) for s in cfg.trace or [{"accepted": [1], "top1": [0.9], "entropy": [0.3]}]]
     dev_prof, link = cfg.device, cfg.link
     centralized = cfg.policy == "centralized" or not cfg.controller
     seq = itertools.count()
