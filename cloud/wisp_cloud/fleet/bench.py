@@ -378,6 +378,7 @@ def run_bench(args: Any) -> dict[str, Any]:
     for spec in policies:
         parse_arm(spec)  # a bad arm fails before any server starts
     sled_ks = [int(k) for k in str(args.sled_k).split(",") if k.strip()]
+    extend = int(getattr(args, "extend", 0) or 0)
     serve_args = list(args.serve_args)
     # every device is one client of one server: no per-token session cap, short TTL for abandoned sessions
     for flag, value in (
@@ -414,7 +415,7 @@ def run_bench(args: Any) -> dict[str, Any]:
             "link_profiles": [asdict(x) for x in links],
             "procs": args.procs,
             "seed": args.seed,
-            "extend": int(getattr(args, "extend", 0) or 0),
+            "extend": extend,
         },
         "points": [],
     }
@@ -510,7 +511,7 @@ def run_bench(args: Any) -> dict[str, Any]:
         # on at EXTEND_STEP × the last N until a point misses (at most `extend` more points)
         for sw in sweeps:
             n = ns[-1]
-            for _ in range(int(getattr(args, "extend", 0) or 0)):
+            for _ in range(extend):
                 if last.get(sw, 0.0) < args.attainment:
                     break
                 n = max(n + 1, round(n * EXTEND_STEP))

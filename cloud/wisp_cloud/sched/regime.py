@@ -330,7 +330,8 @@ class Regime:
         # Since the last flip (which changes what is trusted): the estimator fit of the latest decision, the trusted
         # capacity it read, the one the latest decision on the fit before read (None: none), and the fit of the
         # last decision that counted toward a flip.
-        self._fit, self._fit_at = -1, 0
+        self._fit = -1
+        self._fit_at: int | None = None
         self._before_at: int | None = None
         self._lean_fit = -1
         # decisions in a row, while decoding, that saw more sessions open than decoding serves (`decide`)
@@ -451,7 +452,7 @@ class Regime:
         # whose capacity moved counts nothing and ends the count; a second on the fit counted last adds nothing.
         trusted, fit = (cap.decode if to_decode else cap.speculative), self.estimator.refits
         if fit != self._fit:
-            self._fit, self._before_at = fit, (self._fit_at if self._fit >= 0 else None)
+            self._fit, self._before_at = fit, self._fit_at
         self._fit_at = trusted
         if not flip:
             self._leaning = 0
@@ -464,7 +465,7 @@ class Regime:
             self.mode = "centralized" if self.mode == "speculative" else "speculative"
             self.flips += 1
             self._leaning = self._over = 0
-            self._fit, self._fit_at, self._before_at, self._lean_fit = -1, 0, None, -1
+            self._fit, self._fit_at, self._before_at, self._lean_fit = -1, None, None, -1
             if self.mode == "centralized":
                 self.decode_ceiling = None
         return self.mode
