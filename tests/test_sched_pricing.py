@@ -162,17 +162,3 @@ def test_the_rule_says_why_it_moves_a_session():
     # a round of 200 ms for ≈ 2.3 tokens on a 50 ms SLO, where a decode step takes 30 ms
     assert rule.to_centralized(rounds=1, k=4, alpha=0.6, round_ms=200.0, decode_ms=30.0, **busy) is Why.slow
     assert HybridRule(every=2).to_centralized(rounds=2, k=4, alpha=0.9, **busy) is Why.hook
-
-
-def test_a_saturated_gpu_prices_every_open_session_and_an_idle_one_only_its_step():
-    est = VerifyTimeEstimator.default()
-    step = shape(32)
-    busy, idle, local = VerifyPrice(est), VerifyPrice(est), VerifyPrice(est, fleet=False)
-    for _ in range(400):  # steps back to back: the saturation converges to 1
-        p_busy = busy.update(step, waiting=0, open_sessions=800)
-        p_idle = idle.update(step, waiting=0, open_sessions=800, idled=True)
-        p_local = local.update(step, waiting=0, open_sessions=800)
-    assert busy.saturation > 0.99 and idle.saturation == 0.0
-    assert p_idle == pytest.approx(p_local)  # the GPU idles between steps: a delay stops at the gap
-    assert p_busy == pytest.approx(p_local * 799 / 31, rel=0.02)  # every other open session waits f longer
-    assert busy.update(step, waiting=0, open_sessions=20) == pytest.approx(p_local)  # fewer open than in the step

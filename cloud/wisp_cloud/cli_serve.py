@@ -224,12 +224,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="--policy wisp: verify every draft token, even a tail whose survival does not pay the verify price",
     )
     p.add_argument(
-        "--no-fleet-price",
-        action="store_true",
-        help="--policy wisp: price a verified token by the sessions in its step and the queue only, not every open "
-        "session that a longer step delays on a saturated GPU",
-    )
-    p.add_argument(
         "--no-fill",
         action="store_true",
         help="--policy wisp: do not fill the weight read (decodes together, a small batch waiting for announced "
@@ -337,7 +331,6 @@ def run(args: argparse.Namespace) -> int:
         decode_all=args.decode_all,
         probes=not args.no_probes,
         truncate_drafts=not args.no_truncate,
-        fleet_price=not args.no_fleet_price,
         fill=not args.no_fill,
         refuse=args.refuse,
         align=args.align,

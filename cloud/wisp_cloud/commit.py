@@ -72,7 +72,6 @@ class Committer:
         hybrid: HybridRule | None = None,
         regime: Regime | None = None,
         forced_cap: int = 0,
-        fleet_price: bool = True,
     ) -> None:
         self.store, self.queue, self.estimator = store, queue, estimator
         self.metrics, self.slo = metrics, slo
@@ -84,8 +83,7 @@ class Committer:
         self.kv_ops: list[tuple[str, int | None]] = []
         self._solo_memo: dict[tuple[int, int, bool], float] = {}
         self._solo_version = -1
-        self.price = VerifyPrice(estimator, fleet_price)  # each verdict's price_ms, refreshed once per step
-        self.idled = False  # the GPU idled since the last commit (the engine sets it; the price reads it)
+        self.price = VerifyPrice(estimator)  # each verdict's price_ms, refreshed once per step
         self.hybrid = hybrid  # None: sessions never switch mode
         self.regime = regime  # None: the hybrid's per-session rule alone decides (sched/regime.py)
         self.forced_cap = forced_cap  # a test hook: every verdict carries this draft cap (0: the regime's)
@@ -108,11 +106,7 @@ class Committer:
         self.queue.hints.finished(
             [p.planned.job.ran_shape for p in outcomes if p.planned.job.ran_shape is not None], now
         )
-        price = self.price.update(
-            self.queue.hints.last_shape, len(self.queue.waiting), len(self.store), self.idled
-        )
-        self.metrics.price_ms.set(price)
-        self.idled = False
+        self.metrics.price_ms.set(self.price.update(self.queue.hints.last_shape, len(self.queue.waiting)))
         if self.regime is not None:
             last = self.regime.last
             cap = (last.decode, last.speculative) if last is not None else (-1, -1)

@@ -71,9 +71,6 @@ class ServerConfig:
     # while it decodes the fleet.
     probes: bool = True
     truncate_drafts: bool = True
-    # `--policy wisp`: the verify price counts every open session a longer step delays on a GPU that runs its
-    # steps back to back, not only those in the step (sched/pricing.py). `--no-fleet-price`: the step's alone.
-    fleet_price: bool = True
     # `--policy wisp`: fill the weight read (sched/fill.py): decodes ride every step together, a small batch waits
     # for announced rounds when that serves more per GPU second. `--no-fill` turns it off.
     fill: bool = True
@@ -177,8 +174,6 @@ ARM_FLAGS: dict[str, tuple[str, bool]] = {
     "regime": ("regime", True),  # runs 21-22 ran it as an arm, before it was the default
     "no-start-on-server": ("start_on_server", False),
     "no-truncate": ("truncate_drafts", False),
-    "no-fleet-price": ("fleet_price", False),
-    "fleet-price": ("fleet_price", True),
     "draft-cap": ("draft_cap", True),
     "no-draft-cap": ("draft_cap", False),
     "decode-all": ("decode_all", True),

@@ -157,7 +157,6 @@ class Engine:
             if self.hybrid is not None and wisp and config.regime
             else None,
             forced_cap=config.force_draft_cap,
-            fleet_price=config.fleet_price,
         )
         if self.committer.regime is not None:
             self.policy.follow(self.committer.regime)
@@ -443,7 +442,6 @@ class Engine:
                 self._finish(prev)  # overlaps the forward just launched
                 prev = None
             if fut is None:
-                self.committer.idled = True  # the GPU waits: a longer step before this delays no later one
                 self.metrics.queued.set(len(self.queue))
                 if not self.queue.waiting:
                     await self._sleep(_HOUSEKEEPING_S)

@@ -112,11 +112,6 @@ def add_parser(subparsers) -> None:
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
     )
     p.add_argument(
-        "--no-fleet-price",
-        action="store_true",
-        help="wisp policy: price a verified token by its step and the queue only (as `wisp serve --no-fleet-price`)",
-    )
-    p.add_argument(
         "--draft-cap",
         action="store_true",
         help="wisp policy: under load, verdicts cap drafts at the regime's best k (as `wisp serve --draft-cap`)",

@@ -10,7 +10,7 @@ from wisp_cloud.sched.regime import Regime
 class Replica:
     """One GPU's server: its own scheduler (queue, policy, estimator), verify price and busy clock."""
 
-    __slots__ = ("busy_until", "idled", "live", "price", "regime", "sched", "steps", "wake_at")
+    __slots__ = ("busy_until", "live", "price", "regime", "sched", "steps", "wake_at")
 
     def __init__(self, sched: Scheduler, price: VerifyPrice, regime: Regime | None) -> None:
         self.sched = sched
@@ -20,7 +20,6 @@ class Replica:
         self.wake_at: float | None = None
         self.live = 0  # open sessions (what leastconn counts)
         self.steps = 0  # steps run (the regime's refit pace)
-        self.idled = False  # the GPU idled since the last step ended (VerifyPrice.update)
 
 
 class Sess:

@@ -54,8 +54,6 @@ def arm_config(cfg: SimConfig, spec: str, controller: str) -> SimConfig:
             over[field] = value
         elif field == "truncate_drafts":
             over["truncate"] = value
-        elif field == "fleet_price":
-            over["fleet_price"] = value
         else:  # a switch added to config.ARM_FLAGS without a simulated twin
             raise WispError(f"arm {spec!r}: switch ~{flag} is not simulated")
     return replace(cfg, policy=policy, controller=ctl, policy_kw=kw or None, **over)

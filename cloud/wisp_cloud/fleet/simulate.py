@@ -89,7 +89,6 @@ class SimConfig:
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
-    fleet_price: bool = True  # the price counts all open sessions on a busy GPU (`--no-fleet-price`: off)
     draft_cap: bool = False  # `wisp` policy with the regime: under load, verdicts cap drafts (`--draft-cap`)
     decode_all: bool = False  # `wisp` policy with the regime: it decodes from the start (`--decode-all`)
     replicas: int = 1  # GPUs simulated together in this one event loop
@@ -146,7 +145,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         regime = Regime(est, min_refits=MIN_REFITS, cap=cfg.draft_cap, hold=hold) if on else None
         if regime is not None:
             policy.follow(regime)
-        reps.append(Replica(sched, VerifyPrice(est, cfg.fleet_price), regime))
+        reps.append(Replica(sched, VerifyPrice(est), regime))
     turn = itertools.count()  # round-robin position (leastconn breaks ties in turn, as HAProxy does)
     hybrid = HybridRule() if cfg.hybrid and cfg.policy == "wisp" and cfg.controller else None
     truncate = cfg.truncate and cfg.policy == "wisp" and bool(cfg.controller)
@@ -478,7 +477,6 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             return
         batch = rp.sched.next_batch(now)
         if batch is None:
-            rp.idled = True  # the GPU waits (the price's saturation reads it)
             w = rp.sched.wakeup(now)
             if w is not None and (rp.wake_at is None or w < rp.wake_at - 1e-12 or rp.wake_at <= now):
                 rp.wake_at = max(w, now + 1e-6)
@@ -516,8 +514,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             r, batch, dur = obj
             rp = reps[r]
             outs = rp.sched.complete(batch, dur, now)
-            rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting), rp.live, rp.idled)
-            rp.idled = False
+            rp.price.update(rp.sched.hints.last_shape, len(rp.sched.waiting))
             for out in outs:
                 on_answer(out.request.payload, out.request, now, dur)
                 if out.request.kind == "verify":

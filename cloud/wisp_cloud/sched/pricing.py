@@ -5,19 +5,9 @@ the estimator's marginal per-token cost f, and every other session in that step 
 f longer. So the price of one verified token is
 
     price_ms = f_ms × others,   others = (sessions in the last batch − 1) + requests waiting
-                                          + saturation × (the other open sessions)
 
-The last term is the fleet's (`fleet`, on by default): on a GPU that runs its steps back to back, a step made f
-longer delays every step after it by f until the GPU next idles, so the token delays every open session, not only
-those in its step: the ones whose devices are drafting ride the later steps. `saturation` is the share of recent
-steps launched without the GPU idling before them (a decayed mean over ≈ `SATURATION_STEPS`). Without it, on an
-H200 (7B, Jetson, code10, run 87) the price stayed 4-17 ms (p50) against 18.5 ms of Jetson draft time a token while
-the steps grew compute-bound, the fleet drafted longer as load rose (k 5.5, 6.2, 8.0 at 640 / 800 / 960 devices;
-at 960, 1.44 tokens verified a committed one against SLED's 1.14 at k = 3), and SLED at k = 3 matched WISP (836
-against 842 devices).
-
-It is 0 on an idle server (an extra token delays nobody), and rises with load: more sessions per step, a
-longer queue, and a GPU that no longer idles. Verdicts carry it (`Verdict.price_ms`); the edge's controller drafts a token only while its
+It is 0 on an idle server (an extra token delays nobody), and rises with load: more sessions per step and a
+longer queue. Verdicts carry it (`Verdict.price_ms`); the edge's controller drafts a token only while its
 expected value covers its draft time plus this price, and the server verifies only the prefix of a draft whose
 survival probability pays for it (`verify_len`). Pure: no clock, no torch.
 """
@@ -26,15 +16,10 @@ from __future__ import annotations
 
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 
-# `VerifyPrice.saturation` is a decayed mean over about this many steps (≈ 2 s at 7B under load)
-SATURATION_STEPS = 64
-
 
 class VerifyPrice:
-    def __init__(self, estimator: VerifyTimeEstimator, fleet: bool = True) -> None:
+    def __init__(self, estimator: VerifyTimeEstimator) -> None:
         self.estimator = estimator
-        self.fleet = fleet  # price the open sessions beyond the step too (module docstring)
-        self.saturation = 0.0  # the share of recent steps launched with no idle GPU before them
         self.price_ms = 0.0  # the current price, refreshed once per step (`update`)
         # what one more item costs a step beyond its tokens (per-sequence work, host work the online fit holds),
         # in verified tokens' worth: the hybrid weighs a decoded token's item against a round's (`update`)
@@ -59,14 +44,9 @@ class VerifyPrice:
         per_token = max(0.0, three - two)
         return 1000.0 * per_token, 1000.0 * max(0.0, two - 2.0 * per_token)
 
-    def update(
-        self, last_shape: BatchShape, waiting: int, open_sessions: int = 0, idled: bool = False
-    ) -> float:
-        """Refresh the price from the batch that just ran, the queue behind it and the sessions open (`idled`:
-        the GPU idled since the last update)."""
-        self.saturation += ((0.0 if idled else 1.0) - self.saturation) / SATURATION_STEPS
-        near = max(0, last_shape.batch_size - 1) + max(0, waiting)
-        others = near + (self.saturation * max(0, open_sessions - 1 - near) if self.fleet else 0.0)
+    def update(self, last_shape: BatchShape, waiting: int) -> float:
+        """Refresh the price from the batch that just ran and the queue behind it."""
+        others = max(0, last_shape.batch_size - 1) + max(0, waiting)
         per_token, per_item = self._marginals(last_shape)
         self.price_ms = per_token * others if others else 0.0
         self.item_ratio = per_item / per_token if per_token > 0.0 else 0.0
