@@ -542,3 +542,23 @@ def test_decoding_is_chosen_only_for_as_many_sessions_as_recent_steps_held(est32
     assert r.decide(10.0, active=560) == "speculative" and r.leaning == 1
     est.refits += 1
     assert r.decide(11.0, active=560) == "centralized"
+
+
+def test_gpu_bound_steps_let_decoding_serve_more_sessions_than_they_held(est32, monkeypatch):
+    """H200 run 89 (32B, Jetson, code10): N_dec 201-238 against N_spec 115-138 with 223-302 open, steps of 65-111
+    items, host work 4-7 % of a step: the fit's extrapolation holds there, and the gate cost WISP 0.87 against
+    centralized's 0.98. Steps that are mostly host work (7B, runs 83-85: 18-20 %) still gate it."""
+    for host_ms, flips in ((2.0, True), (8.0, False)):  # of 40-ms steps: a share of 0.05, then 0.2
+        est = copy.deepcopy(est32)
+        r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+        r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+        monkeypatch.setattr(
+            r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(235, 125, 7, 40.0, 260)
+        )
+        for _ in range(600):
+            r.stepped(40.0, 100, host_ms)
+        modes = []
+        for t in range(3):
+            est.refits += 1
+            modes.append(r.decide(float(t), active=240))  # 240 > 1.25 × 100
+        assert (modes[-1] == "centralized") is flips, (host_ms, modes, r.host_share)

@@ -124,8 +124,11 @@ class GpuClock:
         self.host = HostTime(**host) if host else None
 
     def step_s(self, batch: Batch) -> float:
-        t = self.forward.predict(batch.shapes)
-        if self.host is not None:
-            n_dec = sum(1 for r in batch.requests if r.kind == "decode")
-            t += self.host.step_s(n_dec, len(batch) - n_dec)
-        return t
+        return self.forward.predict(batch.shapes) + self.host_s(batch)
+
+    def host_s(self, batch: Batch) -> float:
+        """The serial host seconds of `step_s` (0 without a host model)."""
+        if self.host is None:
+            return 0.0
+        n_dec = sum(1 for r in batch.requests if r.kind == "decode")
+        return self.host.step_s(n_dec, len(batch) - n_dec)

@@ -482,14 +482,15 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 rp.wake_at = max(w, now + 1e-6)
                 push(rp.wake_at, "wake", r)
             return
-        dur = clock.step_s(batch)
+        host = clock.host_s(batch)
+        dur = base = clock.forward.predict(batch.shapes) + host
         rp.steps += 1
         if rp.regime is not None and rp.steps % rp.regime.estimator.refit_every == 0:
             rp.regime.estimator.refits += 1
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
         if rp.regime is not None:
-            rp.regime.stepped(1000.0 * dur, len(batch))
+            rp.regime.stepped(1000.0 * dur, len(batch), 1000.0 * host * dur / base if base > 0.0 else 0.0)
         rp.busy_until = now + dur
         push(rp.busy_until, "batch", (r, batch, dur))
 

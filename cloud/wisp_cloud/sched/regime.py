@@ -55,7 +55,8 @@ and each flip moves every session) with the capacity it trusts steady between th
 only while it would serve every open session (past the N that decoding serves at the quantile TPOT itself, with
 no margin, all of them would miss, so an overloaded fleet stays speculative, where the well-accepted sessions still
 meet the SLO), and for no more open sessions than the server's recent steps held, give or take (`MEASURED_SLACK`:
-beyond them N_dec is extrapolated). The gate holds while decoding too: the fleet goes back to speculation once
+beyond them N_dec is extrapolated, and trusted only where those steps were GPU-bound:
+`GPU_BOUND_HOST_SHARE`). The gate holds while decoding too: the fleet goes back to speculation once
 `confirm` decisions in a row see it fail, and is decoded again only under the limit that failed. In the
 centralized regime the hybrid moves every speculative session to the server after its first verdict and none comes
 back, so WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's
@@ -115,6 +116,13 @@ STEADY = 0.1
 # and steps of 11-17 items.
 MEASURED_SLACK = 1.25
 MEASURED_STEPS = 512
+# ... unless the server's recent steps spent at most this share of their time on host work (a decayed mean over
+# about `STEP_STEPS` steps): the fit's extrapolation goes wrong through the per-item host work that the start-up
+# profile does not hold, and where steps are GPU-bound it holds. On an H200 (32B, Jetson, code10, run 89) the gate
+# held a fleet speculative with N_dec 201-238 against N_spec 115-138 and 223-302 open (steps of 65-111 items, host
+# 3-6 ms of 71-88 ms: a share of 0.04-0.07), and WISP met 0.87 where centralized met 0.98 at 288 devices; at 7B
+# (runs 83-85), where the extrapolation was wrong, host work was 4-7 ms of 23-36 ms steps (0.18-0.20).
+GPU_BOUND_HOST_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +351,9 @@ class Regime:
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
         self.measured_step_ms = 0.0  # since the cap last changed, a decayed mean (ms; 0: none yet)
+        self.host_share = (
+            1.0  # of the recent steps' time, the host's (a decayed mean; 1 until a step is measured)
+        )
         # the items of the server's recent steps (`MEASURED_SLACK`)
         self._batches: collections.deque[int] = collections.deque(maxlen=MEASURED_STEPS)
         self._steps = 0  # steps since the cap last changed
@@ -357,11 +368,16 @@ class Regime:
             self._samples.popitem(last=False)
         self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
 
-    def stepped(self, ms: float, items: int = 0) -> None:
-        """A step of `items` items ran for `ms` (host work and forward): the cap's slack is read against these, and
-        decoding is chosen only for as many sessions as recent steps held (`MEASURED_SLACK`)."""
+    def stepped(self, ms: float, items: int = 0, host_ms: float | None = None) -> None:
+        """A step of `items` items ran for `ms`, `host_ms` of them host work before the forward (None: unknown):
+        the cap's slack is read against these, and decoding is chosen only for as many sessions as recent steps
+        held (`MEASURED_SLACK`) unless they were GPU-bound (`GPU_BOUND_HOST_SHARE`)."""
         if items > 0:
             self._batches.append(items)
+        if host_ms is not None and ms > 0.0:
+            self.host_share += (min(1.0, host_ms / ms) - self.host_share) / (
+                STEP_STEPS if len(self._batches) > 1 else 1
+            )
         self._steps += 1
         m = self.measured_step_ms
         self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
@@ -410,7 +426,8 @@ class Regime:
         `confirm` decisions in a row with more sessions open than `decode_limit` send the fleet back to speculation
         at once, and it is decoded again only with at most that many open (`decode_ceiling`). And decoding is
         chosen only for as many open sessions as the server's recent steps held, give or take (`MEASURED_SLACK`):
-        N_dec beyond them is the fit's extrapolation."""
+        N_dec beyond them is the fit's extrapolation, trusted only where those steps were GPU-bound
+        (`GPU_BOUND_HOST_SHARE`)."""
         if not self.due(now) or len(self._samples) < self.min_samples:
             return self.mode
         refitted = self.estimator.refits - self._refits0 >= self.min_refits
@@ -435,7 +452,12 @@ class Regime:
         gated = False  # decoding no longer serves the open sessions: back to speculation
         if to_decode:
             under = active is None or self.decode_ceiling is None or active <= self.decode_ceiling
-            seen = active is None or not self._batches or active <= MEASURED_SLACK * max(self._batches)
+            seen = (
+                active is None
+                or not self._batches
+                or self.host_share <= GPU_BOUND_HOST_SHARE
+                or active <= MEASURED_SLACK * max(self._batches)
+            )
             flip = cap.decode > h * cap.speculative and serves_all and under and seen
         else:
             flip = cap.speculative > h * cap.decode
