@@ -429,14 +429,25 @@ def test_a_flip_waits_while_the_capacity_it_trusts_is_still_moving(est32):
     assert r.decide(4.0) == "centralized"  # and once more: confirmed
 
 
+def _sampled(est32: VerifyTimeEstimator) -> tuple[VerifyTimeEstimator, Regime]:
+    """A regime on its own copy of the estimator, with one session's sample in (decisions may come)."""
+    est = copy.deepcopy(est32)
+    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
+    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    return est, r
+
+
+def _fixed(r: Regime, monkeypatch: pytest.MonkeyPatch, caps: Capacities) -> None:
+    """Every decision of `r` reads `caps`."""
+    monkeypatch.setattr(r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: caps)
+
+
 def test_a_jump_after_a_decision_to_stay_starts_no_count(est32, monkeypatch):
     """H200 run 82 (7B, Jetson, code10, 720 devices): N_dec read 341, 328 (speculation held), then 595, 708, 700 on
     three refits. The jump to 595 started a count, 708 -> 700 confirmed it, and the fleet flipped to decoding, met
     0.69 where it had met 0.80 speculating, and N_dec read 458, then 291, after the flip. Each decision is read
     against the one on the fit before it, whatever that one said."""
-    est = copy.deepcopy(est32)
-    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
-    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    est, r = _sampled(est32)
     reads = [
         (341, 350),
         (328, 347),
@@ -471,9 +482,7 @@ def test_decoding_that_no_longer_serves_the_open_sessions_hands_the_fleet_back(e
     flipped with 567 open; the fits on decode steps then read a limit of 418 and 318 with 632-639 open, and the fleet
     stayed decoded, missing, to the end of the point. While decoding, `confirm` decisions in a row over the gate send
     it back, and it is decoded again only with at most that limit open."""
-    est = copy.deepcopy(est32)
-    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
-    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
+    est, r = _sampled(est32)
     # (N_dec, N_spec, decode_limit, open sessions)
     reads = [
         (647, 365, 725, 576),  # decoding wins, steady twice: decoded
@@ -511,9 +520,7 @@ def test_one_decision_over_the_gate_while_decoding_moves_no_one(est32, monkeypat
     r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
     r.observe("s", SessionSample(0.7, 30.0, 500), 9.0, 60.0)
     r.mode = "centralized"
-    monkeypatch.setattr(
-        r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(20, 15, 10, 0.0, 24)
-    )
+    _fixed(r, monkeypatch, Capacities(20, 15, 10, 0.0, 24))
     for t, active in enumerate([25, 20, 29, 19, 24, 26, 13]):
         est.refits += 1
         assert r.decide(float(t), active=active) == "centralized"
@@ -524,12 +531,8 @@ def test_decoding_is_chosen_only_for_as_many_sessions_as_recent_steps_held(est32
     """H200 runs 83-84 (7B, Jetson, code10): speculative steps held 70-120 items, and as the estimator's window of
     decode steps turned over N_dec rose to 620-700; the fleet flipped with 540-640 open, and the decode steps that
     followed put N_dec at 284-437. At 32B (run 78) the flips came with 14-17 open and steps of 11-17 items."""
-    est = copy.deepcopy(est32)
-    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
-    r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
-    monkeypatch.setattr(
-        r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(700, 360, 7, 40.0, 780)
-    )
+    est, r = _sampled(est32)
+    _fixed(r, monkeypatch, Capacities(700, 360, 7, 40.0, 780))
     for _ in range(600):
         r.stepped(25.0, 120)
     for t in range(4):
@@ -549,12 +552,8 @@ def test_gpu_bound_steps_let_decoding_serve_more_sessions_than_they_held(est32, 
     items, host work 4-7 % of a step: the fit's extrapolation holds there, and the gate cost WISP 0.87 against
     centralized's 0.98. Steps that are mostly host work (7B, runs 83-85: 18-20 %) still gate it."""
     for host_ms, flips in ((2.0, True), (8.0, False)):  # of 40-ms steps: a share of 0.05, then 0.2
-        est = copy.deepcopy(est32)
-        r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
-        r.observe("s", SessionSample(0.7, 60.0, 500), 6.0, 120.0)
-        monkeypatch.setattr(
-            r, "_capacities", lambda samples, fleet_k, slack_ms=0.0: Capacities(235, 125, 7, 40.0, 260)
-        )
+        est, r = _sampled(est32)
+        _fixed(r, monkeypatch, Capacities(235, 125, 7, 40.0, 260))
         for _ in range(600):
             r.stepped(40.0, 100, host_ms)
         modes = []
