@@ -5,8 +5,10 @@
 # the emulated fleet on the same machine's CPU cores.
 #
 # Needs: .whl (websockets, pydantic, ... for the GPU image), .fleetdata/bundle (the draft bundle's manifest and
-# tokenizer; no ONNX: `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.txt BUNDLE/*.jinja .fleetdata/bundle/` from
-# an exported draft bundle), the workload's prompt set and trace (WORKLOAD=code10|sharegpt|humaneval; see
+# tokenizer; no ONNX, and no vocab.json or merges.txt, which nothing here reads (the SDK's tokenizer is
+# tokenizer.json): `mkdir -p .fleetdata/bundle && cp BUNDLE/*.json BUNDLE/*.jinja .fleetdata/bundle/ &&
+# rm .fleetdata/bundle/vocab.json` from an exported draft bundle: 11 MB, where the device tool carries 64 MiB with
+# the tracked tree), the workload's prompt set and trace (WORKLOAD=code10|sharegpt|humaneval; see
 # `wisp bench run --help` and docs/workloads.md; no dataset package needed). EST: an estimator from `wisp profile` on the same GPU
 # kind (made here first if missing). INTERLEAVE=1: every arm at one N before the next (`--interleave`). EXTEND=K: an
 # arm still at the target at the largest N runs up to K more points, 1.15x each (`--extend`).
