@@ -15,7 +15,7 @@ set -u
 OUT=${OUT:-runs/gpu-two}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 half() {  # half GPU SERVER_CORES FLEET_CORES ROW
   (
