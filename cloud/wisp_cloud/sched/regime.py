@@ -351,9 +351,8 @@ class Regime:
         self.draft_cap = 0  # the draft cap verdicts carry now (0: none; module docstring)
         self.fleet: Capacities | None = None  # the last decision's capacities at the fleet's own k (stats)
         self.measured_step_ms = 0.0  # since the cap last changed, a decayed mean (ms; 0: none yet)
-        self.host_share = (
-            1.0  # of the recent steps' time, the host's (a decayed mean; 1 until a step is measured)
-        )
+        # of the recent steps' time, the host's (a decayed mean; None until a step's host time is known)
+        self.host_share: float | None = None
         # the items of the server's recent steps (`MEASURED_SLACK`)
         self._batches: collections.deque[int] = collections.deque(maxlen=MEASURED_STEPS)
         self._steps = 0  # steps since the cap last changed
@@ -375,9 +374,8 @@ class Regime:
         if items > 0:
             self._batches.append(items)
         if host_ms is not None and ms > 0.0:
-            self.host_share += (min(1.0, host_ms / ms) - self.host_share) / (
-                STEP_STEPS if len(self._batches) > 1 else 1
-            )
+            share, last = min(1.0, host_ms / ms), self.host_share
+            self.host_share = share if last is None else last + (share - last) / STEP_STEPS
         self._steps += 1
         m = self.measured_step_ms
         self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
@@ -455,7 +453,7 @@ class Regime:
             seen = (
                 active is None
                 or not self._batches
-                or self.host_share <= GPU_BOUND_HOST_SHARE
+                or (self.host_share is not None and self.host_share <= GPU_BOUND_HOST_SHARE)
                 or active <= MEASURED_SLACK * max(self._batches)
             )
             flip = cap.decode > h * cap.speculative and serves_all and under and seen
