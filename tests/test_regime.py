@@ -284,9 +284,11 @@ def test_the_engine_reports_finished_sessions_to_the_regime():
     assert len(batches) == steps > 0 and set(batches) == {1}
 
 
-def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
-    """The simulator's regime decides as the server's does: only after MIN_REFITS refits, which its estimator (it
-    does not learn) counts at the server's pace, one every `refit_every` steps."""
+@pytest.mark.parametrize("learn", [False, True])
+def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch, learn):
+    """The simulator's regime decides as the server's does: only after MIN_REFITS refits, which its estimator
+    counts at the server's pace, one every `refit_every` steps: its own refits on the simulated steps with `learn`
+    (`wisp simulate --learn`), else a count kept for it."""
     from sim_inputs import sharegpt_32b
     from wisp_cloud.fleet import simulate
     from wisp_cloud.fleet.profiles import get_device
@@ -314,6 +316,7 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch):
         drain_s=4.0,
         slo_tpot_ms=30.0,
         device=get_device("mac-m4"),
+        learn=learn,
     )
     simulate.run_point(cfg)
     assert decided and decided[-1][1] >= 4, f"the simulated regime's refits do not advance: {decided[-3:]}"

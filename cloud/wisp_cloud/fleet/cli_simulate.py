@@ -112,6 +112,12 @@ def add_parser(subparsers) -> None:
         help="wisp policy: verify every draft token, not only the prefix that pays (as `wisp serve --no-truncate`)",
     )
     p.add_argument(
+        "--learn",
+        action="store_true",
+        help="the simulated servers' estimators refit online on the simulated steps (host time included), as "
+        "`wisp serve`'s do: the regime then reads the fits a server would",
+    )
+    p.add_argument(
         "--draft-cap",
         action="store_true",
         help="wisp policy: under load, verdicts cap drafts at the regime's best k (as `wisp serve --draft-cap`)",

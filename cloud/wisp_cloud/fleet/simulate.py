@@ -89,6 +89,7 @@ class SimConfig:
     hybrid: bool = True  # `wisp` policy: the load-adaptive hybrid, as `wisp serve`
     regime: bool = True  # `wisp` policy: the regime decides the hybrid's mode (`--no-regime`: off)
     truncate: bool = True  # `wisp` policy: verify only the prefix of a draft that pays (`--no-truncate`: off)
+    learn: bool = False  # the estimators refit online on the simulated steps, as the server's do (`--learn`)
     draft_cap: bool = False  # `wisp` policy with the regime: under load, verdicts cap drafts (`--draft-cap`)
     decode_all: bool = False  # `wisp` policy with the regime: it decodes from the start (`--decode-all`)
     replicas: int = 1  # GPUs simulated together in this one event loop
@@ -137,10 +138,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         on = cfg.regime and cfg.hybrid and cfg.policy == "wisp" and bool(cfg.controller)
         kw = {**(cfg.policy_kw or {}), **({"protect_decodes": False} if on else {})}
         policy = make_policy(cfg.policy, est, max_batch=cfg.max_batch, **kw)
-        sched = Scheduler(policy, est, learn=False, tenant_weights=cfg.tenant_weights)
-        # each verdict's price_ms, as the replica's server computes it (sched/pricing.py)
-        # the server's regime waits for MIN_REFITS online refits; the simulated estimator does not learn, but its
-        # refit count advances at the server's pace (one every `refit_every` steps, in try_run)
+        sched = Scheduler(policy, est, learn=cfg.learn, tenant_weights=cfg.tenant_weights)
+        # the server's regime waits for MIN_REFITS online refits; an estimator that does not learn has its refit
+        # count advanced at the server's pace instead (one every `refit_every` steps, in try_run)
         hold: Mode | None = "centralized" if cfg.decode_all else None
         regime = Regime(est, min_refits=MIN_REFITS, cap=cfg.draft_cap, hold=hold) if on else None
         if regime is not None:
@@ -485,7 +485,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         host = clock.host_s(batch)
         dur = base = clock.forward.predict(batch.shapes) + host
         rp.steps += 1
-        if rp.regime is not None and rp.steps % rp.regime.estimator.refit_every == 0:
+        if not cfg.learn and rp.regime is not None and rp.steps % rp.regime.estimator.refit_every == 0:
             rp.regime.estimator.refits += 1
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
