@@ -124,11 +124,13 @@ class GpuClock:
         self.host = HostTime(**host) if host else None
 
     def step_s(self, batch: Batch) -> float:
-        return self.forward.predict(batch.shapes) + self.host_s(batch)
+        return self.step(batch)[0]
 
-    def host_s(self, batch: Batch) -> float:
-        """The serial host seconds of `step_s` (0 without a host model)."""
+    def step(self, batch: Batch) -> tuple[float, float]:
+        """(seconds the batch holds the GPU, the serial host seconds among them: 0 without a host model)."""
+        forward = self.forward.predict(batch.shapes)
         if self.host is None:
-            return 0.0
+            return forward, 0.0
         n_dec = sum(1 for r in batch.requests if r.kind == "decode")
-        return self.host.step_s(n_dec, len(batch) - n_dec)
+        host = self.host.step_s(n_dec, len(batch) - n_dec)
+        return forward + host, host

@@ -482,8 +482,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
                 rp.wake_at = max(w, now + 1e-6)
                 push(rp.wake_at, "wake", r)
             return
-        host = clock.host_s(batch)
-        dur = base = clock.forward.predict(batch.shapes) + host
+        base, host = clock.step(batch)
+        dur = base
         rp.steps += 1
         if not cfg.learn and rp.regime is not None and rp.steps % rp.regime.estimator.refit_every == 0:
             rp.regime.estimator.refits += 1
