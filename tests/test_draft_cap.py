@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from sim_inputs import EST_32B
 from wisp_cloud.deadlines import expected_committed
 from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.sched.regime import STEP_STEPS, DeviceLine, Regime, SessionSample, capacities
+from wisp_cloud.sched.capacity import DeviceLine, SessionSample, capacities
+from wisp_cloud.sched.regime import STEP_STEPS, Regime
 from wisp_sdk import EdgeClient, FixedK, Wisp
 from wisp_sdk.errors import ProtocolError
 from wisp_sdk.protocol import PROTOCOL_VERSION, Verdict, decode_verdict, encode_verdict, new_session_id

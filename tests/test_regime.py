@@ -9,7 +9,8 @@ import json
 import pytest
 from sim_inputs import EST_32B
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
-from wisp_cloud.sched.regime import Capacities, DeviceLine, Regime, SessionSample, capacities, step_ms
+from wisp_cloud.sched.capacity import Capacities, DeviceLine, SessionSample, capacities, step_ms
+from wisp_cloud.sched.regime import DRAIN_STEPS, GATE_STEPS, Regime
 
 
 @pytest.fixture(scope="module")
@@ -480,53 +481,55 @@ def test_a_jump_after_a_decision_to_stay_starts_no_count(est32, monkeypatch):
     assert leaning[6:8] == [0, 1] and modes[-1] == "centralized" and r.flips == 1
 
 
+def _decoded(r: Regime, est: VerifyTimeEstimator, ms: float, steps: int = DRAIN_STEPS + GATE_STEPS) -> None:
+    """`steps` steps of `ms` each ran, on a fresh fit."""
+    for _ in range(steps):
+        r.stepped(ms, 500)
+    est.refits += 1
+
+
 def test_decoding_that_no_longer_serves_the_open_sessions_hands_the_fleet_back(est32, monkeypatch):
     """H200 run 83 (7B, Jetson, code10, 720 devices): the fit read on speculative steps put N_dec at 663 and the fleet
     flipped with 567 open; the fits on decode steps then read a limit of 418 and 318 with 632-639 open, and the fleet
-    stayed decoded, missing, to the end of the point. While decoding, `confirm` decisions in a row over the gate send
-    it back, and it is decoded again only with at most that limit open."""
+    stayed decoded, missing, to the end of the point. While decoding, `confirm` decisions in a row that see the drained
+    decode steps run longer than the quantile TPOT (60 ms here) send it back, and it is decoded again only with at
+    most as many open as their period would serve."""
     est, r = _sampled(est32)
-    # (N_dec, N_spec, decode_limit, open sessions)
-    reads = [
-        (647, 365, 725, 576),  # decoding wins, steady twice: decoded
-        (663, 365, 743, 567),
-        (374, 370, 418, 632),  # decoding's own steps: the open sessions exceed its limit, twice
-        (284, 365, 318, 639),
-        (700, 360, 780, 500),  # the speculative fit overrates decoding again: held under the ceiling (318)
-        (700, 360, 780, 505),
-        (700, 360, 780, 510),
-        (700, 360, 780, 300),  # the load falls under it: decoding may be chosen again (steady twice)
-        (700, 360, 780, 290),
-    ]
-    it = iter(reads)
-
-    def scripted(samples, fleet_k, slack_ms=0.0):
-        dec, spec, limit, _ = next(it)
-        return Capacities(dec, spec, 7, 40.0, limit)
-
-    monkeypatch.setattr(r, "_capacities", scripted)
-    modes, ceilings = [], []
-    for t, read in enumerate(reads):
+    _fixed(r, monkeypatch, Capacities(663, 365, 7, 40.0, 743))
+    modes = []
+    for t in range(2):  # decoding wins, steady twice: decoded
         est.refits += 1
-        modes.append(r.decide(float(t), active=read[3]))
-        ceilings.append(r.decode_ceiling)
-    assert modes[:2] == ["speculative", "centralized"]
-    assert modes[2:4] == ["centralized", "speculative"] and ceilings[3] == 318
-    assert modes[4:7] == ["speculative"] * 3 and ceilings[6] == 318
-    assert modes[7:] == ["speculative", "centralized"] and r.decode_ceiling is None
+        modes.append(r.decide(float(t), active=567))
+    assert modes == ["speculative", "centralized"]
+    _decoded(r, est, 80.0, DRAIN_STEPS + GATE_STEPS - 1)  # not yet measured: no count
+    assert r.decide(2.0, active=630) == "centralized" and r.decode_ceiling is None
+    _decoded(r, est, 80.0, 1)
+    assert r.decide(3.0, active=630) == "centralized"
+    _decoded(r, est, 80.0)
+    assert r.decide(4.0, active=640) == "speculative"
+    assert r.decode_ceiling == int(640 * 60.0 / 80.0) == 480
+    for t in range(5, 8):  # the fit still says decode: held under the ceiling
+        est.refits += 1
+        assert r.decide(float(t), active=500) == "speculative"
+    for t in range(8, 10):  # the load falls under it: decoding may be chosen again (steady twice)
+        est.refits += 1
+        modes.append(r.decide(float(t), active=470))
+    assert modes[-1] == "centralized" and r.decode_ceiling is None
     assert r.flips == 3 and r.stats()["decode_ceiling"] == -1
 
 
-def test_one_decision_over_the_gate_while_decoding_moves_no_one(est32, monkeypatch):
-    # the open sessions swing around the limit (H200 run 78, 32B / HumanEval: 4-29 open against a limit of 23-26)
-    est = copy.deepcopy(est32)
-    r = Regime(est, min_samples=1, every_s=1.0, confirm=2)
-    r.observe("s", SessionSample(0.7, 30.0, 500), 9.0, 60.0)
+def test_drained_decode_steps_within_the_slo_keep_the_fleet_decoded(est32, monkeypatch):
+    """H200 run 90 (32B, Jetson, code10, 288 devices): the fits on the transition's mixed steps put the limit at
+    176-220 with 233-249 open, and the fleet went back to speculation after 4 s (WISP 0.88, centralized 1.00, whose
+    234-item decode steps ran 54 ms against a 60-ms TPOT). The gate reads the steps themselves: the transition's
+    long ones are drained, and 54-ms decode steps keep the fleet decoded whatever the fit says."""
+    est, r = _sampled(est32)
     r.mode = "centralized"
-    _fixed(r, monkeypatch, Capacities(20, 15, 10, 0.0, 24))
-    for t, active in enumerate([25, 20, 29, 19, 24, 26, 13]):
-        est.refits += 1
-        assert r.decide(float(t), active=active) == "centralized"
+    _fixed(r, monkeypatch, Capacities(155, 108, 7, 40.0, 176))
+    _decoded(r, est, 110.0, DRAIN_STEPS)  # the speculative rounds still in flight
+    for t in range(6):
+        _decoded(r, est, 54.0)
+        assert r.decide(float(t), active=249) == "centralized"
     assert r.flips == 0 and r.decode_ceiling is None
 
 

@@ -30,9 +30,10 @@ from wisp_cloud.metrics import Metrics
 from wisp_cloud.planner import Outcome, cut
 from wisp_cloud.replies import Refusal, Reply
 from wisp_cloud.sched import Scheduler
+from wisp_cloud.sched.capacity import SessionSample
 from wisp_cloud.sched.hybrid import HybridRule, SwitchInputs, round_and_decode_ms
 from wisp_cloud.sched.pricing import VerifyPrice
-from wisp_cloud.sched.regime import SAMPLE_ROUNDS, Regime, SessionSample
+from wisp_cloud.sched.regime import SAMPLE_ROUNDS, Regime
 from wisp_cloud.sessions import Session, SessionStore
 from wisp_cloud.slo_metrics import SLOMetrics
 

@@ -57,7 +57,8 @@ no margin, all of them would miss, so an overloaded fleet stays speculative, whe
 meet the SLO), and for no more open sessions than the server's recent steps held, give or take (`MEASURED_SLACK`:
 beyond them N_dec is extrapolated, and trusted only where those steps were GPU-bound:
 `GPU_BOUND_HOST_SHARE`). The gate holds while decoding too: the fleet goes back to speculation once
-`confirm` decisions in a row see it fail, and is decoded again only under the limit that failed. In the
+`confirm` decisions in a row see its decode steps run longer than the quantile TPOT (`GATE_STEPS`), and is decoded
+again only for as many sessions as those steps would serve. In the
 centralized regime the hybrid moves every speculative session to the server after its first verdict and none comes
 back, so WISP serves as centralized serving does instead of losing to it; in the speculative regime the hybrid's
 own per-session rule (sched/hybrid.py) applies. Samples are the recent sessions with
@@ -75,15 +76,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from wisp_sdk.protocol import Mode
 
-from wisp_cloud.deadlines import expected_committed
-from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
+from wisp_cloud.estimator import VerifyTimeEstimator
+from wisp_cloud.sched.capacity import (
+    Capacities,
+    DeviceLine,
+    LineSums,
+    SessionSample,
+    capacities,
+    quantile_of,
+)
 
-WAIT_STEPS = 0.5  # a round waits on average half a step for the running one to end, then rides the next
 # The server's regime waits for this many online refits of its estimator before its first decision: the start-up
 # profile holds no host time per item. Two refits are 128 steps, a few seconds under load (≈ 6 s at 32B).
 MIN_REFITS = 2
@@ -123,168 +128,13 @@ MEASURED_STEPS = 512
 # 3-6 ms of 71-88 ms: a share of 0.04-0.07), and WISP met 0.87 where centralized met 0.98 at 288 devices; at 7B
 # (runs 83-85), where the extrapolation was wrong, host work was 4-7 ms of 23-36 ms steps (0.18-0.20).
 GPU_BOUND_HOST_SHARE = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSample:
-    """One session's measured speculation, as the regime model needs it."""
-
-    alpha: float  # its measured per-token acceptance
-    tpot_ms: float  # its TPOT SLO
-    context: int  # tokens in its context
-    # the draft tokens behind `alpha`, the server's prior left out (decayed counts; 0: only `alpha` is known)
-    accepted: float = 0.0
-    tried: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceLine:
-    """The fleet's device time per round: `fixed_ms` + `per_token_ms` × k (draft time per token, the rest)."""
-
-    fixed_ms: float
-    per_token_ms: float
-
-    def ms(self, k: int) -> float:
-        return self.fixed_ms + self.per_token_ms * k
-
-
-@dataclass(frozen=True, slots=True)
-class Capacities:
-    decode: int  # sessions that server-side decoding serves at the SLO quantile
-    speculative: int  # ... and edge speculation, at its best k
-    k: int  # that k
-    step_ms: float  # the speculative regime's step period S at that k (0 where it cannot meet the SLO)
-    # sessions decoding would serve at the quantile TPOT itself (no margin): the gate on the open sessions
-    decode_limit: int = 0
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(q * len(s))))]
-
-
-def _largest(ok: Callable[[int], bool], hi: int) -> int:
-    """The largest n in [0, hi] with ok(n), for ok monotone (true, then false)."""
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def step_ms(estimator: VerifyTimeEstimator, items: int, tokens: int, context: int, prompt: int = 0) -> float:
-    """Predicted ms of a step of `items` items of `tokens` new tokens each at `context`, plus `prompt` prompt
-    tokens (one more item, no context)."""
-    if items <= 0:
-        return 0.0
-    shape = BatchShape.uniform(items, tokens, context)
-    if prompt > 0:
-        shape = shape.plus(ItemShape(prompt, 0))
-    return 1000.0 * estimator.predict_shape(shape)
-
-
-def _fits(
-    estimator: VerifyTimeEstimator, share: float, tokens: int, context: int, period: float, prompt: float
-) -> Callable[[int], bool]:
-    """Does a step of N sessions' rounds (N × share items of `tokens` tokens, and N × `prompt` prompt tokens)
-    fit in `period` ms?"""
-    return lambda n: (
-        step_ms(estimator, max(1, round(n * share)), tokens, context, round(n * prompt)) <= period
-    )
-
-
-def _allowed_step(
-    samples: Sequence[SessionSample], e: list[float], think: float, margin: float, quantile: float
-) -> float:
-    """The longest step at which the `quantile` session, committing `e` tokens a round after `think` ms on its
-    device, meets `margin` × its TPOT."""
-    return _quantile(
-        [(margin * e_i * s.tpot_ms - think) / (1.0 + WAIT_STEPS) for e_i, s in zip(e, samples, strict=True)],
-        quantile,
-    )
-
-
-def capacities(
-    estimator: VerifyTimeEstimator,
-    samples: Sequence[SessionSample],
-    device: DeviceLine,
-    quantile: float = 0.1,
-    margin: float = 0.9,
-    most: int = 2048,
-    max_k: int = 8,
-    prompt_per_token: float = 0.0,
-    fleet_k: float | None = None,
-    slack_ms: float = 0.0,
-) -> Capacities:
-    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`, with
-    `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k).
-    With `slack_ms`, only a k at which the quantile session meets its TPOT (no margin) at steps of `slack_ms`
-    counts."""
-    context = round(sum(s.context for s in samples) / len(samples))
-    rho = max(0.0, prompt_per_token)
-    s_dec = margin * _quantile([s.tpot_ms for s in samples], quantile)
-
-    def dec_fits(period: float) -> Callable[[int], bool]:
-        return lambda n: step_ms(estimator, n, 1, context, round(n * rho)) <= period
-
-    n_dec = _largest(dec_fits(s_dec), most)
-    limit = _largest(dec_fits(s_dec / margin), most) if margin < 1.0 else n_dec
-    best = Capacities(n_dec, 0, 0, 0.0, limit)
-    ks = range(1, max_k + 1) if fleet_k is None else [max(1, round(fleet_k))]
-    for k in ks:
-        think = device.ms(k)
-        e = [expected_committed(k, s.alpha) for s in samples]
-        period = _allowed_step(samples, e, think, margin, quantile)
-        if period <= 0.0 or (slack_ms > 0.0 and _allowed_step(samples, e, think, 1.0, quantile) < slack_ms):
-            continue
-        share = period / (think + (1.0 + WAIT_STEPS) * period)  # steps per round a session rides
-        committed = share * sum(e) / len(e)
-        n = _largest(_fits(estimator, share, k + 1, context, period, rho * committed), most)
-        if n > best.speculative:
-            best = Capacities(n_dec, n, k, period, limit)
-    return best
-
-
-@dataclass
-class _LineSums:
-    """Decayed least-squares sums of the device line t = a + b·k: weight, Σk, Σk², Σt, Σk·t."""
-
-    w: float = 0.0
-    k: float = 0.0
-    kk: float = 0.0
-    t: float = 0.0
-    kt: float = 0.0
-
-    def add(self, k: float, t: float, decay: float) -> None:
-        self.w = self.w * decay + 1.0
-        self.k = self.k * decay + k
-        self.kk = self.kk * decay + k * k
-        self.t = self.t * decay + t
-        self.kt = self.kt * decay + k * t
-
-    def mean_k(self) -> float | None:
-        return self.k / self.w if self.w > 0.0 else None
-
-    def line(self) -> DeviceLine | None:
-        """The least-squares line; None where draft lengths hardly vary (fixed-k controllers, a capped fleet),
-        since then the intercept cannot be told from the slope."""
-        w = self.w
-        if w <= 0.0:
-            return None
-        var = self.kk / w - (self.k / w) ** 2
-        if var > 0.25:
-            slope = (self.kt / w - (self.k / w) * (self.t / w)) / var
-            fixed = self.t / w - slope * self.k / w
-            if slope >= 0.0 and fixed >= 0.0:
-                return DeviceLine(fixed, slope)
-        return None
-
-    def per_token(self) -> DeviceLine:
-        """All of the time charged per token: the fleet's own k costs what it costs, longer rounds cost more."""
-        return DeviceLine(0.0, self.t / max(self.k, 1e-9)) if self.w > 0.0 else DeviceLine(0.0, 0.0)
+# While decoding, the gate reads the decode steps themselves, once the flip has drained (the first `DRAIN_STEPS`
+# steps after it still carry speculative rounds) and `GATE_STEPS` more have run: their mean period against the
+# quantile TPOT. On an H200 (32B, Jetson, code10, run 90) the fits on the transition's mixed steps put N_dec at
+# 155-194 (a limit of 176-220) with 233-249 open, the gate sent the fleet back after 4 s and WISP met 0.88 where
+# centralized, whose 234-item decode steps ran 54 ms (p50) against a 60-ms TPOT, met 1.00.
+DRAIN_STEPS = 16
+GATE_STEPS = 32
 
 
 class Regime:
@@ -328,7 +178,7 @@ class Regime:
         self._samples: collections.OrderedDict[str, SessionSample] = collections.OrderedDict()
         self._decided_at = float("-inf")
         self._opened = 0
-        self._line = _LineSums()
+        self._line = LineSums()
         self._known: DeviceLine | None = None  # the last determined device line (`device`)
         # finished sessions' decayed prompt and answer tokens (their ratio is the fleet's ρ)
         self._prompt = 0.0
@@ -356,6 +206,9 @@ class Regime:
         # the items of the server's recent steps (`MEASURED_SLACK`)
         self._batches: collections.deque[int] = collections.deque(maxlen=MEASURED_STEPS)
         self._steps = 0  # steps since the cap last changed
+        # while decoding: steps since the flip, and the drained ones' decayed mean period (ms; `DRAIN_STEPS`)
+        self._decoding_steps = 0
+        self._decoded_ms = 0.0
         self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
     def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
@@ -377,6 +230,11 @@ class Regime:
             share, last = min(1.0, host_ms / ms), self.host_share
             self.host_share = share if last is None else last + (share - last) / STEP_STEPS
         self._steps += 1
+        if self.mode == "centralized":
+            self._decoding_steps += 1
+            n, d = self._decoding_steps - DRAIN_STEPS, self._decoded_ms
+            if n > 0:
+                self._decoded_ms = ms if n == 1 else d + (ms - d) / min(n, STEP_STEPS)
         m = self.measured_step_ms
         self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
 
@@ -391,7 +249,7 @@ class Regime:
         return self._prompt / self._answer if self._answer > 0.0 else 0.0
 
     def device(self) -> DeviceLine:
-        """The device line fitted so far (`_LineSums.line`); where draft lengths hardly vary, all of the time
+        """The device line fitted so far (`LineSums.line`); where draft lengths hardly vary, all of the time
         charged per token. With the cap, once the fleet drafts the cap its lengths stop varying, and the last
         determined line stands: charged all per token, the time of a capped fleet's k would make every shorter k
         look cheaper than it is, and each cap would lower the next."""
@@ -421,8 +279,9 @@ class Regime:
         overloaded fleet's device line read 114 + 13 ms/token (the rounds' device time holds the fleet's and the
         server's own lag), N_spec fell to 0, and the flip to decoding took WISP from 0.87 (no hybrid) to 0.36-0.38
         attainment at 1120-1280 devices, where centralized served 0.25. The gate holds while decoding as well:
-        `confirm` decisions in a row with more sessions open than `decode_limit` send the fleet back to speculation
-        at once, and it is decoded again only with at most that many open (`decode_ceiling`). And decoding is
+        `confirm` decisions in a row that see the drained decode steps' mean period over the quantile TPOT send the
+        fleet back to speculation at once, and it is decoded again only with at most as many open as that period
+        would serve, scaled (`decode_ceiling`). And decoding is
         chosen only for as many open sessions as the server's recent steps held, give or take (`MEASURED_SLACK`):
         N_dec beyond them is the fit's extrapolation, trusted only where those steps were GPU-bound
         (`GPU_BOUND_HOST_SHARE`)."""
@@ -462,11 +321,17 @@ class Regime:
             # The gate holds while decoding too: the fit that priced the flip was read on speculative steps, and
             # on an H200 (7B, Jetson, code10, runs 82-83) N_dec rose 305 -> 663 over 12 s of them (the estimator's
             # window of decode steps turned over), the fleet flipped at 567 open sessions, and the next fits, on
-            # decode steps, read N_dec 374 and 284 with 632-639 open.
-            self._over = 0 if serves_all else self._over + 1
+            # decode steps, read N_dec 374 and 284 with 632-639 open. It reads the drained decode steps, not a fit
+            # (`GATE_STEPS`).
+            measured = self._decoding_steps - DRAIN_STEPS >= GATE_STEPS
+            tpot = quantile_of([s.tpot_ms for s in samples], self.quantile)
+            over = measured and self._decoded_ms > tpot
+            self._over = self._over + 1 if over else 0
             gated = self._over >= self.confirm
             if gated:
-                self.decode_ceiling = cap.decode_limit
+                # decoded again only for as many as the measured period would serve, if the fit allows that many
+                scaled = int(active * tpot / self._decoded_ms) if active else cap.decode_limit
+                self.decode_ceiling = min(cap.decode_limit, scaled)
         # A decision that says flip counts where its trusted capacity held still (`STEADY`) since the latest decision
         # on the fit before its own, whatever that one said (the first fit since a flip has none, and counts); one
         # whose capacity moved counts nothing and ends the count; a second on the fit counted last adds nothing.
@@ -486,6 +351,7 @@ class Regime:
             self.flips += 1
             self._leaning = self._over = 0
             self._fit, self._fit_at, self._before_at, self._lean_fit = -1, None, None, -1
+            self._decoding_steps, self._decoded_ms = 0, 0.0
             if self.mode == "centralized":
                 self.decode_ceiling = None
         return self.mode
