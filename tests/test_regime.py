@@ -10,7 +10,7 @@ import pytest
 from sim_inputs import EST_32B
 from wisp_cloud.estimator import BatchShape, ItemShape, VerifyTimeEstimator
 from wisp_cloud.sched.capacity import Capacities, DeviceLine, SessionSample, capacities, step_ms
-from wisp_cloud.sched.regime import DRAIN_STEPS, GATE_STEPS, Regime
+from wisp_cloud.sched.regime import DRAIN_STEPS, GATE_STEPS, PROBE_CAP, Regime
 
 
 @pytest.fixture(scope="module")
@@ -567,3 +567,19 @@ def test_gpu_bound_steps_let_decoding_serve_more_sessions_than_they_held(est32, 
             est.refits += 1
             modes.append(r.decide(float(t), active=240))  # 240 > 1.25 × 100
         assert (modes[-1] == "centralized") is flips, (host_ms, modes, r.host_share)
+
+
+def test_a_probe_in_the_centralized_regime_drafts_at_most_probe_cap_and_adds_no_device_line_point(est32):
+    """H200 run 75 (32B / HumanEval / TPOT 30): held decoded, WISP met 0.91 with its probes' k ≈ 7 rounds in every
+    step and 0.97 without them. In the centralized regime a probe drafts at most `PROBE_CAP`; its α still counts,
+    but its capped rounds would read as the fleet's device line and its own k."""
+    r = Regime(copy.deepcopy(est32), min_samples=1)
+    assert r.cap_for(True) == r.cap_for(False) == 0  # speculative regime: no cap
+    r.mode = "centralized"
+    assert r.cap_for(True) == PROBE_CAP and r.cap_for(False) == 0
+    r.draft_cap = 1
+    assert r.cap_for(True) == 1 and r.cap_for(False) == 1  # the fleet's tighter cap holds for all
+    r.observe("p", SessionSample(0.8, 60.0, 500), 2.0, 60.0, probe=True)
+    assert r.sample_count == 1 and r._line.mean_k() is None
+    r.observe("s", SessionSample(0.8, 60.0, 500), 6.0, 120.0)
+    assert r._line.mean_k() == 6.0

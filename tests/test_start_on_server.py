@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import pytest
+from wisp_cloud.sched.regime import PROBE_CAP
 from wisp_sdk import AsyncEdgeClient, FixedK
 from wisp_sdk.protocol import Opened, Switch, Tokens
 from wisp_sdk.session import offers_start_on_server, server_decodes_next
@@ -200,7 +201,9 @@ def test_a_probe_in_the_centralized_regime_starts_decoded_then_speculates_then_m
     its first round waited for its draft's prompt prefill: on an H200, 32B / HumanEval / TPOT 30, run 75, such probes
     met the SLO 8 times in 13), goes to the edge once it has dwelt, speculates for the regime's `probe_rounds`
     rounds, and moves back. Any other session stays decoded. Greedy output is the target's either way."""
-    max_new = 80  # 17 decoded, then 8 rounds of at most 4 tokens: the move back comes before the end
+    max_new = (
+        80  # 17 decoded, then 8 rounds of at most 3 tokens (PROBE_CAP): the move back comes before the end
+    )
 
     async def main():
         async with running_server(backend, policy="wisp", hybrid=True, regime=True) as server:
@@ -222,3 +225,9 @@ def test_a_probe_in_the_centralized_regime_starts_decoded_then_speculates_then_m
         return
     assert reasons == {"probe": 1, "regime": 1}, reasons
     assert res.stats.switches == 2 and len(res.stats.rounds) == 8, res.stats
+    # a probe in the centralized regime drafts at most PROBE_CAP (the verdicts' draft_cap; the server verifies no
+    # more of a round drafted before its first verdict)
+    verified = [r.drafted - r.unverified for r in res.stats.rounds]
+    assert max(verified) == PROBE_CAP < 3 and all(r.drafted <= PROBE_CAP for r in res.stats.rounds[1:]), (
+        verified
+    )

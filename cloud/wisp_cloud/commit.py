@@ -245,7 +245,7 @@ class Committer:
             job.unverified,
             centralize,
             launch_in_ms,
-            self.draft_cap,
+            self.draft_cap(session),
             rec.sibling,
         )
         session.last_round = job.round
@@ -259,12 +259,12 @@ class Committer:
         if session.conn is not None:
             replies.append(Reply(session.conn, verdict))
 
-    @property
-    def draft_cap(self) -> int:
-        """The most draft tokens the next rounds should carry (the regime's cap under load; 0: none)."""
+    def draft_cap(self, session: Session) -> int:
+        """The most draft tokens the session's next round should carry (the regime's cap under load, a probe's in
+        the centralized regime; 0: none)."""
         if self.forced_cap > 0:
             return self.forced_cap
-        return self.regime.draft_cap if self.regime is not None else 0
+        return self.regime.cap_for(session.probe) if self.regime is not None else 0
 
     def _sample(self, session: Session) -> None:
         """After a verdict: the session's measured speculation, for the regime (once it has `SAMPLE_ROUNDS` rounds)."""
@@ -276,7 +276,7 @@ class Committer:
             sample = SessionSample(
                 acc.alpha, session.slo.tpot_ms, session.committed_len, acc.accepted, acc.tried
             )
-            self.regime.observe(session.id, sample, session.k_mean, 1000.0 * session.think_s)
+            self.regime.observe(session.id, sample, session.k_mean, 1000.0 * session.think_s, session.probe)
 
     def _centralize(self, session: Session, job: Job) -> bool:
         """After a verdict: move a hybrid session to server-side decoding (sched/hybrid.py has the rule)?"""

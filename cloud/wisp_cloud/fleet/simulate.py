@@ -306,8 +306,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         n_drafted = len(kept)
         s.tail_unfed = bool(kept) and (len(kept) == limit or action is Action.SEND)
         regime = reps[s.rep].regime
-        if regime is not None and 0 < regime.draft_cap < len(kept):  # a round drafted before the cap was set
-            kept = kept[: regime.draft_cap]
+        if regime is not None and 0 < regime.cap_for(s.probe) < len(kept):  # drafted before the cap was set
+            kept = kept[: regime.cap_for(s.probe)]
             s.tail_unfed = False
         if truncate:  # the server verifies only the prefix that pays; the client judges only that
             kept = kept[
@@ -401,7 +401,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         )
         s.link.price_ms = reps[s.rep].price.price_ms
         regime = reps[s.rep].regime
-        cap = regime.draft_cap if regime is not None else 0
+        cap = regime.cap_for(s.probe) if regime is not None else 0
         s.link.max_draft = min(cfg.max_draft, cap) if cap else cfg.max_draft  # the verdict's draft_cap
         if s.answered is not None:  # the server measures device time from its answer to the next round
             obs = req.arrival - s.answered
@@ -414,7 +414,7 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
             and acc.n_rounds >= SAMPLE_ROUNDS
         ):
             sample = SessionSample(acc.alpha, cfg.slo_tpot_ms, s.plen + s.gen, acc.accepted, acc.tried)
-            regime.observe(s.sid, sample, s.k_mean, 1000 * s.think)
+            regime.observe(s.sid, sample, s.k_mean, 1000 * s.think, s.probe)
         s.answered = finish
         if s.gen >= s.max_new:
             push(arrive, "done", s)

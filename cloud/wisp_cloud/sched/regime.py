@@ -135,6 +135,12 @@ GPU_BOUND_HOST_SHARE = 0.1
 # centralized, whose 234-item decode steps ran 54 ms (p50) against a 60-ms TPOT, met 1.00.
 DRAIN_STEPS = 16
 GATE_STEPS = 32
+# In the centralized regime a probe drafts at most this many tokens a round (`Regime.cap_for`): at 32B a step is
+# compute-bound near the SLO (≈ 0.15 ms a token on an H200), and a probe's k ≈ 7 rounds stretched every decode step
+# (run 75, 32B / HumanEval / TPOT 30: WISP held decoded met 0.91 with probes, 0.97 without, centralized 0.96).
+# At k = 2 a round's 3 tokens commit ≈ 2 (α ≈ 0.7): about a decoded token's compute per committed token. Its α
+# still enters the samples; its capped rounds are no point of the device line (nor of the fleet's own k).
+PROBE_CAP = 2
 
 
 class Regime:
@@ -211,14 +217,24 @@ class Regime:
         self._decoded_ms = 0.0
         self._no_slack = False  # a cap was given up for lack of slack, for as long as the load lasts
 
-    def observe(self, session_id: str, sample: SessionSample, k: float, think_ms: float) -> None:
+    def observe(
+        self, session_id: str, sample: SessionSample, k: float, think_ms: float, probe: bool = False
+    ) -> None:
         """A session's latest measured speculation (it replaces the session's previous one), and a point of the
-        device line: its mean draft length and its device time per round."""
+        device line: its mean draft length and its device time per round (none from a capped probe: `PROBE_CAP`)."""
         self._samples[session_id] = sample
         self._samples.move_to_end(session_id)
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
-        self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
+        if not (probe and self.mode == "centralized"):
+            self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
+
+    def cap_for(self, probe: bool) -> int:
+        """The most draft tokens a session's next round should carry (0: no cap): the fleet's `draft_cap`, and
+        `PROBE_CAP` for a probe in the centralized regime."""
+        if probe and self.mode == "centralized":
+            return min(self.draft_cap, PROBE_CAP) if self.draft_cap else PROBE_CAP
+        return self.draft_cap
 
     def stepped(self, ms: float, items: int = 0, host_ms: float | None = None) -> None:
         """A step of `items` items ran for `ms`, `host_ms` of them host work before the forward (None: unknown):
