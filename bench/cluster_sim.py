@@ -19,8 +19,8 @@ from pathlib import Path
 
 from wisp_cloud.fleet import cli_simulate
 from wisp_cloud.fleet.sim_driver import sim_config
+from wisp_cloud.fleet.sim_point import run_point
 from wisp_cloud.fleet.sim_search import estimator_or_default
-from wisp_cloud.fleet.simulate import run_point
 from wisp_cloud.fleet.trace import load_trace
 
 _STYLE = {"leastconn": ("tab:green", "HAProxy leastconn, sticky"), "device-hash": ("tab:gray", "device hash")}

@@ -27,8 +27,9 @@ import sim_batches
 from wisp_cloud.fleet import cli_simulate, simulate
 from wisp_cloud.fleet.profiles import get_device, get_link
 from wisp_cloud.fleet.sim_driver import sim_config
+from wisp_cloud.fleet.sim_point import run_point
 from wisp_cloud.fleet.sim_search import estimator_or_default, find_capacity
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.simulate import SimConfig
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import resolve_workload_args
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from wisp_cloud.fleet import cli_simulate, simulate
 from wisp_cloud.fleet.sim_driver import sim_config
+from wisp_cloud.fleet.sim_point import run_point
 from wisp_cloud.fleet.sim_search import estimator_or_default
-from wisp_cloud.fleet.simulate import run_point
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import resolve_workload_args
 from wisp_cloud.sched import Batch, Scheduler

@@ -275,7 +275,8 @@ def test_bench_rejects_bad_arm(spec):
 def test_simulate_small_point(tiny_trace):
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link
-    from wisp_cloud.fleet.simulate import SimConfig, run_point
+    from wisp_cloud.fleet.sim_point import run_point
+    from wisp_cloud.fleet.simulate import SimConfig
     from wisp_cloud.fleet.trace import load_trace
 
     trace, _ = tiny_trace
@@ -308,7 +309,8 @@ def test_simulate_replicas_behind_a_balancer(tiny_trace):
     live-session count keeps the replicas even, and every replica's own scheduler serves its sessions."""
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link
-    from wisp_cloud.fleet.simulate import SimConfig, run_point, simulate_gpu
+    from wisp_cloud.fleet.sim_point import run_point
+    from wisp_cloud.fleet.simulate import SimConfig, simulate_gpu
     from wisp_cloud.fleet.trace import load_trace
 
     trace, _ = tiny_trace

@@ -291,7 +291,7 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch, learn):
     counts at the server's pace, one every `refit_every` steps: its own refits on the simulated steps with `learn`
     (`wisp simulate --learn`), else a count kept for it."""
     from sim_inputs import sharegpt_32b
-    from wisp_cloud.fleet import simulate
+    from wisp_cloud.fleet import sim_point, simulate
     from wisp_cloud.fleet.profiles import get_device
 
     decided: list[tuple[float, int, int]] = []  # each decision's (time, refits so far, leaning + flips)
@@ -319,7 +319,7 @@ def test_the_simulated_regime_waits_for_the_servers_refits(monkeypatch, learn):
         device=get_device("mac-m4"),
         learn=learn,
     )
-    simulate.run_point(cfg)
+    sim_point.run_point(cfg)
     assert decided and decided[-1][1] >= 4, f"the simulated regime's refits do not advance: {decided[-3:]}"
     # before the refits only the draft cap is decided (tests/test_draft_cap.py): the mode leans nowhere
     assert all(moved == 0 for _, refits, moved in decided if refits < 4), decided

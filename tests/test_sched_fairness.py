@@ -185,7 +185,8 @@ def test_wisp_simulate_models_tenants():
     crowd's on an overloaded GPU, and share the crowd's TPOT when they are part of it."""
     from wisp_cloud.estimator import VerifyTimeEstimator
     from wisp_cloud.fleet.profiles import get_device, get_link
-    from wisp_cloud.fleet.simulate import run_point, simulate_gpu
+    from wisp_cloud.fleet.sim_point import run_point
+    from wisp_cloud.fleet.simulate import simulate_gpu
 
     def config(shares: tuple[float, ...]) -> SimConfig:
         return SimConfig(

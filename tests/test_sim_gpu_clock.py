@@ -17,7 +17,8 @@ import pytest
 from wisp_cloud.estimator import ItemShape, VerifyTimeEstimator
 from wisp_cloud.fleet.gpu_clock import GpuClock, HostTime, resolve_host, varlen_view
 from wisp_cloud.fleet.profiles import get_device, get_link
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.sim_point import run_point
+from wisp_cloud.fleet.simulate import SimConfig
 from wisp_cloud.sched import Batch, Request, Slot
 from wisp_sdk.errors import WispError
 

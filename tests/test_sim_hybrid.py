@@ -9,7 +9,8 @@ from dataclasses import replace
 
 from sim_inputs import sharegpt_32b
 from wisp_cloud.fleet.profiles import get_device
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.sim_point import run_point
+from wisp_cloud.fleet.simulate import SimConfig
 
 
 def _cfg(hybrid: bool) -> SimConfig:

@@ -14,8 +14,9 @@ from dataclasses import replace
 import pytest
 from sim_inputs import sharegpt_32b
 from wisp_cloud.fleet.profiles import DeviceProfile, get_device, get_link
+from wisp_cloud.fleet.sim_point import run_point
 from wisp_cloud.fleet.sim_validate import arm_config, mark_saturation, validate_points
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.simulate import SimConfig
 from wisp_sdk.errors import WispError
 
 

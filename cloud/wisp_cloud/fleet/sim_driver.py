@@ -14,8 +14,9 @@ from wisp_sdk.errors import WispError
 
 from wisp_cloud.fleet.gpu_clock import resolve_host
 from wisp_cloud.fleet.profiles import get_device, get_link
+from wisp_cloud.fleet.sim_point import run_point
 from wisp_cloud.fleet.sim_search import estimator_or_default, find_capacity
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.simulate import SimConfig
 from wisp_cloud.fleet.trace import load_trace
 from wisp_cloud.fleet.workload import load_prompts
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from wisp_cloud.estimator import VerifyTimeEstimator
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.sim_point import run_point
+from wisp_cloud.fleet.simulate import SimConfig
 
 
 def find_capacity(

@@ -30,7 +30,8 @@ from wisp_sdk.errors import WispError
 from wisp_cloud.config import ARM_FLAGS
 from wisp_cloud.fleet.bench import parse_arm
 from wisp_cloud.fleet.profiles import DeviceProfile, LinkProfile
-from wisp_cloud.fleet.simulate import SimConfig, run_point
+from wisp_cloud.fleet.sim_point import run_point
+from wisp_cloud.fleet.simulate import SimConfig
 from wisp_cloud.fleet.trace import load_trace
 
 SEEDS = 3
