@@ -116,6 +116,10 @@ def test_bench_three_policies_complete(tmp_path, tiny_target, tiny_bundle, tiny_
         assert 0.0 <= p["attainment"] <= 1.0
         assert p["goodput_tok_s"] >= 0.0 and p["throughput_tok_s"] > 0.0
         assert p["tpot_ms"] == sorted(p["tpot_ms"])
+        # the gaps between a session's token deliveries: the first one after its first token, and its longest
+        assert (
+            0.0 < p["first_gap_p50_ms"] <= p["max_gap_p90_ms"] and p["max_gap_p50_ms"] <= p["max_gap_p90_ms"]
+        ), p
         if p["policy"] == "sled":
             assert p["acceptance"] is not None and 0.0 <= p["acceptance"] <= 1.0
             # FixedK(2) drafts 2 unless the session's end is nearer; each round commits at most k + 1 of k + 1

@@ -220,6 +220,8 @@ def test_a_probe_in_the_centralized_regime_starts_decoded_then_speculates_then_m
 
     res, reasons = asyncio.run(main())
     assert res.token_ids == reference(PROMPTS[0], max_new)
+    st = res.stats  # deliveries of new tokens: the first token's, then each decode step's or verdict's
+    assert 2 <= st.deliveries <= max_new and 0.0 < st.first_gap_ms <= st.max_gap_ms, st
     if not probe:
         assert res.stats.switches == 0 and not res.stats.rounds, res.stats
         return

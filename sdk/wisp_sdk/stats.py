@@ -52,6 +52,10 @@ class GenerationStats:
     switches: int = 0  # times the server moved the session between speculative rounds and its own decoding
     finish_reason: str = ""
     rounds: list[RoundStats] = field(default_factory=list)
+    # deliveries of new tokens (the first token's included), the gap from the first to the next, and the longest
+    deliveries: int = 0
+    first_gap_ms: float = 0.0
+    max_gap_ms: float = 0.0
 
     @property
     def tpot_ms(self) -> float:
@@ -102,6 +106,9 @@ class GenerationStats:
             "total_ms": round(self.total_ms, 3),
             "draft_ms": round(self.draft_ms, 3),
             "wasted_ms": round(self.wasted_ms, 3),
+            "deliveries": self.deliveries,
+            "first_gap_ms": round(self.first_gap_ms, 3),
+            "max_gap_ms": round(self.max_gap_ms, 3),
             "wasted_tokens": self.wasted_tokens,
             "reconnects": self.reconnects,
             "reopened": self.reopened,

@@ -91,6 +91,9 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
     done = [r for r in judged if r["ttft_ms"] is not None]
     tpots = [r["tpot_ms"] for r in done if r["new_tokens"] >= 2]
     ttfts = [r["ttft_ms"] for r in done]
+    # the gap from the first token to the next delivery, and each session's longest (fleet.py; None: one delivery)
+    first_gaps = [r["first_gap_ms"] for r in done if r.get("first_gap_ms") is not None]
+    max_gaps = [r["max_gap_ms"] for r in done if r.get("max_gap_ms") is not None]
     drafted = sum(r["drafted"] for r in done)
     rounds = sum(r["rounds"] for r in done)
     accepted = sum(r["accepted"] for r in done)
@@ -118,6 +121,9 @@ def summarize(records: list[dict], warmup_s: float, duration_s: float) -> dict[s
         "tpot_p50_ms": _pct(tpots, 50),
         "tpot_p90_ms": _pct(tpots, 90),
         "tpot_p99_ms": _pct(tpots, 99),
+        "first_gap_p50_ms": _pct(first_gaps, 50),
+        "max_gap_p50_ms": _pct(max_gaps, 50),
+        "max_gap_p90_ms": _pct(max_gaps, 90),
         "acceptance": accepted / drafted if drafted else None,
         # a round's mean draft, and verified tokens (the sent drafts, which a truncated verify may cut, and the
         # bonus slot) per token the rounds committed: what speculation costs a compute-bound GPU beside decoding's 1.0

@@ -136,6 +136,8 @@ async def _device(
                     siblings=sum(r.siblings for r in st.rounds),
                     sibling_hits=sum(r.sibling for r in st.rounds),
                     wasted_ms=st.wasted_ms,
+                    first_gap_ms=st.first_gap_ms if st.deliveries > 1 else None,
+                    max_gap_ms=st.max_gap_ms if st.deliveries > 1 else None,
                     draft_busy_ms=1000.0 * runner.busy_s if runner is not None else 0.0,
                     diverged_at=diverged,
                     finish=res.finish_reason,
