@@ -481,10 +481,12 @@ def test_a_jump_after_a_decision_to_stay_starts_no_count(est32, monkeypatch):
     assert leaning[6:8] == [0, 1] and modes[-1] == "centralized" and r.flips == 1
 
 
-def _decoded(r: Regime, est: VerifyTimeEstimator, ms: float, steps: int = DRAIN_STEPS + GATE_STEPS) -> None:
-    """`steps` steps of `ms` each ran, on a fresh fit."""
+def _decoded(
+    r: Regime, est: VerifyTimeEstimator, ms: float, steps: int = DRAIN_STEPS + GATE_STEPS, left: int = 0
+) -> None:
+    """`steps` steps of `ms` each ran (500 items, `left` left waiting), on a fresh fit."""
     for _ in range(steps):
-        r.stepped(ms, 500)
+        r.stepped(ms, 500, left=left)
     est.refits += 1
 
 
@@ -531,6 +533,24 @@ def test_drained_decode_steps_within_the_slo_keep_the_fleet_decoded(est32, monke
         _decoded(r, est, 54.0)
         assert r.decide(float(t), active=249) == "centralized"
     assert r.flips == 0 and r.decode_ceiling is None
+
+
+def test_decodes_left_waiting_count_in_the_period_a_decoded_session_sees(est32, monkeypatch):
+    """A decode left waiting rides a later step: at max_batch (H200 run 92, centralized at 336 devices: 256 items
+    and 28 left a step) steps of 60-62 ms gave a TPOT p50 of 65 ms. Simulated on run 92 at 336 devices, a decoded
+    fleet whose steps' mean period read 58-60 ms stayed decoded at 0.42 attainment where speculating served 0.74 on
+    the GPU. The gate reads the period times the ready work over the work that rode."""
+    est, r = _sampled(est32)
+    r.mode = "centralized"
+    _fixed(r, monkeypatch, Capacities(600, 200, 5, 40.0, 640))  # the fit still says decoding serves them
+    _decoded(r, est, 54.0, DRAIN_STEPS)
+    modes = []
+    for t in range(2):
+        _decoded(r, est, 54.0, left=60)  # 54 × 560 / 500 = 60.5 ms > 60
+        modes.append(r.decide(float(t), active=560))
+    assert modes == ["centralized", "speculative"] and r.decode_ceiling == int(560 * 60.0 / 60.48), (
+        r.decode_ceiling
+    )
 
 
 def test_decoding_is_chosen_only_for_as_many_sessions_as_recent_steps_held(est32, monkeypatch):

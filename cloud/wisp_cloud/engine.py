@@ -495,7 +495,8 @@ class Engine:
         step_s = ran.host_s + ran.stats.forward_s
         self.steps.add(ran.stats, ran.mix, step_s, ran.schedule_s, ran.commit_s)
         if self.committer.regime is not None and ran.stats.forward_s > 0:
-            self.committer.regime.stepped(1000.0 * step_s, ran.stats.batch_size, 1000.0 * ran.host_s)
+            regime = self.committer.regime
+            regime.stepped(1000.0 * step_s, ran.stats.batch_size, 1000.0 * ran.host_s, ran.mix.left)
         self.metrics.queued.set(len(self.queue))
 
     def _requeue_chunks(self, outcomes: list[Outcome]) -> None:

@@ -487,7 +487,8 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         if cfg.noise:
             dur *= max(0.2, 1.0 + cfg.noise * rng.gauss(0.0, 1.0))
         if rp.regime is not None:
-            rp.regime.stepped(1000.0 * dur, len(batch), 1000.0 * host * dur / base if base > 0.0 else 0.0)
+            host_ms = 1000.0 * host * dur / base if base > 0.0 else 0.0
+            rp.regime.stepped(1000.0 * dur, len(batch), host_ms, len(rp.sched))
         rp.busy_until = now + dur
         push(rp.busy_until, "batch", (r, batch, dur))
 
