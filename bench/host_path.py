@@ -181,8 +181,9 @@ async def _measure(args: argparse.Namespace, n: int) -> dict:
     if args.regime_centralized:
         if regime is None:
             raise SystemExit("--regime-centralized needs --policy wisp (the regime is WISP's)")
-        regime.mode = "centralized"
-        regime.min_samples = 1 << 30  # never re-decided in the run
+        # held, never re-decided (`wisp serve --decode-all`): as on a GPU, where a decision comes every 2 s, each
+        # decoded token takes the short path (a regime that cannot decide would leave every token's full check due)
+        regime.mode = regime.hold = "centralized"
         regime.probe_every = 1 << 30  # no probes
     if not args.no_tune_runtime:
         tune_runtime()  # as `wisp serve` does
