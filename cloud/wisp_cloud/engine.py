@@ -278,9 +278,8 @@ class Engine:
 
     def _verify_len(self, session: Session, k: int) -> int:
         """How many of a round's k draft tokens to verify (sched/pricing.py, `verify_len`)."""
-        cap = self.committer.draft_cap(
-            session
-        )  # the regime's cap: a round drafted before the verdict that set it
+        # the regime's cap: a round drafted before the verdict that set it
+        cap = self.committer.draft_cap(session)
         m = k if cap <= 0 else min(k, cap)
         if self.truncate:
             d = session.deadlines

@@ -303,8 +303,9 @@ def simulate_gpu(cfg: SimConfig) -> list[dict]:
         n_drafted = len(kept)
         s.tail_unfed = bool(kept) and (len(kept) == limit or action is Action.SEND)
         regime = reps[s.rep].regime
-        if regime is not None and 0 < regime.cap_for(s.probe) < len(kept):  # drafted before the cap was set
-            kept = kept[: regime.cap_for(s.probe)]
+        cap = regime.cap_for(s.probe) if regime is not None else 0
+        if 0 < cap < len(kept):  # a round drafted before the cap was set
+            kept = kept[:cap]
             s.tail_unfed = False
         if truncate:  # the server verifies only the prefix that pays; the client judges only that
             kept = kept[

@@ -106,7 +106,7 @@ def capacities(
     fleet_k: float | None = None,
     slack_ms: float = 0.0,
 ) -> Capacities:
-    """N_dec and N_spec of the module docstring, for a fleet like `samples` (non-empty) on devices `device`, with
+    """N_dec and N_spec of sched/regime.py's docstring, for a fleet like `samples` (non-empty) on devices `device`, with
     `prompt_per_token` prompt tokens per committed token, drafting `fleet_k` tokens a round (None: the best k).
     With `slack_ms`, only a k at which the quantile session meets its TPOT (no margin) at steps of `slack_ms`
     counts."""

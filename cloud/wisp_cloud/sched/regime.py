@@ -143,6 +143,11 @@ GATE_STEPS = 32
 PROBE_CAP = 2
 
 
+def _decayed(mean: float, x: float, n: int) -> float:
+    """The running mean after its `n`-th value `x`: plain over the first `STEP_STEPS`, then decayed over as many."""
+    return x if n == 1 else mean + (x - mean) / min(n, STEP_STEPS)
+
+
 class Regime:
     """The fleet's recent sessions and the mode the hybrid drives them to (module docstring)."""
 
@@ -226,13 +231,17 @@ class Regime:
         self._samples.move_to_end(session_id)
         while len(self._samples) > self.window:
             self._samples.popitem(last=False)
-        if not (probe and self.mode == "centralized"):
+        if not self._probe_capped(probe):
             self._line.add(k, think_ms, decay=1.0 - 1.0 / self.window)
+
+    def _probe_capped(self, probe: bool) -> bool:
+        """Are this session's rounds capped at `PROBE_CAP` (a probe in the centralized regime)?"""
+        return probe and self.mode == "centralized"
 
     def cap_for(self, probe: bool) -> int:
         """The most draft tokens a session's next round should carry (0: no cap): the fleet's `draft_cap`, and
         `PROBE_CAP` for a probe in the centralized regime."""
-        if probe and self.mode == "centralized":
+        if self._probe_capped(probe):
             return min(self.draft_cap, PROBE_CAP) if self.draft_cap else PROBE_CAP
         return self.draft_cap
 
@@ -253,11 +262,10 @@ class Regime:
             # ready work over the work that rode (H200 run 92, centralized at 336 devices: 256 items, max_batch,
             # and 28 left a step; steps of 60-62 ms p50, TPOT p50 65)
             period = ms * (items + left) / items if items > 0 else ms
-            n, d = self._decoding_steps - DRAIN_STEPS, self._decoded_ms
+            n = self._decoding_steps - DRAIN_STEPS
             if n > 0:
-                self._decoded_ms = period if n == 1 else d + (period - d) / min(n, STEP_STEPS)
-        m = self.measured_step_ms
-        self.measured_step_ms = ms if self._steps == 1 else m + (ms - m) / min(self._steps, STEP_STEPS)
+                self._decoded_ms = _decayed(self._decoded_ms, period, n)
+        self.measured_step_ms = _decayed(self.measured_step_ms, ms, self._steps)
 
     def finished(self, prompt: int, answer: int) -> None:
         """A session finished: `prompt` tokens of prompt, `answer` generated."""
